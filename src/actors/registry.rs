@@ -1,0 +1,158 @@
+//! The user registry: the only writer of the user trees.
+//!
+//! Find-or-create runs inside this actor, one message at a time, so 64 concurrent
+//! logins of one new openid create one user. Writes are applied atomically but
+//! the messages do not wait for the fsync: the request that caused them waits for
+//! the group commit after its last write (see `storage`).
+
+use crate::actors::wechat::Session;
+use crate::storage::{StorageError, Store, Tree, WriteBatch};
+use crate::users::{self, User, UserId, NEXT_USER_ID_KEY};
+use actix::prelude::*;
+use std::sync::Arc;
+
+pub struct UserRegistry {
+    store: Arc<dyn Store>,
+    link_by_unionid: bool,
+    next_id: UserId,
+}
+
+impl UserRegistry {
+    pub fn new(store: Arc<dyn Store>, link_by_unionid: bool) -> Result<Self, StorageError> {
+        let next_id = match store.get(Tree::Meta, NEXT_USER_ID_KEY)? {
+            Some(bytes) => users::decode_id(Tree::Meta, &bytes)?,
+            None => 1,
+        };
+        Ok(UserRegistry {
+            store,
+            link_by_unionid,
+            next_id,
+        })
+    }
+
+    fn find(&self, appid: &str, session: &Session) -> Result<Option<User>, StorageError> {
+        let store = self.store.as_ref();
+        let mut id = None;
+        if self.link_by_unionid {
+            if let Some(unionid) = &session.unionid {
+                id = users::lookup(store, Tree::UsersByUnionid, unionid.as_bytes())?;
+            }
+        }
+        if id.is_none() {
+            id = users::lookup(
+                store,
+                Tree::UsersByOpenid,
+                &users::openid_key(appid, &session.openid),
+            )?;
+        }
+        match id {
+            Some(id) => users::load(store, id)?
+                .map(Some)
+                .ok_or_else(|| StorageError::Corrupt {
+                    tree: Tree::Users.name(),
+                    reason: format!("index points at missing user {id}"),
+                }),
+            None => Ok(None),
+        }
+    }
+
+    fn login(&mut self, msg: RecordLogin) -> Result<LoginOutcome, StorageError> {
+        let now = crate::now_unix();
+        let mut batch = WriteBatch::default();
+        let (user, created) = match self.find(&msg.appid, &msg.session)? {
+            Some(user) if user.disabled => return Ok(LoginOutcome::Disabled),
+            Some(mut user) => {
+                user.last_login_at = now;
+                user.session_key = msg.session.session_key.clone();
+                if user.unionid.is_none() {
+                    user.unionid = msg.session.unionid.clone();
+                }
+                // A linked user logging in through another app gets that app's openid too.
+                batch.put(
+                    Tree::UsersByOpenid,
+                    users::openid_key(&msg.appid, &msg.session.openid),
+                    users::id_key(user.id),
+                );
+                (user, false)
+            }
+            None => {
+                let id = self.next_id;
+                let user = User {
+                    id,
+                    appid: msg.appid.clone(),
+                    openid: msg.session.openid.clone(),
+                    unionid: msg.session.unionid.clone(),
+                    session_key: msg.session.session_key.clone(),
+                    created_at: now,
+                    last_login_at: now,
+                    disabled: false,
+                    tokens_not_before: 0,
+                };
+                batch.put(
+                    Tree::UsersByOpenid,
+                    users::openid_key(&msg.appid, &msg.session.openid),
+                    users::id_key(id),
+                );
+                if let (true, Some(unionid)) = (self.link_by_unionid, &msg.session.unionid) {
+                    batch.put(Tree::UsersByUnionid, unionid.as_bytes(), users::id_key(id));
+                }
+                batch.put(Tree::Meta, NEXT_USER_ID_KEY, users::id_key(id + 1));
+                (user, true)
+            }
+        };
+        batch.put(Tree::Users, users::id_key(user.id), users::encode(&user));
+        self.store.apply(batch)?;
+        if created {
+            // Only after the batch applied: a failed write never burns an id in memory
+            // that the store did not record (and a recorded id is never handed out again).
+            self.next_id += 1;
+        }
+        Ok(LoginOutcome::LoggedIn { user, created })
+    }
+}
+
+impl Actor for UserRegistry {
+    type Context = Context<Self>;
+}
+
+/// Find or create the user for this WeChat session and record the login.
+/// Not durable on return: the caller waits for the group commit.
+#[derive(Message)]
+#[rtype(result = "Result<LoginOutcome, StorageError>")]
+pub struct RecordLogin {
+    pub appid: String,
+    pub session: Session,
+}
+
+pub enum LoginOutcome {
+    LoggedIn { user: User, created: bool },
+    Disabled,
+}
+
+impl Handler<RecordLogin> for UserRegistry {
+    type Result = Result<LoginOutcome, StorageError>;
+
+    fn handle(&mut self, msg: RecordLogin, _: &mut Context<Self>) -> Self::Result {
+        self.login(msg)
+    }
+}
+
+/// Readiness probe: a tiny write through the owner, so that the caller can wait
+/// for it to reach the disk.
+#[derive(Message)]
+#[rtype(result = "Result<(), StorageError>")]
+pub struct Probe;
+
+impl Handler<Probe> for UserRegistry {
+    type Result = Result<(), StorageError>;
+
+    fn handle(&mut self, _: Probe, _: &mut Context<Self>) -> Self::Result {
+        let mut batch = WriteBatch::default();
+        batch.put(
+            Tree::Meta,
+            b"last_probe".as_slice(),
+            crate::now_unix().to_be_bytes(),
+        );
+        self.store.apply(batch)
+    }
+}

@@ -1,0 +1,629 @@
+//! Configuration: built-in defaults, then a TOML file, then `WXAUTH_<SECTION>__<KEY>`
+//! environment variables (figment). [`Config::load`] returns a validated config or one
+//! [`ConfigError`] naming the key; unknown keys come back as warnings, not silence.
+
+use crate::secret::Secret;
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The file read when neither `--config` nor `WXAUTH_CONFIG` names one (if it exists).
+pub const DEFAULT_CONFIG_FILE: &str = "config.toml";
+const ENV_PREFIX: &str = "WXAUTH_";
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub wechat: WeChatConfig,
+    pub jwt: JwtConfig,
+    pub limits: LimitsConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ServerConfig {
+    pub bind: String,
+    pub workers: usize,
+    pub tls: TlsConfig,
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            bind: "127.0.0.1:8000".into(),
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            tls: TlsConfig::default(),
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct TlsConfig {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct StorageConfig {
+    pub path: PathBuf,
+    #[serde(deserialize_with = "de_size")]
+    pub cache_capacity: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            path: PathBuf::from("./data"),
+            cache_capacity: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// One mini-program's credentials as written in the config.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AppCredentials {
+    pub appid: Option<String>,
+    pub secret: Option<Secret>,
+    pub secret_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct WeChatConfig {
+    pub appid: Option<String>,
+    pub secret: Option<Secret>,
+    pub secret_file: Option<PathBuf>,
+    pub apps: Vec<AppCredentials>,
+    pub api_base: String,
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    pub retries: u32,
+    pub mock: bool,
+    /// Users of different configured apps who share a WeChat unionid are one local user.
+    pub link_by_unionid: bool,
+}
+
+impl Default for WeChatConfig {
+    fn default() -> Self {
+        WeChatConfig {
+            appid: None,
+            secret: None,
+            secret_file: None,
+            apps: Vec::new(),
+            api_base: "https://api.weixin.qq.com".into(),
+            timeout: Duration::from_secs(5),
+            retries: 2,
+            mock: false,
+            link_by_unionid: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct JwtConfig {
+    pub algorithm: String,
+    pub signing_key_file: Option<PathBuf>,
+    #[serde(deserialize_with = "de_duration")]
+    pub access_ttl: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub refresh_ttl: Duration,
+    pub rotate_refresh: bool,
+    #[serde(deserialize_with = "de_duration")]
+    pub reuse_grace: Duration,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    #[serde(deserialize_with = "de_duration")]
+    pub leeway: Duration,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        JwtConfig {
+            algorithm: "HS256".into(),
+            signing_key_file: None,
+            access_ttl: Duration::from_secs(5 * 60),
+            refresh_ttl: Duration::from_secs(24 * 3600),
+            rotate_refresh: true,
+            reuse_grace: Duration::from_secs(10),
+            issuer: None,
+            audience: None,
+            leeway: Duration::ZERO,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct LimitsConfig {
+    /// Logins per client address per minute; 0 turns the limit off.
+    pub login_per_minute: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            login_per_minute: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct MetricsConfig {
+    pub bind: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            bind: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+/// A mini-program we may call WeChat for, with its secret resolved.
+#[derive(Debug, Clone)]
+pub struct WeChatApp {
+    pub appid: String,
+    pub secret: Secret,
+}
+
+/// The appid the built-in mock answers for when no app is configured.
+pub const MOCK_APPID: &str = "wx_mock";
+
+/// The config was rejected. Displays as one line that names the key and the reason.
+#[derive(Debug, thiserror::Error)]
+#[error("config error: {key}: {reason}")]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A loaded, validated config and what loading noticed but did not refuse.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    pub apps: Vec<WeChatApp>,
+    pub warnings: Vec<String>,
+    pub source: Option<PathBuf>,
+}
+
+impl Config {
+    /// Which file to read: the explicit path (flag or `WXAUTH_CONFIG`), else
+    /// `./config.toml` when it exists, else none (defaults and environment only).
+    pub fn locate(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
+        match explicit {
+            Some(path) if path.is_file() => Ok(Some(path.to_path_buf())),
+            Some(path) => Err(ConfigError::new(
+                "--config",
+                format!("{} does not exist or is not a file", path.display()),
+            )),
+            None => {
+                let default = Path::new(DEFAULT_CONFIG_FILE);
+                Ok(default.is_file().then(|| default.to_path_buf()))
+            }
+        }
+    }
+
+    pub fn load(explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
+        let source = Self::locate(explicit)?;
+        let mut figment = Figment::new();
+        if let Some(path) = &source {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]));
+
+        let config: Config = figment.extract().map_err(from_figment)?;
+        let mut warnings = unknown_keys(&figment);
+        let apps = config.validate(&mut warnings)?;
+        Ok(Loaded {
+            config,
+            apps,
+            warnings,
+            source,
+        })
+    }
+
+    /// Cross-field checks and secret files. Returns the mini-programs, first = default.
+    fn validate(&self, warnings: &mut Vec<String>) -> Result<Vec<WeChatApp>, ConfigError> {
+        let bind = parse_addr("server.bind", &self.server.bind)?;
+        if self.server.workers == 0 || self.server.workers > 1024 {
+            return Err(ConfigError::new(
+                "server.workers",
+                "must be between 1 and 1024",
+            ));
+        }
+        match (&self.server.tls.cert, &self.server.tls.key) {
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "server.tls.key",
+                    "is required when server.tls.cert is set",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "server.tls.cert",
+                    "is required when server.tls.key is set",
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "server.tls",
+                    "HTTPS is not built into this version yet; terminate TLS in a reverse proxy",
+                ))
+            }
+        }
+        for proxy in &self.server.trusted_proxies {
+            proxy.parse::<IpAddr>().map_err(|_| {
+                ConfigError::new(
+                    "server.trusted_proxies",
+                    format!("{proxy:?} is not an IP address"),
+                )
+            })?;
+        }
+        if self.storage.path.as_os_str().is_empty() {
+            return Err(ConfigError::new("storage.path", "must not be empty"));
+        }
+        if self.storage.cache_capacity < 1024 * 1024 {
+            return Err(ConfigError::new(
+                "storage.cache_capacity",
+                "must be at least 1MiB",
+            ));
+        }
+
+        let w = &self.wechat;
+        if !(w.api_base.starts_with("https://") || w.api_base.starts_with("http://")) {
+            return Err(ConfigError::new(
+                "wechat.api_base",
+                "must start with https:// or http://",
+            ));
+        }
+        if w.timeout.is_zero() || w.timeout > Duration::from_secs(60) {
+            return Err(ConfigError::new(
+                "wechat.timeout",
+                "must be between 1ms and 60s",
+            ));
+        }
+        if w.retries > 10 {
+            return Err(ConfigError::new("wechat.retries", "must be 10 or fewer"));
+        }
+        let mut apps = Vec::new();
+        if w.appid.is_some() || w.secret.is_some() || w.secret_file.is_some() {
+            let creds = AppCredentials {
+                appid: w.appid.clone(),
+                secret: w.secret.clone(),
+                secret_file: w.secret_file.clone(),
+            };
+            apps.push(resolve_app("wechat", &creds)?);
+        }
+        for (i, creds) in w.apps.iter().enumerate() {
+            apps.push(resolve_app(&format!("wechat.apps[{i}]"), creds)?);
+        }
+        for (i, app) in apps.iter().enumerate() {
+            if apps[..i].iter().any(|a| a.appid == app.appid) {
+                return Err(ConfigError::new(
+                    "wechat.apps",
+                    format!("appid {} is configured twice", app.appid),
+                ));
+            }
+        }
+        if w.mock {
+            if !bind.ip().is_loopback() {
+                return Err(ConfigError::new(
+                    "wechat.mock",
+                    "the built-in WeChat mock only runs with a loopback server.bind (127.0.0.1 or ::1)",
+                ));
+            }
+            if apps.is_empty() {
+                apps.push(WeChatApp {
+                    appid: MOCK_APPID.into(),
+                    secret: Secret::new("mock"),
+                });
+            }
+            warnings.push("wechat.mock = true: logins are answered by the built-in mock, not by WeChat; never use this in production".into());
+        } else if apps.is_empty() {
+            return Err(ConfigError::new(
+                "wechat.appid",
+                "is required (with wechat.secret or wechat.secret_file) unless wechat.mock = true",
+            ));
+        }
+
+        let j = &self.jwt;
+        match j.algorithm.as_str() {
+            "HS256" | "HS384" | "HS512" => {}
+            "RS256" | "ES256" | "EdDSA" => {
+                if j.signing_key_file.is_none() {
+                    return Err(ConfigError::new(
+                        "jwt.signing_key_file",
+                        format!("is required for {} (a PEM private key)", j.algorithm),
+                    ));
+                }
+            }
+            other => {
+                return Err(ConfigError::new(
+                    "jwt.algorithm",
+                    format!("{other:?} is not one of HS256, HS384, HS512, RS256, ES256, EdDSA"),
+                ))
+            }
+        }
+        if let Some(path) = &j.signing_key_file {
+            if !path.is_file() {
+                return Err(ConfigError::new(
+                    "jwt.signing_key_file",
+                    format!("{} does not exist or is not a file", path.display()),
+                ));
+            }
+        }
+        if j.access_ttl < Duration::from_secs(1) {
+            return Err(ConfigError::new("jwt.access_ttl", "must be at least 1s"));
+        }
+        if j.refresh_ttl < j.access_ttl {
+            return Err(ConfigError::new(
+                "jwt.refresh_ttl",
+                "must not be shorter than jwt.access_ttl",
+            ));
+        }
+        for (key, value) in [("jwt.issuer", &j.issuer), ("jwt.audience", &j.audience)] {
+            if value.as_deref() == Some("") {
+                return Err(ConfigError::new(
+                    key,
+                    "must not be empty (leave it out to turn it off)",
+                ));
+            }
+        }
+        if !self.metrics.bind.is_empty() {
+            parse_addr("metrics.bind", &self.metrics.bind)?;
+        }
+        if !matches!(
+            self.log.level.as_str(),
+            "trace" | "debug" | "info" | "warn" | "error"
+        ) {
+            return Err(ConfigError::new(
+                "log.level",
+                "must be one of trace, debug, info, warn, error",
+            ));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(ConfigError::new("log.format", "must be text or json"));
+        }
+        Ok(apps)
+    }
+
+    pub fn bind_addr(&self) -> SocketAddr {
+        // Checked by validate(); a Config that reaches here parses.
+        self.server.bind.parse().expect("server.bind was validated")
+    }
+}
+
+fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        ConfigError::new(
+            key,
+            format!("{value:?} is not an address like 127.0.0.1:8000"),
+        )
+    })
+}
+
+fn resolve_app(key: &str, creds: &AppCredentials) -> Result<WeChatApp, ConfigError> {
+    let appid = match creds.appid.as_deref() {
+        Some(a) if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {
+            a.to_string()
+        }
+        Some(_) => {
+            return Err(ConfigError::new(
+                format!("{key}.appid"),
+                "must be letters, digits or _",
+            ))
+        }
+        None => {
+            return Err(ConfigError::new(
+                format!("{key}.appid"),
+                "is required when a secret is set",
+            ))
+        }
+    };
+    let secret = match (&creds.secret, &creds.secret_file) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                format!("{key}.secret_file"),
+                "set either secret or secret_file, not both",
+            ))
+        }
+        (Some(secret), None) => secret.clone(),
+        (None, Some(path)) => read_secret_file(&format!("{key}.secret_file"), path)?,
+        (None, None) => {
+            return Err(ConfigError::new(
+                format!("{key}.secret"),
+                format!("is required for appid {appid} (or {key}.secret_file)"),
+            ))
+        }
+    };
+    if secret.expose().is_empty() {
+        return Err(ConfigError::new(
+            format!("{key}.secret"),
+            "must not be empty",
+        ));
+    }
+    Ok(WeChatApp { appid, secret })
+}
+
+/// Reads a secret from a file (trailing newline removed). A relative path is looked
+/// up in systemd's `$CREDENTIALS_DIRECTORY` first, which is where `LoadCredential=` puts it.
+pub fn read_secret_file(key: &str, path: &Path) -> Result<Secret, ConfigError> {
+    let path = resolve_credential_path(path);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))?;
+    Ok(Secret::new(text.trim_end_matches(['\r', '\n'])))
+}
+
+pub fn resolve_credential_path(path: &Path) -> PathBuf {
+    if path.is_relative() {
+        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+            let candidate = Path::new(&dir).join(path);
+            if candidate.exists() {
+                return candidate;
+            }
+        }
+    }
+    path.to_path_buf()
+}
+
+fn from_figment(err: figment::Error) -> ConfigError {
+    let key = if err.path.is_empty() {
+        "config".to_string()
+    } else {
+        err.path.join(".")
+    };
+    let origin = err
+        .metadata
+        .as_ref()
+        .map(|m| match &m.source {
+            Some(src) => format!(" (from {src})"),
+            None => format!(" (from {})", m.name),
+        })
+        .unwrap_or_default();
+    ConfigError::new(key, format!("{}{origin}", err.kind))
+}
+
+/// Every key that the merged sources set but [`Config`] does not know, as a warning
+/// that names the key and where it came from.
+fn unknown_keys(figment: &Figment) -> Vec<String> {
+    let Ok(value) = figment.extract::<figment::value::Value>() else {
+        return Vec::new();
+    };
+    let mut unknown = Vec::new();
+    let _: Result<Config, _> =
+        serde_ignored::deserialize(&value, |path| unknown.push(path.to_string()));
+    unknown
+        .into_iter()
+        .map(|key| {
+            let origin = figment
+                .find_metadata(&key)
+                .map(|m| match &m.source {
+                    Some(src) => format!("from {src}"),
+                    None => format!("from {}", m.name),
+                })
+                .unwrap_or_else(|| "source unknown".into());
+            let hint = if origin.contains("environment") {
+                format!(
+                    " (variable {ENV_PREFIX}{})",
+                    key.to_uppercase().replace('.', "__")
+                )
+            } else {
+                String::new()
+            };
+            format!("unknown config key `{key}` ignored, {origin}{hint}")
+        })
+        .collect()
+}
+
+/// `"5m"`, `"1d"`, `"30s"`, `"250ms"`, or a bare number of seconds.
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Secs(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Secs(s) => Ok(Duration::from_secs(s)),
+        Raw::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|_| format!("{text:?} is not a duration like \"30s\", \"5m\" or \"1d\""))
+}
+
+/// `"64MiB"`, `"512KiB"`, `"1GiB"`, `"10MB"`, or a bare number of bytes.
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bytes(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Bytes(b) => Ok(b),
+        Raw::Text(t) => parse_size(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like \"64MiB\""))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(format!("{text:?} is not a size like \"64MiB\"")),
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes_parse() {
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1d").unwrap(), Duration::from_secs(86400));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert!(parse_size("12 bananas").is_err());
+    }
+}

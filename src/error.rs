@@ -1,0 +1,207 @@
+//! The one place where every error becomes the contract's JSON:
+//! `{"code": "<snake_case>", "detail": "<one English sentence>"}` with its status.
+
+use crate::actors::wechat::WeChatError;
+use crate::storage::StorageError;
+use crate::tokens::TokenError;
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::json;
+
+/// Why the access-token extractor refused a request (GET /api/weixin/data/).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuthError {
+    #[error("Authentication credentials were not provided.")]
+    NotAuthenticated,
+    #[error("Authorization header must contain two space-delimited values")]
+    BadAuthorizationHeader,
+    #[error("Given token not valid for any token type")]
+    TokenNotValid(TokenError),
+    #[error("User not found")]
+    UserNotFound,
+    #[error("User is inactive")]
+    UserInactive,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("No mini-program with appid {0:?} is configured.")]
+    UnknownApp(String),
+    #[error("The request body is larger than 16 KiB.")]
+    PayloadTooLarge,
+    #[error(
+        "Unsupported media type {0:?}; send application/json or application/x-www-form-urlencoded."
+    )]
+    UnsupportedMediaType(String),
+    #[error("Not found.")]
+    NotFound,
+    #[error("Method not allowed.")]
+    MethodNotAllowed,
+    #[error("This user has been disabled.")]
+    UserDisabled,
+    #[error("Too many login attempts; try again later.")]
+    RateLimited { retry_after_secs: u64 },
+    #[error(transparent)]
+    WeChat(#[from] WeChatError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// Token endpoints (refresh, verify, blacklist): simplejwt's `{"detail", "code"}`.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("No active account found for the given token.")]
+    NoActiveAccount,
+    #[error("Storage is unavailable; try again later.")]
+    Storage(#[from] StorageError),
+    #[error("Internal server error.")]
+    Internal(String),
+}
+
+impl From<actix::MailboxError> for ApiError {
+    fn from(e: actix::MailboxError) -> Self {
+        ApiError::Internal(format!("actor mailbox: {e}"))
+    }
+}
+
+impl ApiError {
+    /// The machine-readable code of the contract's tables.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidRequest(_) => "invalid_request",
+            ApiError::UnknownApp(_) => "unknown_app",
+            ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::NotFound => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::UserDisabled => "user_disabled",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::WeChat(e) => match e {
+                WeChatError::CodeInvalid => "code_invalid",
+                WeChatError::CodeUsed => "code_used",
+                WeChatError::UserBlocked => "user_blocked",
+                WeChatError::RateLimited => "rate_limited",
+                WeChatError::Config(_) => "wechat_config_error",
+                WeChatError::Busy => "upstream_busy",
+                WeChatError::Timeout => "upstream_timeout",
+                WeChatError::Http(_)
+                | WeChatError::Malformed(_)
+                | WeChatError::Unknown(_)
+                | WeChatError::Connect(_)
+                | WeChatError::Unavailable => "upstream_error",
+            },
+            ApiError::Auth(e) => match e {
+                AuthError::NotAuthenticated => "not_authenticated",
+                AuthError::BadAuthorizationHeader => "bad_authorization_header",
+                AuthError::TokenNotValid(_) => "token_not_valid",
+                AuthError::UserNotFound => "user_not_found",
+                AuthError::UserInactive => "user_inactive",
+            },
+            ApiError::Token(_) => "token_not_valid",
+            ApiError::NoActiveAccount => "no_active_account",
+            ApiError::Storage(_) => "storage_unavailable",
+            ApiError::Internal(_) => "internal_error",
+        }
+    }
+
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            ApiError::WeChat(WeChatError::RateLimited) => Some(60),
+            ApiError::WeChat(WeChatError::Busy) => Some(1),
+            ApiError::Storage(_) => Some(5),
+            _ => None,
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidRequest(_) | ApiError::UnknownApp(_) => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::UserDisabled => StatusCode::FORBIDDEN,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::WeChat(e) => match e {
+                WeChatError::CodeInvalid | WeChatError::CodeUsed => StatusCode::UNAUTHORIZED,
+                WeChatError::UserBlocked => StatusCode::FORBIDDEN,
+                WeChatError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+                WeChatError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+                WeChatError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+                WeChatError::Config(_)
+                | WeChatError::Http(_)
+                | WeChatError::Malformed(_)
+                | WeChatError::Unknown(_)
+                | WeChatError::Connect(_)
+                | WeChatError::Unavailable => StatusCode::BAD_GATEWAY,
+            },
+            ApiError::Auth(_) | ApiError::Token(_) | ApiError::NoActiveAccount => {
+                StatusCode::UNAUTHORIZED
+            }
+            ApiError::Storage(StorageError::Corrupt { .. }) | ApiError::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            ApiError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let status = self.status_code();
+        if status.is_server_error() {
+            // Internal causes are logged, never sent: the client gets the generic sentence.
+            match self {
+                ApiError::Internal(cause) => tracing::error!(%cause, "internal error"),
+                ApiError::Storage(e) => tracing::error!(error = %e, "storage error"),
+                _ => {}
+            }
+        }
+        let mut body = json!({ "detail": self.to_string(), "code": self.code() });
+        if let ApiError::Auth(AuthError::TokenNotValid(reason)) = self {
+            body["messages"] = json!([{
+                "token_class": "AccessToken",
+                "token_type": "access",
+                "message": reason.to_string(),
+            }]);
+        }
+        let mut response = HttpResponse::build(status);
+        if status == StatusCode::UNAUTHORIZED {
+            response.insert_header((header::WWW_AUTHENTICATE, r#"Bearer realm="api""#));
+        }
+        if let Some(secs) = self.retry_after() {
+            response.insert_header((header::RETRY_AFTER, secs.to_string()));
+        }
+        response.json(body)
+    }
+}
+
+/// A JSON error body for a bare status (used for errors actix-web raises itself).
+pub fn status_error_body(status: StatusCode) -> serde_json::Value {
+    let code = match status {
+        StatusCode::BAD_REQUEST => "invalid_request",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::URI_TOO_LONG => "uri_too_long",
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "headers_too_large",
+        s if s.is_server_error() => "internal_error",
+        _ => "error",
+    };
+    let reason = status.canonical_reason().unwrap_or("Error");
+    json!({ "detail": format!("{reason}."), "code": code })
+}
+
+impl From<crate::actors::issuer::RefreshError> for ApiError {
+    fn from(e: crate::actors::issuer::RefreshError) -> Self {
+        use crate::actors::issuer::RefreshError;
+        match e {
+            RefreshError::Token(t) => ApiError::Token(t),
+            RefreshError::NoActiveAccount => ApiError::NoActiveAccount,
+            RefreshError::Storage(s) => ApiError::Storage(s),
+        }
+    }
+}

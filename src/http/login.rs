@@ -1,0 +1,57 @@
+//! POST /api/weixin/login/: a `wx.login()` code in, our token pair out.
+
+use super::{body::Fields, AppState};
+use crate::actors::issuer::IssuePair;
+use crate::actors::registry::{LoginOutcome, RecordLogin};
+use crate::actors::wechat::Code2Session;
+use crate::error::ApiError;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde_json::json;
+
+const MAX_CODE_LEN: usize = 128;
+
+pub async fn login(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    fields: Fields,
+) -> Result<HttpResponse, ApiError> {
+    state.limit_login(&req)?;
+    let code = fields.required_str("code")?;
+    if code.is_empty() || code.len() > MAX_CODE_LEN || !code.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::InvalidRequest(
+            "The field `code` must be 1 to 128 printable ASCII characters.".into(),
+        ));
+    }
+    let appid = state
+        .resolve_app(fields.optional_str("appid")?)?
+        .to_string();
+
+    let session = state
+        .wechat
+        .send(Code2Session {
+            appid: appid.clone(),
+            code: code.to_string(),
+        })
+        .await??;
+    let (user, created) = match state
+        .registry
+        .send(RecordLogin { appid, session })
+        .await??
+    {
+        LoginOutcome::LoggedIn { user, created } => (user, created),
+        LoginOutcome::Disabled => return Err(ApiError::UserDisabled),
+    };
+    // The pair is durable on return, and its commit covers the registry's writes above.
+    let pair = state.issuer.send(IssuePair { user_id: user.id }).await??;
+    if created {
+        tracing::info!(user_id = user.id, "new user");
+    }
+    Ok(HttpResponse::Ok().json(json!({
+        "code": "success",
+        "access": pair.access.token,
+        "refresh": pair.refresh.token,
+        "access_expires_in": pair.access.claims.exp - pair.access.claims.iat,
+        "refresh_expires_in": pair.refresh.claims.exp - pair.refresh.claims.iat,
+        "user": { "id": user.id, "created": created },
+    })))
+}

@@ -1,0 +1,139 @@
+//! The HTTP surface: routes, shared state, and the JSON-only error policy.
+//! Handlers are thin: they parse, send one message per step, and shape the answer.
+
+mod auth;
+mod body;
+mod data;
+mod health;
+mod login;
+mod ratelimit;
+mod token;
+
+pub use body::MAX_BODY_BYTES;
+pub use ratelimit::LoginLimiter;
+
+use crate::actors::{issuer::TokenIssuer, registry::UserRegistry, wechat::WeChatClient};
+use crate::error::{status_error_body, ApiError};
+use crate::storage::{GroupCommit, ReadStore};
+use crate::tokens::JwtKeys;
+use actix::Addr;
+use actix_web::body::EitherBody;
+use actix_web::dev::ServiceResponse;
+use actix_web::http::header;
+use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
+use actix_web::{web, HttpRequest, HttpResponse};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+/// Everything a handler may reach: actor addresses, and the shared read-only parts.
+pub struct AppState {
+    pub wechat: Addr<WeChatClient>,
+    pub registry: Addr<UserRegistry>,
+    pub issuer: Addr<TokenIssuer>,
+    pub keys: Arc<JwtKeys>,
+    pub reader: Arc<dyn ReadStore>,
+    pub commit: GroupCommit,
+    /// Configured appids; the first is the default.
+    pub apps: Vec<String>,
+    pub limiter: Option<LoginLimiter>,
+    pub trusted_proxies: Vec<IpAddr>,
+}
+
+impl AppState {
+    fn resolve_app<'a>(&'a self, requested: Option<&'a str>) -> Result<&'a str, ApiError> {
+        match requested {
+            None => self
+                .apps
+                .first()
+                .map(String::as_str)
+                .ok_or_else(|| ApiError::Internal("no app configured".into())),
+            Some(appid) if self.apps.iter().any(|a| a == appid) => Ok(appid),
+            Some(appid) => Err(ApiError::UnknownApp(appid.chars().take(64).collect())),
+        }
+    }
+
+    fn limit_login(&self, req: &HttpRequest) -> Result<(), ApiError> {
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
+        };
+        match client_ip(req, &self.trusted_proxies) {
+            Some(ip) => limiter.check(ip),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The client's address: the socket peer, or, when the peer is a trusted proxy,
+/// the right-most `X-Forwarded-For` entry that is not itself a trusted proxy.
+/// Entries left of that were written by the client and are never believed.
+pub fn client_ip(req: &HttpRequest, trusted: &[IpAddr]) -> Option<IpAddr> {
+    let peer = req.peer_addr()?.ip();
+    if !trusted.contains(&peer) {
+        return Some(peer);
+    }
+    let forwarded = req
+        .headers()
+        .get_all("x-forwarded-for")
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect::<Vec<_>>();
+    for entry in forwarded.iter().rev() {
+        match entry.parse::<IpAddr>() {
+            Ok(ip) if trusted.contains(&ip) => continue,
+            Ok(ip) => return Some(ip),
+            Err(_) => return Some(peer),
+        }
+    }
+    Some(peer)
+}
+
+/// Each path is served with and without its trailing slash; any other method on
+/// a known path is a JSON 405.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    fn resource(path: &'static str) -> actix_web::Resource {
+        let bare = path.trim_end_matches('/');
+        let paths: Vec<String> = if bare == path {
+            vec![path.to_string(), format!("{path}/")]
+        } else {
+            vec![path.to_string(), bare.to_string()]
+        };
+        web::resource(paths).default_service(web::to(method_not_allowed))
+    }
+    cfg.service(resource("/api/weixin/login/").route(web::post().to(login::login)))
+        .service(resource("/api/weixin/data/").route(web::get().to(data::data)))
+        .service(resource("/api/token/refresh/").route(web::post().to(token::refresh)))
+        .service(resource("/api/token/verify/").route(web::post().to(token::verify)))
+        .service(resource("/api/token/blacklist/").route(web::post().to(token::blacklist)))
+        .service(resource("/healthz").route(web::get().to(health::healthz)))
+        .service(resource("/readyz").route(web::get().to(health::readyz)))
+        .default_service(web::to(not_found));
+}
+
+async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound)
+}
+
+async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed)
+}
+
+/// The safety net: any error response that is not already JSON (one actix-web made
+/// itself) is replaced by the contract's JSON for its status.
+pub fn json_errors<B: 'static>() -> ErrorHandlers<B> {
+    ErrorHandlers::new().default_handler(|res: ServiceResponse<B>| {
+        let is_json = res
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+        if is_json {
+            return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
+        }
+        let status = res.status();
+        let (req, _) = res.into_parts();
+        let response = HttpResponse::build(status).json(status_error_body(status));
+        Ok(ErrorHandlerResponse::Response(
+            ServiceResponse::new(req, response).map_body(|_, b| EitherBody::right(b)),
+        ))
+    })
+}

@@ -1,0 +1,226 @@
+//! Storage: a small key-value trait over named trees, and the group commit.
+//!
+//! Everything above this module speaks [`ReadStore`] / [`Store`]; only `sled.rs`
+//! knows the engine. Replacing sled means writing another implementation here.
+//!
+//! Durability rule: writes are applied with [`Store::apply`] (atomic across trees,
+//! visible at once, not yet on disk), and a request that wrote answers only after
+//! [`GroupCommit::durable`] resolves, which waits for one fsync that began after
+//! its writes. Concurrent requests share that fsync.
+
+mod sled;
+
+pub use self::sled::SledStore;
+
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use tokio::sync::oneshot;
+
+/// The named key spaces. Their key and value layouts are documented where they
+/// are encoded: `users.rs` and `tokens/records.rs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tree {
+    /// Counters: `next_user_id`.
+    Meta,
+    /// user id (u64 BE) → user record.
+    Users,
+    /// appid 0x00 openid → user id.
+    UsersByOpenid,
+    /// unionid → user id (only when apps are linked by unionid).
+    UsersByUnionid,
+    /// refresh-token jti → refresh record (family, state, expiry).
+    RefreshTokens,
+    /// family id → family record (one per login; revoked as a whole).
+    TokenFamilies,
+}
+
+impl Tree {
+    pub const ALL: [Tree; 6] = [
+        Tree::Meta,
+        Tree::Users,
+        Tree::UsersByOpenid,
+        Tree::UsersByUnionid,
+        Tree::RefreshTokens,
+        Tree::TokenFamilies,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Tree::Meta => "meta",
+            Tree::Users => "users",
+            Tree::UsersByOpenid => "users_by_openid",
+            Tree::UsersByUnionid => "users_by_unionid",
+            Tree::RefreshTokens => "refresh_tokens",
+            Tree::TokenFamilies => "token_families",
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StorageError {
+    #[error("the data directory {0} is in use by another wxauth process")]
+    Locked(String),
+    #[error("storage I/O error: {0}")]
+    Io(String),
+    #[error("corrupt record in tree {tree}: {reason}")]
+    Corrupt { tree: &'static str, reason: String },
+}
+
+enum Op {
+    Put(Tree, Vec<u8>, Vec<u8>),
+    Delete(Tree, Vec<u8>),
+}
+
+/// Writes applied together or not at all.
+#[derive(Default)]
+pub struct WriteBatch {
+    ops: Vec<Op>,
+}
+
+impl WriteBatch {
+    pub fn put(&mut self, tree: Tree, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push(Op::Put(tree, key.into(), value.into()));
+    }
+
+    pub fn delete(&mut self, tree: Tree, key: impl Into<Vec<u8>>) {
+        self.ops.push(Op::Delete(tree, key.into()));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+}
+
+/// Reads: shared by every thread (the request hot path uses this directly).
+pub trait ReadStore: Send + Sync {
+    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
+    /// Visits every entry of `tree` in key order until `visit` breaks.
+    fn for_each(
+        &self,
+        tree: Tree,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
+    ) -> Result<(), StorageError>;
+    fn len(&self, tree: Tree) -> usize;
+    fn size_on_disk(&self) -> Result<u64, StorageError>;
+}
+
+/// Writes: only the owner actors (user registry, token issuer) hold this.
+pub trait Store: ReadStore {
+    fn apply(&self, batch: WriteBatch) -> Result<(), StorageError>;
+    /// Makes every write applied so far durable (fsync).
+    fn flush(&self) -> Result<(), StorageError>;
+}
+
+type Waiter = oneshot::Sender<Result<(), StorageError>>;
+
+struct CommitQueue {
+    waiters: Vec<Waiter>,
+    stopping: bool,
+}
+
+struct CommitShared {
+    queue: Mutex<CommitQueue>,
+    wake: Condvar,
+    healthy: AtomicBool,
+    flushes: AtomicU64,
+}
+
+/// Group commit: one thread fsyncs on behalf of everyone waiting. While a flush
+/// runs, new waiters gather; the next flush serves them all at once.
+#[derive(Clone)]
+pub struct GroupCommit {
+    shared: Arc<CommitShared>,
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl GroupCommit {
+    pub fn start(store: Arc<dyn Store>) -> Self {
+        let shared = Arc::new(CommitShared {
+            queue: Mutex::new(CommitQueue {
+                waiters: Vec::new(),
+                stopping: false,
+            }),
+            wake: Condvar::new(),
+            healthy: AtomicBool::new(true),
+            flushes: AtomicU64::new(0),
+        });
+        let worker = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("wxauth-commit".into())
+            .spawn(move || commit_loop(&worker, store.as_ref()))
+            .expect("cannot spawn the commit thread");
+        GroupCommit {
+            shared,
+            thread: Arc::new(Mutex::new(Some(thread))),
+        }
+    }
+
+    /// Resolves once every write applied before this call is on disk.
+    pub async fn durable(&self) -> Result<(), StorageError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut queue = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if queue.stopping {
+                return Err(StorageError::Io("storage is shutting down".into()));
+            }
+            queue.waiters.push(tx);
+        }
+        self.shared.wake.notify_one();
+        rx.await
+            .unwrap_or_else(|_| Err(StorageError::Io("the commit thread stopped".into())))
+    }
+
+    /// False after a flush failed, until one succeeds again (readiness uses this).
+    pub fn is_healthy(&self) -> bool {
+        self.shared.healthy.load(Ordering::Relaxed)
+    }
+
+    /// How many fsyncs have run; with the number of writes it shows the grouping.
+    pub fn flush_count(&self) -> u64 {
+        self.shared.flushes.load(Ordering::Relaxed)
+    }
+
+    /// Serves the waiters still queued, then stops the thread. Idempotent.
+    pub fn shutdown(&self) {
+        {
+            let mut queue = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+            queue.stopping = true;
+        }
+        self.shared.wake.notify_one();
+        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn commit_loop(shared: &CommitShared, store: &dyn Store) {
+    loop {
+        let (batch, stopping) = {
+            let mut queue = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+            while queue.waiters.is_empty() && !queue.stopping {
+                queue = shared.wake.wait(queue).unwrap_or_else(|e| e.into_inner());
+            }
+            (std::mem::take(&mut queue.waiters), queue.stopping)
+        };
+        if !batch.is_empty() || stopping {
+            let result = store.flush();
+            shared.flushes.fetch_add(1, Ordering::Relaxed);
+            shared.healthy.store(result.is_ok(), Ordering::Relaxed);
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "storage flush failed");
+            }
+            for waiter in batch {
+                let _ = waiter.send(result.clone());
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! Refresh-token bookkeeping: every issued refresh token and the family (login)
+//! it belongs to. Written only by the token issuer actor; read anywhere.
+//!
+//! Layout (keys are the 32-hex-char ids as bytes, values JSON):
+//! - `refresh_tokens`: jti → [`RefreshRecord`]
+//! - `token_families`: family id → [`Family`]
+
+use super::{Claims, TokenError};
+use crate::storage::{ReadStore, StorageError, Tree};
+use crate::users::UserId;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RefreshRecord {
+    pub family: String,
+    pub user_id: UserId,
+    pub exp: i64,
+    /// Set when a refresh replaced this token (unix seconds).
+    #[serde(default)]
+    pub rotated_at: Option<i64>,
+}
+
+/// One login's chain of refresh tokens; revoking it ends them all.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Family {
+    pub user_id: UserId,
+    pub created_at: i64,
+    /// The latest expiry of any member: after it, the family can be purged.
+    pub exp: i64,
+    /// The jti of the one refresh token that may rotate without a grace check.
+    pub current: String,
+    #[serde(default)]
+    pub revoked_at: Option<i64>,
+}
+
+pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
+    serde_json::to_vec(record).expect("records always serialize")
+}
+
+fn decode<T: DeserializeOwned>(tree: Tree, bytes: &[u8]) -> Result<T, StorageError> {
+    serde_json::from_slice(bytes).map_err(|e| StorageError::Corrupt {
+        tree: tree.name(),
+        reason: e.to_string(),
+    })
+}
+
+pub fn load_refresh(
+    store: &dyn ReadStore,
+    jti: &str,
+) -> Result<Option<RefreshRecord>, StorageError> {
+    let tree = Tree::RefreshTokens;
+    store
+        .get(tree, jti.as_bytes())?
+        .map(|b| decode(tree, &b))
+        .transpose()
+}
+
+pub fn load_family(store: &dyn ReadStore, id: &str) -> Result<Option<Family>, StorageError> {
+    let tree = Tree::TokenFamilies;
+    store
+        .get(tree, id.as_bytes())?
+        .map(|b| decode(tree, &b))
+        .transpose()
+}
+
+/// What the store says about a signature-checked refresh token.
+pub enum RefreshState {
+    /// The family's current token.
+    Current(RefreshRecord, Family),
+    /// Replaced at `rotated_at`; a reuse unless inside the grace period.
+    RotatedOut(RefreshRecord, Family, i64),
+}
+
+/// Looks up a verified refresh token. Unknown tokens are invalid; tokens of a revoked
+/// family, or issued before the user's `tokens_not_before`, are blacklisted.
+pub fn refresh_state(
+    store: &dyn ReadStore,
+    claims: &Claims,
+    tokens_not_before: i64,
+) -> Result<Result<RefreshState, TokenError>, StorageError> {
+    let Some(record) = load_refresh(store, &claims.jti)? else {
+        return Ok(Err(TokenError::Invalid));
+    };
+    let Some(family) = load_family(store, &record.family)? else {
+        return Ok(Err(TokenError::Blacklisted));
+    };
+    if family.revoked_at.is_some() || claims.iat < tokens_not_before {
+        return Ok(Err(TokenError::Blacklisted));
+    }
+    Ok(Ok(match record.rotated_at {
+        None => RefreshState::Current(record, family),
+        Some(at) => RefreshState::RotatedOut(record, family, at),
+    }))
+}
