@@ -1,0 +1,360 @@
+//! Test harness: the real `wxauth` binary on a random loopback port, a mock WeChat
+//! server that answers like WeChat does, and a small HTTP client.
+#![allow(dead_code)]
+
+pub mod mock_wechat;
+
+use serde_json::Value;
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub use mock_wechat::MockWeChat;
+
+pub const APPID: &str = "wxtestapp0001";
+pub const SECRET: &str = "s3cr3t-app-secret-never-logged";
+
+/// Polls `check` until it yields a value or `deadline` passes.
+pub fn wait_for<T>(deadline: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A config for a test server: everything on loopback, data in a temp dir.
+pub struct TestConfig {
+    pub toml: String,
+    pub env: Vec<(String, String)>,
+}
+
+impl TestConfig {
+    /// Real HTTP client against `mock`, one app, no rate limit, no metrics listener.
+    pub fn against(mock: &MockWeChat) -> Self {
+        TestConfig {
+            toml: format!(
+                r#"
+[server]
+bind = "127.0.0.1:0"
+workers = 2
+
+[wechat]
+appid = "{APPID}"
+secret = "{SECRET}"
+api_base = "{}"
+timeout = "2s"
+retries = 2
+
+[limits]
+login_per_minute = 0
+
+[metrics]
+bind = ""
+"#,
+                mock.base_url()
+            ),
+            env: Vec::new(),
+        }
+    }
+
+    /// Adds TOML after the base config (later tables must not repeat earlier ones:
+    /// use `env` to override a key of a table the base already has).
+    pub fn with_toml(mut self, extra: &str) -> Self {
+        self.toml.push_str(extra);
+        self
+    }
+
+    pub fn with_env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+}
+
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    pub base: String,
+    starts: usize,
+}
+
+impl TestServer {
+    pub fn start(config: TestConfig) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("config.toml");
+        let data = dir.path().join("data");
+        let toml = format!(
+            "{}\n[storage]\npath = {:?}\n",
+            config.toml,
+            data.display().to_string()
+        );
+        std::fs::write(&config_path, toml).expect("write config");
+        let mut server = TestServer {
+            dir,
+            config: config_path,
+            env: config.env,
+            child: None,
+            base: String::new(),
+            starts: 0,
+        };
+        server.spawn();
+        server
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log_path(&self, n: usize) -> PathBuf {
+        self.dir.path().join(format!("server-{n}.log"))
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let log = self.log_path(self.starts);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wxauth"));
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg("serve")
+            .current_dir(self.dir.path())
+            .env_remove("RUST_LOG")
+            .env("WXAUTH_LOG__LEVEL", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).expect("log file"));
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn wxauth");
+        let addr = wait_for(Duration::from_secs(20), "the server to listen", || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "wxauth exited during start-up ({status}):\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            let text = std::fs::read_to_string(&log).ok()?;
+            let line = text.lines().find(|l| l.contains("listening"))?;
+            let addr = line.split("address=").nth(1)?.split_whitespace().next()?;
+            Some(addr.to_string())
+        });
+        self.base = format!("http://{addr}");
+        self.child = Some(child);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("kill -9");
+        child.wait().expect("reap");
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let ok = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(ok.success());
+        wait_for(
+            Duration::from_secs(40),
+            "the server to exit after SIGTERM",
+            || child.try_wait().expect("try_wait"),
+        )
+    }
+
+    /// Starts the binary again on the same config and data directory (new port).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the server first");
+        self.spawn();
+    }
+
+    /// Everything every run of this server has logged.
+    pub fn logs(&self) -> String {
+        (1..=self.starts)
+            .map(|n| std::fs::read_to_string(self.log_path(n)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A response as the tests see it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?} (status {})",
+                self.text, self.status
+            )
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
+    }
+
+    /// Asserts an error reply: status, JSON `code`, and a non-empty `detail`.
+    pub fn assert_error(&self, status: u16, code: &str) -> Value {
+        let body = self.json();
+        assert_eq!(
+            (self.status, body["code"].as_str()),
+            (status, Some(code)),
+            "unexpected reply: {}",
+            self.text
+        );
+        assert!(
+            body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "no detail: {}",
+            self.text
+        );
+        assert!(
+            self.header("content-type")
+                .is_some_and(|c| c.starts_with("application/json")),
+            "error is not labelled JSON: {:?}",
+            self.headers
+        );
+        body
+    }
+}
+
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build(),
+    )
+}
+
+fn collect(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {
+    let mut response = result.expect("HTTP request failed");
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_ascii_lowercase(),
+                v.to_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let text = response.body_mut().read_to_string().unwrap_or_default();
+    Reply {
+        status,
+        headers,
+        text,
+    }
+}
+
+/// POST with an explicit content type (or none) and a raw body.
+pub fn post_raw(url: &str, content_type: Option<&str>, body: &str) -> Reply {
+    let mut req = agent().post(url);
+    if let Some(ct) = content_type {
+        req = req.header("Content-Type", ct);
+    }
+    collect(req.send(body))
+}
+
+pub fn post_json(url: &str, body: &Value) -> Reply {
+    post_raw(url, Some("application/json"), &body.to_string())
+}
+
+pub fn get(url: &str, authorization: Option<&str>) -> Reply {
+    let mut req = agent().get(url);
+    if let Some(auth) = authorization {
+        req = req.header("Authorization", auth);
+    }
+    collect(req.call())
+}
+
+pub fn request(method: &str, url: &str) -> Reply {
+    let req = ureq::http::Request::builder()
+        .method(method)
+        .uri(url)
+        .body(())
+        .expect("request");
+    collect(agent().run(req))
+}
+
+/// Logs in with `code` and returns the 200 body (panics otherwise).
+pub fn login(server: &TestServer, code: &str) -> Value {
+    let reply = post_json(
+        &server.url("/api/weixin/login/"),
+        &serde_json::json!({ "code": code }),
+    );
+    assert_eq!(reply.status, 200, "login failed: {}", reply.text);
+    reply.json()
+}
+
+pub fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// The decoded header and claims of a JWT (no signature check).
+pub fn jwt_parts(token: &str) -> (Value, Value) {
+    use base64::Engine;
+    let mut parts = token.split('.');
+    let mut decode = || {
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(parts.next().expect("jwt part"))
+            .expect("base64url");
+        serde_json::from_slice::<Value>(&raw).expect("jwt json")
+    };
+    let header = decode();
+    let claims = decode();
+    (header, claims)
+}
+
+/// Signs arbitrary claims with the server's generated HMAC key (to forge expired,
+/// wrongly typed or wrongly addressed tokens).
+pub fn forge(data_dir: &Path, alg: jsonwebtoken::Algorithm, claims: &Value) -> String {
+    let key = std::fs::read(data_dir.join("jwt_signing_key")).expect("signing key file");
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(alg),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(&key),
+    )
+    .expect("sign")
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
