@@ -113,14 +113,22 @@ impl JwtKeys {
 
         let mut validation = Validation::new(algorithm);
         validation.leeway = cfg.leeway.as_secs();
-        validation.set_required_spec_claims(&["exp"]);
+        // A configured iss/aud must be present, not merely right when present.
+        let mut required = vec!["exp"];
         match &cfg.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
+            // Checked in verify_any: like PyJWT, a token naming an audience is
+            // refused when none is configured.
             None => validation.validate_aud = false,
         }
         if let Some(iss) = &cfg.issuer {
             validation.set_issuer(&[iss]);
+            required.push("iss");
         }
+        validation.set_required_spec_claims(&required);
         Ok(JwtKeys {
             header,
             encoding,
@@ -176,6 +184,9 @@ impl JwtKeys {
                 _ => TokenError::Invalid,
             })?;
         let claims = data.claims;
+        if self.audience.is_none() && claims.aud.is_some() {
+            return Err(TokenError::Invalid);
+        }
         if claims.token_type != "access" && claims.token_type != "refresh" {
             return Err(TokenError::Invalid);
         }
