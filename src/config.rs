@@ -72,7 +72,7 @@ impl Default for StorageConfig {
 
 /// One mini-program's credentials as written in the config.
 #[derive(Debug, Clone, Deserialize, Default)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct AppCredentials {
     pub appid: Option<String>,
     pub secret: Option<Secret>,
@@ -386,7 +386,7 @@ impl Config {
             }
         }
         if let Some(path) = &j.signing_key_file {
-            if !path.is_file() {
+            if !resolve_credential_path(path).is_file() {
                 return Err(ConfigError::new(
                     "jwt.signing_key_file",
                     format!("{} does not exist or is not a file", path.display()),
@@ -401,6 +401,11 @@ impl Config {
                 "jwt.refresh_ttl",
                 "must not be shorter than jwt.access_ttl",
             ));
+        }
+        for (key, value) in [("jwt.reuse_grace", j.reuse_grace), ("jwt.leeway", j.leeway)] {
+            if value.subsec_nanos() != 0 {
+                return Err(ConfigError::new(key, "must be whole seconds, like \"10s\""));
+            }
         }
         for (key, value) in [("jwt.issuer", &j.issuer), ("jwt.audience", &j.audience)] {
             if value.as_deref() == Some("") {
@@ -521,7 +526,20 @@ fn from_figment(err: figment::Error) -> ConfigError {
             None => format!(" (from {})", m.name),
         })
         .unwrap_or_default();
-    ConfigError::new(key, format!("{}{origin}", err.kind))
+    // Parse errors come with a multi-line source excerpt: keep the first line
+    // (where) and the last (what), so the error stays one line.
+    let kind = err.kind.to_string();
+    let lines: Vec<&str> = kind
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let reason = match lines.as_slice() {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [first, .., last] => format!("{first}: {last}"),
+    };
+    ConfigError::new(key, format!("{reason}{origin}"))
 }
 
 /// Every key that the merged sources set but [`Config`] does not know, as a warning

@@ -37,8 +37,8 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("Not found.")]
     NotFound,
-    #[error("Method not allowed.")]
-    MethodNotAllowed,
+    #[error("Method not allowed; this path accepts {allow}.")]
+    MethodNotAllowed { allow: &'static str },
     #[error("This user has been disabled.")]
     UserDisabled,
     #[error("Too many login attempts; try again later.")]
@@ -73,7 +73,7 @@ impl ApiError {
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::NotFound => "not_found",
-            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::UserDisabled => "user_disabled",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::WeChat(e) => match e {
@@ -122,7 +122,7 @@ impl ResponseError for ApiError {
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::NotFound => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::UserDisabled => StatusCode::FORBIDDEN,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::WeChat(e) => match e {
@@ -169,6 +169,9 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(status);
         if status == StatusCode::UNAUTHORIZED {
             response.insert_header((header::WWW_AUTHENTICATE, r#"Bearer realm="api""#));
+        }
+        if let ApiError::MethodNotAllowed { allow } = self {
+            response.insert_header((header::ALLOW, *allow));
         }
         if let Some(secs) = self.retry_after() {
             response.insert_header((header::RETRY_AFTER, secs.to_string()));

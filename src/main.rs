@@ -20,6 +20,10 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig => {
+            if let Err(e) = wxauth::tokens::JwtKeys::check(&loaded.config.jwt) {
+                eprintln!("wxauth: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             for warning in &loaded.warnings {
                 eprintln!("wxauth: warning: {warning}");
             }

@@ -46,13 +46,7 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     let registry = UserRegistry::new(store.clone(), cfg.wechat.link_by_unionid)?;
     let registry = UserRegistry::start_in_arbiter(&registry_arbiter.handle(), move |_| registry);
     let issuer_arbiter = Arbiter::new();
-    let issuer = TokenIssuer::new(
-        store.clone(),
-        keys.clone(),
-        commit.clone(),
-        cfg.jwt.rotate_refresh,
-        cfg.jwt.reuse_grace,
-    );
+    let issuer = TokenIssuer::new(store.clone(), keys.clone(), commit.clone(), &cfg.jwt);
     let issuer = TokenIssuer::start_in_arbiter(&issuer_arbiter.handle(), move |_| issuer);
     let wechat = wechat::start(&cfg.wechat, &loaded.apps, WECHAT_THREADS);
 

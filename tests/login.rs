@@ -83,7 +83,7 @@ fn the_same_openid_is_the_same_user_and_new_openids_get_new_ids() {
 fn a_code_goes_to_wechat_percent_encoded() {
     let (mock, server) = server();
     // Characters that would break a query string if pasted raw.
-    let code = "ok:a&b=c+d%2F#/?x";
+    let code = "ok:a&b=c+d%2F#/?x y";
     let body = login(&server, code);
     assert_eq!(
         mock.calls(code),
@@ -95,7 +95,7 @@ fn a_code_goes_to_wechat_percent_encoded() {
         Some(&bearer(body["access"].as_str().unwrap())),
     )
     .json();
-    assert_eq!(data["user"]["openid"], "o-a&b=c+d%2F#/?x");
+    assert_eq!(data["user"]["openid"], "o-a&b=c+d%2F#/?x y");
 }
 
 #[test]
@@ -128,9 +128,9 @@ fn malformed_login_requests_are_400_invalid_request() {
             json!({ "code": long }).to_string(),
         ),
         (
-            "code with a space",
+            "code with a tab",
             Some("application/json"),
-            r#"{"code":"ok:a b"}"#.into(),
+            r#"{"code":"ok:a\tb"}"#.into(),
         ),
         (
             "code not ASCII",

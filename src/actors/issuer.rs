@@ -2,7 +2,8 @@
 //! trees. Rotation, logout (blacklist) and reuse detection are decided here, one
 //! message at a time, so two racing refreshes of one token cannot both rotate it.
 
-use crate::storage::{GroupCommit, StorageError, Store, Tree, WriteBatch};
+use crate::config::JwtConfig;
+use crate::storage::{GroupCommit, ReadStore, StorageError, Store, Tree, WriteBatch};
 use crate::tokens::records::{self, Family, RefreshRecord, RefreshState};
 use crate::tokens::{JwtKeys, Signed, TokenError, TokenType};
 use crate::users::{self, UserId};
@@ -21,6 +22,7 @@ pub struct TokenIssuer {
     commit: GroupCommit,
     rotate: bool,
     reuse_grace: i64,
+    leeway: i64,
     /// Set by [`apply`](Self::apply): the message being handled wrote, so its
     /// answer waits for the group commit (even when the answer is an error,
     /// as when a reuse revoked a family).
@@ -42,15 +44,15 @@ impl TokenIssuer {
         store: Arc<dyn Store>,
         keys: Arc<JwtKeys>,
         commit: GroupCommit,
-        rotate: bool,
-        reuse_grace: Duration,
+        cfg: &JwtConfig,
     ) -> Self {
         TokenIssuer {
             store,
             keys,
             commit,
-            rotate,
-            reuse_grace: reuse_grace.as_secs() as i64,
+            rotate: cfg.rotate_refresh,
+            reuse_grace: cfg.reuse_grace.as_secs() as i64,
+            leeway: cfg.leeway.as_secs() as i64,
             wrote: false,
         }
     }
@@ -221,49 +223,67 @@ impl TokenIssuer {
         Ok(())
     }
 
-    /// Deletes refresh records and families whose tokens have all expired.
-    fn purge(&mut self) -> Result<usize, StorageError> {
-        let now = crate::now_unix();
-        let mut purged = 0;
-        for tree in [Tree::RefreshTokens, Tree::TokenFamilies] {
-            let mut expired: Vec<Vec<u8>> = Vec::new();
-            self.store.for_each(tree, &mut |key, value| {
-                #[derive(serde::Deserialize)]
-                struct Expiry {
-                    exp: i64,
-                }
-                if let Ok(Expiry { exp }) = serde_json::from_slice(value) {
-                    if exp < now {
-                        expired.push(key.to_vec());
-                    }
-                }
-                ControlFlow::Continue(())
-            })?;
-            for chunk in expired.chunks(PURGE_BATCH) {
-                let mut batch = WriteBatch::default();
-                for key in chunk {
-                    batch.delete(tree, key.clone());
-                }
-                self.apply(batch)?;
+    /// Deletes records found expired by [`expired_records`] (run off this thread).
+    /// Losing a purge in a crash only means purging again: no wait for the disk.
+    fn delete_expired(&mut self, expired: Vec<(Tree, Vec<u8>)>) -> Result<usize, StorageError> {
+        for chunk in expired.chunks(PURGE_BATCH) {
+            let mut batch = WriteBatch::default();
+            for (tree, key) in chunk {
+                batch.delete(*tree, key.clone());
             }
-            purged += expired.len();
+            self.store.apply(batch)?;
         }
-        Ok(purged)
+        Ok(expired.len())
     }
+}
+
+/// Refresh records and families whose every token expired before `cutoff`.
+/// A read-only scan: it runs on a blocking thread so that the actor keeps serving.
+fn expired_records(
+    store: &dyn ReadStore,
+    cutoff: i64,
+) -> Result<Vec<(Tree, Vec<u8>)>, StorageError> {
+    #[derive(serde::Deserialize)]
+    struct Expiry {
+        exp: i64,
+    }
+    let mut expired = Vec::new();
+    for tree in [Tree::RefreshTokens, Tree::TokenFamilies] {
+        store.for_each(tree, &mut |key, value| {
+            if let Ok(Expiry { exp }) = serde_json::from_slice(value) {
+                if exp < cutoff {
+                    expired.push((tree, key.to_vec()));
+                }
+            }
+            ControlFlow::Continue(())
+        })?;
+    }
+    Ok(expired)
 }
 
 impl Actor for TokenIssuer {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.run_interval(PURGE_EVERY, |this, _| {
-            let result = this.purge();
-            this.wrote = false;
-            match result {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(records = n, "purged expired token records"),
-                Err(e) => tracing::error!(error = %e, "purging expired token records failed"),
-            }
+        ctx.run_interval(PURGE_EVERY, |this, ctx| {
+            let store = this.store.clone();
+            // A token still inside the leeway verifies, so its record must stay.
+            let cutoff = crate::now_unix() - this.leeway;
+            let scan = actix_web::rt::task::spawn_blocking(move || {
+                expired_records(store.as_ref(), cutoff)
+            });
+            ctx.spawn(scan.into_actor(this).map(|scanned, this, _| {
+                let result = match scanned {
+                    Ok(Ok(expired)) => this.delete_expired(expired),
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(StorageError::Io(format!("purge scan: {e}"))),
+                };
+                match result {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(records = n, "purged expired token records"),
+                    Err(e) => tracing::error!(error = %e, "purging expired token records failed"),
+                }
+            }));
         });
     }
 }
@@ -349,21 +369,5 @@ impl Handler<Blacklist> for TokenIssuer {
     fn handle(&mut self, msg: Blacklist, _: &mut Context<Self>) -> Self::Result {
         let result = self.blacklist(&msg.token);
         self.answer(result)
-    }
-}
-
-/// Remove expired token records now (also runs every ten minutes).
-#[derive(Message)]
-#[rtype(result = "Result<usize, StorageError>")]
-pub struct PurgeExpired;
-
-impl Handler<PurgeExpired> for TokenIssuer {
-    type Result = Result<usize, StorageError>;
-
-    fn handle(&mut self, _: PurgeExpired, _: &mut Context<Self>) -> Self::Result {
-        // Losing a purge in a crash only means purging again: no need to wait for disk.
-        let result = self.purge();
-        self.wrote = false;
-        result
     }
 }

@@ -73,6 +73,23 @@ impl UserRegistry {
                     users::openid_key(&msg.appid, &msg.session.openid),
                     users::id_key(user.id),
                 );
+                // A user created before WeChat sent a unionid (or before linking was
+                // turned on) is indexed by it now, so the next app finds them.
+                if let (true, Some(unionid)) = (self.link_by_unionid, &msg.session.unionid) {
+                    if users::lookup(
+                        self.store.as_ref(),
+                        Tree::UsersByUnionid,
+                        unionid.as_bytes(),
+                    )?
+                    .is_none()
+                    {
+                        batch.put(
+                            Tree::UsersByUnionid,
+                            unionid.as_bytes(),
+                            users::id_key(user.id),
+                        );
+                    }
+                }
                 (user, false)
             }
             None => {

@@ -39,7 +39,8 @@ fn authenticate(req: &HttpRequest) -> Result<Authenticated, ApiError> {
         return Err(AuthError::UserInactive.into());
     }
     if claims.iat < user.tokens_not_before {
-        return Err(AuthError::TokenNotValid(TokenError::Blacklisted).into());
+        // Revoked by "revoke all": simplejwt has no message for it, so "invalid".
+        return Err(AuthError::TokenNotValid(TokenError::Invalid).into());
     }
     Ok(Authenticated(user))
 }

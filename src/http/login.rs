@@ -17,7 +17,10 @@ pub async fn login(
 ) -> Result<HttpResponse, ApiError> {
     state.limit_login(&req)?;
     let code = fields.required_str("code")?;
-    if code.is_empty() || code.len() > MAX_CODE_LEN || !code.bytes().all(|b| b.is_ascii_graphic()) {
+    if code.is_empty()
+        || code.len() > MAX_CODE_LEN
+        || !code.bytes().all(|b| (0x20..=0x7e).contains(&b))
+    {
         return Err(ApiError::InvalidRequest(
             "The field `code` must be 1 to 128 printable ASCII characters.".into(),
         ));

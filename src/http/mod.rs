@@ -91,31 +91,57 @@ pub fn client_ip(req: &HttpRequest, trusted: &[IpAddr]) -> Option<IpAddr> {
 /// Each path is served with and without its trailing slash; any other method on
 /// a known path is a JSON 405.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    fn resource(path: &'static str) -> actix_web::Resource {
-        let bare = path.trim_end_matches('/');
-        let paths: Vec<String> = if bare == path {
-            vec![path.to_string(), format!("{path}/")]
-        } else {
-            vec![path.to_string(), bare.to_string()]
-        };
-        web::resource(paths).default_service(web::to(method_not_allowed))
-    }
-    cfg.service(resource("/api/weixin/login/").route(web::post().to(login::login)))
-        .service(resource("/api/weixin/data/").route(web::get().to(data::data)))
-        .service(resource("/api/token/refresh/").route(web::post().to(token::refresh)))
-        .service(resource("/api/token/verify/").route(web::post().to(token::verify)))
-        .service(resource("/api/token/blacklist/").route(web::post().to(token::blacklist)))
-        .service(resource("/healthz").route(web::get().to(health::healthz)))
-        .service(resource("/readyz").route(web::get().to(health::readyz)))
-        .default_service(web::to(not_found));
+    cfg.service(endpoint(
+        "/api/weixin/login/",
+        "POST",
+        web::post().to(login::login),
+    ))
+    .service(endpoint(
+        "/api/weixin/data/",
+        "GET",
+        web::get().to(data::data),
+    ))
+    .service(endpoint(
+        "/api/token/refresh/",
+        "POST",
+        web::post().to(token::refresh),
+    ))
+    .service(endpoint(
+        "/api/token/verify/",
+        "POST",
+        web::post().to(token::verify),
+    ))
+    .service(endpoint(
+        "/api/token/blacklist/",
+        "POST",
+        web::post().to(token::blacklist),
+    ))
+    .service(endpoint("/healthz", "GET", web::get().to(health::healthz)))
+    .service(endpoint("/readyz", "GET", web::get().to(health::readyz)))
+    .default_service(web::to(not_found));
+}
+
+/// One path (both slash forms), one method, and a 405 naming it for the others.
+fn endpoint(
+    path: &'static str,
+    allow: &'static str,
+    route: actix_web::Route,
+) -> actix_web::Resource {
+    let bare = path.trim_end_matches('/');
+    let paths = if bare == path {
+        vec![path.to_string(), format!("{path}/")]
+    } else {
+        vec![path.to_string(), bare.to_string()]
+    };
+    web::resource(paths)
+        .route(route)
+        .default_service(web::to(move || async move {
+            Err::<HttpResponse, _>(ApiError::MethodNotAllowed { allow })
+        }))
 }
 
 async fn not_found() -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound)
-}
-
-async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed)
 }
 
 /// The safety net: any error response that is not already JSON (one actix-web made

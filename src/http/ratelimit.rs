@@ -7,7 +7,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// At most this many addresses are tracked per window; addresses beyond it in the
-/// same minute are let through (and counted in a warning) rather than refused.
+/// same minute are let through rather than refused (memory stays bounded, and a
+/// flood of addresses cannot lock out the clients already counted).
 const MAX_TRACKED: usize = 100_000;
 const WINDOW: Duration = Duration::from_secs(60);
 

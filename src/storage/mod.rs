@@ -96,15 +96,14 @@ impl WriteBatch {
     }
 }
 
+/// Called for each entry of a scan, in key order; `Break` stops the scan.
+pub type Visitor<'a> = dyn FnMut(&[u8], &[u8]) -> ControlFlow<()> + 'a;
+
 /// Reads: shared by every thread (the request hot path uses this directly).
 pub trait ReadStore: Send + Sync {
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
     /// Visits every entry of `tree` in key order until `visit` breaks.
-    fn for_each(
-        &self,
-        tree: Tree,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
-    ) -> Result<(), StorageError>;
+    fn for_each(&self, tree: Tree, visit: &mut Visitor<'_>) -> Result<(), StorageError>;
     fn len(&self, tree: Tree) -> usize;
     fn size_on_disk(&self) -> Result<u64, StorageError>;
 }
@@ -222,5 +221,107 @@ fn commit_loop(shared: &CommitShared, store: &dyn Store) {
         if stopping {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    /// A store that counts applied writes and records, for each flush, how many
+    /// writes had been applied when it began. Its flushes are slow, as fsyncs are.
+    #[derive(Default)]
+    struct CountingStore {
+        applied: AtomicUsize,
+        flushes: Mutex<Vec<usize>>,
+    }
+
+    impl ReadStore for CountingStore {
+        fn get(&self, _: Tree, _: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+            Ok(None)
+        }
+        fn for_each(&self, _: Tree, _: &mut Visitor<'_>) -> Result<(), StorageError> {
+            Ok(())
+        }
+        fn len(&self, _: Tree) -> usize {
+            0
+        }
+        fn size_on_disk(&self) -> Result<u64, StorageError> {
+            Ok(0)
+        }
+    }
+
+    impl Store for CountingStore {
+        fn apply(&self, _: WriteBatch) -> Result<(), StorageError> {
+            self.applied.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn flush(&self) -> Result<(), StorageError> {
+            let covered = self.applied.load(Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(20));
+            self.flushes.lock().unwrap().push(covered);
+            Ok(())
+        }
+    }
+
+    #[actix_web::test]
+    async fn durable_waits_for_a_flush_that_covers_the_write_and_flushes_are_shared() {
+        let store = Arc::new(CountingStore::default());
+        let commit = GroupCommit::start(store.clone());
+        let waiters = (0..50).map(|_| {
+            let (store, commit) = (store.clone(), commit.clone());
+            async move {
+                store.apply(WriteBatch::default()).unwrap();
+                let written = store.applied.load(Ordering::SeqCst);
+                commit.durable().await.unwrap();
+                // Some flush that had seen at least this many writes has completed.
+                let flushes = store.flushes.lock().unwrap().clone();
+                assert!(
+                    flushes.iter().any(|&covered| covered >= written),
+                    "answered before its flush"
+                );
+            }
+        });
+        futures_util::future::join_all(waiters).await;
+        let flushes = store.flushes.lock().unwrap().len();
+        assert!(
+            flushes < 50,
+            "50 concurrent commits took {flushes} flushes: not grouped"
+        );
+        commit.shutdown();
+    }
+
+    #[actix_web::test]
+    async fn a_failed_flush_fails_its_waiters_and_marks_unhealthy() {
+        struct Broken;
+        impl ReadStore for Broken {
+            fn get(&self, _: Tree, _: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+                Ok(None)
+            }
+            fn for_each(&self, _: Tree, _: &mut Visitor<'_>) -> Result<(), StorageError> {
+                Ok(())
+            }
+            fn len(&self, _: Tree) -> usize {
+                0
+            }
+            fn size_on_disk(&self) -> Result<u64, StorageError> {
+                Ok(0)
+            }
+        }
+        impl Store for Broken {
+            fn apply(&self, _: WriteBatch) -> Result<(), StorageError> {
+                Ok(())
+            }
+            fn flush(&self) -> Result<(), StorageError> {
+                Err(StorageError::Io("disk full".into()))
+            }
+        }
+        let commit = GroupCommit::start(Arc::new(Broken));
+        assert!(commit.durable().await.is_err());
+        assert!(!commit.is_healthy());
+        commit.shutdown();
+        assert!(commit.durable().await.is_err(), "no commit after shutdown");
     }
 }

@@ -1,8 +1,7 @@
 //! The sled implementation of [`Store`]: the only file that names sled.
 
-use super::{Op, ReadStore, StorageError, Store, Tree, WriteBatch};
+use super::{Op, ReadStore, StorageError, Store, Tree, Visitor, WriteBatch};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
-use std::ops::ControlFlow;
 use std::path::Path;
 
 pub struct SledStore {
@@ -14,8 +13,17 @@ impl SledStore {
     /// Opens (or creates) the database in `path`. Fails with [`StorageError::Locked`]
     /// when another process holds it: sled allows one process per directory.
     pub fn open(path: &Path, cache_capacity: u64) -> Result<Self, StorageError> {
-        std::fs::create_dir_all(path)
-            .map_err(|e| StorageError::Io(format!("cannot create {}: {e}", path.display())))?;
+        use std::os::unix::fs::PermissionsExt;
+        if !path.exists() {
+            std::fs::create_dir_all(path)
+                .map_err(|e| StorageError::Io(format!("cannot create {}: {e}", path.display())))?;
+            // The trees hold WeChat session keys: only our user may enter the directory.
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(
+                |e| StorageError::Io(format!("cannot restrict {}: {e}", path.display())),
+            )?;
+        } else if std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+            tracing::warn!(path = %path.display(), "the data directory is open to other users; chmod 700 it");
+        }
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(cache_capacity)
@@ -59,11 +67,7 @@ impl ReadStore for SledStore {
         Ok(self.tree(tree).get(key).map_err(io)?.map(|v| v.to_vec()))
     }
 
-    fn for_each(
-        &self,
-        tree: Tree,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
-    ) -> Result<(), StorageError> {
+    fn for_each(&self, tree: Tree, visit: &mut Visitor<'_>) -> Result<(), StorageError> {
         for entry in self.tree(tree).iter() {
             let (k, v) = entry.map_err(io)?;
             if visit(&k, &v).is_break() {

@@ -78,6 +78,30 @@ impl JwtKeys {
     /// Loads the configured key, or the generated one from `data_dir`, creating it
     /// (256 random bits, mode 0600) on first start.
     pub fn load(cfg: &JwtConfig, data_dir: &Path) -> Result<Self, ConfigError> {
+        let material = match &cfg.signing_key_file {
+            Some(path) => crate::config::read_secret_file("jwt.signing_key_file", path)?,
+            None => load_or_generate_hmac_key(data_dir).map_err(|e| ConfigError {
+                key: "storage.path".into(),
+                reason: format!("cannot create the signing key: {e}"),
+            })?,
+        };
+        Self::from_material(cfg, &material)
+    }
+
+    /// For `check-config`: loads a configured key file without touching the data
+    /// directory (a generated key needs no checking).
+    pub fn check(cfg: &JwtConfig) -> Result<(), ConfigError> {
+        if let Some(path) = &cfg.signing_key_file {
+            let material = crate::config::read_secret_file("jwt.signing_key_file", path)?;
+            Self::from_material(cfg, &material)?;
+        }
+        Ok(())
+    }
+
+    fn from_material(
+        cfg: &JwtConfig,
+        material: &crate::secret::Secret,
+    ) -> Result<Self, ConfigError> {
         let err = |reason: String| ConfigError {
             key: "jwt.signing_key_file".into(),
             reason,
@@ -86,13 +110,6 @@ impl JwtKeys {
             key: "jwt.algorithm".into(),
             reason: format!("{:?} is not supported", cfg.algorithm),
         })?;
-        let material = match &cfg.signing_key_file {
-            Some(path) => crate::config::read_secret_file("jwt.signing_key_file", path)?,
-            None => load_or_generate_hmac_key(data_dir).map_err(|e| ConfigError {
-                key: "storage.path".into(),
-                reason: format!("cannot create the signing key: {e}"),
-            })?,
-        };
         let bytes = material.expose().as_bytes();
         let (encoding, decoding, public) = match algorithm {
             Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {

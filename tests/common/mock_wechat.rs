@@ -137,7 +137,7 @@ fn errcode(code: i64, msg: &str) -> String {
 }
 
 fn handle(url: &str, state: &Mutex<MockState>) -> Answer {
-    let (path, query) = url.split_once('?').unwrap_or((&url, ""));
+    let (path, query) = url.split_once('?').unwrap_or((url, ""));
     if path != "/sns/jscode2session" {
         return reply(404, "text/html", "<html>not found</html>".into());
     }

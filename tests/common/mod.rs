@@ -358,3 +358,20 @@ pub fn now() -> i64 {
         .unwrap()
         .as_secs() as i64
 }
+
+/// Like [`post_json`], but a failed connection is `None` instead of a panic
+/// (for requests racing a killed server).
+pub fn try_post_json(url: &str, body: &Value) -> Option<Reply> {
+    let mut response = agent()
+        .post(url)
+        .header("Content-Type", "application/json")
+        .send(body.to_string())
+        .ok()?;
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().ok()?;
+    Some(Reply {
+        status,
+        headers: HashMap::new(),
+        text,
+    })
+}

@@ -1,0 +1,245 @@
+//! Restarts, SIGTERM, kill -9, and what the logs may never show.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+#[test]
+fn a_restart_keeps_users_ids_and_token_state() {
+    let mock = MockWeChat::start();
+    let mut server =
+        TestServer::start(TestConfig::against(&mock).with_env("WXAUTH_JWT__REUSE_GRACE", "0s"));
+    let ann = login(&server, "ok:ann.1");
+    let ben = login(&server, "ok:ben.1");
+    let rotated_out = ann["refresh"].as_str().unwrap().to_string();
+    let rotated = post_json(
+        &server.url("/api/token/refresh/"),
+        &json!({ "refresh": rotated_out }),
+    );
+    assert_eq!(rotated.status, 200);
+    let current = rotated.json()["refresh"].as_str().unwrap().to_string();
+
+    let status = server.terminate();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM exits 0:\n{}",
+        server.logs()
+    );
+    server.restart();
+
+    let again = login(&server, "ok:ann.2");
+    assert_eq!(
+        again["user"]["id"], ann["user"]["id"],
+        "same openid, same id after restart"
+    );
+    assert_eq!(again["user"]["created"], false);
+    let data = get(
+        &server.url("/api/weixin/data/"),
+        Some(&bearer(ben["access"].as_str().unwrap())),
+    );
+    assert_eq!(
+        data.status, 200,
+        "an access token from before the restart is valid: {}",
+        data.text
+    );
+    assert_eq!(data.json()["user"]["id"], ben["user"]["id"]);
+    // The rotated-out token stays dead (and, presented past the grace, revokes its family).
+    std::thread::sleep(Duration::from_millis(1100));
+    let replay = post_json(
+        &server.url("/api/token/refresh/"),
+        &json!({ "refresh": rotated_out }),
+    );
+    assert_eq!(
+        replay.assert_error(401, "token_not_valid")["detail"],
+        "Token is blacklisted"
+    );
+    let after = post_json(
+        &server.url("/api/token/refresh/"),
+        &json!({ "refresh": current }),
+    );
+    assert_eq!(
+        after.assert_error(401, "token_not_valid")["detail"],
+        "Token is blacklisted"
+    );
+    // Ids are never reused: the next user continues the sequence.
+    let cat = login(&server, "ok:cat.1");
+    assert_eq!(
+        cat["user"]["id"].as_u64(),
+        Some(ben["user"]["id"].as_u64().unwrap() + 1)
+    );
+}
+
+#[test]
+fn sigterm_drains_a_request_in_flight() {
+    let mock = MockWeChat::start();
+    let mut server = TestServer::start(TestConfig::against(&mock));
+    let url = server.url("/api/weixin/login/");
+    std::thread::scope(|s| {
+        let slow = s.spawn(|| post_json(&url, &json!({ "code": "slow1500:dee" })));
+        wait_for(Duration::from_secs(10), "the login to reach WeChat", || {
+            (mock.calls("slow1500:dee") == 1).then_some(())
+        });
+        let status = server.terminate();
+        let reply = slow.join().unwrap();
+        assert_eq!(
+            reply.status, 200,
+            "the in-flight login completes: {}",
+            reply.text
+        );
+        assert_eq!(status.code(), Some(0));
+    });
+}
+
+/// A burst of logins and refreshes from 8 clients; kill -9 while it runs; restart.
+/// Every login or refresh that was answered 200 must be there after the restart.
+///
+/// kill -9 keeps the kernel's page cache, so this proves the process-crash half of
+/// durability; that an answer waits for an fsync begun after its write is proven by
+/// the group-commit unit tests in `src/storage/mod.rs`.
+#[test]
+fn kill_9_during_a_burst_loses_no_answered_change() {
+    let mock = MockWeChat::start();
+    let mut server = TestServer::start(TestConfig::against(&mock));
+    let login_url = server.url("/api/weixin/login/");
+    let refresh_url = server.url("/api/token/refresh/");
+    let answered_logins = Mutex::new(Vec::new());
+    let answered_refreshes = Mutex::new(Vec::new());
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for client in 0..8 {
+            let (login_url, refresh_url) = (&login_url, &refresh_url);
+            let (logins, refreshes, stop) = (&answered_logins, &answered_refreshes, &stop);
+            s.spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let code = format!("ok:burst-{client}-{n}");
+                    let Some(reply) = try_post_json(login_url, &json!({ "code": code })) else {
+                        break;
+                    };
+                    if reply.status != 200 {
+                        break;
+                    }
+                    let body = reply.json();
+                    logins.lock().unwrap().push(body.clone());
+                    let Some(reply) =
+                        try_post_json(refresh_url, &json!({ "refresh": body["refresh"] }))
+                    else {
+                        break;
+                    };
+                    if reply.status == 200 {
+                        refreshes.lock().unwrap().push(reply.json());
+                    }
+                }
+            });
+        }
+        wait_for(Duration::from_secs(60), "200 answered logins", || {
+            (answered_logins.lock().unwrap().len() >= 200).then_some(())
+        });
+        server.kill9();
+        stop.store(true, Ordering::Relaxed);
+    });
+    server.restart();
+
+    let logins = answered_logins.into_inner().unwrap();
+    let refreshes = answered_refreshes.into_inner().unwrap();
+    let data_url = server.url("/api/weixin/data/");
+    let mut users_back = 0;
+    for body in &logins {
+        let reply = get(&data_url, Some(&bearer(body["access"].as_str().unwrap())));
+        assert_eq!(
+            reply.status, 200,
+            "an answered login was lost: {}",
+            reply.text
+        );
+        assert_eq!(reply.json()["user"]["id"], body["user"]["id"]);
+        users_back += 1;
+    }
+    let mut refreshes_back = 0;
+    for body in &refreshes {
+        // The rotated-in refresh token was recorded durably: it rotates again.
+        let reply = post_json(
+            &server.url("/api/token/refresh/"),
+            &json!({ "refresh": body["refresh"] }),
+        );
+        assert_eq!(
+            reply.status, 200,
+            "an answered refresh was lost: {}",
+            reply.text
+        );
+        refreshes_back += 1;
+    }
+    eprintln!(
+        "kill -9 during burst: {users_back}/{} answered users back, {refreshes_back}/{} answered refreshes back",
+        logins.len(),
+        refreshes.len()
+    );
+}
+
+#[test]
+fn logs_never_show_secrets_session_keys_tokens_or_codes() {
+    let mock = MockWeChat::start();
+    let server = TestServer::start(TestConfig::against(&mock));
+    let mut tokens = Vec::new();
+    let mut codes = vec![
+        "ok:secretive-one".to_string(),
+        "err40125:x7".into(),
+        "err40029:x8".into(),
+        "slow10:x9".into(),
+    ];
+    for code in &codes {
+        let reply = post_json(&server.url("/api/weixin/login/"), &json!({ "code": code }));
+        if reply.status == 200 {
+            let body = reply.json();
+            tokens.push(body["access"].as_str().unwrap().to_string());
+            tokens.push(body["refresh"].as_str().unwrap().to_string());
+        }
+    }
+    let refreshed = post_json(
+        &server.url("/api/token/refresh/"),
+        &json!({ "refresh": tokens[1] }),
+    )
+    .json();
+    tokens.push(refreshed["refresh"].as_str().unwrap().to_string());
+    post_json(
+        &server.url("/api/token/verify/"),
+        &json!({ "token": tokens[0] }),
+    );
+    post_json(
+        &server.url("/api/token/blacklist/"),
+        &json!({ "refresh": tokens[2] }),
+    );
+    get(&server.url("/api/weixin/data/"), Some(&bearer(&tokens[0])));
+    codes.push("ok:secretive-two".into()); // a code used twice
+    login(&server, "ok:secretive-two");
+    post_json(
+        &server.url("/api/weixin/login/"),
+        &json!({ "code": "ok:secretive-two" }),
+    );
+
+    let logs = server.logs();
+    assert!(logs.contains("listening"), "the logs were captured");
+    assert!(
+        logs.contains("errcode=40125"),
+        "the config error was logged"
+    );
+    let mut secrets = vec![SECRET.to_string()];
+    secrets.extend(mock.state.lock().unwrap().session_keys.clone());
+    secrets.extend(tokens);
+    secrets.extend(codes);
+    let signing_key = std::fs::read_to_string(server.data_dir().join("jwt_signing_key")).unwrap();
+    secrets.push(signing_key);
+    for secret in &secrets {
+        // Tokens are long; any 20-character piece of one would be a leak too.
+        let probe = &secret[..secret.len().min(20)];
+        assert!(
+            !logs.contains(probe),
+            "the logs contain a secret ({probe}...):\n{logs}"
+        );
+    }
+}
