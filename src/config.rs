@@ -209,7 +209,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
         ConfigError {
             key: key.into(),
             reason: reason.into(),
@@ -285,11 +285,16 @@ impl Config {
                     "is required when server.tls.key is set",
                 ))
             }
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::new(
-                    "server.tls",
-                    "HTTPS is not built into this version yet; terminate TLS in a reverse proxy",
-                ))
+            // Parsed at start (and by check-config) in crate::tls::server_config.
+            (Some(cert), Some(key)) => {
+                for (name, path) in [("server.tls.cert", cert), ("server.tls.key", key)] {
+                    if !resolve_credential_path(path).is_file() {
+                        return Err(ConfigError::new(
+                            name,
+                            format!("{} does not exist or is not a file", path.display()),
+                        ));
+                    }
+                }
             }
         }
         for proxy in &self.server.trusted_proxies {

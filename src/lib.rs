@@ -9,14 +9,17 @@
 #![forbid(unsafe_code)]
 
 pub mod actors;
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod secret;
 pub mod startup;
 pub mod storage;
 pub mod telemetry;
+pub mod tls;
 pub mod tokens;
 pub mod users;
 

@@ -2,7 +2,8 @@
 
 use clap::Parser;
 use std::process::ExitCode;
-use wxauth::cli::{Cli, Command};
+use wxauth::admin::Request;
+use wxauth::cli::{Cli, Command, TokensCommand, UsersCommand};
 use wxauth::config::Config;
 use wxauth::startup::StartError;
 
@@ -11,6 +12,10 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Keygen { algorithm }) = cli.command {
+        print!("{}", wxauth::cli::generate_key(algorithm));
+        return ExitCode::SUCCESS;
+    }
     let loaded = match Config::load(cli.config.as_deref()) {
         Ok(loaded) => loaded,
         Err(e) => {
@@ -23,6 +28,15 @@ fn main() -> ExitCode {
             if let Err(e) = wxauth::tokens::JwtKeys::check(&loaded.config.jwt) {
                 eprintln!("wxauth: {e}");
                 return ExitCode::from(EXIT_CONFIG);
+            }
+            if let (Some(cert), Some(key)) = (
+                &loaded.config.server.tls.cert,
+                &loaded.config.server.tls.key,
+            ) {
+                if let Err(e) = wxauth::tls::server_config(cert, key) {
+                    eprintln!("wxauth: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
             }
             for warning in &loaded.warnings {
                 eprintln!("wxauth: warning: {warning}");
@@ -54,6 +68,78 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Users(users) => {
+            let request = match users {
+                UsersCommand::List => Request::UsersList,
+                UsersCommand::Show { id } => Request::UsersShow { id },
+                UsersCommand::Disable { id } => Request::UsersSetDisabled { id, disabled: true },
+                UsersCommand::Enable { id } => Request::UsersSetDisabled {
+                    id,
+                    disabled: false,
+                },
+            };
+            admin(&request, &loaded.config, &mut std::io::stdout().lock())
+        }
+        Command::Tokens(TokensCommand::Revoke { user }) => admin(
+            &Request::TokensRevoke { user },
+            &loaded.config,
+            &mut std::io::stdout().lock(),
+        ),
+        Command::Backup { file } => {
+            // The snapshot holds the signing key and session keys: owner-only.
+            use std::os::unix::fs::OpenOptionsExt;
+            let opened = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&file);
+            match opened {
+                Ok(out) => admin(
+                    &Request::Backup,
+                    &loaded.config,
+                    &mut std::io::BufWriter::new(out),
+                ),
+                Err(e) => {
+                    eprintln!("wxauth: cannot create {}: {e}", file.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Restore { file } => {
+            let storage = &loaded.config.storage;
+            match wxauth::admin::restore(&file, &storage.path, storage.cache_capacity) {
+                Ok(entries) => {
+                    println!("restored {entries} entries into {}", storage.path.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("wxauth: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Healthcheck => match wxauth::cli::healthcheck(&loaded.config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("wxauth: unhealthy: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Keygen { .. } => unreachable!("handled before the config is loaded"),
+    }
+}
+
+fn admin(
+    request: &Request,
+    config: &wxauth::config::Config,
+    out: &mut dyn std::io::Write,
+) -> ExitCode {
+    match wxauth::admin::run(request, config, out).and_then(|()| Ok(out.flush()?)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wxauth: {e}");
+            ExitCode::FAILURE
         }
     }
 }

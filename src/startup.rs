@@ -1,14 +1,19 @@
 //! Wiring: open storage, load keys, start the actors, serve, and shut down cleanly.
 
 use crate::actors::{issuer::TokenIssuer, registry::UserRegistry, wechat};
+use crate::admin;
 use crate::config::{ConfigError, Loaded};
 use crate::http::{self, AppState, LoginLimiter};
+use crate::metrics::Metrics;
 use crate::storage::{GroupCommit, ReadStore, SledStore, StorageError, Store};
 use crate::tokens::JwtKeys;
 use actix::{Actor, Arbiter};
+use actix_web::dev::Service;
 use actix_web::{middleware, web, App, HttpServer};
+use sd_notify::NotifyState;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Blocking jscode2session calls that may run at once (each waits up to `wechat.timeout`).
 const WECHAT_THREADS: usize = 16;
@@ -30,10 +35,63 @@ pub enum StartError {
     Server(#[from] std::io::Error),
 }
 
+/// The Prometheus listener on `metrics.bind` (none when it is empty): its own
+/// socket, so that a reverse proxy in front of the API never exposes it.
+fn start_metrics_listener(
+    bind: &str,
+    state: web::Data<AppState>,
+) -> Result<Option<actix_web::dev::Server>, StartError> {
+    if bind.is_empty() {
+        return Ok(None);
+    }
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .wrap(http::json_errors())
+            .configure(http::metrics_routes)
+    })
+    .workers(1)
+    .disable_signals()
+    .bind(bind)
+    .map_err(|source| StartError::Bind {
+        addr: bind.to_string(),
+        source,
+    })?;
+    for addr in server.addrs() {
+        tracing::info!(address = %addr, "serving metrics");
+    }
+    Ok(Some(server.run()))
+}
+
+/// SIGTERM (systemd, kill) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; stop the server with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// Runs the server until SIGTERM/SIGINT, then drains, flushes and returns.
 /// Must be called inside an actix system (`actix_web::rt::System`).
 pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     let cfg = &loaded.config;
+    // Before anything is opened: a bad certificate or key stops the start (exit 2).
+    let tls = match (&cfg.server.tls.cert, &cfg.server.tls.key) {
+        (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
+        _ => None,
+    };
     let store = Arc::new(SledStore::open(
         &cfg.storage.path,
         cfg.storage.cache_capacity,
@@ -46,9 +104,24 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     let registry = UserRegistry::new(store.clone(), cfg.wechat.link_by_unionid)?;
     let registry = UserRegistry::start_in_arbiter(&registry_arbiter.handle(), move |_| registry);
     let issuer_arbiter = Arbiter::new();
-    let issuer = TokenIssuer::new(store.clone(), keys.clone(), commit.clone(), &cfg.jwt);
+    let metrics = Arc::new(Metrics::default());
+    let issuer = TokenIssuer::new(
+        store.clone(),
+        keys.clone(),
+        commit.clone(),
+        &cfg.jwt,
+        metrics.clone(),
+    );
     let issuer = TokenIssuer::start_in_arbiter(&issuer_arbiter.handle(), move |_| issuer);
-    let wechat = wechat::start(&cfg.wechat, &loaded.apps, WECHAT_THREADS);
+    let wechat = wechat::start(&cfg.wechat, &loaded.apps, WECHAT_THREADS, metrics.clone());
+    let admin_socket = admin::serve(admin::ServerContext {
+        store: store.clone(),
+        data_dir: cfg.storage.path.clone(),
+        registry: registry.clone(),
+        issuer: issuer.clone(),
+        commit: commit.clone(),
+        runtime: tokio::runtime::Handle::current(),
+    })?;
 
     let reader: Arc<dyn ReadStore> = store.clone();
     let state = web::Data::new(AppState {
@@ -67,30 +140,68 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
             .iter()
             .filter_map(|p| p.parse().ok())
             .collect(),
+        metrics,
     });
+    let api_state = state.clone();
 
     let bind = cfg.bind_addr();
     let server = HttpServer::new(move || {
         App::new()
-            .app_data(state.clone())
+            .app_data(api_state.clone())
             .wrap(http::json_errors())
             .wrap(middleware::DefaultHeaders::new().add(("Cache-Control", "no-store")))
+            // Outermost: sees the final status, after errors became JSON.
+            .wrap_fn(|req, srv| {
+                let started = Instant::now();
+                let id = http::request_id(&req);
+                let method = req.method().clone();
+                let response = srv.call(req);
+                async move {
+                    let mut response = response.await?;
+                    http::finish_request(&mut response, &id, &method, started);
+                    Ok(response)
+                }
+            })
             .configure(http::routes)
     })
     .workers(cfg.server.workers)
     .shutdown_timeout(SHUTDOWN_GRACE_SECS)
-    .bind(bind)
+    // Our own handler below tells systemd STOPPING=1 before draining.
+    .disable_signals();
+    let https = tls.is_some();
+    let server = match tls {
+        Some(tls) => server.bind_rustls_0_23(bind, tls),
+        None => server.bind(bind),
+    }
     .map_err(|source| StartError::Bind {
         addr: bind.to_string(),
         source,
     })?;
     let addrs: Vec<SocketAddr> = server.addrs();
+    let users = crate::users::count(store.as_ref())?;
     for addr in &addrs {
-        tracing::info!(address = %addr, kid = keys.kid(), users = store.len(crate::storage::Tree::Users), "listening");
+        tracing::info!(address = %addr, tls = https, kid = keys.kid(), users, "listening");
     }
+    let metrics_server = start_metrics_listener(&cfg.metrics.bind, state)?;
+    let server = server.run();
 
-    // actix-web handles SIGTERM/SIGINT: stop accepting, finish in-flight requests.
-    let served = server.run().await;
+    // READY=1 only now that the sockets listen (Type=notify); a no-op outside systemd.
+    let _ = sd_notify::notify(false, &[NotifyState::Ready]);
+    let handles = (server.handle(), metrics_server.as_ref().map(|s| s.handle()));
+    actix_web::rt::spawn(async move {
+        shutdown_signal().await;
+        let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
+        tracing::info!("shutting down: draining in-flight requests");
+        if let Some(metrics) = handles.1 {
+            metrics.stop(true).await;
+        }
+        handles.0.stop(true).await;
+    });
+    if let Some(metrics_server) = metrics_server {
+        actix_web::rt::spawn(metrics_server);
+    }
+    let served = server.await;
+    let _ = std::fs::remove_file(&admin_socket);
 
     // Every answered request already waited for its commit; this flushes the rest.
     commit.shutdown();

@@ -3,6 +3,7 @@
 //! message at a time, so two racing refreshes of one token cannot both rotate it.
 
 use crate::config::JwtConfig;
+use crate::metrics::Metrics;
 use crate::storage::{GroupCommit, ReadStore, StorageError, Store, Tree, WriteBatch};
 use crate::tokens::records::{self, Family, RefreshRecord, RefreshState};
 use crate::tokens::{JwtKeys, Signed, TokenError, TokenType};
@@ -23,6 +24,7 @@ pub struct TokenIssuer {
     rotate: bool,
     reuse_grace: i64,
     leeway: i64,
+    metrics: Arc<Metrics>,
     /// Set by [`apply`](Self::apply): the message being handled wrote, so its
     /// answer waits for the group commit (even when the answer is an error,
     /// as when a reuse revoked a family).
@@ -45,6 +47,7 @@ impl TokenIssuer {
         keys: Arc<JwtKeys>,
         commit: GroupCommit,
         cfg: &JwtConfig,
+        metrics: Arc<Metrics>,
     ) -> Self {
         TokenIssuer {
             store,
@@ -53,6 +56,7 @@ impl TokenIssuer {
             rotate: cfg.rotate_refresh,
             reuse_grace: cfg.reuse_grace.as_secs() as i64,
             leeway: cfg.leeway.as_secs() as i64,
+            metrics,
             wrote: false,
         }
     }
@@ -158,6 +162,7 @@ impl TokenIssuer {
         let now = crate::now_unix();
         let access = self.keys.sign(TokenType::Access, claims.user_id, now).token;
         if !self.rotate {
+            self.metrics.tokens_issued(1, 0);
             return Ok(Refreshed {
                 access,
                 refresh: None,
@@ -176,6 +181,7 @@ impl TokenIssuer {
                     family = %record.family,
                     "refresh token reused after rotation: revoking its family"
                 );
+                self.metrics.reuse_detected();
                 self.revoke_family(&record.family, family, now)?;
                 return Err(RefreshError::Token(TokenError::Blacklisted));
             }
@@ -194,6 +200,7 @@ impl TokenIssuer {
             records::encode(&family),
         );
         self.apply(batch)?;
+        self.metrics.tokens_issued(1, 1);
         Ok(Refreshed {
             access,
             refresh: Some(refresh.token),
@@ -212,6 +219,7 @@ impl TokenIssuer {
             RefreshState::RotatedOut(record, family, at) => {
                 self.revoke_family(&record.family, family, now)?;
                 if now - at > self.reuse_grace {
+                    self.metrics.reuse_detected();
                     tracing::warn!(
                         user_id = claims.user_id,
                         "rotated-out refresh token presented for logout"
@@ -322,6 +330,7 @@ impl Handler<IssuePair> for TokenIssuer {
             records::encode(&family),
         );
         let access = self.keys.sign(TokenType::Access, msg.user_id, now);
+        self.metrics.tokens_issued(1, 1);
         let applied = self.store.apply(batch);
         self.wrote = false;
         let commit = self.commit.clone();
@@ -369,5 +378,27 @@ impl Handler<Blacklist> for TokenIssuer {
     fn handle(&mut self, msg: Blacklist, _: &mut Context<Self>) -> Self::Result {
         let result = self.blacklist(&msg.token);
         self.answer(result)
+    }
+}
+
+/// Operator: revoke every refresh-token family of a user. Durable on return.
+#[derive(Message)]
+#[rtype(result = "Result<usize, StorageError>")]
+pub struct RevokeUserFamilies {
+    pub user_id: UserId,
+}
+
+impl Handler<RevokeUserFamilies> for TokenIssuer {
+    type Result = ResponseFuture<Result<usize, StorageError>>;
+
+    fn handle(&mut self, msg: RevokeUserFamilies, _: &mut Context<Self>) -> Self::Result {
+        let result =
+            records::revoke_user_families(self.store.as_ref(), msg.user_id, crate::now_unix());
+        let commit = self.commit.clone();
+        Box::pin(async move {
+            let revoked = result?;
+            commit.durable().await?;
+            Ok(revoked)
+        })
     }
 }

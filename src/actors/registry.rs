@@ -173,3 +173,68 @@ impl Handler<Probe> for UserRegistry {
         self.store.apply(batch)
     }
 }
+
+impl UserRegistry {
+    /// Reads a user, lets `change` edit it, and writes it back. `None`: no such user.
+    fn update(
+        &mut self,
+        id: UserId,
+        change: impl FnOnce(&mut User),
+    ) -> Result<Option<User>, StorageError> {
+        let Some(mut user) = users::load(self.store.as_ref(), id)? else {
+            return Ok(None);
+        };
+        change(&mut user);
+        let mut batch = WriteBatch::default();
+        batch.put(Tree::Users, users::id_key(id), users::encode(&user));
+        self.store.apply(batch)?;
+        Ok(Some(user))
+    }
+
+    /// Disables (or enables) a user: its logins, refreshes and access tokens are
+    /// refused from the next request on (they all read the user record).
+    pub fn set_disabled(
+        &mut self,
+        id: UserId,
+        disabled: bool,
+    ) -> Result<Option<User>, StorageError> {
+        self.update(id, |user| user.disabled = disabled)
+    }
+
+    /// Refuses every token of the user issued before now (see `tokens_not_before`).
+    pub fn revoke_tokens(&mut self, id: UserId) -> Result<Option<User>, StorageError> {
+        let now = crate::now_unix();
+        self.update(id, |user| user.tokens_not_before = now)
+    }
+}
+
+/// Operator: disable or enable a user. Not durable on return (the caller commits).
+#[derive(Message)]
+#[rtype(result = "Result<Option<User>, StorageError>")]
+pub struct SetDisabled {
+    pub user_id: UserId,
+    pub disabled: bool,
+}
+
+impl Handler<SetDisabled> for UserRegistry {
+    type Result = Result<Option<User>, StorageError>;
+
+    fn handle(&mut self, msg: SetDisabled, _: &mut Context<Self>) -> Self::Result {
+        self.set_disabled(msg.user_id, msg.disabled)
+    }
+}
+
+/// Operator: revoke every token issued to a user so far. Not durable on return.
+#[derive(Message)]
+#[rtype(result = "Result<Option<User>, StorageError>")]
+pub struct RevokeTokens {
+    pub user_id: UserId,
+}
+
+impl Handler<RevokeTokens> for UserRegistry {
+    type Result = Result<Option<User>, StorageError>;
+
+    fn handle(&mut self, msg: RevokeTokens, _: &mut Context<Self>) -> Self::Result {
+        self.revoke_tokens(msg.user_id)
+    }
+}

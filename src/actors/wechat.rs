@@ -6,13 +6,14 @@
 //! [`WeChatWorker`]s, a `SyncArbiter` pool, never on an async worker thread.
 
 use crate::config::{WeChatApp, WeChatConfig};
+use crate::metrics::Metrics;
 use crate::secret::Secret;
 use actix::prelude::*;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// What WeChat tells us about a code.
@@ -108,6 +109,7 @@ struct HttpUpstream {
 
 pub struct WeChatWorker {
     upstream: Arc<Upstream>,
+    metrics: Arc<Metrics>,
 }
 
 impl Actor for WeChatWorker {
@@ -119,14 +121,25 @@ impl Handler<Code2Session> for WeChatWorker {
 
     fn handle(&mut self, msg: Code2Session, _: &mut SyncContext<Self>) -> Self::Result {
         match self.upstream.as_ref() {
-            Upstream::Mock => mock_exchange(&msg.code),
-            Upstream::Http(http) => http.exchange(&msg.appid, &msg.code),
+            Upstream::Mock => {
+                let started = Instant::now();
+                let result = mock_exchange(&msg.code);
+                self.metrics
+                    .observe_wechat(outcome_label(&result), started.elapsed());
+                result
+            }
+            Upstream::Http(http) => http.exchange(&msg.appid, &msg.code, &self.metrics),
         }
     }
 }
 
 /// Starts the worker pool (`threads` blocking calls at once) and the coalescing client.
-pub fn start(cfg: &WeChatConfig, apps: &[WeChatApp], threads: usize) -> Addr<WeChatClient> {
+pub fn start(
+    cfg: &WeChatConfig,
+    apps: &[WeChatApp],
+    threads: usize,
+    metrics: Arc<Metrics>,
+) -> Addr<WeChatClient> {
     let upstream = Arc::new(if cfg.mock {
         Upstream::Mock
     } else {
@@ -148,6 +161,7 @@ pub fn start(cfg: &WeChatConfig, apps: &[WeChatApp], threads: usize) -> Addr<WeC
     });
     let workers = SyncArbiter::start(threads, move || WeChatWorker {
         upstream: upstream.clone(),
+        metrics: metrics.clone(),
     });
     WeChatClient {
         workers,
@@ -188,7 +202,7 @@ const BUSY_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_REPLY_BYTES: u64 = 64 * 1024;
 
 impl HttpUpstream {
-    fn exchange(&self, appid: &str, code: &str) -> Result<Session, WeChatError> {
+    fn exchange(&self, appid: &str, code: &str, metrics: &Metrics) -> Result<Session, WeChatError> {
         let Some(secret) = self.secrets.get(appid) else {
             return Err(WeChatError::Config(0));
         };
@@ -203,7 +217,10 @@ impl HttpUpstream {
         );
         let mut attempt = 0;
         loop {
-            match self.call(&url) {
+            let started = Instant::now();
+            let result = self.call(&url);
+            metrics.observe_wechat(outcome_label(&result), started.elapsed());
+            match result {
                 // Retry only what cannot have spent the code: WeChat's explicit "busy",
                 // and a connection that failed before the request was sent.
                 Err(WeChatError::Busy | WeChatError::Connect(_)) if attempt < self.retries => {
@@ -260,6 +277,27 @@ impl HttpUpstream {
             code if CONFIG_ERRCODES.contains(&code) => Err(WeChatError::Config(code)),
             code => Err(WeChatError::Unknown(code)),
         }
+    }
+}
+
+/// The `outcome` label of one call (see `metrics::WECHAT_OUTCOMES`).
+fn outcome_label(result: &Result<Session, WeChatError>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(e) => match e {
+            WeChatError::CodeInvalid => "code_invalid",
+            WeChatError::CodeUsed => "code_used",
+            WeChatError::UserBlocked => "user_blocked",
+            WeChatError::RateLimited => "rate_limited",
+            WeChatError::Config(_) => "config_error",
+            WeChatError::Busy => "busy",
+            WeChatError::Timeout => "timeout",
+            WeChatError::Http(_) => "http_error",
+            WeChatError::Malformed(_) => "malformed",
+            WeChatError::Unknown(_) => "unknown_errcode",
+            WeChatError::Connect(_) => "connect_error",
+            WeChatError::Unavailable => "unavailable",
+        },
     }
 }
 

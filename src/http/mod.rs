@@ -6,14 +6,17 @@ mod body;
 mod data;
 mod health;
 mod login;
+mod observe;
 mod ratelimit;
 mod token;
 
 pub use body::MAX_BODY_BYTES;
+pub use observe::{finish as finish_request, request_id};
 pub use ratelimit::LoginLimiter;
 
 use crate::actors::{issuer::TokenIssuer, registry::UserRegistry, wechat::WeChatClient};
 use crate::error::{status_error_body, ApiError};
+use crate::metrics::Metrics;
 use crate::storage::{GroupCommit, ReadStore};
 use crate::tokens::JwtKeys;
 use actix::Addr;
@@ -37,6 +40,7 @@ pub struct AppState {
     pub apps: Vec<String>,
     pub limiter: Option<LoginLimiter>,
     pub trusted_proxies: Vec<IpAddr>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl AppState {
@@ -138,6 +142,12 @@ fn endpoint(
         .default_service(web::to(move || async move {
             Err::<HttpResponse, _>(ApiError::MethodNotAllowed { allow })
         }))
+}
+
+/// The metrics listener's only route (`metrics.bind`).
+pub fn metrics_routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(endpoint("/metrics", "GET", web::get().to(observe::metrics)))
+        .default_service(web::to(not_found));
 }
 
 async fn not_found() -> Result<HttpResponse, ApiError> {

@@ -108,11 +108,17 @@ pub trait ReadStore: Send + Sync {
     fn size_on_disk(&self) -> Result<u64, StorageError>;
 }
 
+/// Called for each entry of a snapshot, tree by tree in [`Tree::ALL`] order.
+pub type SnapshotVisitor<'a> = dyn FnMut(Tree, &[u8], &[u8]) -> Result<(), StorageError> + 'a;
+
 /// Writes: only the owner actors (user registry, token issuer) hold this.
 pub trait Store: ReadStore {
     fn apply(&self, batch: WriteBatch) -> Result<(), StorageError>;
     /// Makes every write applied so far durable (fsync).
     fn flush(&self) -> Result<(), StorageError>;
+    /// Visits every entry of every tree as of one instant: writes wait meanwhile
+    /// (a consistent backup).
+    fn snapshot(&self, visit: &mut SnapshotVisitor<'_>) -> Result<(), StorageError>;
 }
 
 type Waiter = oneshot::Sender<Result<(), StorageError>>;
@@ -258,6 +264,9 @@ mod tests {
             self.applied.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
+        fn snapshot(&self, _: &mut SnapshotVisitor<'_>) -> Result<(), StorageError> {
+            Ok(())
+        }
         fn flush(&self) -> Result<(), StorageError> {
             let covered = self.applied.load(Ordering::SeqCst);
             std::thread::sleep(Duration::from_millis(20));
@@ -316,6 +325,9 @@ mod tests {
             }
             fn flush(&self) -> Result<(), StorageError> {
                 Err(StorageError::Io("disk full".into()))
+            }
+            fn snapshot(&self, _: &mut SnapshotVisitor<'_>) -> Result<(), StorageError> {
+                Ok(())
             }
         }
         let commit = GroupCommit::start(Arc::new(Broken));

@@ -1,12 +1,16 @@
 //! The sled implementation of [`Store`]: the only file that names sled.
 
-use super::{Op, ReadStore, StorageError, Store, Tree, Visitor, WriteBatch};
+use super::{Op, ReadStore, SnapshotVisitor, StorageError, Store, Tree, Visitor, WriteBatch};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use std::path::Path;
+use std::sync::RwLock;
 
 pub struct SledStore {
     db: sled::Db,
     trees: Vec<sled::Tree>,
+    /// Writers share it; a snapshot takes it alone, so that what it reads across
+    /// trees is one instant (sled has no multi-tree snapshots of its own).
+    gate: RwLock<()>,
 }
 
 impl SledStore {
@@ -41,7 +45,11 @@ impl SledStore {
             .iter()
             .map(|t| db.open_tree(t.name()).map_err(io))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(SledStore { db, trees })
+        Ok(SledStore {
+            db,
+            trees,
+            gate: RwLock::new(()),
+        })
     }
 
     fn tree(&self, tree: Tree) -> &sled::Tree {
@@ -91,6 +99,7 @@ impl Store for SledStore {
         if batch.is_empty() {
             return Ok(());
         }
+        let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
         // One transaction over every tree the batch touches: all or nothing.
         let mut touched: Vec<Tree> = Vec::new();
         for op in &batch.ops {
@@ -127,5 +136,16 @@ impl Store for SledStore {
 
     fn flush(&self) -> Result<(), StorageError> {
         self.db.flush().map(|_| ()).map_err(io)
+    }
+
+    fn snapshot(&self, visit: &mut SnapshotVisitor<'_>) -> Result<(), StorageError> {
+        let _exclusive = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        for tree in Tree::ALL {
+            for entry in self.tree(tree).iter() {
+                let (k, v) = entry.map_err(io)?;
+                visit(tree, &k, &v)?;
+            }
+        }
+        Ok(())
     }
 }

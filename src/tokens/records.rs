@@ -92,3 +92,30 @@ pub fn refresh_state(
         Some(at) => RefreshState::RotatedOut(record, family, at),
     }))
 }
+
+/// Revokes every live family of `user_id` (a full scan: an operator action, not a
+/// request path). Returns how many were revoked. Only the token issuer, or the
+/// admin CLI with the server stopped, calls this.
+pub fn revoke_user_families(
+    store: &dyn crate::storage::Store,
+    user_id: UserId,
+    now: i64,
+) -> Result<usize, StorageError> {
+    let mut revoked = Vec::new();
+    store.for_each(Tree::TokenFamilies, &mut |key, value| {
+        if let Ok(mut family) = serde_json::from_slice::<Family>(value) {
+            if family.user_id == user_id && family.revoked_at.is_none() {
+                family.revoked_at = Some(now);
+                revoked.push((key.to_vec(), encode(&family)));
+            }
+        }
+        std::ops::ControlFlow::Continue(())
+    })?;
+    let mut batch = crate::storage::WriteBatch::default();
+    let count = revoked.len();
+    for (key, value) in revoked {
+        batch.put(Tree::TokenFamilies, key, value);
+    }
+    store.apply(batch)?;
+    Ok(count)
+}

@@ -375,3 +375,51 @@ pub fn try_post_json(url: &str, body: &Value) -> Option<Reply> {
         text,
     })
 }
+
+impl TestServer {
+    /// Runs `wxauth --config <this server's config> ARGS…` (the admin CLI).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_wxauth"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .current_dir(self.dir.path())
+            .env_remove("RUST_LOG")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("run wxauth")
+    }
+
+    /// The value of `field=` on the first log line containing `marker`.
+    pub fn log_field(&self, marker: &str, field: &str) -> Option<String> {
+        let logs = self.logs();
+        let line = logs.lines().find(|l| l.contains(marker))?;
+        let value = line
+            .split(&format!("{field}="))
+            .nth(1)?
+            .split_whitespace()
+            .next()?;
+        Some(value.trim_matches('"').to_string())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => child.try_wait().expect("try_wait").is_none(),
+            None => false,
+        }
+    }
+}
+
+/// stdout of a CLI run as JSON lines (panics unless it exited 0).
+pub fn json_lines(out: &std::process::Output) -> Vec<Value> {
+    assert!(
+        out.status.success(),
+        "wxauth failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}

@@ -1,0 +1,451 @@
+//! Operator commands (`wxauth users …`, `tokens revoke`, `backup`, `restore`).
+//!
+//! sled allows one process per data directory, so while the server runs it serves
+//! these commands itself, over a Unix socket in the data directory (mode 0600
+//! inside the 0700 directory: being able to open it is the authentication), and
+//! its writes go through the owner actors like any other. With no server running,
+//! the CLI opens the data directory and runs the same commands directly.
+//!
+//! Protocol: one JSON request line in; JSON lines out, ending with a status line
+//! `{"wxauth_admin": "ok"}` or `{"wxauth_admin": "error", "error": "…"}`.
+
+use crate::actors::issuer::{RevokeUserFamilies, TokenIssuer};
+use crate::actors::registry::{RevokeTokens, SetDisabled, UserRegistry};
+use crate::config::Config;
+use crate::storage::{GroupCommit, SledStore, StorageError, Store, Tree, WriteBatch};
+use crate::tokens::{records, GENERATED_KEY_FILE};
+use crate::users::{self, User, UserId};
+use actix::Addr;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub const SOCKET_FILE: &str = "admin.sock";
+const STATUS_KEY: &str = "wxauth_admin";
+const BACKUP_FORMAT: &str = "wxauth-backup";
+const BACKUP_VERSION: u64 = 1;
+const RESTORE_BATCH: usize = 10_000;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Request {
+    UsersList,
+    UsersShow { id: UserId },
+    UsersSetDisabled { id: UserId, disabled: bool },
+    TokensRevoke { user: UserId },
+    Backup,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("no user with id {0}")]
+    NoSuchUser(UserId),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The server answered with an error.
+    #[error("{0}")]
+    Server(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// The operator's view of a user: everything but the session key.
+pub fn user_view(user: &User) -> Value {
+    json!({
+        "id": user.id,
+        "appid": user.appid,
+        "openid": user.openid,
+        "unionid": user.unionid,
+        "created_at": users::rfc3339(user.created_at),
+        "last_login_at": users::rfc3339(user.last_login_at),
+        "disabled": user.disabled,
+    })
+}
+
+/// Where a command's writes go.
+pub enum Writes {
+    /// Through the running server's owner actors, then its group commit.
+    Server {
+        registry: Addr<UserRegistry>,
+        issuer: Addr<TokenIssuer>,
+        commit: GroupCommit,
+        runtime: tokio::runtime::Handle,
+    },
+    /// Straight into the data directory (no server holds it), flushed at once.
+    Direct {
+        store: Arc<dyn Store>,
+        registry: UserRegistry,
+    },
+}
+
+fn mailbox(e: actix::MailboxError) -> AdminError {
+    AdminError::Server(format!("the server is shutting down ({e})"))
+}
+
+impl Writes {
+    fn set_disabled(&mut self, id: UserId, disabled: bool) -> Result<Option<User>, AdminError> {
+        match self {
+            Writes::Server {
+                registry,
+                commit,
+                runtime,
+                ..
+            } => runtime.block_on(async {
+                let user = registry
+                    .send(SetDisabled {
+                        user_id: id,
+                        disabled,
+                    })
+                    .await
+                    .map_err(mailbox)??;
+                commit.durable().await?;
+                Ok(user)
+            }),
+            Writes::Direct { store, registry } => {
+                let user = registry.set_disabled(id, disabled)?;
+                store.flush()?;
+                Ok(user)
+            }
+        }
+    }
+
+    /// Sets the user's `tokens_not_before` and revokes its refresh-token families.
+    fn revoke_tokens(&mut self, id: UserId) -> Result<Option<usize>, AdminError> {
+        match self {
+            Writes::Server {
+                registry,
+                issuer,
+                runtime,
+                ..
+            } => runtime.block_on(async {
+                if registry
+                    .send(RevokeTokens { user_id: id })
+                    .await
+                    .map_err(mailbox)??
+                    .is_none()
+                {
+                    return Ok(None);
+                }
+                // Durable on return; its commit also covers the registry's write.
+                let families = issuer
+                    .send(RevokeUserFamilies { user_id: id })
+                    .await
+                    .map_err(mailbox)??;
+                Ok(Some(families))
+            }),
+            Writes::Direct { store, registry } => {
+                if registry.revoke_tokens(id)?.is_none() {
+                    return Ok(None);
+                }
+                let families =
+                    records::revoke_user_families(store.as_ref(), id, crate::now_unix())?;
+                store.flush()?;
+                Ok(Some(families))
+            }
+        }
+    }
+}
+
+fn line(out: &mut dyn Write, value: &Value) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *out, value)?;
+    out.write_all(b"\n")
+}
+
+/// Runs one request, writing its output as JSON lines to `out`. Reads (and the
+/// backup's snapshot) use `store` directly; writes go through `writes`.
+pub fn execute(
+    request: &Request,
+    store: &dyn Store,
+    data_dir: &Path,
+    writes: &mut Writes,
+    out: &mut dyn Write,
+) -> Result<(), AdminError> {
+    match *request {
+        Request::UsersList => {
+            let mut result = Ok(());
+            store.for_each(Tree::Users, &mut |_, value| {
+                result = users::decode(value)
+                    .map_err(AdminError::from)
+                    .and_then(|user| Ok(line(out, &user_view(&user))?));
+                if result.is_ok() {
+                    std::ops::ControlFlow::Continue(())
+                } else {
+                    std::ops::ControlFlow::Break(())
+                }
+            })?;
+            result
+        }
+        Request::UsersShow { id } => {
+            let user = users::load(store, id)?.ok_or(AdminError::NoSuchUser(id))?;
+            Ok(line(out, &user_view(&user))?)
+        }
+        Request::UsersSetDisabled { id, disabled } => {
+            let user = writes
+                .set_disabled(id, disabled)?
+                .ok_or(AdminError::NoSuchUser(id))?;
+            Ok(line(out, &user_view(&user))?)
+        }
+        Request::TokensRevoke { user } => {
+            let families = writes
+                .revoke_tokens(user)?
+                .ok_or(AdminError::NoSuchUser(user))?;
+            Ok(line(
+                out,
+                &json!({ "user_id": user, "families_revoked": families }),
+            )?)
+        }
+        Request::Backup => backup(store, data_dir, out),
+    }
+}
+
+/// A JSON-lines snapshot: a header, the generated signing key (if one is in use),
+/// every entry of every tree as of one instant, and a closing line with the count.
+fn backup(store: &dyn Store, data_dir: &Path, out: &mut dyn Write) -> Result<(), AdminError> {
+    let header = json!({
+        "format": BACKUP_FORMAT,
+        "version": BACKUP_VERSION,
+        "created_at": users::rfc3339(crate::now_unix()),
+    });
+    line(out, &header)?;
+    match std::fs::read_to_string(data_dir.join(GENERATED_KEY_FILE)) {
+        Ok(key) => line(out, &json!({ "file": GENERATED_KEY_FILE, "content": key }))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut entries: u64 = 0;
+    store.snapshot(&mut |tree, key, value| {
+        let mut entry = json!({ "tree": tree.name(), "key": hex::encode(key) });
+        // Records are JSON: keep them readable. Anything else (counters) as hex.
+        match serde_json::from_slice::<Value>(value) {
+            Ok(record) if record.is_object() => entry["value"] = record,
+            _ => entry["value_hex"] = Value::String(hex::encode(value)),
+        }
+        entries += 1;
+        line(out, &entry).map_err(|e| StorageError::Io(format!("writing the backup: {e}")))
+    })?;
+    line(out, &json!({ "end": true, "entries": entries }))?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Restores a backup into an empty (or missing) data directory. On any error the
+/// partly written directory is removed again.
+pub fn restore(file: &Path, data_dir: &Path, cache_capacity: u64) -> Result<u64, AdminError> {
+    if std::fs::read_dir(data_dir).is_ok_and(|mut entries| entries.next().is_some()) {
+        return Err(AdminError::Refused(format!(
+            "{} is not empty: restore only into an empty or new data directory",
+            data_dir.display()
+        )));
+    }
+    let input = BufReader::new(std::fs::File::open(file)?);
+    let result = restore_into(input, data_dir, cache_capacity);
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(data_dir);
+    }
+    result
+}
+
+fn restore_into(
+    input: impl BufRead,
+    data_dir: &Path,
+    cache_capacity: u64,
+) -> Result<u64, AdminError> {
+    let bad = |n: usize, why: &str| AdminError::Refused(format!("backup line {n}: {why}"));
+    let store = SledStore::open(data_dir, cache_capacity)?;
+    let mut lines = input.lines().enumerate();
+    let header: Value = match lines.next() {
+        Some((_, text)) => {
+            serde_json::from_str(&text?).map_err(|_| bad(1, "not a wxauth backup"))?
+        }
+        None => return Err(bad(1, "the file is empty")),
+    };
+    if header["format"] != BACKUP_FORMAT || header["version"] != BACKUP_VERSION {
+        return Err(bad(1, "not a wxauth backup of version 1"));
+    }
+    let mut batch = WriteBatch::default();
+    let mut restored: u64 = 0;
+    for (i, text) in lines {
+        let n = i + 1;
+        let entry: Value = serde_json::from_str(&text?).map_err(|_| bad(n, "not JSON"))?;
+        if entry["end"] == true {
+            if entry["entries"].as_u64() != Some(restored) {
+                return Err(bad(
+                    n,
+                    "the entry count does not match: the backup is incomplete",
+                ));
+            }
+            store.apply(std::mem::take(&mut batch))?;
+            store.flush()?;
+            return Ok(restored);
+        }
+        if let Some(name) = entry["file"].as_str() {
+            if name != GENERATED_KEY_FILE {
+                return Err(bad(n, "unknown file"));
+            }
+            let content = entry["content"]
+                .as_str()
+                .ok_or_else(|| bad(n, "no content"))?;
+            write_private_file(&data_dir.join(GENERATED_KEY_FILE), content.as_bytes())?;
+            continue;
+        }
+        let tree = Tree::ALL
+            .into_iter()
+            .find(|t| entry["tree"].as_str() == Some(t.name()))
+            .ok_or_else(|| bad(n, "unknown tree"))?;
+        let key = entry["key"]
+            .as_str()
+            .and_then(|k| hex::decode(k).ok())
+            .ok_or_else(|| bad(n, "bad key"))?;
+        let value = match (&entry["value"], entry["value_hex"].as_str()) {
+            (Value::Object(_), _) => {
+                serde_json::to_vec(&entry["value"]).expect("a JSON value serializes")
+            }
+            (_, Some(h)) => hex::decode(h).map_err(|_| bad(n, "bad value_hex"))?,
+            _ => return Err(bad(n, "no value")),
+        };
+        batch.put(tree, key, value);
+        restored += 1;
+        if batch.len() >= RESTORE_BATCH {
+            store.apply(std::mem::take(&mut batch))?;
+        }
+    }
+    Err(AdminError::Refused(
+        "the backup has no closing line: it is incomplete".into(),
+    ))
+}
+
+fn write_private_file(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(content)?;
+    file.sync_all()
+}
+
+/// The running server's side: what a connection needs to execute requests.
+#[derive(Clone)]
+pub struct ServerContext {
+    pub store: Arc<dyn Store>,
+    pub data_dir: PathBuf,
+    pub registry: Addr<UserRegistry>,
+    pub issuer: Addr<TokenIssuer>,
+    pub commit: GroupCommit,
+    pub runtime: tokio::runtime::Handle,
+}
+
+/// Binds `admin.sock` in the data directory (mode 0600) and serves it on plain
+/// threads: admin commands are rare, and a backup may stream for a while.
+pub fn serve(ctx: ServerContext) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = ctx.data_dir.join(SOCKET_FILE);
+    // A socket left by a killed server: we hold the data directory's lock now.
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    std::thread::Builder::new()
+        .name("wxauth-admin".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let ctx = ctx.clone();
+                let _ = std::thread::Builder::new()
+                    .name("wxauth-admin-conn".into())
+                    .spawn(move || serve_connection(stream, &ctx));
+            }
+        })?;
+    Ok(path)
+}
+
+fn serve_connection(stream: UnixStream, ctx: &ServerContext) {
+    let Ok(reader) = stream.try_clone() else {
+        return;
+    };
+    let mut request = String::new();
+    if BufReader::new(reader).read_line(&mut request).is_err() {
+        return;
+    }
+    let mut out = std::io::BufWriter::new(stream);
+    let result = match serde_json::from_str::<Request>(&request) {
+        Ok(request) => {
+            tracing::info!(?request, "admin command");
+            let mut writes = Writes::Server {
+                registry: ctx.registry.clone(),
+                issuer: ctx.issuer.clone(),
+                commit: ctx.commit.clone(),
+                runtime: ctx.runtime.clone(),
+            };
+            execute(
+                &request,
+                ctx.store.as_ref(),
+                &ctx.data_dir,
+                &mut writes,
+                &mut out,
+            )
+        }
+        Err(e) => Err(AdminError::Server(format!("bad request: {e}"))),
+    };
+    let status = match result {
+        Ok(()) => json!({ STATUS_KEY: "ok" }),
+        Err(e) => json!({ STATUS_KEY: "error", "error": e.to_string() }),
+    };
+    let _ = line(&mut out, &status).and_then(|_| out.flush());
+}
+
+/// The CLI's side: send `request` to the running server, or, when none answers on
+/// the socket, run it on the data directory directly. Output goes to `out`.
+pub fn run(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), AdminError> {
+    let data_dir = &cfg.storage.path;
+    if let Ok(stream) = UnixStream::connect(data_dir.join(SOCKET_FILE)) {
+        return remote(stream, request, out);
+    }
+    let store: Arc<dyn Store> = match SledStore::open(data_dir, cfg.storage.cache_capacity) {
+        Ok(store) => Arc::new(store),
+        Err(StorageError::Locked(path)) => {
+            return Err(AdminError::Refused(format!(
+                "a wxauth server holds {path} but does not answer on its {SOCKET_FILE}"
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let registry = UserRegistry::new(store.clone(), cfg.wechat.link_by_unionid)?;
+    let mut writes = Writes::Direct {
+        store: store.clone(),
+        registry,
+    };
+    execute(request, store.as_ref(), data_dir, &mut writes, out)
+}
+
+fn remote(stream: UnixStream, request: &Request, out: &mut dyn Write) -> Result<(), AdminError> {
+    let mut writer = stream.try_clone()?;
+    serde_json::to_writer(&mut writer, request).map_err(std::io::Error::from)?;
+    writer.write_all(b"\n")?;
+    for text in BufReader::new(stream).lines() {
+        let text = text?;
+        if text.contains(STATUS_KEY) {
+            if let Ok(status) = serde_json::from_str::<Value>(&text) {
+                match status[STATUS_KEY].as_str() {
+                    Some("ok") => return Ok(()),
+                    Some(_) => {
+                        let error = status["error"]
+                            .as_str()
+                            .unwrap_or("the server refused the command");
+                        return Err(AdminError::Server(error.to_string()));
+                    }
+                    None => {}
+                }
+            }
+        }
+        out.write_all(text.as_bytes())?;
+        out.write_all(b"\n")?;
+    }
+    Err(AdminError::Server(
+        "the server closed the connection early".into(),
+    ))
+}

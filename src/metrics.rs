@@ -1,0 +1,306 @@
+//! Prometheus metrics. Counters and histograms are plain atomics, so recording on
+//! the request path takes no lock; they are rendered as text by the separate
+//! `metrics.bind` listener, which a reverse proxy in front of the API never exposes.
+
+use crate::storage::{GroupCommit, ReadStore};
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// The routes requests are counted under (trailing slash folded); the last is the rest.
+pub const ROUTES: [&str; 8] = [
+    "/api/weixin/login/",
+    "/api/weixin/data/",
+    "/api/token/refresh/",
+    "/api/token/verify/",
+    "/api/token/blacklist/",
+    "/healthz",
+    "/readyz",
+    "other",
+];
+
+/// Outcomes of one HTTP call to WeChat (or the mock), as labels.
+pub const WECHAT_OUTCOMES: [&str; 13] = [
+    "ok",
+    "code_invalid",
+    "code_used",
+    "user_blocked",
+    "rate_limited",
+    "config_error",
+    "busy",
+    "timeout",
+    "http_error",
+    "malformed",
+    "unknown_errcode",
+    "connect_error",
+    "unavailable",
+];
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// HTTP status codes 100..=599 each get a counter per route.
+const STATUSES: usize = 500;
+
+struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn new() -> Self {
+        Histogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    fn observe(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        let slot = BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(BUCKETS.len());
+        self.buckets[slot].fetch_add(1, Relaxed);
+        self.sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        cumulative += self.buckets[BUCKETS.len()].load(Relaxed);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}"
+        );
+        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
+        let braced = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braced} {sum}");
+        let _ = writeln!(out, "{name}_count{braced} {cumulative}");
+    }
+}
+
+pub struct Metrics {
+    requests: Vec<Vec<AtomicU64>>,
+    latency: Vec<Histogram>,
+    wechat_calls: Vec<AtomicU64>,
+    wechat_latency: Histogram,
+    access_issued: AtomicU64,
+    refresh_issued: AtomicU64,
+    reuse_detected: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: ROUTES
+                .iter()
+                .map(|_| (0..STATUSES).map(|_| AtomicU64::new(0)).collect())
+                .collect(),
+            latency: ROUTES.iter().map(|_| Histogram::new()).collect(),
+            wechat_calls: WECHAT_OUTCOMES.iter().map(|_| AtomicU64::new(0)).collect(),
+            wechat_latency: Histogram::new(),
+            access_issued: AtomicU64::new(0),
+            refresh_issued: AtomicU64::new(0),
+            reuse_detected: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The label a matched route pattern is counted under.
+pub fn route_label(pattern: Option<&str>) -> &'static str {
+    let Some(pattern) = pattern else {
+        return "other";
+    };
+    let bare = pattern.trim_end_matches('/');
+    ROUTES
+        .iter()
+        .find(|r| r.trim_end_matches('/') == bare)
+        .copied()
+        .unwrap_or("other")
+}
+
+impl Metrics {
+    pub fn observe_request(&self, route: &str, status: u16, elapsed: Duration) {
+        let r = ROUTES
+            .iter()
+            .position(|x| *x == route)
+            .unwrap_or(ROUTES.len() - 1);
+        let s = usize::from(status).clamp(100, 599) - 100;
+        self.requests[r][s].fetch_add(1, Relaxed);
+        self.latency[r].observe(elapsed);
+    }
+
+    pub fn observe_wechat(&self, outcome: &str, elapsed: Duration) {
+        let i = WECHAT_OUTCOMES
+            .iter()
+            .position(|x| *x == outcome)
+            .unwrap_or(WECHAT_OUTCOMES.len() - 1);
+        self.wechat_calls[i].fetch_add(1, Relaxed);
+        self.wechat_latency.observe(elapsed);
+    }
+
+    pub fn tokens_issued(&self, access: u64, refresh: u64) {
+        self.access_issued.fetch_add(access, Relaxed);
+        self.refresh_issued.fetch_add(refresh, Relaxed);
+    }
+
+    pub fn reuse_detected(&self) {
+        self.reuse_detected.fetch_add(1, Relaxed);
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self, store: &dyn ReadStore, commit: &GroupCommit) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        let o = &mut out;
+        header(
+            o,
+            "wxauth_http_requests_total",
+            "counter",
+            "HTTP requests by route and status.",
+        );
+        for (r, route) in ROUTES.iter().enumerate() {
+            for (s, count) in self.requests[r].iter().enumerate() {
+                let n = count.load(Relaxed);
+                if n > 0 {
+                    let _ = writeln!(
+                        o,
+                        "wxauth_http_requests_total{{route=\"{route}\",status=\"{}\"}} {n}",
+                        s + 100
+                    );
+                }
+            }
+        }
+        let name = "wxauth_http_request_duration_seconds";
+        header(o, name, "histogram", "HTTP request latency by route.");
+        for (r, route) in ROUTES.iter().enumerate() {
+            self.latency[r].render(o, name, &format!("route=\"{route}\""));
+        }
+        header(
+            o,
+            "wxauth_wechat_calls_total",
+            "counter",
+            "Calls to WeChat's jscode2session by outcome.",
+        );
+        for (i, outcome) in WECHAT_OUTCOMES.iter().enumerate() {
+            let n = self.wechat_calls[i].load(Relaxed);
+            let _ = writeln!(o, "wxauth_wechat_calls_total{{outcome=\"{outcome}\"}} {n}");
+        }
+        let name = "wxauth_wechat_call_duration_seconds";
+        header(
+            o,
+            name,
+            "histogram",
+            "Latency of calls to WeChat's jscode2session.",
+        );
+        self.wechat_latency.render(o, name, "");
+        header(
+            o,
+            "wxauth_tokens_issued_total",
+            "counter",
+            "Tokens signed, by type.",
+        );
+        let _ = writeln!(
+            o,
+            "wxauth_tokens_issued_total{{type=\"access\"}} {}",
+            self.access_issued.load(Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "wxauth_tokens_issued_total{{type=\"refresh\"}} {}",
+            self.refresh_issued.load(Relaxed)
+        );
+        header(
+            o,
+            "wxauth_refresh_reuse_detected_total",
+            "counter",
+            "Rotated-out refresh tokens presented after the grace period (families revoked).",
+        );
+        let _ = writeln!(
+            o,
+            "wxauth_refresh_reuse_detected_total {}",
+            self.reuse_detected.load(Relaxed)
+        );
+        header(
+            o,
+            "wxauth_users_total",
+            "gauge",
+            "Users ever created (ids are never reused).",
+        );
+        let users = crate::users::count(store).unwrap_or(0);
+        let _ = writeln!(o, "wxauth_users_total {users}");
+        header(
+            o,
+            "wxauth_storage_size_bytes",
+            "gauge",
+            "Size of the sled data directory on disk.",
+        );
+        let size = store.size_on_disk().unwrap_or(0);
+        let _ = writeln!(o, "wxauth_storage_size_bytes {size}");
+        header(
+            o,
+            "wxauth_storage_flushes_total",
+            "counter",
+            "Group-commit fsyncs (compare with writes to see the grouping).",
+        );
+        let _ = writeln!(o, "wxauth_storage_flushes_total {}", commit.flush_count());
+        header(
+            o,
+            "wxauth_storage_healthy",
+            "gauge",
+            "1 while the last flush succeeded.",
+        );
+        let _ = writeln!(
+            o,
+            "wxauth_storage_healthy {}",
+            u8::from(commit.is_healthy())
+        );
+        out
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_fold_the_trailing_slash_and_unknown_is_other() {
+        assert_eq!(route_label(Some("/api/weixin/login")), "/api/weixin/login/");
+        assert_eq!(route_label(Some("/healthz/")), "/healthz");
+        assert_eq!(route_label(None), "other");
+        assert_eq!(route_label(Some("/x")), "other");
+    }
+
+    #[test]
+    fn histograms_are_cumulative() {
+        let h = Histogram::new();
+        h.observe(Duration::from_micros(300));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(30));
+        let mut out = String::new();
+        h.render(&mut out, "x", "");
+        assert!(out.contains("x_bucket{le=\"0.0005\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"0.005\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"10\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_count 3\n"), "{out}");
+    }
+}
