@@ -437,3 +437,49 @@ fn forwarded_for_is_believed_only_from_trusted_proxies() {
     // A client-written entry on the left does not buy a new budget.
     assert_eq!(login_as("198.51.100.7, 203.0.113.1", 4), 429);
 }
+
+#[test]
+fn systemd_hears_ready_once_listening_and_stopping_on_sigterm() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mock = MockWeChat::start();
+    let mut server = TestServer::start(
+        TestConfig::against(&mock).with_env("NOTIFY_SOCKET", path.to_str().unwrap()),
+    );
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).expect("a notification");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "READY=1");
+    // READY came after the socket listened: the server answers now.
+    assert_eq!(get(&server.url("/healthz"), None).status, 200);
+    assert_eq!(server.terminate().code(), Some(0));
+    let n = socket.recv(&mut buf).expect("a notification");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "STOPPING=1");
+}
+
+#[test]
+fn json_logs_are_one_object_per_line_with_the_request_fields() {
+    let mock = MockWeChat::start();
+    let server =
+        TestServer::start(TestConfig::against(&mock).with_env("WXAUTH_LOG__FORMAT", "json"));
+    login(&server, "ok:json.1");
+    let logs = server.logs();
+    let events: Vec<serde_json::Value> = logs
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let access = events
+        .iter()
+        .find(|e| e["route"] == "/api/weixin/login/")
+        .expect("an access event for the login");
+    assert_eq!(access["status"], 200);
+    assert!(access["request_id"]
+        .as_str()
+        .is_some_and(|id| !id.is_empty()));
+    assert_eq!(access["level"], "INFO");
+}

@@ -119,6 +119,10 @@ pub trait Store: ReadStore {
     /// Visits every entry of every tree as of one instant: writes wait meanwhile
     /// (a consistent backup).
     fn snapshot(&self, visit: &mut SnapshotVisitor<'_>) -> Result<(), StorageError>;
+    /// After a failed write or flush (a full or read-only disk), reopens the engine
+    /// from what was durable. `Ok(false)`: nothing had failed. Called by the commit
+    /// thread, so a server recovers by itself once the disk does.
+    fn recover(&self) -> Result<bool, StorageError>;
 }
 
 type Waiter = oneshot::Sender<Result<(), StorageError>>;
@@ -204,15 +208,31 @@ impl GroupCommit {
     }
 }
 
+/// How often an idle commit thread checks whether a broken store can be reopened.
+const RECOVERY_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn commit_loop(shared: &CommitShared, store: &dyn Store) {
     loop {
         let (batch, stopping) = {
             let mut queue = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
-            while queue.waiters.is_empty() && !queue.stopping {
-                queue = shared.wake.wait(queue).unwrap_or_else(|e| e.into_inner());
+            if queue.waiters.is_empty() && !queue.stopping {
+                queue = shared
+                    .wake
+                    .wait_timeout(queue, RECOVERY_POLL)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
             }
             (std::mem::take(&mut queue.waiters), queue.stopping)
         };
+        // A failed write or flush broke the store: reopen it once the disk allows.
+        match store.recover() {
+            Ok(false) => {}
+            Ok(true) => shared.healthy.store(true, Ordering::Relaxed),
+            Err(e) => {
+                shared.healthy.store(false, Ordering::Relaxed);
+                tracing::debug!(error = %e, "storage still cannot be reopened");
+            }
+        }
         if !batch.is_empty() || stopping {
             let result = store.flush();
             shared.flushes.fetch_add(1, Ordering::Relaxed);
@@ -266,6 +286,9 @@ mod tests {
         }
         fn snapshot(&self, _: &mut SnapshotVisitor<'_>) -> Result<(), StorageError> {
             Ok(())
+        }
+        fn recover(&self) -> Result<bool, StorageError> {
+            Ok(false)
         }
         fn flush(&self) -> Result<(), StorageError> {
             let covered = self.applied.load(Ordering::SeqCst);
@@ -328,6 +351,9 @@ mod tests {
             }
             fn snapshot(&self, _: &mut SnapshotVisitor<'_>) -> Result<(), StorageError> {
                 Ok(())
+            }
+            fn recover(&self) -> Result<bool, StorageError> {
+                Ok(false)
             }
         }
         let commit = GroupCommit::start(Arc::new(Broken));

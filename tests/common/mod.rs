@@ -142,6 +142,11 @@ impl TestServer {
             }
             let text = std::fs::read_to_string(&log).ok()?;
             let line = text.lines().find(|l| l.contains("listening"))?;
+            if line.starts_with('{') {
+                // log.format = "json"
+                let event: Value = serde_json::from_str(line).ok()?;
+                return event["address"].as_str().map(str::to_string);
+            }
             let addr = line.split("address=").nth(1)?.split_whitespace().next()?;
             Some(addr.to_string())
         });
