@@ -56,3 +56,35 @@ impl LoginLimiter {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn each_address_has_its_own_budget() {
+        let limiter = LoginLimiter::new(2);
+        let a = IpAddr::from(Ipv4Addr::new(192, 0, 2, 1));
+        let b = IpAddr::from(Ipv4Addr::new(192, 0, 2, 2));
+        assert!(limiter.check(a).is_ok() && limiter.check(a).is_ok());
+        assert!(
+            matches!(limiter.check(a), Err(ApiError::RateLimited { retry_after_secs }) if (1..=60).contains(&retry_after_secs))
+        );
+        assert!(limiter.check(b).is_ok());
+    }
+
+    #[test]
+    fn memory_stays_bounded_whatever_the_number_of_addresses() {
+        let limiter = LoginLimiter::new(1);
+        for n in 0..(MAX_TRACKED as u32 + 5_000) {
+            let _ = limiter.check(IpAddr::from(Ipv4Addr::from(0x0a00_0000 + n)));
+        }
+        let tracked = limiter.state.lock().unwrap().counts.len();
+        assert_eq!(tracked, MAX_TRACKED);
+        // A tracked address is still limited once the table is full.
+        assert!(limiter
+            .check(IpAddr::from(Ipv4Addr::from(0x0a00_0000)))
+            .is_err());
+    }
+}
