@@ -351,17 +351,21 @@ fn sixty_four_parallel_logins_of_one_new_openid_make_one_user() {
     );
 }
 
-#[test]
-fn appid_picks_one_of_several_apps_and_unknown_is_400() {
-    let mock = MockWeChat::start();
-    let config = TestConfig::against(&mock).with_toml(
+/// Adds a second mini-program, `wxsecondapp02`, to the config.
+fn with_second_app(config: TestConfig) -> TestConfig {
+    config.with_toml(
         r#"
 [[wechat.apps]]
 appid = "wxsecondapp02"
 secret = "second-secret"
 "#,
-    );
-    let server = TestServer::start(config);
+    )
+}
+
+#[test]
+fn appid_picks_one_of_several_apps_and_unknown_is_400() {
+    let mock = MockWeChat::start();
+    let server = TestServer::start(with_second_app(TestConfig::against(&mock)));
     let url = server.url("/api/weixin/login/");
     let a = login(&server, "ok:lee.1");
     let b = post_json(
@@ -393,16 +397,8 @@ secret = "second-secret"
 #[test]
 fn unionid_links_users_across_apps_when_configured() {
     let mock = MockWeChat::start();
-    let config = TestConfig::against(&mock)
-        .with_env("WXAUTH_WECHAT__LINK_BY_UNIONID", "true")
-        .with_toml(
-            r#"
-[[wechat.apps]]
-appid = "wxsecondapp02"
-secret = "second-secret"
-"#,
-        );
-    let server = TestServer::start(config);
+    let config = TestConfig::against(&mock).with_env("WXAUTH_WECHAT__LINK_BY_UNIONID", "true");
+    let server = TestServer::start(with_second_app(config));
     let url = server.url("/api/weixin/login/");
     let a = login(&server, "union:mia.U123");
     let b = post_json(

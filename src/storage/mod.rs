@@ -104,7 +104,6 @@ pub trait ReadStore: Send + Sync {
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
     /// Visits every entry of `tree` in key order until `visit` breaks.
     fn for_each(&self, tree: Tree, visit: &mut Visitor<'_>) -> Result<(), StorageError>;
-    fn len(&self, tree: Tree) -> usize;
     fn size_on_disk(&self) -> Result<u64, StorageError>;
 }
 
@@ -257,31 +256,39 @@ mod tests {
     use std::time::Duration;
 
     /// A store that counts applied writes and records, for each flush, how many
-    /// writes had been applied when it began. Its flushes are slow, as fsyncs are.
+    /// writes had been applied when it began. Its flushes are slow, as fsyncs are,
+    /// and fail when `broken` is set.
     #[derive(Default)]
-    struct CountingStore {
+    struct FakeStore {
         applied: AtomicUsize,
         flushes: Mutex<Vec<usize>>,
+        broken: bool,
     }
 
-    impl ReadStore for CountingStore {
+    impl ReadStore for FakeStore {
         fn get(&self, _: Tree, _: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
             Ok(None)
         }
         fn for_each(&self, _: Tree, _: &mut Visitor<'_>) -> Result<(), StorageError> {
             Ok(())
         }
-        fn len(&self, _: Tree) -> usize {
-            0
-        }
         fn size_on_disk(&self) -> Result<u64, StorageError> {
             Ok(0)
         }
     }
 
-    impl Store for CountingStore {
+    impl Store for FakeStore {
         fn apply(&self, _: WriteBatch) -> Result<(), StorageError> {
             self.applied.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn flush(&self) -> Result<(), StorageError> {
+            if self.broken {
+                return Err(StorageError::Io("disk full".into()));
+            }
+            let covered = self.applied.load(Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(20));
+            self.flushes.lock().unwrap().push(covered);
             Ok(())
         }
         fn snapshot(&self, _: &mut SnapshotVisitor<'_>) -> Result<(), StorageError> {
@@ -290,17 +297,11 @@ mod tests {
         fn recover(&self) -> Result<bool, StorageError> {
             Ok(false)
         }
-        fn flush(&self) -> Result<(), StorageError> {
-            let covered = self.applied.load(Ordering::SeqCst);
-            std::thread::sleep(Duration::from_millis(20));
-            self.flushes.lock().unwrap().push(covered);
-            Ok(())
-        }
     }
 
     #[actix_web::test]
     async fn durable_waits_for_a_flush_that_covers_the_write_and_flushes_are_shared() {
-        let store = Arc::new(CountingStore::default());
+        let store = Arc::new(FakeStore::default());
         let commit = GroupCommit::start(store.clone());
         let waiters = (0..50).map(|_| {
             let (store, commit) = (store.clone(), commit.clone());
@@ -327,36 +328,10 @@ mod tests {
 
     #[actix_web::test]
     async fn a_failed_flush_fails_its_waiters_and_marks_unhealthy() {
-        struct Broken;
-        impl ReadStore for Broken {
-            fn get(&self, _: Tree, _: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-                Ok(None)
-            }
-            fn for_each(&self, _: Tree, _: &mut Visitor<'_>) -> Result<(), StorageError> {
-                Ok(())
-            }
-            fn len(&self, _: Tree) -> usize {
-                0
-            }
-            fn size_on_disk(&self) -> Result<u64, StorageError> {
-                Ok(0)
-            }
-        }
-        impl Store for Broken {
-            fn apply(&self, _: WriteBatch) -> Result<(), StorageError> {
-                Ok(())
-            }
-            fn flush(&self) -> Result<(), StorageError> {
-                Err(StorageError::Io("disk full".into()))
-            }
-            fn snapshot(&self, _: &mut SnapshotVisitor<'_>) -> Result<(), StorageError> {
-                Ok(())
-            }
-            fn recover(&self) -> Result<bool, StorageError> {
-                Ok(false)
-            }
-        }
-        let commit = GroupCommit::start(Arc::new(Broken));
+        let commit = GroupCommit::start(Arc::new(FakeStore {
+            broken: true,
+            ..FakeStore::default()
+        }));
         assert!(commit.durable().await.is_err());
         assert!(!commit.is_healthy());
         commit.shutdown();

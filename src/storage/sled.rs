@@ -140,12 +140,6 @@ impl ReadStore for SledStore {
         })
     }
 
-    fn len(&self, tree: Tree) -> usize {
-        self.open_db()
-            .map(|guard| guard.as_ref().map_or(0, |db| db.tree(tree).len()))
-            .unwrap_or(0)
-    }
-
     fn size_on_disk(&self) -> Result<u64, StorageError> {
         with_db!(self, db => db.db.size_on_disk().map_err(io))
     }
