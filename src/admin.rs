@@ -233,9 +233,13 @@ fn backup(store: &dyn Store, data_dir: &Path, out: &mut dyn Write) -> Result<(),
     Ok(())
 }
 
-/// Restores a backup into an empty (or missing) data directory. On any error the
-/// partly written directory is removed again.
+/// Restores a backup into an empty (or missing) data directory. On any error what
+/// it wrote is removed again. An existing directory keeps its owner: files restored
+/// by root into the service's directory are handed to the directory's owner, so the
+/// service (systemd's `DynamicUser=` included) can open them.
 pub fn restore(file: &Path, data_dir: &Path, cache_capacity: u64) -> Result<u64, AdminError> {
+    use std::os::unix::fs::MetadataExt;
+    let existing = std::fs::metadata(data_dir).ok();
     if std::fs::read_dir(data_dir).is_ok_and(|mut entries| entries.next().is_some()) {
         return Err(AdminError::Refused(format!(
             "{} is not empty: restore only into an empty or new data directory",
@@ -244,10 +248,38 @@ pub fn restore(file: &Path, data_dir: &Path, cache_capacity: u64) -> Result<u64,
     }
     let input = BufReader::new(std::fs::File::open(file)?);
     let result = restore_into(input, data_dir, cache_capacity);
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(data_dir);
+    match (&result, &existing) {
+        (Err(_), Some(_)) => empty_directory(data_dir),
+        (Err(_), None) => {
+            let _ = std::fs::remove_dir_all(data_dir);
+        }
+        (Ok(_), Some(meta)) => chown_tree(data_dir, meta.uid(), meta.gid())?,
+        (Ok(_), None) => {}
     }
     result
+}
+
+/// Removes what is inside `dir` (which may be reached through a symlink).
+fn empty_directory(dir: &Path) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let _ = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+    }
+}
+
+fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+        if path.is_dir() && !path.is_symlink() {
+            chown_tree(&path, uid, gid)?;
+        }
+    }
+    Ok(())
 }
 
 fn restore_into(
@@ -404,6 +436,13 @@ pub fn run(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), A
     let data_dir = &cfg.storage.path;
     if let Ok(stream) = UnixStream::connect(data_dir.join(SOCKET_FILE)) {
         return remote(stream, request, out);
+    }
+    // A wrong storage.path must not quietly become a new, empty database.
+    if !data_dir.is_dir() {
+        return Err(AdminError::Refused(format!(
+            "no data directory at {}: check storage.path (nothing was created)",
+            data_dir.display()
+        )));
     }
     let store: Arc<dyn Store> = match SledStore::open(data_dir, cfg.storage.cache_capacity) {
         Ok(store) => Arc::new(store),

@@ -30,8 +30,9 @@ pub enum Command {
     /// Revoke tokens.
     #[command(subcommand)]
     Tokens(TokensCommand),
-    /// Write a consistent JSON-lines snapshot of users, token families and the
-    /// generated signing key to FILE (mode 0600). Works with the server running.
+    /// Write a consistent JSON-lines snapshot of the whole database (users, token
+    /// records, counters) and the generated signing key to a new FILE (mode 0600).
+    /// Works with the server running.
     Backup { file: PathBuf },
     /// Restore a backup into an empty data directory (the server must be stopped).
     Restore { file: PathBuf },

@@ -243,14 +243,20 @@ impl Config {
         }
     }
 
-    pub fn load(explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
+    /// The file (if any) and the environment, over the defaults.
+    fn merged(explicit: Option<&Path>) -> Result<(Figment, Option<PathBuf>), ConfigError> {
         let source = Self::locate(explicit)?;
         let mut figment = Figment::new();
         if let Some(path) = &source {
             figment = figment.merge(Toml::file_exact(path));
         }
         figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]));
+        Ok((figment, source))
+    }
 
+    /// Loads and validates everything the server needs, secret files included.
+    pub fn load(explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
+        let (figment, source) = Self::merged(explicit)?;
         let config: Config = figment.extract().map_err(from_figment)?;
         let mut warnings = unknown_keys(&figment);
         let apps = config.validate(&mut warnings)?;
@@ -260,6 +266,18 @@ impl Config {
             warnings,
             source,
         })
+    }
+
+    /// For the admin commands: only what they use (where the data and the server
+    /// are), so an operator needs no access to the WeChat secret or TLS key files.
+    pub fn load_for_admin(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        let (figment, _) = Self::merged(explicit)?;
+        let config: Config = figment.extract().map_err(from_figment)?;
+        parse_addr("server.bind", &config.server.bind)?;
+        if config.storage.path.as_os_str().is_empty() {
+            return Err(ConfigError::new("storage.path", "must not be empty"));
+        }
+        Ok(config)
     }
 
     /// Cross-field checks and secret files. Returns the mini-programs, first = default.

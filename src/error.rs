@@ -99,6 +99,7 @@ impl ApiError {
             },
             ApiError::Token(_) => "token_not_valid",
             ApiError::NoActiveAccount => "no_active_account",
+            ApiError::Storage(StorageError::Corrupt { .. }) => "internal_error",
             ApiError::Storage(_) => "storage_unavailable",
             ApiError::Internal(_) => "internal_error",
         }
@@ -109,6 +110,7 @@ impl ApiError {
             ApiError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
             ApiError::WeChat(WeChatError::RateLimited) => Some(60),
             ApiError::WeChat(WeChatError::Busy) => Some(1),
+            ApiError::Storage(StorageError::Corrupt { .. }) => None,
             ApiError::Storage(_) => Some(5),
             _ => None,
         }

@@ -1,10 +1,11 @@
 #![forbid(unsafe_code)]
 
 use clap::Parser;
+use std::path::Path;
 use std::process::ExitCode;
 use wxauth::admin::Request;
 use wxauth::cli::{Cli, Command, TokensCommand, UsersCommand};
-use wxauth::config::Config;
+use wxauth::config::{Config, ConfigError};
 use wxauth::startup::StartError;
 
 /// Exit code for a configuration that cannot be used.
@@ -12,62 +13,13 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Keygen { algorithm }) = cli.command {
-        print!("{}", wxauth::cli::generate_key(algorithm));
-        return ExitCode::SUCCESS;
-    }
-    let loaded = match Config::load(cli.config.as_deref()) {
-        Ok(loaded) => loaded,
-        Err(e) => {
-            eprintln!("wxauth: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
+    let config = cli.config.as_deref();
     match cli.command.unwrap_or(Command::Serve) {
-        Command::CheckConfig => {
-            if let Err(e) = wxauth::tokens::JwtKeys::check(&loaded.config.jwt) {
-                eprintln!("wxauth: {e}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-            if let (Some(cert), Some(key)) = (
-                &loaded.config.server.tls.cert,
-                &loaded.config.server.tls.key,
-            ) {
-                if let Err(e) = wxauth::tls::server_config(cert, key) {
-                    eprintln!("wxauth: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            }
-            for warning in &loaded.warnings {
-                eprintln!("wxauth: warning: {warning}");
-            }
-            let source = loaded
-                .source
-                .as_ref()
-                .map_or("defaults and environment".to_string(), |p| {
-                    p.display().to_string()
-                });
-            println!("configuration is valid ({source})");
+        Command::Serve => serve(config),
+        Command::CheckConfig => check_config(config),
+        Command::Keygen { algorithm } => {
+            print!("{}", wxauth::cli::generate_key(algorithm));
             ExitCode::SUCCESS
-        }
-        Command::Serve => {
-            wxauth::telemetry::init(&loaded.config.log);
-            for warning in &loaded.warnings {
-                tracing::warn!("{warning}");
-            }
-            let result = actix_web::rt::System::new().block_on(wxauth::startup::run(loaded));
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(StartError::Config(e)) => {
-                    eprintln!("wxauth: {e}");
-                    ExitCode::from(EXIT_CONFIG)
-                }
-                Err(e) => {
-                    tracing::error!("{e}");
-                    eprintln!("wxauth: {e}");
-                    ExitCode::FAILURE
-                }
-            }
         }
         Command::Users(users) => {
             let request = match users {
@@ -79,11 +31,11 @@ fn main() -> ExitCode {
                     disabled: false,
                 },
             };
-            admin(&request, &loaded.config, &mut std::io::stdout().lock())
+            admin(config, &request, &mut std::io::stdout().lock())
         }
         Command::Tokens(TokensCommand::Revoke { user }) => admin(
+            config,
             &Request::TokensRevoke { user },
-            &loaded.config,
             &mut std::io::stdout().lock(),
         ),
         Command::Backup { file } => {
@@ -95,51 +47,101 @@ fn main() -> ExitCode {
                 .mode(0o600)
                 .open(&file);
             match opened {
-                Ok(out) => admin(
-                    &Request::Backup,
-                    &loaded.config,
-                    &mut std::io::BufWriter::new(out),
-                ),
-                Err(e) => {
-                    eprintln!("wxauth: cannot create {}: {e}", file.display());
-                    ExitCode::FAILURE
-                }
+                Ok(out) => admin(config, &Request::Backup, &mut std::io::BufWriter::new(out)),
+                Err(e) => fail(format!("cannot create {}: {e}", file.display())),
             }
         }
-        Command::Restore { file } => {
-            let storage = &loaded.config.storage;
+        Command::Restore { file } => with_admin_config(config, |cfg| {
+            let storage = &cfg.storage;
             match wxauth::admin::restore(&file, &storage.path, storage.cache_capacity) {
                 Ok(entries) => {
                     println!("restored {entries} entries into {}", storage.path.display());
                     ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    eprintln!("wxauth: {e}");
-                    ExitCode::FAILURE
-                }
+                Err(e) => fail(e),
             }
+        }),
+        Command::Healthcheck => {
+            with_admin_config(config, |cfg| match wxauth::cli::healthcheck(cfg) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(format!("unhealthy: {e}")),
+            })
         }
-        Command::Healthcheck => match wxauth::cli::healthcheck(&loaded.config) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("wxauth: unhealthy: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Keygen { .. } => unreachable!("handled before the config is loaded"),
     }
 }
 
-fn admin(
-    request: &Request,
-    config: &wxauth::config::Config,
-    out: &mut dyn std::io::Write,
-) -> ExitCode {
-    match wxauth::admin::run(request, config, out).and_then(|()| Ok(out.flush()?)) {
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("wxauth: {message}");
+    ExitCode::FAILURE
+}
+
+fn config_error(e: ConfigError) -> ExitCode {
+    eprintln!("wxauth: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn serve(config: Option<&Path>) -> ExitCode {
+    let loaded = match Config::load(config) {
+        Ok(loaded) => loaded,
+        Err(e) => return config_error(e),
+    };
+    wxauth::telemetry::init(&loaded.config.log);
+    for warning in &loaded.warnings {
+        tracing::warn!("{warning}");
+    }
+    match actix_web::rt::System::new().block_on(wxauth::startup::run(loaded)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(StartError::Config(e)) => config_error(e),
         Err(e) => {
-            eprintln!("wxauth: {e}");
-            ExitCode::FAILURE
+            tracing::error!("{e}");
+            fail(e)
         }
     }
+}
+
+/// Everything `serve` would refuse, without starting: secret files, the signing
+/// key file and the TLS files included.
+fn check_config(config: Option<&Path>) -> ExitCode {
+    let loaded = match Config::load(config) {
+        Ok(loaded) => loaded,
+        Err(e) => return config_error(e),
+    };
+    let cfg = &loaded.config;
+    if let Err(e) = wxauth::tokens::JwtKeys::check(&cfg.jwt) {
+        return config_error(e);
+    }
+    if let (Some(cert), Some(key)) = (&cfg.server.tls.cert, &cfg.server.tls.key) {
+        if let Err(e) = wxauth::tls::server_config(cert, key) {
+            return config_error(e);
+        }
+    }
+    for warning in &loaded.warnings {
+        eprintln!("wxauth: warning: {warning}");
+    }
+    let source = loaded
+        .source
+        .as_ref()
+        .map_or("defaults and environment".to_string(), |p| {
+            p.display().to_string()
+        });
+    println!("configuration is valid ({source})");
+    ExitCode::SUCCESS
+}
+
+/// Admin commands read only the parts of the config they use: an operator needs
+/// no access to the WeChat secret or the TLS key to list users.
+fn with_admin_config(config: Option<&Path>, run: impl FnOnce(&Config) -> ExitCode) -> ExitCode {
+    match Config::load_for_admin(config) {
+        Ok(cfg) => run(&cfg),
+        Err(e) => config_error(e),
+    }
+}
+
+fn admin(config: Option<&Path>, request: &Request, out: &mut dyn std::io::Write) -> ExitCode {
+    with_admin_config(config, |cfg| {
+        match wxauth::admin::run(request, cfg, out).and_then(|()| Ok(out.flush()?)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        }
+    })
 }

@@ -483,3 +483,107 @@ fn json_logs_are_one_object_per_line_with_the_request_fields() {
         .is_some_and(|id| !id.is_empty()));
     assert_eq!(access["level"], "INFO");
 }
+
+#[test]
+fn admin_commands_need_no_secret_files() {
+    let mock = MockWeChat::start();
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "file-secret").unwrap();
+    // The operator's shell cannot read the service's credential: the commands
+    // that only touch the data directory still work.
+    let config = format!(
+        "[server]\nbind = \"127.0.0.1:0\"\n[wechat]\nappid = \"{APPID}\"\nsecret_file = \"{}\"\napi_base = \"{}\"\n[limits]\nlogin_per_minute = 0\n[metrics]\nbind = \"\"\n",
+        secret.path().display(),
+        mock.base_url()
+    );
+    let server = TestServer::start(TestConfig {
+        toml: config,
+        env: Vec::new(),
+    });
+    login(&server, "ok:nosecret.1");
+    let secret_path = secret.path().to_path_buf();
+    drop(secret);
+    assert!(!secret_path.exists());
+    assert_eq!(json_lines(&server.cli(&["users", "list"])).len(), 1);
+    let out = server.cli(&["check-config"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "check-config still checks the secret file"
+    );
+}
+
+#[test]
+fn offline_commands_never_create_a_missing_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("typo");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wxauth"))
+        .args(["users", "list"])
+        .env("WXAUTH_STORAGE__PATH", &missing)
+        .env("WXAUTH_WECHAT__MOCK", "true")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("check storage.path"));
+    assert!(!missing.exists());
+}
+
+#[test]
+fn restore_into_the_services_empty_directory_keeps_its_owner_and_cleans_up_on_failure() {
+    use std::os::unix::fs::MetadataExt;
+    let (_mock, server) = server();
+    login(&server, "ok:own.1");
+    let backup = server.dir.path().join("b.jsonl");
+    assert!(server
+        .cli(&["backup", backup.to_str().unwrap()])
+        .status
+        .success());
+
+    let target = tempfile::tempdir().unwrap();
+    let data = target.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let nobody = 65534;
+    if std::os::unix::fs::chown(&data, Some(nobody), Some(nobody)).is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root and must run this test"
+        );
+        eprintln!("skipped: cannot chown (not root?)");
+        return;
+    }
+    let restore = |file: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_wxauth"))
+            .args(["restore", file.to_str().unwrap()])
+            .env("WXAUTH_STORAGE__PATH", &data)
+            .current_dir(target.path())
+            .output()
+            .unwrap()
+    };
+    // A truncated backup: refused, and the directory is left as it was (empty, kept).
+    let text = std::fs::read_to_string(&backup).unwrap();
+    let truncated = target.path().join("cut.jsonl");
+    std::fs::write(
+        &truncated,
+        text.lines().take(3).collect::<Vec<_>>().join("\n"),
+    )
+    .unwrap();
+    assert_eq!(restore(&truncated).status.code(), Some(1));
+    assert!(data.is_dir() && std::fs::read_dir(&data).unwrap().next().is_none());
+
+    let out = restore(&backup);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let entry = entry.unwrap();
+        assert_eq!(
+            entry.metadata().unwrap().uid(),
+            nobody,
+            "{} keeps the directory's owner",
+            entry.path().display()
+        );
+    }
+}
