@@ -360,7 +360,7 @@ TOTAL_ERRORS=0
             "$(awk -v a="${P99[login-returning @scale]}" -v b="${P99[login-returning (mock)]}" 'BEGIN {printf "%.2f", a / b}')" "<" 1.5
         check "login-new p99 @scale / @$BASE_USERS users" \
             "$(awk -v a="${P99[login-new @scale]}" -v b="${P99[login-new (mock)]}" 'BEGIN {printf "%.2f", a / b}')" "<" 1.5
-        check "peak resident memory @scale (MiB)" "$((HWM_SCALE_KIB / 1024))" "<" 256
+        check "peak resident memory @scale (MiB)" "$(awk -v k="$HWM_SCALE_KIB" 'BEGIN {printf "%.0f", k / 1024}')" "<" 256
         check "start-up @scale (ms)" "$STARTUP_SCALE_MS" "<" 1000
     fi
 }
