@@ -6,7 +6,9 @@ use actix_web::{web, HttpResponse};
 use serde_json::json;
 
 pub async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(json!({ "status": "ok" }))
+    HttpResponse::Ok()
+        .content_type(actix_web::http::header::ContentType::json())
+        .body(r#"{"status":"ok"}"#)
 }
 
 /// Ready when a write reaches the disk and at least one mini-program is configured.

@@ -95,59 +95,42 @@ pub fn client_ip(req: &HttpRequest, trusted: &[IpAddr]) -> Option<IpAddr> {
 /// Each path is served with and without its trailing slash; any other method on
 /// a known path is a JSON 405.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(endpoint(
-        "/api/weixin/login/",
-        "POST",
-        web::post().to(login::login),
-    ))
-    .service(endpoint(
-        "/api/weixin/data/",
-        "GET",
-        web::get().to(data::data),
-    ))
-    .service(endpoint(
-        "/api/token/refresh/",
-        "POST",
-        web::post().to(token::refresh),
-    ))
-    .service(endpoint(
-        "/api/token/verify/",
-        "POST",
-        web::post().to(token::verify),
-    ))
-    .service(endpoint(
-        "/api/token/blacklist/",
-        "POST",
-        web::post().to(token::blacklist),
-    ))
-    .service(endpoint("/healthz", "GET", web::get().to(health::healthz)))
-    .service(endpoint("/readyz", "GET", web::get().to(health::readyz)))
-    .default_service(web::to(not_found));
+    endpoint(cfg, "/api/weixin/login/", "POST", login::login);
+    endpoint(cfg, "/api/weixin/data/", "GET", data::data);
+    endpoint(cfg, "/api/token/refresh/", "POST", token::refresh);
+    endpoint(cfg, "/api/token/verify/", "POST", token::verify);
+    endpoint(cfg, "/api/token/blacklist/", "POST", token::blacklist);
+    endpoint(cfg, "/healthz", "GET", health::healthz);
+    endpoint(cfg, "/readyz", "GET", health::readyz);
+    cfg.default_service(web::to(not_found));
 }
 
-/// One path (both slash forms), one method, and a 405 naming it for the others.
-fn endpoint(
-    path: &'static str,
-    allow: &'static str,
-    route: actix_web::Route,
-) -> actix_web::Resource {
+/// One path in both slash forms, one method, and a 405 naming it for the others.
+/// Two static resources rather than one with two patterns: actix-router matches a
+/// multi-pattern resource with regexes, on every request.
+fn endpoint<F, Args>(cfg: &mut web::ServiceConfig, path: &str, allow: &'static str, handler: F)
+where
+    F: actix_web::Handler<Args> + Clone,
+    Args: actix_web::FromRequest + 'static,
+    F::Output: actix_web::Responder + 'static,
+{
+    let method = actix_web::http::Method::from_bytes(allow.as_bytes()).expect("a valid method");
     let bare = path.trim_end_matches('/');
-    let paths = if bare == path {
-        vec![path.to_string(), format!("{path}/")]
-    } else {
-        vec![path.to_string(), bare.to_string()]
-    };
-    web::resource(paths)
-        .route(route)
-        .default_service(web::to(move || async move {
-            Err::<HttpResponse, _>(ApiError::MethodNotAllowed { allow })
-        }))
+    for path in [bare.to_string(), format!("{bare}/")] {
+        cfg.service(
+            web::resource(path)
+                .route(web::method(method.clone()).to(handler.clone()))
+                .default_service(web::to(move || async move {
+                    Err::<HttpResponse, _>(ApiError::MethodNotAllowed { allow })
+                })),
+        );
+    }
 }
 
 /// The metrics listener's only route (`metrics.bind`).
 pub fn metrics_routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(endpoint("/metrics", "GET", web::get().to(observe::metrics)))
-        .default_service(web::to(not_found));
+    endpoint(cfg, "/metrics", "GET", observe::metrics);
+    cfg.default_service(web::to(not_found));
 }
 
 async fn not_found() -> Result<HttpResponse, ApiError> {

@@ -67,6 +67,7 @@ pub enum StorageError {
     Corrupt { tree: &'static str, reason: String },
 }
 
+#[derive(Debug)]
 enum Op {
     Put(Tree, Vec<u8>, Vec<u8>),
     Delete(Tree, Vec<u8>),

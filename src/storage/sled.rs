@@ -1,10 +1,28 @@
 //! The sled implementation of [`Store`]: the only file that names sled.
+//!
+//! Atomic batches. sled 0.34 makes a multi-key write atomic (a transaction or
+//! `apply_batch`) by rolling and writing its log buffer around it, which costs two
+//! buffer writes per batch and defeats the group commit. So a batch of more than one
+//! write is journaled instead: the whole batch is first stored as one record in the
+//! `journal` tree (a single insert, atomic by itself), then applied as plain inserts,
+//! then the record is removed. sled recovers a prefix of its log, so after a crash a
+//! batch is either absent (its record was not recovered, nor anything after it) or
+//! its record is there and [`SledStore::open`] replays it (puts and deletes are
+//! idempotent).
+//!
+//! Durability. sled's `flush` pushes its buffers with `sync_file_range`, which does
+//! not flush the disk's write cache: [`Store::flush`] follows it with an fdatasync
+//! of the database file.
 
 use super::{Op, ReadStore, SnapshotVisitor, StorageError, Store, Tree, Visitor, WriteBatch};
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
+
+/// The tree holding batches being applied (sequence number → encoded batch).
+const JOURNAL: &str = "journal";
+/// sled 0.34 keeps everything but large values in this one file.
+const DATA_FILE: &str = "db";
 
 pub struct SledStore {
     path: PathBuf,
@@ -18,11 +36,16 @@ pub struct SledStore {
     gate: RwLock<()>,
     /// A write or flush failed: the instance must be reopened before it writes again.
     failed: AtomicBool,
+    /// The next journal sequence number.
+    next_seq: AtomicU64,
 }
 
 struct Open {
     db: sled::Db,
     trees: Vec<sled::Tree>,
+    journal: sled::Tree,
+    /// The database file, for fdatasync.
+    file: std::fs::File,
 }
 
 impl Open {
@@ -57,6 +80,7 @@ impl SledStore {
             db: RwLock::new(Some(open)),
             gate: RwLock::new(()),
             failed: AtomicBool::new(false),
+            next_seq: AtomicU64::new(0),
         })
     }
 
@@ -87,7 +111,118 @@ fn open_db(path: &Path, cache_capacity: u64) -> Result<Open, StorageError> {
         .iter()
         .map(|t| db.open_tree(t.name()).map_err(io))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Open { db, trees })
+    let journal = db.open_tree(JOURNAL).map_err(io)?;
+    let file = std::fs::File::open(path.join(DATA_FILE)).map_err(|e| {
+        StorageError::Io(format!(
+            "cannot open {}: {e}",
+            path.join(DATA_FILE).display()
+        ))
+    })?;
+    let open = Open {
+        db,
+        trees,
+        journal,
+        file,
+    };
+    open.replay_journal()?;
+    Ok(open)
+}
+
+impl Open {
+    /// Finishes the batches a crash interrupted, in the order they were started.
+    fn replay_journal(&self) -> Result<(), StorageError> {
+        let mut replayed = 0;
+        for entry in self.journal.iter() {
+            let (seq, encoded) = entry.map_err(io)?;
+            for op in decode_batch(&encoded)? {
+                self.write(&op)?;
+            }
+            self.journal.remove(seq).map_err(io)?;
+            replayed += 1;
+        }
+        if replayed > 0 {
+            self.db.flush().map_err(io)?;
+            self.file
+                .sync_data()
+                .map_err(|e| StorageError::Io(e.to_string()))?;
+            tracing::warn!(
+                batches = replayed,
+                "finished write batches interrupted by a crash"
+            );
+        }
+        Ok(())
+    }
+
+    fn write(&self, op: &Op) -> Result<(), StorageError> {
+        match op {
+            Op::Put(t, k, v) => self.tree(*t).insert(k.as_slice(), v.as_slice()).map(|_| ()),
+            Op::Delete(t, k) => self.tree(*t).remove(k.as_slice()).map(|_| ()),
+        }
+        .map_err(io)
+    }
+}
+
+/// A batch as one journal record: per op a tag (0 put, 1 delete), the tree's index
+/// in [`Tree::ALL`], then length-prefixed (u32 BE) key and, for puts, value.
+fn encode_batch(ops: &[Op]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ops.iter().map(|op| 16 + op_len(op)).sum());
+    for op in ops {
+        let (tag, tree, key, value) = match op {
+            Op::Put(t, k, v) => (0u8, *t, k, Some(v)),
+            Op::Delete(t, k) => (1u8, *t, k, None),
+        };
+        out.push(tag);
+        out.push(tree_index(tree));
+        out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+        out.extend_from_slice(key);
+        if let Some(value) = value {
+            out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+            out.extend_from_slice(value);
+        }
+    }
+    out
+}
+
+fn op_len(op: &Op) -> usize {
+    match op {
+        Op::Put(_, k, v) => k.len() + v.len(),
+        Op::Delete(_, k) => k.len(),
+    }
+}
+
+fn tree_index(tree: Tree) -> u8 {
+    Tree::ALL
+        .iter()
+        .position(|t| *t == tree)
+        .expect("every Tree is in ALL") as u8
+}
+
+fn decode_batch(mut bytes: &[u8]) -> Result<Vec<Op>, StorageError> {
+    let corrupt = || StorageError::Corrupt {
+        tree: JOURNAL,
+        reason: "truncated batch record".into(),
+    };
+    fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = (bytes.get(..n)?, bytes.get(n..)?);
+        *bytes = rest;
+        Some(head)
+    }
+    fn take_sized(bytes: &mut &[u8]) -> Option<Vec<u8>> {
+        let len = u32::from_be_bytes(take(bytes, 4)?.try_into().ok()?) as usize;
+        take(bytes, len).map(<[u8]>::to_vec)
+    }
+    let mut ops = Vec::new();
+    while !bytes.is_empty() {
+        let head = take(&mut bytes, 2).ok_or_else(corrupt)?;
+        let tree = *Tree::ALL.get(usize::from(head[1])).ok_or_else(corrupt)?;
+        let key = take_sized(&mut bytes).ok_or_else(corrupt)?;
+        ops.push(match head[0] {
+            0 => Op::Put(tree, key, take_sized(&mut bytes).ok_or_else(corrupt)?),
+            1 => Op::Delete(tree, key),
+            _ => return Err(corrupt()),
+        });
+    }
+    Ok(ops)
 }
 
 /// Writes, fsyncs and removes a scratch file the size of a sled segment's worth of
@@ -151,50 +286,38 @@ impl Store for SledStore {
             return Ok(());
         }
         let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
-        // One transaction over every tree the batch touches: all or nothing.
-        let mut touched: Vec<Tree> = Vec::new();
-        for op in &batch.ops {
-            let t = match op {
-                Op::Put(t, ..) | Op::Delete(t, _) => *t,
-            };
-            if !touched.contains(&t) {
-                touched.push(t);
-            }
-        }
         with_db!(self, db => {
-            let trees: Vec<&sled::Tree> = touched.iter().map(|t| db.tree(*t)).collect();
-            let result: Result<(), TransactionError<()>> = trees.as_slice().transaction(|views| {
+            let result = (|| {
+                if let [op] = batch.ops.as_slice() {
+                    // One write is atomic by itself.
+                    return db.write(op);
+                }
+                let seq = self.next_seq.fetch_add(1, Ordering::Relaxed).to_be_bytes();
+                db.journal.insert(seq, encode_batch(&batch.ops)).map_err(io)?;
                 for op in &batch.ops {
-                    let (t, key) = match op {
-                        Op::Put(t, k, _) | Op::Delete(t, k) => (*t, k),
-                    };
-                    let view = &views[touched.iter().position(|x| *x == t).expect("touched")];
-                    match op {
-                        Op::Put(_, _, value) => {
-                            view.insert(key.as_slice(), value.as_slice())?;
-                        }
-                        Op::Delete(..) => {
-                            view.remove(key.as_slice())?;
-                        }
-                    }
+                    db.write(op)?;
                 }
-                Ok::<(), ConflictableTransactionError<()>>(())
-            });
-            result.map_err(|e| {
+                db.journal.remove(seq).map_err(io).map(|_| ())
+            })();
+            if result.is_err() {
                 self.failed.store(true, Ordering::SeqCst);
-                match e {
-                    TransactionError::Storage(e) => io(e),
-                    TransactionError::Abort(()) => StorageError::Io("transaction aborted".into()),
-                }
-            })
+            }
+            result
         })
     }
 
     fn flush(&self) -> Result<(), StorageError> {
-        with_db!(self, db => db.db.flush().map(|_| ()).map_err(|e| {
-            self.failed.store(true, Ordering::SeqCst);
-            io(e)
-        }))
+        with_db!(self, db => {
+            let result = db
+                .db
+                .flush()
+                .map_err(io)
+                .and_then(|_| db.file.sync_data().map_err(|e| StorageError::Io(format!("fdatasync: {e}"))));
+            if result.is_err() {
+                self.failed.store(true, Ordering::SeqCst);
+            }
+            result
+        })
     }
 
     fn snapshot(&self, visit: &mut SnapshotVisitor<'_>) -> Result<(), StorageError> {
@@ -224,9 +347,63 @@ impl Store for SledStore {
         let open = open_db(&self.path, self.cache_capacity)?;
         // Prove the disk takes writes again before anyone relies on it.
         open.db.flush().map_err(io)?;
+        open.file
+            .sync_data()
+            .map_err(|e| StorageError::Io(format!("fdatasync: {e}")))?;
         *slot = Some(open);
         self.failed.store(false, Ordering::SeqCst);
         tracing::warn!(path = %self.path.display(), "storage reopened after an I/O error");
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_record_round_trips() {
+        let ops = vec![
+            Op::Put(Tree::Users, b"k1".to_vec(), b"{\"v\":1}".to_vec()),
+            Op::Delete(Tree::RefreshTokens, b"jti".to_vec()),
+            Op::Put(Tree::Meta, Vec::new(), Vec::new()),
+        ];
+        let decoded = decode_batch(&encode_batch(&ops)).unwrap();
+        assert_eq!(format!("{decoded:?}"), format!("{ops:?}"));
+        assert!(decode_batch(&encode_batch(&ops)[..7]).is_err());
+    }
+
+    #[test]
+    fn an_interrupted_batch_is_finished_when_the_store_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // A crash after the journal record and the first of its writes.
+            let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+            let guard = store.open_db().unwrap();
+            let db = guard.as_ref().unwrap();
+            let ops = vec![
+                Op::Put(Tree::Users, b"a".to_vec(), b"1".to_vec()),
+                Op::Put(Tree::UsersByOpenid, b"b".to_vec(), b"2".to_vec()),
+            ];
+            db.journal
+                .insert(7u64.to_be_bytes(), encode_batch(&ops))
+                .unwrap();
+            db.write(&ops[0]).unwrap();
+            db.db.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(
+            store.get(Tree::Users, b"a").unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
+        assert_eq!(
+            store.get(Tree::UsersByOpenid, b"b").unwrap().as_deref(),
+            Some(&b"2"[..])
+        );
+        let guard = store.open_db().unwrap();
+        assert!(
+            guard.as_ref().unwrap().journal.is_empty(),
+            "the record is removed once replayed"
+        );
     }
 }
