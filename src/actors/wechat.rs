@@ -146,6 +146,8 @@ pub fn start(
         let config = ureq::Agent::config_builder()
             .timeout_global(Some(cfg.timeout))
             .http_status_as_error(false)
+            // One pooled connection per worker thread (the total defaults to 10).
+            .max_idle_connections(threads)
             .max_idle_connections_per_host(threads)
             .user_agent(concat!("wxauth/", env!("CARGO_PKG_VERSION")))
             .build();
