@@ -30,49 +30,46 @@ impl UserRegistry {
         })
     }
 
-    fn find(&self, appid: &str, session: &Session) -> Result<Option<User>, StorageError> {
+    /// The user this session belongs to, and whether this app's openid already
+    /// points at it (a user found through its unionid may be new to this app).
+    fn find(&self, appid: &str, session: &Session) -> Result<Option<(User, bool)>, StorageError> {
         let store = self.store.as_ref();
-        let mut id = None;
+        let openid_key = users::openid_key(appid, &session.openid);
+        let by_openid = users::lookup(store, Tree::UsersByOpenid, &openid_key)?;
+        let mut id = by_openid;
         if self.link_by_unionid {
             if let Some(unionid) = &session.unionid {
-                id = users::lookup(store, Tree::UsersByUnionid, unionid.as_bytes())?;
+                id = users::lookup(store, Tree::UsersByUnionid, unionid.as_bytes())?.or(id);
             }
         }
-        if id.is_none() {
-            id = users::lookup(
-                store,
-                Tree::UsersByOpenid,
-                &users::openid_key(appid, &session.openid),
-            )?;
-        }
-        match id {
-            Some(id) => users::load(store, id)?
-                .map(Some)
-                .ok_or_else(|| StorageError::Corrupt {
-                    tree: Tree::Users.name(),
-                    reason: format!("index points at missing user {id}"),
-                }),
-            None => Ok(None),
-        }
+        let Some(id) = id else { return Ok(None) };
+        let user = users::load(store, id)?.ok_or_else(|| StorageError::Corrupt {
+            tree: Tree::Users.name(),
+            reason: format!("index points at missing user {id}"),
+        })?;
+        Ok(Some((user, by_openid == Some(id))))
     }
 
     fn login(&mut self, msg: RecordLogin) -> Result<LoginOutcome, StorageError> {
         let now = crate::now_unix();
         let mut batch = WriteBatch::default();
         let (user, created) = match self.find(&msg.appid, &msg.session)? {
-            Some(user) if user.disabled => return Ok(LoginOutcome::Disabled),
-            Some(mut user) => {
+            Some((user, _)) if user.disabled => return Ok(LoginOutcome::Disabled),
+            Some((mut user, openid_indexed)) => {
                 user.last_login_at = now;
                 user.session_key = msg.session.session_key.clone();
                 if user.unionid.is_none() {
                     user.unionid = msg.session.unionid.clone();
                 }
                 // A linked user logging in through another app gets that app's openid too.
-                batch.put(
-                    Tree::UsersByOpenid,
-                    users::openid_key(&msg.appid, &msg.session.openid),
-                    users::id_key(user.id),
-                );
+                // (Usually it is there already: then a returning login is one write.)
+                if !openid_indexed {
+                    batch.put(
+                        Tree::UsersByOpenid,
+                        users::openid_key(&msg.appid, &msg.session.openid),
+                        users::id_key(user.id),
+                    );
+                }
                 // A user created before WeChat sent a unionid (or before linking was
                 // turned on) is indexed by it now, so the next app finds them.
                 if let (true, Some(unionid)) = (self.link_by_unionid, &msg.session.unionid) {
