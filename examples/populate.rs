@@ -51,21 +51,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for i in done..done + n {
             let id = first_id + i;
             let openid = format!("{prefix}s{i}");
-            let user = User {
-                id,
-                appid: appid.clone(),
-                openid: openid.clone(),
-                unionid: None,
-                // The same length as the session keys the mock and WeChat hand out.
-                session_key: Secret::new(format!(
-                    "{:024x}",
-                    id.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-                )),
-                created_at: now,
-                last_login_at: now,
-                disabled: false,
-                tokens_not_before: 0,
-            };
+            // The same length of session key as the mock and WeChat hand out.
+            let session_key =
+                Secret::new(format!("{:024x}", id.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+            let user = User::new(id, &appid, &openid, None, session_key, now);
             batch.put(
                 Tree::UsersByOpenid,
                 users::openid_key(&appid, &openid),

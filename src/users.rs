@@ -34,6 +34,30 @@ pub struct User {
     pub tokens_not_before: i64,
 }
 
+impl User {
+    /// A user first seen now: enabled, no revocation.
+    pub fn new(
+        id: UserId,
+        appid: &str,
+        openid: &str,
+        unionid: Option<String>,
+        session_key: Secret,
+        now: i64,
+    ) -> Self {
+        User {
+            id,
+            appid: appid.to_string(),
+            openid: openid.to_string(),
+            unionid,
+            session_key,
+            created_at: now,
+            last_login_at: now,
+            disabled: false,
+            tokens_not_before: 0,
+        }
+    }
+}
+
 pub fn id_key(id: UserId) -> [u8; 8] {
     id.to_be_bytes()
 }

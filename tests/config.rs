@@ -8,27 +8,10 @@ use std::process::{Command, Output};
 /// Runs the binary in a fresh directory with `toml` as its config file.
 fn run(toml: &str, env: &[(&str, &str)], args: &[&str]) -> (Output, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("config.toml");
-    std::fs::write(&path, toml).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wxauth"));
-    cmd.arg("--config")
-        .arg(&path)
-        .args(args)
-        .current_dir(dir.path())
-        .env_remove("RUST_LOG");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    (cmd.output().unwrap(), dir)
+    (run_with_config(dir.path(), toml, env, args), dir)
 }
 
-const VALID: &str = r#"
-[server]
-bind = "127.0.0.1:0"
-[wechat]
-appid = "wxabc123"
-secret = "shh"
-"#;
+const VALID: &str = VALID_CONFIG;
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()

@@ -6,15 +6,9 @@ mod common;
 use common::*;
 use serde_json::json;
 
-fn server() -> (MockWeChat, TestServer) {
-    let mock = MockWeChat::start();
-    let server = TestServer::start(TestConfig::against(&mock));
-    (mock, server)
-}
-
 #[test]
 fn every_path_works_with_and_without_its_trailing_slash() {
-    let (_mock, server) = server();
+    let (_mock, server) = start_with_mock();
     let body = login(&server, "ok:slash");
     for path in ["/api/weixin/login", "/api/weixin/login/"] {
         let reply = post_json(
@@ -54,7 +48,7 @@ fn every_path_works_with_and_without_its_trailing_slash() {
 
 #[test]
 fn health_and_readiness() {
-    let (_mock, server) = server();
+    let (_mock, server) = start_with_mock();
     let reply = get(&server.url("/healthz"), None);
     assert_eq!(
         (reply.status, reply.json()),
@@ -69,7 +63,7 @@ fn health_and_readiness() {
 
 #[test]
 fn unknown_paths_and_methods_are_json_errors() {
-    let (_mock, server) = server();
+    let (_mock, server) = start_with_mock();
     get(&server.url("/nope"), None).assert_error(404, "not_found");
     get(&server.url("/api/weixin/login/extra"), None).assert_error(404, "not_found");
     let reply = get(&server.url("/api/weixin/login/"), None);
@@ -82,7 +76,7 @@ fn unknown_paths_and_methods_are_json_errors() {
 
 #[test]
 fn bodies_over_16_kib_are_413_and_other_types_415() {
-    let (mock, server) = server();
+    let (mock, server) = start_with_mock();
     let url = server.url("/api/weixin/login/");
     let big = json!({ "code": "ok:big", "pad": "x".repeat(16 * 1024) });
     post_json(&url, &big).assert_error(413, "payload_too_large");

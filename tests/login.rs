@@ -6,15 +6,9 @@ use common::*;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
-fn server() -> (MockWeChat, TestServer) {
-    let mock = MockWeChat::start();
-    let server = TestServer::start(TestConfig::against(&mock));
-    (mock, server)
-}
-
 #[test]
 fn login_issues_simplejwt_shaped_tokens_and_data_shows_the_user() {
-    let (mock, server) = server();
+    let (mock, server) = start_with_mock();
     let body = login(&server, "ok:alice");
     assert_eq!(body["code"], "success");
     assert_eq!(body["access_expires_in"], 300);
@@ -69,7 +63,7 @@ fn login_issues_simplejwt_shaped_tokens_and_data_shows_the_user() {
 
 #[test]
 fn the_same_openid_is_the_same_user_and_new_openids_get_new_ids() {
-    let (_mock, server) = server();
+    let (_mock, server) = start_with_mock();
     let first = login(&server, "ok:bob.1");
     let again = login(&server, "ok:bob.2");
     let other = login(&server, "ok:carol.1");
@@ -81,7 +75,7 @@ fn the_same_openid_is_the_same_user_and_new_openids_get_new_ids() {
 
 #[test]
 fn a_code_goes_to_wechat_percent_encoded() {
-    let (mock, server) = server();
+    let (mock, server) = start_with_mock();
     // Characters that would break a query string if pasted raw.
     let code = "ok:a&b=c+d%2F#/?x y";
     let body = login(&server, code);
@@ -100,7 +94,7 @@ fn a_code_goes_to_wechat_percent_encoded() {
 
 #[test]
 fn malformed_login_requests_are_400_invalid_request() {
-    let (mock, server) = server();
+    let (mock, server) = start_with_mock();
     let url = server.url("/api/weixin/login/");
     let long = "ok:".to_string() + &"x".repeat(126);
     let cases: Vec<(&str, Option<&str>, String)> = vec![
@@ -171,7 +165,7 @@ fn malformed_login_requests_are_400_invalid_request() {
 
 #[test]
 fn a_form_body_works_like_json() {
-    let (_mock, server) = server();
+    let (_mock, server) = start_with_mock();
     let reply = post_raw(
         &server.url("/api/weixin/login"),
         Some("application/x-www-form-urlencoded"),
@@ -183,7 +177,7 @@ fn a_form_body_works_like_json() {
 
 #[test]
 fn wechat_answers_map_to_the_contract_table() {
-    let (_mock, server) = server();
+    let (_mock, server) = start_with_mock();
     let url = server.url("/api/weixin/login/");
     let cases = [
         ("err40029:x", 401, "code_invalid"),
@@ -220,7 +214,7 @@ fn wechat_answers_map_to_the_contract_table() {
 
 #[test]
 fn a_spent_code_is_code_used() {
-    let (mock, server) = server();
+    let (mock, server) = start_with_mock();
     login(&server, "ok:dora");
     let reply = post_json(
         &server.url("/api/weixin/login/"),
@@ -232,7 +226,7 @@ fn a_spent_code_is_code_used() {
 
 #[test]
 fn busy_is_retried_then_503_with_retry_after() {
-    let (mock, server) = server();
+    let (mock, server) = start_with_mock();
     // retries = 2: two busy answers, then success on the third call.
     let body = login(&server, "busy2:erin");
     assert_eq!(body["code"], "success");
@@ -290,7 +284,7 @@ fn wechat_unreachable_is_502_upstream_error() {
 
 #[test]
 fn a_double_tap_shares_one_wechat_call_and_one_answer() {
-    let (mock, server) = server();
+    let (mock, server) = start_with_mock();
     let url = server.url("/api/weixin/login/");
     let replies: Vec<Reply> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..6)
@@ -315,7 +309,7 @@ fn a_double_tap_shares_one_wechat_call_and_one_answer() {
 
 #[test]
 fn sixty_four_parallel_logins_of_one_new_openid_make_one_user() {
-    let (_mock, server) = server();
+    let (_mock, server) = start_with_mock();
     let url = server.url("/api/weixin/login/");
     let replies: Vec<Reply> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..64)

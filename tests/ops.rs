@@ -8,15 +8,9 @@ use common::*;
 use serde_json::json;
 use std::time::Duration;
 
-fn server() -> (MockWeChat, TestServer) {
-    let mock = MockWeChat::start();
-    let server = TestServer::start(TestConfig::against(&mock));
-    (mock, server)
-}
-
 #[test]
 fn disabling_a_user_through_the_running_server_takes_effect_at_once() {
-    let (_mock, server) = server();
+    let (_mock, server) = start_with_mock();
     let body = login(&server, "ok:ada.1");
     let id = body["user"]["id"].to_string();
     let access = body["access"].as_str().unwrap();
@@ -72,7 +66,7 @@ fn disabling_a_user_through_the_running_server_takes_effect_at_once() {
 
 #[test]
 fn revoking_a_users_tokens_kills_its_access_and_refresh_tokens() {
-    let (_mock, server) = server();
+    let (_mock, server) = start_with_mock();
     let body = login(&server, "ok:bo.1");
     let other = login(&server, "ok:cy.1");
     let (_, claims) = jwt_parts(body["access"].as_str().unwrap());
@@ -124,7 +118,7 @@ fn revoking_a_users_tokens_kills_its_access_and_refresh_tokens() {
 
 #[test]
 fn the_cli_works_on_the_data_directory_when_no_server_runs() {
-    let (_mock, mut server) = server();
+    let (_mock, mut server) = start_with_mock();
     let body = login(&server, "ok:dee.1");
     assert_eq!(server.terminate().code(), Some(0));
     assert!(
@@ -147,7 +141,7 @@ fn the_cli_works_on_the_data_directory_when_no_server_runs() {
 
 #[test]
 fn backup_while_serving_and_restore_keep_every_user_id_and_token() {
-    let (mock, server) = server();
+    let (mock, server) = start_with_mock();
     let mut bodies = Vec::new();
     for name in ["eli", "fox", "gus", "hal"] {
         bodies.push(login(&server, &format!("ok:{name}.1")));
@@ -224,7 +218,7 @@ fn backup_while_serving_and_restore_keep_every_user_id_and_token() {
 
 #[test]
 fn a_truncated_backup_is_refused_and_leaves_nothing_behind() {
-    let (_mock, server) = server();
+    let (_mock, server) = start_with_mock();
     login(&server, "ok:jo.1");
     let backup = server.dir.path().join("b.jsonl");
     assert!(server
@@ -304,7 +298,7 @@ fn metrics_are_served_on_their_own_listener() {
 
 #[test]
 fn every_request_gets_an_id_and_one_log_line() {
-    let (_mock, server) = server();
+    let (_mock, server) = start_with_mock();
     let reply = get(&server.url("/healthz"), None);
     let id = reply
         .header("x-request-id")
@@ -331,7 +325,7 @@ fn every_request_gets_an_id_and_one_log_line() {
 
 #[test]
 fn a_second_instance_on_the_same_data_directory_exits_with_a_clear_message() {
-    let (_mock, mut server) = server();
+    let (_mock, mut server) = start_with_mock();
     let out = server.cli(&["serve"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -532,7 +526,7 @@ fn offline_commands_never_create_a_missing_data_directory() {
 #[test]
 fn restore_into_the_services_empty_directory_keeps_its_owner_and_cleans_up_on_failure() {
     use std::os::unix::fs::MetadataExt;
-    let (_mock, server) = server();
+    let (_mock, server) = start_with_mock();
     login(&server, "ok:own.1");
     let backup = server.dir.path().join("b.jsonl");
     assert!(server

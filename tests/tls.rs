@@ -12,7 +12,7 @@ use rcgen::{
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -292,29 +292,11 @@ fn tls_1_2_and_tls_1_3_both_work() {
 
 // --- configuration errors, through the real binary -------------------------------
 
-const VALID: &str = r#"
-[server]
-bind = "127.0.0.1:0"
-[wechat]
-appid = "wxabc123"
-secret = "shh"
-"#;
+const VALID: &str = VALID_CONFIG;
 
 /// Runs the binary in `dir` with `toml` as its config file.
 fn run(dir: &Path, toml: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
-    let path = dir.join("config.toml");
-    std::fs::write(&path, toml).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wxauth"));
-    cmd.arg("--config")
-        .arg(&path)
-        .args(args)
-        .current_dir(dir)
-        .env_remove("RUST_LOG")
-        .env_remove("CREDENTIALS_DIRECTORY");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().unwrap()
+    run_with_config(dir, toml, env, args)
 }
 
 /// Asserts that both `check-config` and `serve` exit 2 with one stderr line naming

@@ -91,17 +91,14 @@ impl UserRegistry {
             }
             None => {
                 let id = self.next_id;
-                let user = User {
+                let user = User::new(
                     id,
-                    appid: msg.appid.clone(),
-                    openid: msg.session.openid.clone(),
-                    unionid: msg.session.unionid.clone(),
-                    session_key: msg.session.session_key.clone(),
-                    created_at: now,
-                    last_login_at: now,
-                    disabled: false,
-                    tokens_not_before: 0,
-                };
+                    &msg.appid,
+                    &msg.session.openid,
+                    msg.session.unionid.clone(),
+                    msg.session.session_key.clone(),
+                    now,
+                );
                 batch.put(
                     Tree::UsersByOpenid,
                     users::openid_key(&msg.appid, &msg.session.openid),

@@ -428,3 +428,42 @@ pub fn json_lines(out: &std::process::Output) -> Vec<Value> {
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
         .collect()
 }
+
+/// A minimal valid config (a real-client app, loopback, random port).
+pub const VALID_CONFIG: &str = r#"
+[server]
+bind = "127.0.0.1:0"
+[wechat]
+appid = "wxabc123"
+secret = "shh"
+"#;
+
+/// Runs `wxauth --config DIR/config.toml ARGS…` in `dir`, with `toml` as that file
+/// (for start-up and `check-config` behaviour, where no server needs to come up).
+pub fn run_with_config(
+    dir: &Path,
+    toml: &str,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> std::process::Output {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, toml).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wxauth"));
+    cmd.arg("--config")
+        .arg(&path)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .env_remove("CREDENTIALS_DIRECTORY");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+/// A mock WeChat and a server using it with the default test config.
+pub fn start_with_mock() -> (MockWeChat, TestServer) {
+    let mock = MockWeChat::start();
+    let server = TestServer::start(TestConfig::against(&mock));
+    (mock, server)
+}
