@@ -187,7 +187,19 @@ impl TokenIssuer {
             }
         };
         let mut batch = WriteBatch::default();
-        self.mark_rotated(&mut batch, &claims.jti, now)?;
+        // The presented token's record is in hand already; only the family's
+        // current one (a grace-period retry) needs reading.
+        if record.rotated_at.is_none() {
+            let rotated = RefreshRecord {
+                rotated_at: Some(now),
+                ..record.clone()
+            };
+            batch.put(
+                Tree::RefreshTokens,
+                claims.jti.as_bytes(),
+                records::encode(&rotated),
+            );
+        }
         if family.current != claims.jti {
             let current = family.current.clone();
             self.mark_rotated(&mut batch, &current, now)?;
