@@ -391,7 +391,17 @@ mod tests {
             db.write(&ops[0]).unwrap();
             db.db.flush().unwrap();
         }
-        let store = SledStore::open(dir.path(), 1 << 20).unwrap();
+        // sled's background flusher may hold the directory's lock for a moment
+        // after the instance is dropped: reopen with a deadline, not once.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let store = loop {
+            match SledStore::open(dir.path(), 1 << 20) {
+                Err(StorageError::Locked(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                other => break other.unwrap(),
+            }
+        };
         assert_eq!(
             store.get(Tree::Users, b"a").unwrap().as_deref(),
             Some(&b"1"[..])
