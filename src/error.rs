@@ -54,13 +54,16 @@ pub enum ApiError {
     NoActiveAccount,
     #[error("Storage is unavailable; try again later.")]
     Storage(#[from] StorageError),
+    /// An owner actor did not answer in time (or is gone): a prompt 503, never a hang.
+    #[error("The server is busy; try again shortly.")]
+    Unavailable(#[source] actix::MailboxError),
     #[error("Internal server error.")]
     Internal(String),
 }
 
 impl From<actix::MailboxError> for ApiError {
     fn from(e: actix::MailboxError) -> Self {
-        ApiError::Internal(format!("actor mailbox: {e}"))
+        ApiError::Unavailable(e)
     }
 }
 
@@ -102,6 +105,7 @@ impl ApiError {
             ApiError::Storage(StorageError::Corrupt { .. }) => "internal_error",
             ApiError::Storage(_) => "storage_unavailable",
             ApiError::Internal(_) => "internal_error",
+            ApiError::Unavailable(_) => "service_unavailable",
         }
     }
 
@@ -112,6 +116,7 @@ impl ApiError {
             ApiError::WeChat(WeChatError::Busy) => Some(1),
             ApiError::Storage(StorageError::Corrupt { .. }) => None,
             ApiError::Storage(_) => Some(5),
+            ApiError::Unavailable(_) => Some(1),
             _ => None,
         }
     }
@@ -146,7 +151,7 @@ impl ResponseError for ApiError {
             ApiError::Storage(StorageError::Corrupt { .. }) | ApiError::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
-            ApiError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Storage(_) | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -157,6 +162,9 @@ impl ResponseError for ApiError {
             match self {
                 ApiError::Internal(cause) => tracing::error!(%cause, "internal error"),
                 ApiError::Storage(e) => tracing::error!(error = %e, "storage error"),
+                ApiError::Unavailable(e) => {
+                    tracing::error!(error = %e, "an owner actor did not answer")
+                }
                 _ => {}
             }
         }

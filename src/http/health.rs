@@ -13,7 +13,12 @@ pub async fn healthz() -> HttpResponse {
 
 /// Ready when a write reaches the disk and at least one mini-program is configured.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let storage = match state.registry.send(Probe).await {
+    let storage = match state
+        .registry
+        .send(Probe)
+        .timeout(super::ACTOR_TIMEOUT)
+        .await
+    {
         Ok(Ok(())) => state.commit.durable().await.map_err(|e| e.to_string()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(e) => Err(e.to_string()),

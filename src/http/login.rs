@@ -39,13 +39,18 @@ pub async fn login(
     let (user, created) = match state
         .registry
         .send(RecordLogin { appid, session })
+        .timeout(super::ACTOR_TIMEOUT)
         .await??
     {
         LoginOutcome::LoggedIn { user, created } => (user, created),
         LoginOutcome::Disabled => return Err(ApiError::UserDisabled),
     };
     // The pair is durable on return, and its commit covers the registry's writes above.
-    let pair = state.issuer.send(IssuePair { user_id: user.id }).await??;
+    let pair = state
+        .issuer
+        .send(IssuePair { user_id: user.id })
+        .timeout(super::ACTOR_TIMEOUT)
+        .await??;
     if created {
         tracing::info!(user_id = user.id, "new user");
     }

@@ -27,6 +27,12 @@ use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
 use actix_web::{web, HttpRequest, HttpResponse};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a handler waits for an owner actor (registry, issuer) to answer,
+/// commit included. Past it the request gets a 503 instead of waiting without bound:
+/// `addr.send(msg).timeout(ACTOR_TIMEOUT)`.
+pub const ACTOR_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything a handler may reach: actor addresses, and the shared read-only parts.
 pub struct AppState {

@@ -11,7 +11,11 @@ use serde_json::json;
 
 pub async fn refresh(state: web::Data<AppState>, fields: Fields) -> Result<HttpResponse, ApiError> {
     let token = fields.required_str("refresh")?.to_string();
-    let refreshed = state.issuer.send(Refresh { token }).await??;
+    let refreshed = state
+        .issuer
+        .send(Refresh { token })
+        .timeout(super::ACTOR_TIMEOUT)
+        .await??;
     Ok(HttpResponse::Ok().json(match refreshed.refresh {
         Some(refresh) => json!({ "access": refreshed.access, "refresh": refresh }),
         None => json!({ "access": refreshed.access }),
@@ -40,6 +44,10 @@ pub async fn blacklist(
     fields: Fields,
 ) -> Result<HttpResponse, ApiError> {
     let token = fields.required_str("refresh")?.to_string();
-    state.issuer.send(Blacklist { token }).await??;
+    state
+        .issuer
+        .send(Blacklist { token })
+        .timeout(super::ACTOR_TIMEOUT)
+        .await??;
     Ok(HttpResponse::Ok().json(json!({})))
 }
