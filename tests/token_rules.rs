@@ -240,52 +240,55 @@ fn every_endpoint_refuses_the_tokens_of_a_disabled_user_alike() {
     assert_eq!((reply.status, reply.json()), (200, json!({})));
 }
 
+/// A real token changed in one way that PyJWT (or RFC 7515, or our `sub` rule) refuses.
+#[derive(Debug, Clone, Copy)]
+enum Forgery {
+    IatInTheFuture,
+    NbfInTheFuture,
+    SubNamesAnotherUser,
+    SubSpelledDifferently,
+    CritHeader,
+}
+
+impl Forgery {
+    fn apply(self, server: &TestServer, token: &str) -> String {
+        let in_a_minute = now() + 60;
+        match self {
+            Forgery::IatInTheFuture => resign(server, token, |c| c["iat"] = json!(in_a_minute)),
+            Forgery::NbfInTheFuture => resign(server, token, |c| c["nbf"] = json!(in_a_minute)),
+            Forgery::SubNamesAnotherUser => resign(server, token, |c| c["sub"] = json!("999")),
+            Forgery::SubSpelledDifferently => resign(server, token, |c| {
+                c["sub"] = json!(format!("0{}", c["user_id"]));
+            }),
+            Forgery::CritHeader => {
+                let (_, claims) = jwt_parts(token);
+                let header = json!({ "alg": "HS256", "typ": "JWT", "crit": ["exp"], "exp": 1 });
+                sign_raw(server, &header, &claims)
+            }
+        }
+    }
+}
+
 #[test]
 fn future_iat_or_nbf_a_crit_header_and_a_wrong_sub_are_not_valid() {
     let (_mock, server) = start_with_mock();
     let body = login(&server, "ok:lou");
     let (access, refresh_token) = (str_of(&body, "access"), str_of(&body, "refresh"));
-    let in_a_minute = now() + 60;
 
-    // Each forged variant of a real token, with PyJWT's (or RFC 7515's) objection.
-    let variants: Vec<(&str, Box<dyn Fn(&str) -> String>)> = vec![
-        (
-            "iat in the future",
-            Box::new(|t: &str| resign(&server, t, |c| c["iat"] = json!(in_a_minute))),
-        ),
-        (
-            "nbf in the future",
-            Box::new(|t: &str| resign(&server, t, |c| c["nbf"] = json!(in_a_minute))),
-        ),
-        (
-            "sub names another user",
-            Box::new(|t: &str| resign(&server, t, |c| c["sub"] = json!("999"))),
-        ),
-        (
-            "sub spelled differently",
-            Box::new(|t: &str| {
-                resign(&server, t, |c| {
-                    c["sub"] = json!(format!("0{}", c["user_id"]));
-                })
-            }),
-        ),
-        (
-            "crit header",
-            Box::new(|t: &str| {
-                let (_, claims) = jwt_parts(t);
-                let header = json!({ "alg": "HS256", "typ": "JWT", "crit": ["exp"], "exp": 1 });
-                sign_raw(&server, &header, &claims)
-            }),
-        ),
-    ];
-    for (what, forge) in &variants {
-        let forged = forge(access);
+    for forgery in [
+        Forgery::IatInTheFuture,
+        Forgery::NbfInTheFuture,
+        Forgery::SubNamesAnotherUser,
+        Forgery::SubSpelledDifferently,
+        Forgery::CritHeader,
+    ] {
+        let forged = forgery.apply(&server, access);
         assert_access_refused(&data(&server, &forged), "Token is invalid");
         assert_refused(&verify(&server, &forged), "Token is invalid");
-        let forged = forge(refresh_token);
+        let forged = forgery.apply(&server, refresh_token);
         assert_refused(&verify(&server, &forged), "Token is invalid");
         let reply = refresh(&server, &forged);
-        assert_eq!(reply.status, 401, "{what}: {}", reply.text);
+        assert_eq!(reply.status, 401, "{forgery:?}: {}", reply.text);
         assert_refused(&reply, "Token is invalid");
         assert_refused(&blacklist(&server, &forged), "Token is invalid");
     }
