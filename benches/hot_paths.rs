@@ -34,6 +34,7 @@ use wxauth::config::JwtConfig;
 use wxauth::metrics::Metrics;
 use wxauth::secret::Secret;
 use wxauth::storage::{GroupCommit, SledStore, Store, Tree, WriteBatch};
+use wxauth::tokens::check::{self, Accept};
 use wxauth::tokens::{JwtKeys, TokenType};
 
 /// The server's default `storage.cache_capacity`.
@@ -85,15 +86,19 @@ fn data_path(c: &mut Criterion) {
     let user_id = record_login(&system, &registry, "o-data".into());
     let token = fx
         .keys
-        .sign(TokenType::Access, user_id, wxauth::now_unix())
+        .sign(TokenType::Access, user_id, 0, wxauth::now_unix())
         .token;
 
     let mut group = c.benchmark_group("data");
     group.bench_function("access_token_verify", |b| {
         b.iter(|| {
-            fx.keys
-                .verify(black_box(&token), TokenType::Access)
-                .expect("valid")
+            check::token_claims(
+                &fx.keys,
+                black_box(&token),
+                Accept::Access,
+                wxauth::tokens::now_ms(),
+            )
+            .expect("valid")
         })
     });
     group.bench_function("user_load", |b| {
@@ -113,8 +118,8 @@ fn token_pair_issue(c: &mut Criterion) {
     group.bench_function("sign", |b| {
         let now = wxauth::now_unix();
         b.iter(|| {
-            let access = fx.keys.sign(TokenType::Access, black_box(7), now);
-            let refresh = fx.keys.sign(TokenType::Refresh, black_box(7), now);
+            let access = fx.keys.sign(TokenType::Access, black_box(7), 0, now);
+            let refresh = fx.keys.sign(TokenType::Refresh, black_box(7), 0, now);
             (access, refresh)
         })
     });
@@ -139,7 +144,10 @@ fn token_pair_issue(c: &mut Criterion) {
     group.bench_function("actor_durable", |b| {
         b.iter(|| {
             system
-                .block_on(issuer.send(IssuePair { user_id: 7 }))
+                .block_on(issuer.send(IssuePair {
+                    user_id: 7,
+                    stamp: 0,
+                }))
                 .expect("delivered")
                 .expect("issued")
         })

@@ -10,6 +10,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// The longest `jwt.access_ttl`, `refresh_ttl`, `reuse_grace` and `leeway`: humantime's
+/// `"10y"` (a year is 365.25 days there).
+pub const MAX_TOKEN_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
+
 /// The file read when neither `--config` nor `WXAUTH_CONFIG` names one (if it exists).
 pub const DEFAULT_CONFIG_FILE: &str = "config.toml";
 const ENV_PREFIX: &str = "WXAUTH_";
@@ -416,6 +420,34 @@ impl Config {
                 ));
             }
         }
+        // Bounded so that no time arithmetic on them can wrap (token times are i64).
+        for (key, value) in [
+            ("jwt.access_ttl", j.access_ttl),
+            ("jwt.refresh_ttl", j.refresh_ttl),
+            ("jwt.reuse_grace", j.reuse_grace),
+            ("jwt.leeway", j.leeway),
+        ] {
+            if value > MAX_TOKEN_DURATION {
+                return Err(ConfigError::new(key, "must be at most 10 years (\"10y\")"));
+            }
+        }
+        // A token's exp is whole seconds; rotation, grace and leeway are milliseconds.
+        for (key, value) in [
+            ("jwt.access_ttl", j.access_ttl),
+            ("jwt.refresh_ttl", j.refresh_ttl),
+        ] {
+            if value.subsec_nanos() != 0 {
+                return Err(ConfigError::new(key, "must be whole seconds, like \"5m\""));
+            }
+        }
+        for (key, value) in [("jwt.reuse_grace", j.reuse_grace), ("jwt.leeway", j.leeway)] {
+            if value.subsec_nanos() % 1_000_000 != 0 {
+                return Err(ConfigError::new(
+                    key,
+                    "must be whole milliseconds, like \"500ms\"",
+                ));
+            }
+        }
         if j.access_ttl < Duration::from_secs(1) {
             return Err(ConfigError::new("jwt.access_ttl", "must be at least 1s"));
         }
@@ -424,11 +456,6 @@ impl Config {
                 "jwt.refresh_ttl",
                 "must not be shorter than jwt.access_ttl",
             ));
-        }
-        for (key, value) in [("jwt.reuse_grace", j.reuse_grace), ("jwt.leeway", j.leeway)] {
-            if value.subsec_nanos() != 0 {
-                return Err(ConfigError::new(key, "must be whole seconds, like \"10s\""));
-            }
         }
         for (key, value) in [("jwt.issuer", &j.issuer), ("jwt.audience", &j.audience)] {
             if value.as_deref() == Some("") {

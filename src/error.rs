@@ -3,6 +3,7 @@
 
 use crate::actors::wechat::WeChatError;
 use crate::storage::StorageError;
+use crate::tokens::check::Refusal;
 use crate::tokens::TokenError;
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
@@ -212,9 +213,52 @@ impl From<crate::actors::issuer::RefreshError> for ApiError {
     fn from(e: crate::actors::issuer::RefreshError) -> Self {
         use crate::actors::issuer::RefreshError;
         match e {
-            RefreshError::Token(t) => ApiError::Token(t),
-            RefreshError::NoActiveAccount => ApiError::NoActiveAccount,
+            RefreshError::Refused(refusal) => refusal.into(),
             RefreshError::Storage(s) => ApiError::Storage(s),
+        }
+    }
+}
+
+/// The token check's answer on the access-token path (`/api/weixin/data/`), in
+/// simplejwt `JWTAuthentication`'s terms. simplejwt has no message for a revoked or
+/// logged-out token there: "Token is invalid".
+impl From<Refusal> for AuthError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Token(e) => AuthError::TokenNotValid(e),
+            Refusal::UserNotFound => AuthError::UserNotFound,
+            Refusal::UserInactive => AuthError::UserInactive,
+            Refusal::Revoked
+            | Refusal::NotIssued
+            | Refusal::FamilyRevoked
+            | Refusal::Reused { .. } => AuthError::TokenNotValid(TokenError::Invalid),
+        }
+    }
+}
+
+/// The token check's answer on refresh and logout, in simplejwt's token-endpoint terms:
+/// a disabled or missing user is `no_active_account` (simplejwt 5.5's refresh), a
+/// revoked, logged-out or reused token "Token is blacklisted".
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Token(e) => ApiError::Token(e),
+            Refusal::UserNotFound | Refusal::UserInactive => ApiError::NoActiveAccount,
+            Refusal::NotIssued => ApiError::Token(TokenError::Invalid),
+            Refusal::Revoked | Refusal::FamilyRevoked | Refusal::Reused { .. } => {
+                ApiError::Token(TokenError::Blacklisted)
+            }
+        }
+    }
+}
+
+impl ApiError {
+    /// The token check's answer on `/api/token/verify/`, whose only refusal is
+    /// `token_not_valid`: a token of a disabled or missing user is "Token is invalid".
+    pub fn from_verify_refusal(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::UserNotFound | Refusal::UserInactive => ApiError::Token(TokenError::Invalid),
+            other => other.into(),
         }
     }
 }

@@ -29,7 +29,13 @@ pub struct User {
     pub last_login_at: i64,
     #[serde(default)]
     pub disabled: bool,
-    /// Tokens issued before this instant (unix seconds) are refused: "revoke all".
+    /// Bumped by `wxauth tokens revoke`: a token counts only while it carries the
+    /// user's current stamp (claim `stamp`; 0 before the first revoke, and for records
+    /// and tokens from before stamps existed).
+    #[serde(default)]
+    pub token_stamp: u64,
+    /// Legacy: revokes made before token stamps refused tokens issued before this unix
+    /// second. No longer written; still honoured so that those revokes stay in force.
     #[serde(default)]
     pub tokens_not_before: i64,
 }
@@ -53,6 +59,7 @@ impl User {
             created_at: now,
             last_login_at: now,
             disabled: false,
+            token_stamp: 0,
             tokens_not_before: 0,
         }
     }

@@ -5,9 +5,10 @@
 use crate::config::JwtConfig;
 use crate::metrics::Metrics;
 use crate::storage::{GroupCommit, ReadStore, StorageError, Store, Tree, WriteBatch};
-use crate::tokens::records::{self, Family, RefreshRecord, RefreshState};
-use crate::tokens::{JwtKeys, Signed, TokenError, TokenType};
-use crate::users::{self, UserId};
+use crate::tokens::check::{self, Accept, CheckError, RefreshStanding, Refusal};
+use crate::tokens::records::{self, Family, RefreshRecord};
+use crate::tokens::{JwtKeys, Signed, TokenType};
+use crate::users::UserId;
 use actix::prelude::*;
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -22,7 +23,8 @@ pub struct TokenIssuer {
     keys: Arc<JwtKeys>,
     commit: GroupCommit,
     rotate: bool,
-    reuse_grace: i64,
+    /// `jwt.leeway` in whole seconds, rounded up (for the purge: a token still inside
+    /// the leeway verifies, so its record must stay).
     leeway: i64,
     metrics: Arc<Metrics>,
     /// Set by [`apply`](Self::apply): the message being handled wrote, so its
@@ -31,14 +33,22 @@ pub struct TokenIssuer {
     wrote: bool,
 }
 
+/// Why refresh or logout did not succeed: the check's refusal, or storage.
 #[derive(Debug, thiserror::Error)]
 pub enum RefreshError {
     #[error(transparent)]
-    Token(#[from] TokenError),
-    #[error("no active account for this token")]
-    NoActiveAccount,
+    Refused(#[from] Refusal),
     #[error(transparent)]
     Storage(#[from] StorageError),
+}
+
+impl From<CheckError> for RefreshError {
+    fn from(e: CheckError) -> Self {
+        match e {
+            CheckError::Refused(refusal) => RefreshError::Refused(refusal),
+            CheckError::Storage(e) => RefreshError::Storage(e),
+        }
+    }
 }
 
 impl TokenIssuer {
@@ -54,8 +64,9 @@ impl TokenIssuer {
             keys,
             commit,
             rotate: cfg.rotate_refresh,
-            reuse_grace: cfg.reuse_grace.as_secs() as i64,
-            leeway: cfg.leeway.as_secs() as i64,
+            leeway: i64::try_from(cfg.leeway.as_secs())
+                .unwrap_or(i64::MAX)
+                .saturating_add(i64::from(cfg.leeway.subsec_nanos() > 0)),
             metrics,
             wrote: false,
         }
@@ -87,14 +98,15 @@ impl TokenIssuer {
         family_id: &str,
         family: &mut Family,
         user_id: UserId,
+        stamp: u64,
         now: i64,
     ) -> Signed {
-        let refresh = self.keys.sign(TokenType::Refresh, user_id, now);
+        let refresh = self.keys.sign(TokenType::Refresh, user_id, stamp, now);
         let record = RefreshRecord {
             family: family_id.to_string(),
             user_id,
             exp: refresh.claims.exp,
-            rotated_at: None,
+            rotated_at_ms: None,
         };
         batch.put(
             Tree::RefreshTokens,
@@ -110,11 +122,11 @@ impl TokenIssuer {
         &self,
         batch: &mut WriteBatch,
         jti: &str,
-        now: i64,
+        now_ms: i64,
     ) -> Result<(), StorageError> {
         if let Some(mut record) = records::load_refresh(self.store.as_ref(), jti)? {
-            if record.rotated_at.is_none() {
-                record.rotated_at = Some(now);
+            if record.rotated_at_ms.is_none() {
+                record.rotated_at_ms = Some(now_ms);
                 batch.put(
                     Tree::RefreshTokens,
                     jti.as_bytes(),
@@ -141,26 +153,51 @@ impl TokenIssuer {
         self.apply(batch)
     }
 
-    /// Verifies a refresh token against the store: signature, expiry, type,
-    /// the user's state, and whether its family is still alive.
-    fn check_refresh(
-        &self,
+    /// A refresh token that the one check accepts (current, or rotated out within
+    /// the grace). A reuse past the grace revokes the token's family before the refusal
+    /// is returned: the caller's answer then waits for that write to be durable.
+    fn accepted_refresh(
+        &mut self,
         token: &str,
-    ) -> Result<(crate::tokens::Claims, RefreshState), RefreshError> {
-        let claims = self.keys.verify(token, TokenType::Refresh)?;
-        let store = self.store.as_ref();
-        let user = match users::load(store, claims.user_id)? {
-            Some(user) if !user.disabled => user,
-            _ => return Err(RefreshError::NoActiveAccount),
-        };
-        let state = records::refresh_state(store, &claims, user.tokens_not_before)??;
-        Ok((claims, state))
+        now_ms: i64,
+    ) -> Result<(check::Accepted, RefreshStanding), RefreshError> {
+        match check::check(
+            &self.keys,
+            self.store.as_ref(),
+            token,
+            Accept::Refresh,
+            now_ms,
+        ) {
+            Ok(mut accepted) => {
+                let standing = accepted
+                    .refresh
+                    .take()
+                    .expect("the check reads the standing of every refresh token");
+                Ok((accepted, standing))
+            }
+            Err(CheckError::Refused(Refusal::Reused { record, family })) => {
+                tracing::warn!(
+                    user_id = record.user_id,
+                    family = %record.family,
+                    "refresh token reused after rotation: revoking its family"
+                );
+                self.metrics.reuse_detected();
+                self.revoke_family(&record.family, family.clone(), now_ms / 1000)?;
+                Err(Refusal::Reused { record, family }.into())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn refresh(&mut self, token: &str) -> Result<Refreshed, RefreshError> {
-        let (claims, state) = self.check_refresh(token)?;
-        let now = crate::now_unix();
-        let access = self.keys.sign(TokenType::Access, claims.user_id, now).token;
+        let now_ms = crate::tokens::now_ms();
+        let now = now_ms / 1000;
+        let (accepted, standing) = self.accepted_refresh(token, now_ms)?;
+        let (claims, stamp) = (accepted.claims, accepted.user.token_stamp);
+        let access = self
+            .keys
+            .sign(TokenType::Access, claims.user_id, stamp, now)
+            .token;
         if !self.rotate {
             self.metrics.tokens_issued(1, 0);
             return Ok(Refreshed {
@@ -168,30 +205,18 @@ impl TokenIssuer {
                 refresh: None,
             });
         }
-        let (record, mut family) = match state {
-            RefreshState::Current(record, family) => (record, family),
-            RefreshState::RotatedOut(record, family, at) if now - at <= self.reuse_grace => {
-                // A retry of a refresh whose answer was lost: a fresh pair, and the
-                // token handed out in between is rotated out too.
-                (record, family)
-            }
-            RefreshState::RotatedOut(record, family, _) => {
-                tracing::warn!(
-                    user_id = claims.user_id,
-                    family = %record.family,
-                    "refresh token reused after rotation: revoking its family"
-                );
-                self.metrics.reuse_detected();
-                self.revoke_family(&record.family, family, now)?;
-                return Err(RefreshError::Token(TokenError::Blacklisted));
-            }
+        // In the grace: a retry of a refresh whose answer was lost. It gets a fresh
+        // pair, and the token handed out in between is rotated out too.
+        let (record, mut family) = match standing {
+            RefreshStanding::Current { record, family }
+            | RefreshStanding::InGrace { record, family } => (record, family),
         };
         let mut batch = WriteBatch::default();
         // The presented token's record is in hand already; only the family's
         // current one (a grace-period retry) needs reading.
-        if record.rotated_at.is_none() {
+        if record.rotated_at_ms.is_none() {
             let rotated = RefreshRecord {
-                rotated_at: Some(now),
+                rotated_at_ms: Some(now_ms),
                 ..record.clone()
             };
             batch.put(
@@ -202,10 +227,16 @@ impl TokenIssuer {
         }
         if family.current != claims.jti {
             let current = family.current.clone();
-            self.mark_rotated(&mut batch, &current, now)?;
+            self.mark_rotated(&mut batch, &current, now_ms)?;
         }
-        let refresh =
-            self.add_refresh(&mut batch, &record.family, &mut family, claims.user_id, now);
+        let refresh = self.add_refresh(
+            &mut batch,
+            &record.family,
+            &mut family,
+            claims.user_id,
+            stamp,
+            now,
+        );
         batch.put(
             Tree::TokenFamilies,
             record.family.as_bytes(),
@@ -219,27 +250,15 @@ impl TokenIssuer {
         })
     }
 
+    /// Logout: the family of a token the check accepts is revoked. A rotated-out token
+    /// within the grace logs out too; past the grace it is a reuse (family revoked,
+    /// 401). A token the check refuses otherwise changes nothing.
     fn blacklist(&mut self, token: &str) -> Result<(), RefreshError> {
-        let claims = self.keys.verify(token, TokenType::Refresh)?;
-        let store = self.store.as_ref();
-        let not_before = users::load(store, claims.user_id)?.map_or(0, |u| u.tokens_not_before);
-        let now = crate::now_unix();
-        match records::refresh_state(store, &claims, not_before)?? {
-            RefreshState::Current(record, family) => {
-                self.revoke_family(&record.family, family, now)?
-            }
-            RefreshState::RotatedOut(record, family, at) => {
-                self.revoke_family(&record.family, family, now)?;
-                if now - at > self.reuse_grace {
-                    self.metrics.reuse_detected();
-                    tracing::warn!(
-                        user_id = claims.user_id,
-                        "rotated-out refresh token presented for logout"
-                    );
-                    return Err(TokenError::Blacklisted.into());
-                }
-            }
-        }
+        let now_ms = crate::tokens::now_ms();
+        let (_, standing) = self.accepted_refresh(token, now_ms)?;
+        let (RefreshStanding::Current { record, family }
+        | RefreshStanding::InGrace { record, family }) = standing;
+        self.revoke_family(&record.family, family, now_ms / 1000)?;
         Ok(())
     }
 
@@ -319,13 +338,16 @@ pub struct TokenPair {
 #[rtype(result = "Result<TokenPair, StorageError>")]
 pub struct IssuePair {
     pub user_id: UserId,
+    /// The user's token stamp as the registry's login answer carries it: a revoke that
+    /// lands after that answer makes this pair refused, as it must.
+    pub stamp: u64,
 }
 
 impl Handler<IssuePair> for TokenIssuer {
     type Result = ResponseFuture<Result<TokenPair, StorageError>>;
 
     fn handle(&mut self, msg: IssuePair, _: &mut Context<Self>) -> Self::Result {
-        let now = crate::now_unix();
+        let now = crate::tokens::now_ms() / 1000;
         let family_id = crate::random_hex(16);
         let mut family = Family {
             user_id: msg.user_id,
@@ -335,13 +357,22 @@ impl Handler<IssuePair> for TokenIssuer {
             revoked_at: None,
         };
         let mut batch = WriteBatch::default();
-        let refresh = self.add_refresh(&mut batch, &family_id, &mut family, msg.user_id, now);
+        let refresh = self.add_refresh(
+            &mut batch,
+            &family_id,
+            &mut family,
+            msg.user_id,
+            msg.stamp,
+            now,
+        );
         batch.put(
             Tree::TokenFamilies,
             family_id.as_bytes(),
             records::encode(&family),
         );
-        let access = self.keys.sign(TokenType::Access, msg.user_id, now);
+        let access = self
+            .keys
+            .sign(TokenType::Access, msg.user_id, msg.stamp, now);
         self.metrics.tokens_issued(1, 1);
         let applied = self.store.apply(batch);
         self.wrote = false;

@@ -195,10 +195,13 @@ impl UserRegistry {
         self.update(id, |user| user.disabled = disabled)
     }
 
-    /// Refuses every token of the user issued before now (see `tokens_not_before`).
+    /// Refuses every token of the user issued so far: they carry the old token stamp.
+    /// Exact by construction (no clock involved); tokens signed after this write carry
+    /// the new stamp. (Wrapping only after 2^64 revokes, and it still changes the stamp.)
     pub fn revoke_tokens(&mut self, id: UserId) -> Result<Option<User>, StorageError> {
-        let now = crate::now_unix();
-        self.update(id, |user| user.tokens_not_before = now)
+        self.update(id, |user| {
+            user.token_stamp = user.token_stamp.wrapping_add(1)
+        })
     }
 }
 

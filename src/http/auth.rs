@@ -1,13 +1,14 @@
 //! The access-token extractor: the per-request hot path.
 //!
-//! It verifies with the shared, immutable [`JwtKeys`](crate::tokens::JwtKeys) and
-//! reads the user through the shared read handle: no actor, no queue, no lock.
+//! It asks the one token check ([`crate::tokens::check`]) with the shared, immutable
+//! keys and the shared read handle: one user read, no actor, no queue, no lock.
 //! Its refusals match simplejwt 5.5's `JWTAuthentication` for the same input.
 
 use super::AppState;
 use crate::error::{ApiError, AuthError};
-use crate::tokens::{TokenError, TokenType};
-use crate::users::{self, User};
+use crate::tokens::check::{self, Accept, CheckError};
+use crate::tokens::TokenError;
+use crate::users::User;
 use actix_web::dev::Payload;
 use actix_web::{http::header, web, FromRequest, HttpRequest};
 use std::future::{ready, Ready};
@@ -29,20 +30,17 @@ fn authenticate(req: &HttpRequest) -> Result<Authenticated, ApiError> {
         .app_data::<web::Data<AppState>>()
         .ok_or_else(|| ApiError::Internal("AppState is not registered".into()))?;
     let token = bearer_token(req)?;
-    let claims = state
-        .keys
-        .verify(token, TokenType::Access)
-        .map_err(AuthError::TokenNotValid)?;
-    let user =
-        users::load(state.reader.as_ref(), claims.user_id)?.ok_or(AuthError::UserNotFound)?;
-    if user.disabled {
-        return Err(AuthError::UserInactive.into());
+    match check::check(
+        &state.keys,
+        state.reader.as_ref(),
+        token,
+        Accept::Access,
+        crate::tokens::now_ms(),
+    ) {
+        Ok(accepted) => Ok(Authenticated(accepted.user)),
+        Err(CheckError::Refused(refusal)) => Err(AuthError::from(refusal).into()),
+        Err(CheckError::Storage(e)) => Err(e.into()),
     }
-    if claims.iat < user.tokens_not_before {
-        // Revoked by "revoke all": simplejwt has no message for it, so "invalid".
-        return Err(AuthError::TokenNotValid(TokenError::Invalid).into());
-    }
-    Ok(Authenticated(user))
 }
 
 /// simplejwt's `get_raw_token`: split the header on whitespace; a first word other

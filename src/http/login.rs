@@ -48,7 +48,10 @@ pub async fn login(
     // The pair is durable on return, and its commit covers the registry's writes above.
     let pair = state
         .issuer
-        .send(IssuePair { user_id: user.id })
+        .send(IssuePair {
+            user_id: user.id,
+            stamp: user.token_stamp,
+        })
         .timeout(super::ACTOR_TIMEOUT)
         .await??;
     if created {

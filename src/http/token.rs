@@ -3,9 +3,8 @@
 use super::{body::Fields, AppState};
 use crate::actors::issuer::{Blacklist, Refresh};
 use crate::error::ApiError;
-use crate::tokens::records::{self, RefreshState};
+use crate::tokens::check::{self, Accept, CheckError, RefreshStanding};
 use crate::tokens::TokenError;
-use crate::users;
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
@@ -22,19 +21,23 @@ pub async fn refresh(state: web::Data<AppState>, fields: Fields) -> Result<HttpR
     }))
 }
 
-/// Any valid token, access or refresh. A refresh token must also still be its
-/// family's current one: rotated-out and logged-out tokens are blacklisted.
+/// Any token the one check accepts, access or refresh. A refresh token must also be
+/// its family's current one: rotated out (even within the grace) is blacklisted.
 pub async fn verify(state: web::Data<AppState>, fields: Fields) -> Result<HttpResponse, ApiError> {
     let token = fields.required_str("token")?;
-    let claims = state.keys.verify_any(token)?;
-    if claims.token_type == "refresh" {
-        let store = state.reader.as_ref();
-        let not_before = users::load(store, claims.user_id)?.map_or(0, |u| u.tokens_not_before);
-        match records::refresh_state(store, &claims, not_before)? {
-            Ok(RefreshState::Current(..)) => {}
-            Ok(RefreshState::RotatedOut(..)) => return Err(TokenError::Blacklisted.into()),
-            Err(e) => return Err(e.into()),
-        }
+    let accepted = match check::check(
+        &state.keys,
+        state.reader.as_ref(),
+        token,
+        Accept::AnyType,
+        crate::tokens::now_ms(),
+    ) {
+        Ok(accepted) => accepted,
+        Err(CheckError::Refused(refusal)) => return Err(ApiError::from_verify_refusal(refusal)),
+        Err(CheckError::Storage(e)) => return Err(e.into()),
+    };
+    if let Some(RefreshStanding::InGrace { .. }) = accepted.refresh {
+        return Err(TokenError::Blacklisted.into());
     }
     Ok(HttpResponse::Ok().json(json!({})))
 }

@@ -2,7 +2,9 @@
 //!
 //! [`JwtKeys`] is immutable after start-up and shared by `Arc`: the access-token
 //! extractor verifies with it on every request without going through an actor.
+//! Whether a presented token counts is decided in one place, [`check`].
 
+pub mod check;
 pub mod records;
 
 use crate::config::{ConfigError, JwtConfig};
@@ -14,7 +16,16 @@ use std::path::Path;
 /// File (in the data directory) holding the generated HMAC key.
 pub const GENERATED_KEY_FILE: &str = "jwt_signing_key";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Milliseconds since the Unix epoch: the clock of every token rule (claims are
+/// whole seconds; rotation times and the grace and leeway are milliseconds).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TokenType {
     Access,
     Refresh,
@@ -29,15 +40,27 @@ impl TokenType {
     }
 }
 
-/// simplejwt's claims, plus `sub`, and `iss`/`aud` when configured.
+/// simplejwt's claims, plus `sub` and `stamp`, and `iss`/`aud` when configured.
+/// An unknown `token_type` does not deserialize: the token is invalid.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
-    pub token_type: String,
+    pub token_type: TokenType,
     pub exp: i64,
     pub iat: i64,
     pub jti: String,
     pub user_id: UserId,
-    pub sub: String,
+    /// The user id as a string. simplejwt's own tokens have none, so it is optional
+    /// when read; when present it must name `user_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    /// The user's token stamp when the token was issued: `wxauth tokens revoke` bumps
+    /// the user's stamp, and a token whose stamp differs is refused. Tokens from before
+    /// stamps existed have none, which counts as 0 (a user's stamp until a revoke).
+    #[serde(default)]
+    pub stamp: u64,
+    /// Never issued by us; honoured (PyJWT's rule) when someone else's token has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -70,8 +93,14 @@ pub struct JwtKeys {
     validation: Validation,
     issuer: Option<String>,
     audience: Option<String>,
+    /// Lifetimes in seconds (claims are whole seconds; config bounds them to 10 years).
     pub access_ttl: i64,
     pub refresh_ttl: i64,
+    /// Clock skew allowed on `exp`, `iat` and `nbf`, in milliseconds.
+    pub leeway_ms: i64,
+    /// How long a rotated-out refresh token may be presented again (a retry), in
+    /// milliseconds; 0 turns the grace off.
+    pub reuse_grace_ms: i64,
 }
 
 impl JwtKeys {
@@ -128,24 +157,15 @@ impl JwtKeys {
         let mut header = Header::new(algorithm);
         header.kid = Some(kid);
 
+        // jsonwebtoken checks the algorithm and the signature only: every claim rule
+        // (times in milliseconds, iss/aud, sub, type) is in `check`, in PyJWT's order.
         let mut validation = Validation::new(algorithm);
-        validation.leeway = cfg.leeway.as_secs();
-        // A configured iss/aud must be present, not merely right when present.
-        let mut required = vec!["exp"];
-        match &cfg.audience {
-            Some(aud) => {
-                validation.set_audience(&[aud]);
-                required.push("aud");
-            }
-            // Checked in verify_any: like PyJWT, a token naming an audience is
-            // refused when none is configured.
-            None => validation.validate_aud = false,
-        }
-        if let Some(iss) = &cfg.issuer {
-            validation.set_issuer(&[iss]);
-            required.push("iss");
-        }
-        validation.set_required_spec_claims(&required);
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.validate_aud = false;
+        validation.set_required_spec_claims::<&str>(&[]);
+        let millis = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let secs = |d: std::time::Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
         Ok(JwtKeys {
             header,
             encoding,
@@ -153,8 +173,10 @@ impl JwtKeys {
             validation,
             issuer: cfg.issuer.clone(),
             audience: cfg.audience.clone(),
-            access_ttl: cfg.access_ttl.as_secs() as i64,
-            refresh_ttl: cfg.refresh_ttl.as_secs() as i64,
+            access_ttl: secs(cfg.access_ttl),
+            refresh_ttl: secs(cfg.refresh_ttl),
+            leeway_ms: millis(cfg.leeway),
+            reuse_grace_ms: millis(cfg.reuse_grace),
         })
     }
 
@@ -162,19 +184,22 @@ impl JwtKeys {
         self.header.kid.as_deref().unwrap_or_default()
     }
 
-    /// Signs a new token of `kind` for `user_id`, with a fresh jti, issued `now`.
-    pub fn sign(&self, kind: TokenType, user_id: UserId, now: i64) -> Signed {
+    /// Signs a new token of `kind` for `user_id` carrying the user's token `stamp`,
+    /// with a fresh jti, issued at `now` (unix seconds).
+    pub fn sign(&self, kind: TokenType, user_id: UserId, stamp: u64, now: i64) -> Signed {
         let ttl = match kind {
             TokenType::Access => self.access_ttl,
             TokenType::Refresh => self.refresh_ttl,
         };
         let claims = Claims {
-            token_type: kind.as_str().into(),
-            exp: now + ttl,
+            token_type: kind,
+            exp: now.saturating_add(ttl),
             iat: now,
             jti: crate::random_hex(16),
             user_id,
-            sub: user_id.to_string(),
+            sub: Some(user_id.to_string()),
+            stamp,
+            nbf: None,
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
         };
@@ -183,31 +208,12 @@ impl JwtKeys {
         Signed { token, claims }
     }
 
-    /// Checks signature, algorithm, `exp`, `iss`/`aud` and the token type.
-    pub fn verify(&self, token: &str, expected: TokenType) -> Result<Claims, TokenError> {
-        let claims = self.verify_any(token)?;
-        if claims.token_type != expected.as_str() {
-            return Err(TokenError::WrongType);
-        }
-        Ok(claims)
-    }
-
-    /// Like [`verify`](Self::verify) for a token of either type (the verify endpoint).
-    pub fn verify_any(&self, token: &str) -> Result<Claims, TokenError> {
-        use jsonwebtoken::errors::ErrorKind;
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|e| match e.kind() {
-                ErrorKind::ExpiredSignature => TokenError::Expired,
-                _ => TokenError::Invalid,
-            })?;
-        let claims = data.claims;
-        if self.audience.is_none() && claims.aud.is_some() {
-            return Err(TokenError::Invalid);
-        }
-        if claims.token_type != "access" && claims.token_type != "refresh" {
-            return Err(TokenError::Invalid);
-        }
-        Ok(claims)
+    /// The claims of a token whose algorithm and signature are right. Nothing else is
+    /// checked here: [`check`] decides whether the token counts.
+    fn decode_signed(&self, token: &str) -> Result<Claims, TokenError> {
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map(|data| data.claims)
+            .map_err(|_| TokenError::Invalid)
     }
 }
 

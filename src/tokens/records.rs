@@ -5,19 +5,47 @@
 //! - `refresh_tokens`: jti → [`RefreshRecord`]
 //! - `token_families`: family id → [`Family`]
 
-use super::{Claims, TokenError};
 use crate::storage::{ReadStore, StorageError, Tree};
 use crate::users::UserId;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(from = "StoredRefreshRecord")]
 pub struct RefreshRecord {
     pub family: String,
     pub user_id: UserId,
+    /// The token's `exp` (unix seconds).
     pub exp: i64,
-    /// Set when a refresh replaced this token (unix seconds).
+    /// Set when a refresh replaced this token (unix milliseconds): the reuse grace
+    /// counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated_at_ms: Option<i64>,
+}
+
+/// A refresh record as stored by any version: before rotation times were exact,
+/// `rotated_at` was whole unix seconds. Read both; write only milliseconds.
+#[derive(Deserialize)]
+struct StoredRefreshRecord {
+    family: String,
+    user_id: UserId,
+    exp: i64,
     #[serde(default)]
-    pub rotated_at: Option<i64>,
+    rotated_at_ms: Option<i64>,
+    #[serde(default)]
+    rotated_at: Option<i64>,
+}
+
+impl From<StoredRefreshRecord> for RefreshRecord {
+    fn from(stored: StoredRefreshRecord) -> Self {
+        RefreshRecord {
+            family: stored.family,
+            user_id: stored.user_id,
+            exp: stored.exp,
+            rotated_at_ms: stored
+                .rotated_at_ms
+                .or_else(|| stored.rotated_at.map(|secs| secs.saturating_mul(1000))),
+        }
+    }
 }
 
 /// One login's chain of refresh tokens; revoking it ends them all.
@@ -29,6 +57,8 @@ pub struct Family {
     pub exp: i64,
     /// The jti of the one refresh token that may rotate without a grace check.
     pub current: String,
+    /// Set when the family was revoked (unix seconds; only its presence is read:
+    /// a revoked family is a state, not a time comparison).
     #[serde(default)]
     pub revoked_at: Option<i64>,
 }
@@ -63,36 +93,6 @@ pub fn load_family(store: &dyn ReadStore, id: &str) -> Result<Option<Family>, St
         .transpose()
 }
 
-/// What the store says about a signature-checked refresh token.
-pub enum RefreshState {
-    /// The family's current token.
-    Current(RefreshRecord, Family),
-    /// Replaced at `rotated_at`; a reuse unless inside the grace period.
-    RotatedOut(RefreshRecord, Family, i64),
-}
-
-/// Looks up a verified refresh token. Unknown tokens are invalid; tokens of a revoked
-/// family, or issued before the user's `tokens_not_before`, are blacklisted.
-pub fn refresh_state(
-    store: &dyn ReadStore,
-    claims: &Claims,
-    tokens_not_before: i64,
-) -> Result<Result<RefreshState, TokenError>, StorageError> {
-    let Some(record) = load_refresh(store, &claims.jti)? else {
-        return Ok(Err(TokenError::Invalid));
-    };
-    let Some(family) = load_family(store, &record.family)? else {
-        return Ok(Err(TokenError::Blacklisted));
-    };
-    if family.revoked_at.is_some() || claims.iat < tokens_not_before {
-        return Ok(Err(TokenError::Blacklisted));
-    }
-    Ok(Ok(match record.rotated_at {
-        None => RefreshState::Current(record, family),
-        Some(at) => RefreshState::RotatedOut(record, family, at),
-    }))
-}
-
 /// Revokes every live family of `user_id` (a full scan: an operator action, not a
 /// request path). Returns how many were revoked. Only the token issuer, or the
 /// admin CLI with the server stopped, calls this.
@@ -118,4 +118,31 @@ pub fn revoke_user_families(
     }
     store.apply(batch)?;
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_times_in_seconds_still_load_as_milliseconds() {
+        let old: RefreshRecord = serde_json::from_slice(
+            br#"{"family":"f","user_id":3,"exp":1700000100,"rotated_at":1700000000}"#,
+        )
+        .unwrap();
+        assert_eq!(old.rotated_at_ms, Some(1_700_000_000_000));
+        let current: RefreshRecord =
+            serde_json::from_slice(br#"{"family":"f","user_id":3,"exp":1700000100}"#).unwrap();
+        assert_eq!(current.rotated_at_ms, None);
+
+        let rotated = RefreshRecord {
+            rotated_at_ms: Some(1_700_000_000_123),
+            ..current
+        };
+        let text = String::from_utf8(encode(&rotated)).unwrap();
+        assert!(text.contains(r#""rotated_at_ms":1700000000123"#), "{text}");
+        assert!(!text.contains(r#""rotated_at":"#), "{text}");
+        let again: RefreshRecord = serde_json::from_str(&text).unwrap();
+        assert_eq!(again.rotated_at_ms, Some(1_700_000_000_123));
+    }
 }
