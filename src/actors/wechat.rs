@@ -598,3 +598,37 @@ fn log_failure(appid: &str, e: &WeChatError) {
         other => tracing::warn!(appid, error = ?other, "jscode2session failed"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wechat_ids_are_1_to_64_of_the_url_safe_alphabet() {
+        assert!(is_wechat_id("oVBkZ0aYgDMDIywRdgPW8-joxXc4"));
+        assert!(is_wechat_id(&"a".repeat(64)));
+        for bad in ["", "o x", "o\0x", "o\u{1b}x", "o\u{202e}x", "o.x", "o+x"] {
+            assert!(!is_wechat_id(bad), "{bad:?}");
+        }
+        assert!(!is_wechat_id(&"a".repeat(65)));
+    }
+
+    #[test]
+    fn session_keys_are_padded_standard_base64() {
+        assert!(is_standard_base64("tiihtNczf5v6AKRyjwEUhQ==", 64));
+        assert!(is_standard_base64("abc+/def", 64));
+        for bad in ["", "====", "abc", "ab=c", "abc===", "ab-_", "not base64!"] {
+            assert!(!is_standard_base64(bad, 64), "{bad:?}");
+        }
+        assert!(!is_standard_base64(&"A".repeat(68), 64));
+    }
+
+    #[test]
+    fn a_bad_session_key_is_refused_without_quoting_it() {
+        let refused = checked_session("o-ok".into(), None, "secret value!".into());
+        match refused {
+            Err(WeChatError::Malformed(why)) => assert!(!why.contains("secret value")),
+            other => panic!("accepted: {other:?}"),
+        }
+    }
+}
