@@ -110,30 +110,31 @@ fn an_ordinary_login_is_answered_within_its_deadline_while_150_slow_logins_run()
 #[test]
 fn the_wait_for_a_call_slot_counts_against_the_login_deadline() {
     let mock = MockWeChat::start();
-    // A 3 s deadline, the default 16 slots, and a wait for a slot that may use it all.
+    // A 4 s deadline, the default 16 slots, and a wait for a slot that may use it all.
     let server = TestServer::start(
         TestConfig::against(&mock)
-            .with_env("WXAUTH_WECHAT__TIMEOUT", "3s")
-            .with_env("WXAUTH_WECHAT__QUEUE_TIMEOUT", "3s"),
+            .with_env("WXAUTH_WECHAT__TIMEOUT", "4s")
+            .with_env("WXAUTH_WECHAT__QUEUE_TIMEOUT", "4s"),
     );
-    let deadline = Duration::from_secs(3);
+    let deadline = Duration::from_secs(4);
     std::thread::scope(|s| {
         let server = &server;
         let holders: Vec<_> = (0..16)
-            .map(|i| s.spawn(move || timed_login(server, &format!("slow2500:holder{i}"))))
+            .map(|i| s.spawn(move || timed_login(server, &format!("slow3500:holder{i}"))))
             .collect();
         wait_for(Duration::from_secs(20), "every slot to be taken", || {
             let calls: usize = (0..16)
-                .map(|i| mock.calls(&format!("slow2500:holder{i}")))
+                .map(|i| mock.calls(&format!("slow3500:holder{i}")))
                 .sum();
             (calls == 16).then_some(())
         });
-        // Waits about 2.5 s for a slot; its call gets only what is left of the 3 s.
-        let (reply, took) = timed_login(server, "slow3000:late");
+        // Waits about 3.5 s for a slot; its call gets only what is left of the 4 s
+        // (with a fresh 4 s it would take about 7.5 s).
+        let (reply, took) = timed_login(server, "slow4000:late");
         reply.assert_error(504, "upstream_timeout");
-        assert_eq!(mock.calls("slow3000:late"), 1, "called with the time left");
+        assert_eq!(mock.calls("slow4000:late"), 1, "called with the time left");
         assert!(
-            took < deadline + Duration::from_millis(1500),
+            took < deadline + Duration::from_millis(2500),
             "took {took:?}: the call had a fresh timeout after the wait"
         );
         for holder in holders {
