@@ -94,6 +94,11 @@ pub struct WeChatConfig {
     #[serde(deserialize_with = "de_duration")]
     pub timeout: Duration,
     pub retries: u32,
+    /// jscode2session calls in flight at once (the worker threads).
+    pub max_concurrent_calls: usize,
+    /// How long a login may wait for a free call slot before 503 `upstream_busy`.
+    #[serde(deserialize_with = "de_duration")]
+    pub queue_timeout: Duration,
     pub mock: bool,
     /// Users of different configured apps who share a WeChat unionid are one local user.
     pub link_by_unionid: bool,
@@ -109,6 +114,8 @@ impl Default for WeChatConfig {
             api_base: "https://api.weixin.qq.com".into(),
             timeout: Duration::from_secs(5),
             retries: 2,
+            max_concurrent_calls: 16,
+            queue_timeout: Duration::from_secs(1),
             mock: false,
             link_by_unionid: false,
         }
@@ -352,6 +359,18 @@ impl Config {
         }
         if w.retries > 10 {
             return Err(ConfigError::new("wechat.retries", "must be 10 or fewer"));
+        }
+        if w.max_concurrent_calls == 0 || w.max_concurrent_calls > 256 {
+            return Err(ConfigError::new(
+                "wechat.max_concurrent_calls",
+                "must be between 1 and 256",
+            ));
+        }
+        if w.queue_timeout > Duration::from_secs(60) {
+            return Err(ConfigError::new(
+                "wechat.queue_timeout",
+                "must be 60s or less",
+            ));
         }
         let mut apps = Vec::new();
         if w.appid.is_some() || w.secret.is_some() || w.secret_file.is_some() {

@@ -86,7 +86,7 @@ impl ApiError {
                 WeChatError::UserBlocked => "user_blocked",
                 WeChatError::RateLimited => "rate_limited",
                 WeChatError::Config(_) => "wechat_config_error",
-                WeChatError::Busy => "upstream_busy",
+                WeChatError::Busy | WeChatError::NoCallSlot => "upstream_busy",
                 WeChatError::Timeout => "upstream_timeout",
                 WeChatError::Http(_)
                 | WeChatError::Malformed(_)
@@ -114,7 +114,7 @@ impl ApiError {
         match self {
             ApiError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
             ApiError::WeChat(WeChatError::RateLimited) => Some(60),
-            ApiError::WeChat(WeChatError::Busy) => Some(1),
+            ApiError::WeChat(WeChatError::Busy | WeChatError::NoCallSlot) => Some(1),
             ApiError::Storage(StorageError::Corrupt { .. }) => None,
             ApiError::Storage(_) => Some(5),
             ApiError::Unavailable(_) => Some(1),
@@ -137,7 +137,7 @@ impl ResponseError for ApiError {
                 WeChatError::CodeInvalid | WeChatError::CodeUsed => StatusCode::UNAUTHORIZED,
                 WeChatError::UserBlocked => StatusCode::FORBIDDEN,
                 WeChatError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-                WeChatError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+                WeChatError::Busy | WeChatError::NoCallSlot => StatusCode::SERVICE_UNAVAILABLE,
                 WeChatError::Timeout => StatusCode::GATEWAY_TIMEOUT,
                 WeChatError::Config(_)
                 | WeChatError::Http(_)

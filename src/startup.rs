@@ -15,8 +15,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Blocking jscode2session calls that may run at once (each waits up to `wechat.timeout`).
-const WECHAT_THREADS: usize = 16;
 /// How long SIGTERM waits for in-flight requests before closing connections.
 const SHUTDOWN_GRACE_SECS: u64 = 30;
 
@@ -113,7 +111,7 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         metrics.clone(),
     );
     let issuer = TokenIssuer::start_in_arbiter(&issuer_arbiter.handle(), move |_| issuer);
-    let wechat = wechat::start(&cfg.wechat, &loaded.apps, WECHAT_THREADS, metrics.clone());
+    let wechat = wechat::start(&cfg.wechat, &loaded.apps, metrics.clone());
     let admin_socket = admin::serve(admin::ServerContext {
         store: store.clone(),
         data_dir: cfg.storage.path.clone(),
@@ -167,7 +165,10 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     .workers(cfg.server.workers)
     .shutdown_timeout(SHUTDOWN_GRACE_SECS)
     // Our own handler below tells systemd STOPPING=1 before draining.
-    .disable_signals();
+    .disable_signals()
+    // A client that closes its side has gone (as nginx takes it): its handler is
+    // dropped, so a login still waiting for a WeChat call slot is never sent.
+    .h1_allow_half_closed(false);
     let https = tls.is_some();
     let server = match tls {
         Some(tls) => server.bind_rustls_0_23(bind, tls),

@@ -4,6 +4,14 @@
 //! submission of a code already being exchanged (a double tap) waits for the same
 //! answer instead of spending the code twice. The blocking HTTP call itself runs on
 //! [`WeChatWorker`]s, a `SyncArbiter` pool, never on an async worker thread.
+//!
+//! Bounds: every login has one deadline, `wechat.timeout` from when its handler
+//! started, covering the wait for a call slot, the call and its retries. A call starts
+//! only once it holds one of `wechat.max_concurrent_calls` slots (as many as there are
+//! workers, so the workers never queue); a login that cannot get one within
+//! `wechat.queue_timeout` is refused at once with 503 `upstream_busy`. A call whose
+//! clients have all gone by the time its slot comes up is never sent: the code stays
+//! unspent.
 
 use crate::config::{WeChatApp, WeChatConfig};
 use crate::metrics::Metrics;
@@ -12,9 +20,9 @@ use actix::prelude::*;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde::Deserialize;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 /// What WeChat tells us about a code.
 #[derive(Debug, Clone)]
@@ -39,6 +47,9 @@ pub enum WeChatError {
     Config(i64),
     #[error("WeChat is busy; try again shortly.")]
     Busy,
+    /// Every call slot stayed busy for `wechat.queue_timeout`: refused before any call.
+    #[error("Too many logins are waiting for WeChat; try again shortly.")]
+    NoCallSlot,
     #[error("WeChat did not answer in time.")]
     Timeout,
     #[error("WeChat answered with HTTP status {0}.")]
@@ -54,18 +65,67 @@ pub enum WeChatError {
 }
 
 /// Exchange a `wx.login()` code for a session. `appid` must be a configured app.
+/// Answered at once with the [`PendingSession`] to wait on.
 #[derive(Message, Clone)]
-#[rtype(result = "Result<Session, WeChatError>")]
+#[rtype(result = "PendingSession")]
 pub struct Code2Session {
     pub appid: String,
     pub code: String,
+    /// When the login began: its WeChat deadline is this plus `wechat.timeout`.
+    pub started: Instant,
 }
 
+/// A code exchange under way. The login awaits [`PendingSession::answer`]; when the
+/// login is dropped (its client left), so is this, and a call not yet started for
+/// it is never made.
+#[derive(MessageResponse)]
+pub struct PendingSession {
+    answer: oneshot::Receiver<Result<Session, WeChatError>>,
+    deadline: Instant,
+}
+
+impl PendingSession {
+    /// The session, or why not, by the login's deadline (plus a short grace for the
+    /// call's own timeout to answer first).
+    pub async fn answer(self) -> Result<Session, WeChatError> {
+        match tokio::time::timeout_at((self.deadline + ANSWER_GRACE).into(), self.answer).await {
+            Ok(answer) => answer.unwrap_or(Err(WeChatError::Unavailable)),
+            Err(_) => Err(WeChatError::Timeout),
+        }
+    }
+}
+
+/// One call for a worker, sent only while a call slot is held.
+#[derive(Message)]
+#[rtype(result = "Result<Session, WeChatError>")]
+struct Exchange {
+    appid: String,
+    code: String,
+    deadline: Instant,
+}
+
+/// How long past its deadline a login waits for the worker's own answer (the call's
+/// timeout ends it at the deadline) before it is answered `upstream_timeout` anyway.
+const ANSWER_GRACE: Duration = Duration::from_millis(500);
+/// How often a login waiting for a call slot looks whether its clients are still there.
+const CLIENT_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
 type Waiter = oneshot::Sender<Result<Session, WeChatError>>;
+/// (appid, code): submissions with the same key share one call.
+type CallKey = (String, String);
 
 pub struct WeChatClient {
+    calls: Arc<Calls>,
+    login_timeout: Duration,
+}
+
+/// What the client's spawned calls share with it.
+struct Calls {
     workers: Addr<WeChatWorker>,
-    in_flight: HashMap<(String, String), Vec<Waiter>>,
+    /// One permit per worker: a call starts only with one in hand.
+    slots: Arc<Semaphore>,
+    queue_timeout: Duration,
+    in_flight: Mutex<HashMap<CallKey, Vec<Waiter>>>,
 }
 
 impl Actor for WeChatClient {
@@ -73,24 +133,118 @@ impl Actor for WeChatClient {
 }
 
 impl Handler<Code2Session> for WeChatClient {
-    type Result = ResponseFuture<Result<Session, WeChatError>>;
+    type Result = PendingSession;
 
     fn handle(&mut self, msg: Code2Session, ctx: &mut Context<Self>) -> Self::Result {
+        let deadline = msg.started + self.login_timeout;
         let (tx, rx) = oneshot::channel();
-        let key = (msg.appid.clone(), msg.code.clone());
-        if let Some(waiters) = self.in_flight.get_mut(&key) {
-            waiters.push(tx);
-        } else {
-            self.in_flight.insert(key.clone(), vec![tx]);
-            let call = self.workers.send(msg);
-            ctx.spawn(call.into_actor(self).map(move |result, this, _| {
-                let result = result.unwrap_or(Err(WeChatError::Unavailable));
-                for waiter in this.in_flight.remove(&key).unwrap_or_default() {
-                    let _ = waiter.send(result.clone());
+        let key = (msg.appid, msg.code);
+        let first = {
+            let mut in_flight = self.calls.in_flight();
+            match in_flight.get_mut(&key) {
+                Some(waiters) => {
+                    waiters.push(tx);
+                    false
                 }
-            }));
+                None => {
+                    in_flight.insert(key.clone(), vec![tx]);
+                    true
+                }
+            }
+        };
+        if first {
+            ctx.spawn(fut::wrap_future(self.calls.clone().run(key, deadline)));
         }
-        Box::pin(async move { rx.await.unwrap_or(Err(WeChatError::Unavailable)) })
+        PendingSession {
+            answer: rx,
+            deadline,
+        }
+    }
+}
+
+impl Calls {
+    fn in_flight(&self) -> MutexGuard<'_, HashMap<CallKey, Vec<Waiter>>> {
+        // Never held across an await or a panic-prone call: a poisoned map is still sound.
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits for a slot, makes the call, and answers every waiter of `key`.
+    async fn run(self: Arc<Self>, key: CallKey, deadline: Instant) {
+        let result = match self.take_slot(&key, deadline).await {
+            Err(refused) => Err(refused),
+            Ok(None) => return,
+            Ok(Some(slot)) => {
+                if self.everyone_left(&key) {
+                    tracing::debug!(
+                        "every client of a login left before its WeChat call: not sent"
+                    );
+                    return;
+                }
+                let exchange = Exchange {
+                    appid: key.0.clone(),
+                    code: key.1.clone(),
+                    deadline,
+                };
+                let result = self.workers.send(exchange).await;
+                drop(slot);
+                result.unwrap_or(Err(WeChatError::Unavailable))
+            }
+        };
+        for waiter in self.in_flight().remove(&key).unwrap_or_default() {
+            let _ = waiter.send(result.clone());
+        }
+    }
+
+    /// A call slot, waiting at most `wechat.queue_timeout` and never past the deadline.
+    /// `None` when every client of `key` left while it waited (the entry is dropped):
+    /// a place in the queue is not held for nobody.
+    async fn take_slot(
+        &self,
+        key: &CallKey,
+        deadline: Instant,
+    ) -> Result<Option<OwnedSemaphorePermit>, WeChatError> {
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            return Ok(Some(slot));
+        }
+        tracing::debug!("login waits for a WeChat call slot");
+        let wait = self
+            .queue_timeout
+            .min(deadline.saturating_duration_since(Instant::now()));
+        let slot = self.slots.clone().acquire_owned();
+        let give_up = tokio::time::sleep(wait);
+        tokio::pin!(slot, give_up);
+        let mut check_clients = tokio::time::interval(CLIENT_CHECK_INTERVAL);
+        loop {
+            tokio::select! {
+                slot = &mut slot => return slot.map(Some).map_err(|_closed| WeChatError::Unavailable),
+                _ = &mut give_up => {
+                    tracing::warn!(
+                        waited_ms = wait.as_millis() as u64,
+                        "every WeChat call slot is busy: login refused with upstream_busy"
+                    );
+                    return Err(WeChatError::NoCallSlot);
+                }
+                _ = check_clients.tick() => {
+                    if self.everyone_left(key) {
+                        tracing::debug!("every client of a login left while it waited for a WeChat call slot");
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// True (and the entry dropped) when every client of this call has gone: the
+    /// call is not made, so the code stays unspent for a retry.
+    fn everyone_left(&self, key: &CallKey) -> bool {
+        let mut in_flight = self.in_flight();
+        let gone = in_flight
+            .get(key)
+            .is_none_or(|waiters| waiters.iter().all(|w| w.is_closed()));
+        if gone {
+            in_flight.remove(key);
+        }
+        gone
     }
 }
 
@@ -116,10 +270,14 @@ impl Actor for WeChatWorker {
     type Context = SyncContext<Self>;
 }
 
-impl Handler<Code2Session> for WeChatWorker {
+impl Handler<Exchange> for WeChatWorker {
     type Result = Result<Session, WeChatError>;
 
-    fn handle(&mut self, msg: Code2Session, _: &mut SyncContext<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Exchange, _: &mut SyncContext<Self>) -> Self::Result {
+        // No call that could not finish in time: the code stays unspent.
+        if Instant::now() >= msg.deadline {
+            return Err(WeChatError::Timeout);
+        }
         match self.upstream.as_ref() {
             Upstream::Mock => {
                 let started = Instant::now();
@@ -128,24 +286,27 @@ impl Handler<Code2Session> for WeChatWorker {
                     .observe_wechat(outcome_label(&result), started.elapsed());
                 result
             }
-            Upstream::Http(http) => http.exchange(&msg.appid, &msg.code, &self.metrics),
+            Upstream::Http(http) => {
+                http.exchange(&msg.appid, &msg.code, msg.deadline, &self.metrics)
+            }
         }
     }
 }
 
-/// Starts the worker pool (`threads` blocking calls at once) and the coalescing client.
-pub fn start(
-    cfg: &WeChatConfig,
-    apps: &[WeChatApp],
-    threads: usize,
-    metrics: Arc<Metrics>,
-) -> Addr<WeChatClient> {
+/// Starts the worker pool (`wechat.max_concurrent_calls` blocking calls at once, one
+/// per call slot) and the coalescing client.
+pub fn start(cfg: &WeChatConfig, apps: &[WeChatApp], metrics: Arc<Metrics>) -> Addr<WeChatClient> {
+    let threads = cfg.max_concurrent_calls;
     let upstream = Arc::new(if cfg.mock {
         Upstream::Mock
     } else {
         let config = ureq::Agent::config_builder()
+            // Each call also gets the time left of its login's deadline (see `call`).
             .timeout_global(Some(cfg.timeout))
             .http_status_as_error(false)
+            // A redirect is answered, never followed: it would carry the AppSecret in
+            // the query string to whatever host the Location names.
+            .max_redirects(0)
             // One pooled connection per worker thread (the total defaults to 10).
             .max_idle_connections(threads)
             .max_idle_connections_per_host(threads)
@@ -166,8 +327,13 @@ pub fn start(
         metrics: metrics.clone(),
     });
     WeChatClient {
-        workers,
-        in_flight: HashMap::new(),
+        calls: Arc::new(Calls {
+            workers,
+            slots: Arc::new(Semaphore::new(threads)),
+            queue_timeout: cfg.queue_timeout,
+            in_flight: Mutex::new(HashMap::new()),
+        }),
+        login_timeout: cfg.timeout,
     }
     .start()
 }
@@ -175,11 +341,10 @@ pub fn start(
 /// The built-in mock: `name.anything` logs in the user `name`; anything else is 40029.
 fn mock_exchange(code: &str) -> Result<Session, WeChatError> {
     match code.split_once('.') {
-        Some((name, _)) if !name.is_empty() => Ok(Session {
-            openid: format!("mock-openid-{name}"),
-            unionid: None,
-            session_key: Secret::new(crate::random_hex(12)),
-        }),
+        // Checked like WeChat's answers: nothing unchecked is ever stored.
+        Some((name, _)) if !name.is_empty() => {
+            checked_session(format!("mock-openid-{name}"), None, crate::random_hex(12))
+        }
         _ => Err(WeChatError::CodeInvalid),
     }
 }
@@ -204,7 +369,14 @@ const BUSY_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_REPLY_BYTES: u64 = 64 * 1024;
 
 impl HttpUpstream {
-    fn exchange(&self, appid: &str, code: &str, metrics: &Metrics) -> Result<Session, WeChatError> {
+    /// Calls (and retries) until an answer or `deadline`, the end of the login's time.
+    fn exchange(
+        &self,
+        appid: &str,
+        code: &str,
+        deadline: Instant,
+        metrics: &Metrics,
+    ) -> Result<Session, WeChatError> {
         let Some(secret) = self.secrets.get(appid) else {
             return Err(WeChatError::Config(0));
         };
@@ -220,12 +392,16 @@ impl HttpUpstream {
         let mut attempt = 0;
         loop {
             let started = Instant::now();
-            let result = self.call(&url);
+            let result = self.call(&url, deadline.saturating_duration_since(started));
             metrics.observe_wechat(outcome_label(&result), started.elapsed());
             match result {
                 // Retry only what cannot have spent the code: WeChat's explicit "busy",
-                // and a connection that failed before the request was sent.
-                Err(WeChatError::Busy | WeChatError::Connect(_)) if attempt < self.retries => {
+                // and a connection that failed before the request was sent; and only
+                // while the backoff leaves time for another call.
+                Err(WeChatError::Busy | WeChatError::Connect(_))
+                    if attempt < self.retries
+                        && Instant::now() + BUSY_BACKOFF * (attempt + 1) < deadline =>
+                {
                     attempt += 1;
                     std::thread::sleep(BUSY_BACKOFF * attempt);
                 }
@@ -238,8 +414,18 @@ impl HttpUpstream {
         }
     }
 
-    fn call(&self, url: &str) -> Result<Session, WeChatError> {
-        let mut response = self.agent.get(url).call().map_err(transport_error)?;
+    /// One call, cut off after `time_left` (the rest of the login's deadline).
+    fn call(&self, url: &str, time_left: Duration) -> Result<Session, WeChatError> {
+        let mut response = self
+            .agent
+            .get(url)
+            .config()
+            .timeout_global(Some(time_left))
+            .build()
+            .call()
+            .map_err(transport_error)?;
+        // A 3xx lands here too (redirects are never followed). Only the status is
+        // kept: its Location is neither followed nor logged.
         let status = response.status().as_u16();
         if status != 200 {
             return Err(WeChatError::Http(status));
@@ -252,7 +438,9 @@ impl HttpUpstream {
             .read_to_vec()
             .map_err(|e| match e {
                 ureq::Error::Timeout(_) => WeChatError::Timeout,
-                other => WeChatError::Malformed(other.to_string()),
+                other => {
+                    WeChatError::Malformed(format!("reading the body: {}", error_kind(&other)))
+                }
             })?;
         let reply: Jscode2SessionReply = serde_json::from_slice(&body)
             .map_err(|e| WeChatError::Malformed(format!("not JSON: {e}")))?;
@@ -261,11 +449,7 @@ impl HttpUpstream {
                 (Some(openid), Some(session_key))
                     if !openid.is_empty() && !session_key.is_empty() =>
                 {
-                    Ok(Session {
-                        openid,
-                        unionid: reply.unionid.filter(|u| !u.is_empty()),
-                        session_key: Secret::new(session_key),
-                    })
+                    checked_session(openid, reply.unionid, session_key)
                 }
                 _ => Err(WeChatError::Malformed(
                     "errcode 0 without openid or session_key".into(),
@@ -292,7 +476,7 @@ fn outcome_label(result: &Result<Session, WeChatError>) -> &'static str {
             WeChatError::UserBlocked => "user_blocked",
             WeChatError::RateLimited => "rate_limited",
             WeChatError::Config(_) => "config_error",
-            WeChatError::Busy => "busy",
+            WeChatError::Busy | WeChatError::NoCallSlot => "busy",
             WeChatError::Timeout => "timeout",
             WeChatError::Http(_) => "http_error",
             WeChatError::Malformed(_) => "malformed",
@@ -319,10 +503,84 @@ fn transport_error(e: ureq::Error) -> WeChatError {
         }
         // Its text would contain the URL, and so the secret.
         ureq::Error::BadUri(_) => WeChatError::Malformed("bad URL: check wechat.api_base".into()),
-        // Anything else may have happened after the request left: not retried.
-        ureq::Error::Io(io) => WeChatError::Malformed(format!("I/O error: {}", io.kind())),
-        other => WeChatError::Malformed(format!("{other}")),
+        // Anything else may have happened after the request left: not retried. Only
+        // the kind is kept: some ureq errors carry the URL (the secret) or header values.
+        other => WeChatError::Malformed(format!("transport error: {}", error_kind(&other))),
     }
+}
+
+/// A ureq error's kind, without its text (which may hold the URL or what WeChat sent).
+fn error_kind(e: &ureq::Error) -> String {
+    let kind = match e {
+        ureq::Error::Io(io) => return format!("I/O ({})", io.kind()),
+        ureq::Error::Protocol(_) => "HTTP protocol",
+        ureq::Error::Http(_) => "HTTP request",
+        ureq::Error::BadUri(_) => "bad URL",
+        ureq::Error::Timeout(_) => "timeout",
+        ureq::Error::HostNotFound => "host not found",
+        ureq::Error::ConnectionFailed => "connection failed",
+        ureq::Error::TooManyRedirects | ureq::Error::RedirectFailed => "redirect",
+        ureq::Error::LargeResponseHeader(..) => "response header too large",
+        ureq::Error::Tls(_) | ureq::Error::Rustls(_) | ureq::Error::Pem(_) => "TLS",
+        ureq::Error::Decompress(..) => "decompression",
+        _ => "other",
+    };
+    kind.to_string()
+}
+
+/// Longest openid or unionid accepted (WeChat's are 28 characters).
+const MAX_WECHAT_ID_LEN: usize = 64;
+/// Longest session_key accepted (WeChat's are 24: base64 of 16 bytes).
+const MAX_SESSION_KEY_LEN: usize = 64;
+
+/// The session, if what WeChat sent has the shape WeChat's ids and keys have:
+/// anything else (control characters, bidi marks, kilobytes) is never stored.
+/// The messages name the rule, never the value.
+fn checked_session(
+    openid: String,
+    unionid: Option<String>,
+    session_key: String,
+) -> Result<Session, WeChatError> {
+    if !is_wechat_id(&openid) {
+        return Err(WeChatError::Malformed(
+            "openid is not 1 to 64 characters of [A-Za-z0-9_-]".into(),
+        ));
+    }
+    let unionid = unionid.filter(|u| !u.is_empty());
+    if unionid.as_deref().is_some_and(|u| !is_wechat_id(u)) {
+        return Err(WeChatError::Malformed(
+            "unionid is not 1 to 64 characters of [A-Za-z0-9_-]".into(),
+        ));
+    }
+    if !is_standard_base64(&session_key, MAX_SESSION_KEY_LEN) {
+        return Err(WeChatError::Malformed(
+            "session_key is not standard base64 of at most 64 characters".into(),
+        ));
+    }
+    Ok(Session {
+        openid,
+        unionid,
+        session_key: Secret::new(session_key),
+    })
+}
+
+fn is_wechat_id(id: &str) -> bool {
+    (1..=MAX_WECHAT_ID_LEN).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Standard alphabet, padded to a multiple of four, at most `max_len` characters.
+fn is_standard_base64(text: &str, max_len: usize) -> bool {
+    let unpadded = text.trim_end_matches('=');
+    !unpadded.is_empty()
+        && text.len() <= max_len
+        && text.len() % 4 == 0
+        && text.len() - unpadded.len() <= 2
+        && unpadded
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
 }
 
 fn log_failure(appid: &str, e: &WeChatError) {
@@ -338,5 +596,39 @@ fn log_failure(appid: &str, e: &WeChatError) {
             tracing::info!(appid, reason = %e, "login refused by WeChat")
         }
         other => tracing::warn!(appid, error = ?other, "jscode2session failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wechat_ids_are_1_to_64_of_the_url_safe_alphabet() {
+        assert!(is_wechat_id("oVBkZ0aYgDMDIywRdgPW8-joxXc4"));
+        assert!(is_wechat_id(&"a".repeat(64)));
+        for bad in ["", "o x", "o\0x", "o\u{1b}x", "o\u{202e}x", "o.x", "o+x"] {
+            assert!(!is_wechat_id(bad), "{bad:?}");
+        }
+        assert!(!is_wechat_id(&"a".repeat(65)));
+    }
+
+    #[test]
+    fn session_keys_are_padded_standard_base64() {
+        assert!(is_standard_base64("tiihtNczf5v6AKRyjwEUhQ==", 64));
+        assert!(is_standard_base64("abc+/def", 64));
+        for bad in ["", "====", "abc", "ab=c", "abc===", "ab-_", "not base64!"] {
+            assert!(!is_standard_base64(bad, 64), "{bad:?}");
+        }
+        assert!(!is_standard_base64(&"A".repeat(68), 64));
+    }
+
+    #[test]
+    fn a_bad_session_key_is_refused_without_quoting_it() {
+        let refused = checked_session("o-ok".into(), None, "secret value!".into());
+        match refused {
+            Err(WeChatError::Malformed(why)) => assert!(!why.contains("secret value")),
+            other => panic!("accepted: {other:?}"),
+        }
     }
 }

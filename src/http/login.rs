@@ -7,6 +7,7 @@ use crate::actors::wechat::Code2Session;
 use crate::error::ApiError;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
+use std::time::Instant;
 
 const MAX_CODE_LEN: usize = 128;
 
@@ -15,6 +16,8 @@ pub async fn login(
     state: web::Data<AppState>,
     fields: Fields,
 ) -> Result<HttpResponse, ApiError> {
+    // The WeChat deadline (`wechat.timeout`) counts from here.
+    let started = Instant::now();
     state.limit_login(&req)?;
     let code = fields.required_str("code")?;
     if code.is_empty()
@@ -29,13 +32,19 @@ pub async fn login(
         .resolve_app(fields.optional_str("appid")?)?
         .to_string();
 
+    // The client answers at once with the call to wait on; that wait ends by the
+    // login's deadline. Dropping it (the client left) cancels a call not yet started.
     let session = state
         .wechat
         .send(Code2Session {
             appid: appid.clone(),
             code: code.to_string(),
+            started,
         })
-        .await??;
+        .timeout(super::ACTOR_TIMEOUT)
+        .await?
+        .answer()
+        .await?;
     let (user, created) = match state
         .registry
         .send(RecordLogin { appid, session })

@@ -2,19 +2,32 @@
 //! `Content-Type: text/plain`, JSON with `errcode`/`errmsg` (errmsg with a varying
 //! `rid` suffix), and single-use codes.
 //!
-//! The code chooses the behaviour: `<prefix>:<name>[.<anything>]`, user openid `o-<name>`.
+//! The code chooses the behaviour: `<prefix>:<name>[.<anything>]`, user openid `o-<name>`
+//! (WeChat-shaped: a name that is not 1–62 of `[A-Za-z0-9_-]` becomes a hash, see
+//! [`openid_for`]).
 //! - `ok:` success (a code works once; again → 40163)
 //! - `union:<name>.<unionid>` success with a unionid
 //! - `busyN:` -1 for the first N calls of the code, then success
 //! - `slowMS:` sleeps MS milliseconds, then success
 //! - `errN:` errcode N
 //! - `http500:` HTTP 500 · `html:` an HTML page · `nosession:` errcode 0 without session_key
+//! - `hold:` waits until [`MockWeChat::release_holds`] (at most 30 s), then success
+//! - `redirect302:<name>` / `redirect307:<name>` a redirect to [`MockWeChat::redirect_to`]'s
+//!   server, carrying the query (AppSecret included) with `js_code=ok:<name>`, which
+//!   that server would accept
+//! - `garbage:` an answer that is not HTTP (echoing the request target, as a hostile
+//!   server could)
+//! - `badopenid:nul|esc|rlo|long`, `badunionid:space`, `badkey:` errcode 0 with an openid
+//!   holding NUL / ESC / U+202E or 10 KB long, a unionid with a space, a session_key
+//!   that is not base64
+//!
+//! Session keys are base64 of 16 bytes, as WeChat's are.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 #[derive(Default)]
@@ -27,11 +40,19 @@ pub struct MockState {
     pub session_keys: Vec<String>,
     /// (appid, secret, grant_type) of each call.
     pub credentials: Vec<(String, String, String)>,
+    /// Where `redirect…:` codes point (a base URL).
+    pub redirect_to: Option<String>,
+    /// Set by `release_holds`: `hold:` codes answer from then on.
+    pub holds_released: bool,
+    /// Every request the server received, on any path.
+    pub requests: usize,
 }
 
 pub struct MockWeChat {
     stopped: Arc<AtomicBool>,
     pub state: Arc<Mutex<MockState>>,
+    /// Wakes `hold:` calls when the holds are released.
+    holds: Arc<Condvar>,
     port: u16,
 }
 
@@ -42,26 +63,44 @@ impl MockWeChat {
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(Mutex::new(MockState::default()));
         let stopped = Arc::new(AtomicBool::new(false));
-        let (st, stop) = (state.clone(), stopped.clone());
+        let holds = Arc::new(Condvar::new());
+        let (st, stop, hd) = (state.clone(), stopped.clone(), holds.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 if stop.load(Ordering::Relaxed) {
                     return;
                 }
                 let Ok(stream) = stream else { continue };
-                let st = st.clone();
-                std::thread::spawn(move || serve_connection(stream, &st));
+                let (st, hd) = (st.clone(), hd.clone());
+                std::thread::spawn(move || serve_connection(stream, &st, &hd));
             }
         });
         MockWeChat {
             stopped,
             state,
+            holds,
             port,
         }
     }
 
     pub fn base_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Every request received, whatever its path or code.
+    pub fn requests(&self) -> usize {
+        self.state.lock().unwrap().requests
+    }
+
+    /// `redirect…:` codes answer with a Location on this base URL.
+    pub fn redirect_to(&self, base_url: &str) {
+        self.state.lock().unwrap().redirect_to = Some(base_url.to_string());
+    }
+
+    /// Lets every `hold:` call (waiting or to come) answer.
+    pub fn release_holds(&self) {
+        self.state.lock().unwrap().holds_released = true;
+        self.holds.notify_all();
     }
 
     pub fn calls(&self, code: &str) -> usize {
@@ -85,7 +124,13 @@ impl Drop for MockWeChat {
 /// What the handler answers: status, content type, body.
 type Answer = (u16, &'static str, String);
 
-fn serve_connection(stream: TcpStream, state: &Mutex<MockState>) {
+/// Answers with a shape `Answer` cannot hold; the status carries which one.
+const STATUS_GARBAGE: u16 = 999;
+/// A redirect: `Answer`'s content type slot is unused, the body is the Location.
+const STATUS_REDIRECT_302: u16 = 302;
+const STATUS_REDIRECT_307: u16 = 307;
+
+fn serve_connection(stream: TcpStream, state: &Mutex<MockState>, holds: &Condvar) {
     let mut writer = stream.try_clone().expect("clone stream");
     let mut reader = BufReader::new(stream);
     loop {
@@ -108,12 +153,19 @@ fn serve_connection(stream: TcpStream, state: &Mutex<MockState>) {
             .nth(1)
             .unwrap_or("/")
             .to_string();
-        let (status, content_type, body) = handle(&target, state);
+        state.lock().unwrap().requests += 1;
+        let (status, content_type, body) = handle(&target, state, holds);
         // One write: head and body in separate segments would meet Nagle + delayed ACK.
-        let response = format!(
-            "HTTP/1.1 {status} X\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
+        let response = match status {
+            STATUS_GARBAGE => body,
+            STATUS_REDIRECT_302 | STATUS_REDIRECT_307 => format!(
+                "HTTP/1.1 {status} Moved\r\nLocation: {body}\r\nContent-Length: 0\r\n\r\n"
+            ),
+            _ => format!(
+                "HTTP/1.1 {status} X\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+        };
         if writer.write_all(response.as_bytes()).is_err() {
             return;
         }
@@ -136,7 +188,7 @@ fn errcode(code: i64, msg: &str) -> String {
     format!(r#"{{"errcode":{code},"errmsg":"{msg}, rid: {rid}"}}"#)
 }
 
-fn handle(url: &str, state: &Mutex<MockState>) -> Answer {
+fn handle(url: &str, state: &Mutex<MockState>, holds: &Condvar) -> Answer {
     let (path, query) = url.split_once('?').unwrap_or((url, ""));
     if path != "/sns/jscode2session" {
         return reply(404, "text/html", "<html>not found</html>".into());
@@ -193,6 +245,66 @@ fn handle(url: &str, state: &Mutex<MockState>) -> Answer {
             let n: i64 = p[3..].parse().unwrap_or(-2);
             return reply(200, "text/plain", errcode(n, "error"));
         }
+        "hold" => {
+            let st = state.lock().unwrap();
+            let _ = holds
+                .wait_timeout_while(st, Duration::from_secs(30), |st| !st.holds_released)
+                .unwrap();
+        }
+        "redirect302" | "redirect307" => {
+            let target = state
+                .lock()
+                .unwrap()
+                .redirect_to
+                .clone()
+                .unwrap_or_default();
+            let mut params: Vec<(String, String)> =
+                serde_urlencoded::from_str(query).unwrap_or_default();
+            for (k, v) in &mut params {
+                if k == "js_code" {
+                    *v = format!("ok:{name}");
+                }
+            }
+            let query = serde_urlencoded::to_string(&params).unwrap_or_default();
+            let status = if prefix == "redirect302" { 302 } else { 307 };
+            return reply(status, "", format!("{target}/sns/jscode2session?{query}"));
+        }
+        "garbage" => {
+            return reply(
+                STATUS_GARBAGE,
+                "",
+                format!("NOT-HTTP {url} \u{1}\r\n\r\n{{\"openid\":\"o-x\"}}"),
+            );
+        }
+        "badopenid" => {
+            let openid = match name {
+                "nul" => r"o-evil\u0000x".to_string(),
+                "esc" => r"o-evil\u001b[31mx".to_string(),
+                "rlo" => "o-evil\u{202e}x".to_string(),
+                _ => "o".repeat(10 * 1024),
+            };
+            let key = base64_key(0);
+            return reply(
+                200,
+                "text/plain",
+                format!(r#"{{"openid":"{openid}","session_key":"{key}"}}"#),
+            );
+        }
+        "badunionid" => {
+            let key = base64_key(0);
+            return reply(
+                200,
+                "text/plain",
+                format!(r#"{{"openid":"o-{name}","session_key":"{key}","unionid":"u {name}"}}"#),
+            );
+        }
+        "badkey" => {
+            return reply(
+                200,
+                "text/plain",
+                format!(r#"{{"openid":"o-{name}","session_key":"not base64!"}}"#),
+            );
+        }
         _ => return reply(200, "text/plain", errcode(40029, "invalid code")),
     }
     let session_key = {
@@ -202,21 +314,40 @@ fn handle(url: &str, state: &Mutex<MockState>) -> Answer {
             return reply(200, "text/plain", errcode(40163, "code been used"));
         }
         st.spent.push(code.clone());
-        let key = format!(
-            "sk{:x}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        );
+        let key = base64_key(st.session_keys.len() as u128);
         st.session_keys.push(key.clone());
         key
     };
+    let openid = openid_for(name);
     let body = match unionid {
         Some(u) => {
-            format!(r#"{{"openid":"o-{name}","session_key":"{session_key}","unionid":"{u}"}}"#)
+            format!(r#"{{"openid":"{openid}","session_key":"{session_key}","unionid":"{u}"}}"#)
         }
-        None => format!(r#"{{"openid":"o-{name}","session_key":"{session_key}"}}"#),
+        None => format!(r#"{{"openid":"{openid}","session_key":"{session_key}"}}"#),
     };
     reply(200, "text/plain", body)
+}
+
+/// A session key as WeChat makes them: base64 of 16 bytes (here: the time and `salt`).
+fn base64_key(salt: u128) -> String {
+    use base64::Engine;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    base64::engine::general_purpose::STANDARD.encode((nanos ^ (salt << 100)).to_le_bytes())
+}
+
+/// The openid the mock gives the user `name`: `o-<name>` when that has WeChat's shape
+/// (1–64 of `[A-Za-z0-9_-]`), else `o-h<hash of name>` (any code still logs in).
+pub fn openid_for(name: &str) -> String {
+    let shaped = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    if !name.is_empty() && name.len() <= 62 && name.chars().all(shaped) {
+        return format!("o-{name}");
+    }
+    // FNV-1a: the same name, the same openid, on every run.
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("o-h{hash:016x}")
 }
