@@ -12,6 +12,9 @@ use wxauth::startup::StartError;
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
+    // Before anything is created: every file and directory this process makes (the
+    // data directory, sled's files, the admin socket, a backup) is owner-only.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = Cli::parse();
     let config = cli.config.as_deref();
     match cli.command.unwrap_or(Command::Serve) {
