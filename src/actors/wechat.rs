@@ -7,7 +7,7 @@
 
 use crate::config::{WeChatApp, WeChatConfig};
 use crate::metrics::Metrics;
-use crate::secret::Secret;
+use crate::secret::{Secret, SessionKey};
 use actix::prelude::*;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde::Deserialize;
@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 pub struct Session {
     pub openid: String,
     pub unionid: Option<String>,
-    pub session_key: Secret,
+    pub session_key: SessionKey,
 }
 
 /// Every way a code exchange can fail; `error.rs` maps each to the contract's row.
@@ -178,7 +178,7 @@ fn mock_exchange(code: &str) -> Result<Session, WeChatError> {
         Some((name, _)) if !name.is_empty() => Ok(Session {
             openid: format!("mock-openid-{name}"),
             unionid: None,
-            session_key: Secret::new(crate::random_hex(12)),
+            session_key: SessionKey::new(crate::random_hex(12)),
         }),
         _ => Err(WeChatError::CodeInvalid),
     }
@@ -264,7 +264,7 @@ impl HttpUpstream {
                     Ok(Session {
                         openid,
                         unionid: reply.unionid.filter(|u| !u.is_empty()),
-                        session_key: Secret::new(session_key),
+                        session_key: SessionKey::new(session_key),
                     })
                 }
                 _ => Err(WeChatError::Malformed(
