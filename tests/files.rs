@@ -294,9 +294,11 @@ fn empty_environment_variables_mean_unset() {
 fn metrics_off_from_the_environment() {
     // An empty variable no longer says "off": the value "off" does.
     let mock = MockWeChat::start();
-    let server =
+    let mut server =
         TestServer::start(TestConfig::against(&mock).with_env("WXAUTH_METRICS__BIND", "off"));
     login(&server, "ok:ida.1");
+    // Stopped, so that a metrics line (logged after "listening") would be there.
+    assert_eq!(server.terminate().code(), Some(0));
     assert!(
         !server.logs().contains("serving metrics"),
         "no metrics listener:\n{}",

@@ -272,9 +272,12 @@ fn metrics_are_served_on_their_own_listener() {
     let server = TestServer::start(
         TestConfig::against(&mock).with_env("WXAUTH_METRICS__BIND", "127.0.0.1:0"),
     );
-    let metrics_addr = server
-        .log_field("serving metrics", "address")
-        .expect("metrics address in the log");
+    // Logged just after "listening" (where the harness stops waiting): poll for it.
+    let metrics_addr = wait_for(
+        Duration::from_secs(10),
+        "the metrics address in the log",
+        || server.log_field("serving metrics", "address"),
+    );
     let body = login(&server, "ok:kim.1");
     get(
         &server.url("/api/weixin/data/"),
