@@ -124,7 +124,7 @@ start_server() {
         WXAUTH_SERVER__BIND=127.0.0.1:0 \
         WXAUTH_STORAGE__PATH="$dir" \
         WXAUTH_LIMITS__LOGIN_PER_MINUTE=0 \
-        WXAUTH_METRICS__BIND= \
+        WXAUTH_METRICS__BIND=off \
         WXAUTH_LOG__LEVEL=warn \
         WXAUTH_JWT__ACCESS_TTL=1h \
         RUST_LOG=warn,wxauth::startup=info \

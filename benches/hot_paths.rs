@@ -32,7 +32,7 @@ use wxauth::actors::registry::{LoginOutcome, RecordLogin, UserRegistry};
 use wxauth::actors::wechat::Session;
 use wxauth::config::JwtConfig;
 use wxauth::metrics::Metrics;
-use wxauth::secret::Secret;
+use wxauth::secret::SessionKey;
 use wxauth::storage::{GroupCommit, SledStore, Store, Tree, WriteBatch};
 use wxauth::tokens::check::{self, Accept};
 use wxauth::tokens::{JwtKeys, TokenType};
@@ -62,7 +62,7 @@ fn session(openid: String) -> Session {
     Session {
         openid,
         unionid: None,
-        session_key: Secret::new("0123456789abcdef01234567"),
+        session_key: SessionKey::new("0123456789abcdef01234567"),
     }
 }
 

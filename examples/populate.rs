@@ -18,7 +18,7 @@
 
 use std::path::PathBuf;
 use std::time::Instant;
-use wxauth::secret::Secret;
+use wxauth::secret::SessionKey;
 use wxauth::storage::{ReadStore, SledStore, Store, Tree, WriteBatch};
 use wxauth::users::{self, User, NEXT_USER_ID_KEY};
 
@@ -53,7 +53,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let openid = format!("{prefix}s{i}");
             // The same length of session key as the mock and WeChat hand out.
             let session_key =
-                Secret::new(format!("{:024x}", id.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+                SessionKey::new(format!("{:024x}", id.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
             let user = User::new(id, &appid, &openid, None, session_key, now);
             batch.put(
                 Tree::UsersByOpenid,

@@ -11,11 +11,27 @@ use std::path::PathBuf;
 )]
 pub struct Cli {
     /// The config file (default: ./config.toml when it exists).
-    #[arg(long, global = true, env = "WXAUTH_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    #[arg(
+        long,
+        global = true,
+        env = "WXAUTH_CONFIG",
+        value_name = "FILE",
+        value_parser = clap::builder::TypedValueParser::map(clap::builder::OsStringValueParser::new(), PathBuf::from)
+    )]
+    config: Option<PathBuf>,
 
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+impl Cli {
+    /// The config file named by `--config` or `WXAUTH_CONFIG`. Empty is unset, like
+    /// every empty `WXAUTH_` variable.
+    pub fn config_file(&self) -> Option<&std::path::Path> {
+        self.config
+            .as_deref()
+            .filter(|path| !path.as_os_str().is_empty())
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -79,17 +95,39 @@ pub enum KeyAlgorithm {
     EdDsa,
 }
 
-/// A new signing key in the form `jwt.signing_key_file` reads.
+/// The DER before the 32-byte seed in a PKCS#8 v1 Ed25519 private key (RFC 8410,
+/// section 10.3): SEQUENCE { version 0, AlgorithmIdentifier { id-Ed25519 },
+/// OCTET STRING { OCTET STRING (32 bytes) } }.
+const ED25519_PKCS8_V1_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+/// A new signing key in the form `jwt.signing_key_file` reads: the PEM private keys
+/// are standard PKCS#8, which OpenSSL and Python's `cryptography` read too.
 pub fn generate_key(algorithm: KeyAlgorithm) -> String {
+    use ring::rand::SecureRandom;
     use ring::signature::{EcdsaKeyPair, Ed25519KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
     let rng = ring::rand::SystemRandom::new();
+    const RNG_FAILED: &str = "the OS random number generator failed";
     let pkcs8 = match algorithm {
         KeyAlgorithm::Hs256 => return format!("{}\n", crate::random_hex(32)),
-        KeyAlgorithm::Es256 => EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng),
-        KeyAlgorithm::EdDsa => Ed25519KeyPair::generate_pkcs8(&rng),
-    }
-    .expect("the OS random number generator failed");
-    pem::encode(&pem::Pem::new("PRIVATE KEY", pkcs8.as_ref().to_vec()))
+        KeyAlgorithm::Es256 => EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .expect(RNG_FAILED)
+            .as_ref()
+            .to_vec(),
+        // Not ring's generate_pkcs8: that writes PKCS#8 v2 (the public key included)
+        // in a form OpenSSL 3 and `cryptography` refuse. v1 is the seed alone.
+        KeyAlgorithm::EdDsa => {
+            let mut seed = [0u8; 32];
+            rng.fill(&mut seed).expect(RNG_FAILED);
+            let mut der = ED25519_PKCS8_V1_PREFIX.to_vec();
+            der.extend_from_slice(&seed);
+            Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
+                .expect("a 32-byte seed is always a valid Ed25519 key");
+            der
+        }
+    };
+    pem::encode(&pem::Pem::new("PRIVATE KEY", pkcs8))
 }
 
 /// GET /healthz on the configured address (a wildcard bind is probed on loopback).
@@ -118,5 +156,44 @@ pub fn healthcheck(cfg: &crate::config::Config) -> Result<(), String> {
         Ok(response) if response.status() == 200 => Ok(()),
         Ok(response) => Err(format!("{url} answered {}", response.status())),
         Err(e) => Err(format!("{url}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn der(pem_text: &str) -> Vec<u8> {
+        let parsed = pem::parse(pem_text).unwrap();
+        assert_eq!(parsed.tag(), "PRIVATE KEY");
+        parsed.contents().to_vec()
+    }
+
+    #[test]
+    fn an_eddsa_key_is_pkcs8_v1_per_rfc_8410() {
+        let first = der(&generate_key(KeyAlgorithm::EdDsa));
+        let second = der(&generate_key(KeyAlgorithm::EdDsa));
+        assert_eq!(first.len(), 48);
+        assert_eq!(
+            hex::encode(&first[..16]),
+            "302e020100300506032b657004220420"
+        );
+        assert_ne!(first[16..], second[16..], "a fresh seed each time");
+        ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&first).unwrap();
+    }
+
+    #[test]
+    fn es256_and_hs256_keys_have_their_forms() {
+        let es = der(&generate_key(KeyAlgorithm::Es256));
+        let rng = ring::rand::SystemRandom::new();
+        ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &es,
+            &rng,
+        )
+        .unwrap();
+        let hs = generate_key(KeyAlgorithm::Hs256);
+        assert_eq!(hs.trim_end().len(), 64);
+        assert!(hs.trim_end().bytes().all(|b| b.is_ascii_hexdigit()));
     }
 }

@@ -261,14 +261,24 @@ impl Config {
         if let Some(path) = &source {
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]));
+        figment = figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .filter(not_empty_in_env())
+                .split("__")
+                .ignore(&["config"]),
+        );
         Ok((figment, source))
     }
 
     /// Loads and validates everything the server needs, secret files included.
     pub fn load(explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
         let (figment, source) = Self::merged(explicit)?;
-        let config: Config = figment.extract().map_err(from_figment)?;
+        let mut config: Config = figment.extract().map_err(from_figment)?;
+        // "off" says from the environment what "" says in the file (an empty
+        // variable is unset).
+        if config.metrics.bind == "off" {
+            config.metrics.bind.clear();
+        }
         let mut warnings = unknown_keys(&figment);
         let apps = config.validate(&mut warnings)?;
         Ok(Loaded {
@@ -506,6 +516,24 @@ impl Config {
         // Checked by validate(); a Config that reaches here parses.
         self.server.bind.parse().expect("server.bind was validated")
     }
+}
+
+/// For `Env::filter` (which sees names with the prefix already taken off): keeps a
+/// `WXAUTH_` variable unless its value is empty. An empty variable means unset, the
+/// way operators blank one and systemd's `Environment=NAME=` writes one; to turn
+/// something off, set the documented value (`metrics.bind = "off"`, for one).
+fn not_empty_in_env() -> impl Fn(&figment::value::UncasedStr) -> bool + Clone + 'static {
+    let blank: Vec<String> = std::env::vars_os()
+        .filter(|(_, value)| value.is_empty())
+        .filter_map(|(name, _)| {
+            let name = name.to_str()?.trim();
+            let prefix = name.get(..ENV_PREFIX.len())?;
+            prefix
+                .eq_ignore_ascii_case(ENV_PREFIX)
+                .then(|| name[ENV_PREFIX.len()..].to_string())
+        })
+        .collect();
+    move |key| !blank.iter().any(|b| b.as_str() == key.as_str())
 }
 
 fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {

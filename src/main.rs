@@ -12,9 +12,13 @@ use wxauth::startup::StartError;
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let config = cli.config.as_deref();
-    match cli.command.unwrap_or(Command::Serve) {
+    // Before anything is created: every file and directory this process makes (the
+    // data directory, sled's files, the admin socket, a backup) is owner-only.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let mut cli = Cli::parse();
+    let command = cli.command.take();
+    let config = cli.config_file();
+    match command.unwrap_or(Command::Serve) {
         Command::Serve => serve(config),
         Command::CheckConfig => check_config(config),
         Command::Keygen { algorithm } => {

@@ -7,7 +7,7 @@
 //! - `users_by_unionid`: `unionid` → id (8 bytes BE)
 //! - `meta`: `next_user_id` → 8 bytes BE (ids are never reused)
 
-use crate::secret::Secret;
+use crate::secret::SessionKey;
 use crate::storage::{ReadStore, StorageError, Tree};
 use serde::{Deserialize, Serialize};
 
@@ -15,7 +15,13 @@ pub type UserId = u64;
 
 pub const NEXT_USER_ID_KEY: &[u8] = b"next_user_id";
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// No `Serialize`: the record is written only by [`encode`] (the one place the session
+/// key leaves its type); answers build their own views of it.
+///
+/// ```compile_fail
+/// fn leak(user: &wxauth::users::User) -> String { serde_json::to_string(user).unwrap() }
+/// ```
+#[derive(Debug, Clone, Deserialize)]
 pub struct User {
     pub id: UserId,
     pub appid: String,
@@ -23,7 +29,7 @@ pub struct User {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unionid: Option<String>,
     /// WeChat's latest session key for this user (for decrypting wx data later).
-    pub session_key: Secret,
+    pub session_key: SessionKey,
     /// Unix seconds.
     pub created_at: i64,
     pub last_login_at: i64,
@@ -47,7 +53,7 @@ impl User {
         appid: &str,
         openid: &str,
         unionid: Option<String>,
-        session_key: Secret,
+        session_key: SessionKey,
         now: i64,
     ) -> Self {
         User {
@@ -85,8 +91,52 @@ pub fn decode_id(tree: Tree, bytes: &[u8]) -> Result<UserId, StorageError> {
     Ok(UserId::from_be_bytes(raw))
 }
 
+/// The stored form of a [`User`]: the same JSON as ever (existing data directories
+/// and backups read unchanged), with the session key in clear; only [`encode`] makes
+/// one.
+#[derive(Serialize)]
+struct StoredUser<'a> {
+    id: UserId,
+    appid: &'a str,
+    openid: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unionid: &'a Option<String>,
+    session_key: &'a str,
+    created_at: i64,
+    last_login_at: i64,
+    disabled: bool,
+    token_stamp: u64,
+    tokens_not_before: i64,
+}
+
 pub fn encode(user: &User) -> Vec<u8> {
-    serde_json::to_vec(user).expect("a User always serializes")
+    // Destructured in full: a field added to User does not compile until it is
+    // stored here too.
+    let User {
+        id,
+        appid,
+        openid,
+        unionid,
+        session_key,
+        created_at,
+        last_login_at,
+        disabled,
+        token_stamp,
+        tokens_not_before,
+    } = user;
+    let stored = StoredUser {
+        id: *id,
+        appid,
+        openid,
+        unionid,
+        session_key: session_key.expose(),
+        created_at: *created_at,
+        last_login_at: *last_login_at,
+        disabled: *disabled,
+        token_stamp: *token_stamp,
+        tokens_not_before: *tokens_not_before,
+    };
+    serde_json::to_vec(&stored).expect("a User always serializes")
 }
 
 pub fn decode(bytes: &[u8]) -> Result<User, StorageError> {
@@ -135,4 +185,42 @@ pub fn rfc3339(unix: i64) -> String {
                 .ok()
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record as every earlier version wrote it.
+    const STORED: &str = r#"{"id":7,"appid":"wxa","openid":"o-7","unionid":"u-7","session_key":"tiihtNczf5v6AKRyjwEUhQ==","created_at":1700000000,"last_login_at":1700000100,"disabled":true,"tokens_not_before":1700000050}"#;
+
+    #[test]
+    fn the_stored_format_is_unchanged_and_round_trips() {
+        let user = decode(STORED.as_bytes()).unwrap();
+        assert_eq!(user.session_key.expose(), "tiihtNczf5v6AKRyjwEUhQ==");
+        // Re-encoded, it gains only the token stamp (0 for a record from before stamps).
+        assert_eq!(
+            String::from_utf8(encode(&user)).unwrap(),
+            STORED.replace(r#""disabled":true,"#, r#""disabled":true,"token_stamp":0,"#)
+        );
+        let mut new = User::new(8, "wxa", "o-8", None, SessionKey::new("k8"), 5);
+        new.tokens_not_before = 6;
+        new.token_stamp = 3;
+        let text = String::from_utf8(encode(&new)).unwrap();
+        assert_eq!(
+            text,
+            r#"{"id":8,"appid":"wxa","openid":"o-8","session_key":"k8","created_at":5,"last_login_at":5,"disabled":false,"token_stamp":3,"tokens_not_before":6}"#
+        );
+        // Records written before `disabled` and `tokens_not_before` existed.
+        let old = decode(br#"{"id":1,"appid":"a","openid":"o","session_key":"k","created_at":1,"last_login_at":2}"#).unwrap();
+        assert!(!old.disabled && old.tokens_not_before == 0 && old.token_stamp == 0);
+    }
+
+    #[test]
+    fn debug_of_a_user_redacts_the_session_key() {
+        let user = decode(STORED.as_bytes()).unwrap();
+        let debug = format!("{user:?}");
+        assert!(debug.contains("session_key: [redacted]"), "{debug}");
+        assert!(!debug.contains("tiihtNczf5v6AKRyjwEUhQ=="), "{debug}");
+    }
 }

@@ -96,7 +96,9 @@ fn sigterm_drains_a_request_in_flight() {
 }
 
 /// A burst of logins and refreshes from 8 clients; kill -9 while it runs; restart.
-/// Every login or refresh that was answered 200 must be there after the restart.
+/// Every login or refresh that was answered 200 must be there after the restart:
+/// the login's user and access token, and the refresh's rotation (its new refresh
+/// token rotates again, the one it replaced is refused).
 ///
 /// kill -9 keeps the kernel's page cache, so this proves the process-crash half of
 /// durability; that an answer waits for an fsync begun after its write is proven by
@@ -104,11 +106,15 @@ fn sigterm_drains_a_request_in_flight() {
 #[test]
 fn kill_9_during_a_burst_loses_no_answered_change() {
     let mock = MockWeChat::start();
-    let mut server = TestServer::start(TestConfig::against(&mock));
+    // Grace 0: a rotated-out token presented after the restart is refused, not
+    // answered with a fresh pair.
+    let mut server =
+        TestServer::start(TestConfig::against(&mock).with_env("WXAUTH_JWT__REUSE_GRACE", "0s"));
     let login_url = server.url("/api/weixin/login/");
     let refresh_url = server.url("/api/token/refresh/");
     let answered_logins = Mutex::new(Vec::new());
-    let answered_refreshes = Mutex::new(Vec::new());
+    // (the refresh token presented, the answer that rotated it)
+    let answered_refreshes = Mutex::new(Vec::<(String, serde_json::Value)>::new());
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         for client in 0..8 {
@@ -127,29 +133,41 @@ fn kill_9_during_a_burst_loses_no_answered_change() {
                     }
                     let body = reply.json();
                     logins.lock().unwrap().push(body.clone());
-                    let Some(reply) =
-                        try_post_json(refresh_url, &json!({ "refresh": body["refresh"] }))
+                    let presented = body["refresh"].as_str().unwrap().to_string();
+                    let Some(reply) = try_post_json(refresh_url, &json!({ "refresh": presented }))
                     else {
                         break;
                     };
                     if reply.status == 200 {
-                        refreshes.lock().unwrap().push(reply.json());
+                        refreshes.lock().unwrap().push((presented, reply.json()));
                     }
                 }
             });
         }
-        wait_for(Duration::from_secs(60), "200 answered logins", || {
-            (answered_logins.lock().unwrap().len() >= 200).then_some(())
-        });
+        wait_for(
+            Duration::from_secs(60),
+            "200 answered logins and 50 answered refreshes",
+            || {
+                (answered_logins.lock().unwrap().len() >= 200
+                    && answered_refreshes.lock().unwrap().len() >= 50)
+                    .then_some(())
+            },
+        );
         server.kill9();
         stop.store(true, Ordering::Relaxed);
     });
+    let killed_at = std::time::Instant::now();
     server.restart();
 
     let logins = answered_logins.into_inner().unwrap();
     let refreshes = answered_refreshes.into_inner().unwrap();
+    assert!(
+        logins.len() >= 200 && refreshes.len() >= 50,
+        "the burst was answered before the kill: {} logins, {} refreshes",
+        logins.len(),
+        refreshes.len()
+    );
     let data_url = server.url("/api/weixin/data/");
-    let mut users_back = 0;
     for body in &logins {
         let reply = get(&data_url, Some(&bearer(body["access"].as_str().unwrap())));
         assert_eq!(
@@ -158,24 +176,39 @@ fn kill_9_during_a_burst_loses_no_answered_change() {
             reply.text
         );
         assert_eq!(reply.json()["user"]["id"], body["user"]["id"]);
-        users_back += 1;
     }
-    let mut refreshes_back = 0;
-    for body in &refreshes {
+    for (_, answer) in &refreshes {
         // The rotated-in refresh token was recorded durably: it rotates again.
         let reply = post_json(
             &server.url("/api/token/refresh/"),
-            &json!({ "refresh": body["refresh"] }),
+            &json!({ "refresh": answer["refresh"] }),
         );
         assert_eq!(
             reply.status, 200,
             "an answered refresh was lost: {}",
             reply.text
         );
-        refreshes_back += 1;
+        let reply = get(&data_url, Some(&bearer(answer["access"].as_str().unwrap())));
+        assert_eq!(
+            reply.status, 200,
+            "the refresh's access token: {}",
+            reply.text
+        );
+    }
+    // Where rotation times are kept in whole seconds, grace 0 ends with the second
+    // of the rotation: let the second of the last one before the kill pass.
+    let second = Duration::from_millis(1100);
+    std::thread::sleep(second.saturating_sub(killed_at.elapsed()));
+    for (presented, _) in &refreshes {
+        // ...and the rotation itself survived: the token it replaced is refused.
+        let reply = post_json(
+            &server.url("/api/token/refresh/"),
+            &json!({ "refresh": presented }),
+        );
+        reply.assert_error(401, "token_not_valid");
     }
     eprintln!(
-        "kill -9 during burst: {users_back}/{} answered users back, {refreshes_back}/{} answered refreshes back",
+        "kill -9 during burst: {} answered logins and {} answered refreshes, all back",
         logins.len(),
         refreshes.len()
     );
@@ -228,18 +261,56 @@ fn logs_never_show_secrets_session_keys_tokens_or_codes() {
         logs.contains("errcode=40125"),
         "the config error was logged"
     );
-    let mut secrets = vec![SECRET.to_string()];
-    secrets.extend(mock.state.lock().unwrap().session_keys.clone());
-    secrets.extend(tokens);
-    secrets.extend(codes);
+    let session_keys = mock.state.lock().unwrap().session_keys.clone();
+    assert_eq!(session_keys.len(), 3, "the mock handed out session keys");
     let signing_key = std::fs::read_to_string(server.data_dir().join("jwt_signing_key")).unwrap();
-    secrets.push(signing_key);
-    for secret in &secrets {
-        // Tokens are long; any 20-character piece of one would be a leak too.
-        let probe = &secret[..secret.len().min(20)];
+    // Whole values: each is random or specific to this test, so any appearance is a
+    // leak. The code and the secret also as they travel in WeChat's query string.
+    let mut probes: Vec<String> = vec![SECRET.to_string(), percent_encoded(SECRET)];
+    probes.extend(session_keys);
+    probes.push(signing_key.trim_end().to_string());
+    probes.push(signing_key[..16].to_string());
+    for code in &codes {
+        probes.push(code.clone());
+        probes.push(percent_encoded(code));
+    }
+    // Tokens: not their first characters (the JWT header, the same in every token)
+    // but the parts that differ: the whole signature and payload, and every
+    // 16-character piece of either that no other token shares.
+    assert!(tokens.len() >= 5, "tokens were issued: {tokens:?}");
+    for token in &tokens {
+        let parts: Vec<&str> = token.split('.').collect();
+        assert_eq!(parts.len(), 3, "a JWT: {token}");
+        for part in &parts[1..] {
+            probes.push(part.to_string());
+            let mut distinct = 0;
+            for start in (0..part.len().saturating_sub(16)).step_by(8) {
+                let piece = &part[start..start + 16];
+                if tokens.iter().filter(|t| t.contains(piece)).count() == 1 {
+                    probes.push(piece.to_string());
+                    distinct += 1;
+                }
+            }
+            assert!(distinct > 0, "no piece of {part} is this token's own");
+        }
+    }
+    for probe in &probes {
         assert!(
-            !logs.contains(probe),
-            "the logs contain a secret ({probe}...):\n{logs}"
+            !logs.contains(probe.as_str()),
+            "the logs contain a secret ({probe}):\n{logs}"
         );
     }
+}
+
+/// As a query string carries it (every byte but letters and digits escaped).
+fn percent_encoded(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }

@@ -408,6 +408,21 @@ fn unionid_links_users_across_apps_when_configured() {
         b.json()["user"]["id"],
         "one unionid, one user"
     );
+
+    // Not configured: the same two logins are two users (so the above is the
+    // setting's doing, not a default).
+    let server = TestServer::start(with_second_app(TestConfig::against(&mock)));
+    let a = login(&server, "union:mia.U456");
+    let b = post_json(
+        &server.url("/api/weixin/login/"),
+        &json!({ "code": "union:mia-other-openid.U456", "appid": "wxsecondapp02" }),
+    );
+    assert_eq!(b.status, 200, "{}", b.text);
+    assert_ne!(
+        a["user"]["id"],
+        b.json()["user"]["id"],
+        "not linked by default"
+    );
 }
 
 #[test]

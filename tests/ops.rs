@@ -10,7 +10,7 @@ use std::time::Duration;
 
 #[test]
 fn disabling_a_user_through_the_running_server_takes_effect_at_once() {
-    let (_mock, server) = start_with_mock();
+    let (mock, server) = start_with_mock();
     let body = login(&server, "ok:ada.1");
     let id = body["user"]["id"].to_string();
     let access = body["access"].as_str().unwrap();
@@ -22,13 +22,31 @@ fn disabling_a_user_through_the_running_server_takes_effect_at_once() {
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     }
 
-    let listed = json_lines(&server.cli(&["users", "list"]));
+    let list = server.cli(&["users", "list"]);
+    let listed = json_lines(&list);
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0]["openid"], "o-ada");
-    assert!(
-        listed[0].get("session_key").is_none(),
-        "the session key is never shown"
-    );
+    // The session key is never shown, under any name: look for its value.
+    let session_key = mock.state.lock().unwrap().session_keys[0].clone();
+    let show = server.cli(&["users", "show", &id]);
+    let data = get(&server.url("/api/weixin/data/"), Some(&bearer(access)));
+    for (what, text) in [
+        (
+            "users list",
+            String::from_utf8_lossy(&list.stdout).into_owned(),
+        ),
+        (
+            "users show",
+            String::from_utf8_lossy(&show.stdout).into_owned(),
+        ),
+        ("/api/weixin/data/", data.text.clone()),
+    ] {
+        assert!(text.contains("o-ada"), "{what} shows the user: {text}");
+        assert!(
+            !text.contains(&session_key),
+            "{what} shows the session key: {text}"
+        );
+    }
 
     let shown = json_lines(&server.cli(&["users", "disable", &id]));
     assert_eq!(shown[0]["disabled"], true);
@@ -254,9 +272,12 @@ fn metrics_are_served_on_their_own_listener() {
     let server = TestServer::start(
         TestConfig::against(&mock).with_env("WXAUTH_METRICS__BIND", "127.0.0.1:0"),
     );
-    let metrics_addr = server
-        .log_field("serving metrics", "address")
-        .expect("metrics address in the log");
+    // Logged just after "listening" (where the harness stops waiting): poll for it.
+    let metrics_addr = wait_for(
+        Duration::from_secs(10),
+        "the metrics address in the log",
+        || server.log_field("serving metrics", "address"),
+    );
     let body = login(&server, "ok:kim.1");
     get(
         &server.url("/api/weixin/data/"),
@@ -571,6 +592,7 @@ fn restore_into_the_services_empty_directory_keeps_its_owner_and_cleans_up_on_fa
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let mut names = Vec::new();
     for entry in std::fs::read_dir(&data).unwrap() {
         let entry = entry.unwrap();
         assert_eq!(
@@ -578,6 +600,13 @@ fn restore_into_the_services_empty_directory_keeps_its_owner_and_cleans_up_on_fa
             nobody,
             "{} keeps the directory's owner",
             entry.path().display()
+        );
+        names.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    for restored in ["db", "conf", "jwt_signing_key"] {
+        assert!(
+            names.iter().any(|n| n == restored),
+            "{restored} in {names:?}"
         );
     }
 }

@@ -15,7 +15,7 @@
 
 use crate::config::{WeChatApp, WeChatConfig};
 use crate::metrics::Metrics;
-use crate::secret::Secret;
+use crate::secret::{Secret, SessionKey};
 use actix::prelude::*;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde::Deserialize;
@@ -29,7 +29,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 pub struct Session {
     pub openid: String,
     pub unionid: Option<String>,
-    pub session_key: Secret,
+    pub session_key: SessionKey,
 }
 
 /// Every way a code exchange can fail; `error.rs` maps each to the contract's row.
@@ -560,7 +560,7 @@ fn checked_session(
     Ok(Session {
         openid,
         unionid,
-        session_key: Secret::new(session_key),
+        session_key: SessionKey::new(session_key),
     })
 }
 

@@ -18,8 +18,26 @@ enum BodyKind {
 }
 
 /// The decoded fields of a request body.
-#[derive(Debug)]
 pub struct Fields(Map<String, Value>);
+
+/// Field names only: the values are codes, tokens and the like. A name that does not
+/// look like one of ours is hidden too (a form body `eyJ…` without `=` is a field
+/// named by a token).
+impl std::fmt::Debug for Fields {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const REDACTED: &str = "[redacted]";
+        let shown = |name: &str| {
+            name.len() <= 16 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        };
+        let mut map = f.debug_map();
+        for name in self.0.keys() {
+            let name = if shown(name) { name.as_str() } else { REDACTED };
+            map.key(&format_args!("{name}"))
+                .value(&format_args!("{REDACTED}"));
+        }
+        map.finish()
+    }
+}
 
 impl Fields {
     /// A required string field.
@@ -116,5 +134,26 @@ impl FromRequest for Fields {
             }
             decode(kind, &body)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_field_names_never_values() {
+        let token = "eyJhbGciOiJIUzI1NiJ9.eyJ1c2VyX2lkIjoxfQ.c2lnbmF0dXJlc2lnbmF0dXJl";
+        let body = format!(r#"{{"code": "0a1B2c3D4e5F", "refresh": "{token}", "n": 5}}"#);
+        let fields = decode(Some(BodyKind::Json), body.as_bytes()).unwrap();
+        let debug = format!("{fields:?}");
+        assert_eq!(
+            debug,
+            "{code: [redacted], n: [redacted], refresh: [redacted]}"
+        );
+        // A form body that is only a token: its "name" is the secret.
+        let fields = decode(Some(BodyKind::Form), token.as_bytes()).unwrap();
+        let debug = format!("{fields:?}");
+        assert_eq!(debug, "{[redacted]: [redacted]}");
     }
 }

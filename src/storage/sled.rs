@@ -62,17 +62,7 @@ impl SledStore {
     /// Opens (or creates) the database in `path`. Fails with [`StorageError::Locked`]
     /// when another process holds it: sled allows one process per directory.
     pub fn open(path: &Path, cache_capacity: u64) -> Result<Self, StorageError> {
-        use std::os::unix::fs::PermissionsExt;
-        if !path.exists() {
-            std::fs::create_dir_all(path)
-                .map_err(|e| StorageError::Io(format!("cannot create {}: {e}", path.display())))?;
-            // The trees hold WeChat session keys: only our user may enter the directory.
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(
-                |e| StorageError::Io(format!("cannot restrict {}: {e}", path.display())),
-            )?;
-        } else if std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
-            tracing::warn!(path = %path.display(), "the data directory is open to other users; chmod 700 it");
-        }
+        prepare_private_dir(path)?;
         let open = open_db(path, cache_capacity)?;
         Ok(SledStore {
             path: path.to_path_buf(),
@@ -91,6 +81,43 @@ impl SledStore {
         }
         Ok(guard)
     }
+}
+
+/// The trees hold WeChat session keys: only our user may enter the directory or
+/// read a file in it. A new directory is created 0700; an existing one that is open
+/// to others (or holds files an older version created 0644) is tightened, with a
+/// warning that says so. What sled creates afterwards is private by the umask.
+fn prepare_private_dir(path: &Path) -> Result<(), StorageError> {
+    use std::os::unix::fs::PermissionsExt;
+    let existing = match std::fs::metadata(path) {
+        Ok(meta) => Some(meta.permissions().mode() & 0o777),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(StorageError::Io(format!(
+                "cannot use {}: {e}",
+                path.display()
+            )))
+        }
+    };
+    let Some(mode) = existing else {
+        return crate::fsutil::create_private_dir(path)
+            .map_err(|e| StorageError::Io(format!("cannot create {}: {e}", path.display())));
+    };
+    let changed = crate::fsutil::restrict_tree(path).map_err(|e| {
+        StorageError::Io(format!(
+            "{} (mode {mode:o}) is open to other users and cannot be restricted to its owner: {e}; chmod -R go= it",
+            path.display()
+        ))
+    })?;
+    if changed > 0 {
+        tracing::warn!(
+            path = %path.display(),
+            was = %format!("{mode:o}"),
+            entries = changed,
+            "the data directory was open to other users: restricted it and its files to the owner (0700/0600)"
+        );
+    }
+    Ok(())
 }
 
 fn open_db(path: &Path, cache_capacity: u64) -> Result<Open, StorageError> {

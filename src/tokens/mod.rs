@@ -219,26 +219,10 @@ impl JwtKeys {
 
 /// The generated key lives in the data directory so that tokens survive restarts.
 fn load_or_generate_hmac_key(data_dir: &Path) -> std::io::Result<crate::secret::Secret> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = data_dir.join(GENERATED_KEY_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => return Ok(crate::secret::Secret::new(text.trim_end())),
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        Err(_) => {}
-    }
-    std::fs::create_dir_all(data_dir)?;
-    let key = crate::random_hex(32);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)?;
-    file.write_all(key.as_bytes())?;
-    file.sync_all()?;
-    std::fs::File::open(data_dir)?.sync_all()?;
-    tracing::info!(path = %path.display(), "generated a new JWT signing key");
-    Ok(crate::secret::Secret::new(key))
+    // 256 random bits as 64 hex characters: a shorter file is damage, not a key.
+    crate::fsutil::read_or_create_secret(&data_dir.join(GENERATED_KEY_FILE), 64, || {
+        crate::random_hex(32)
+    })
 }
 
 /// Signing and verification keys from a PEM private key (PKCS#8; PKCS#1 for RSA).
