@@ -4,6 +4,7 @@
 mod auth;
 mod body;
 mod data;
+pub mod deadline;
 mod health;
 mod login;
 mod observe;
