@@ -189,12 +189,13 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         commit: commit.clone(),
         apps: loaded.apps.iter().map(|a| a.appid.clone()).collect(),
         limiter: (cfg.limits.login_per_minute > 0)
-            .then(|| LoginLimiter::new(cfg.limits.login_per_minute)),
+            .then(|| LoginLimiter::new(cfg.limits.login_per_minute, cfg.limits.ipv6_prefix)),
         trusted_proxies: cfg
             .server
             .trusted_proxies
             .iter()
             .filter_map(|p| p.parse().ok())
+            .map(http::canonical_ip)
             .collect(),
         metrics,
     });
