@@ -68,7 +68,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         store.apply(batch)?;
         done += n;
         if done % 100_000 == 0 {
-            eprintln!("fill_expired: {} records, {:.1?}", done * 2, started.elapsed());
+            eprintln!(
+                "fill_expired: {} records, {:.1?}",
+                done * 2,
+                started.elapsed()
+            );
         }
     }
     store.flush()?;

@@ -291,3 +291,17 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     tracing::info!("stopped: storage flushed");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::connection_cap;
+
+    #[test]
+    fn the_connection_cap_leaves_descriptors_for_the_rest_of_the_server() {
+        assert_eq!(connection_cap(10_000, None), 10_000);
+        assert_eq!(connection_cap(10_000, Some(1_048_576)), 10_000);
+        assert_eq!(connection_cap(10_000, Some(1024)), 768);
+        assert_eq!(connection_cap(10_000, Some(256)), 128);
+        assert_eq!(connection_cap(10, Some(1024)), 10);
+    }
+}

@@ -193,3 +193,33 @@ fn stalled_request_heads_are_closed_within_the_deadline() {
     wait_until_all_closed(&mut connections, REQUEST_TIMEOUT + MARGIN);
     assert_eq!(get(&server.url("/healthz"), None).status, 200);
 }
+
+/// Known gap: actix-http 3.20 arms its head timer for the first request of a
+/// connection only, and clears the keep-alive timer at the first byte of the next
+/// one, so a kept-alive connection whose second head stalls is held. Bounding it
+/// needs a per-connection read deadline below actix-http (an I/O wrapper under
+/// `HttpService`); until then `server.max_connections` bounds the damage.
+#[test]
+#[ignore = "known gap: a stalled second head on a kept-alive connection is not timed (actix-http)"]
+fn a_stalled_second_head_on_a_kept_alive_connection_is_closed() {
+    let (_mock, server) = server_with_request_timeout();
+    let addr = address(&server);
+    let mut stream = TcpStream::connect(&addr).expect("connect");
+    stream
+        .write_all(format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut first = [0u8; 12];
+    stream.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    stream.write_all(b"GET /heal").unwrap();
+    stream.set_nonblocking(true).unwrap();
+    let mut connection = Stalled {
+        stream,
+        received: Vec::new(),
+        closed: false,
+    };
+    wait_until_all_closed(
+        std::slice::from_mut(&mut connection),
+        REQUEST_TIMEOUT + MARGIN,
+    );
+}
