@@ -47,7 +47,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut batch = WriteBatch::default();
         for i in done..done + n {
             let family_id = scattered_id(i, 0x5eed_f00d);
-            let jti = scattered_id(i, 0x0ddb_a11);
+            let jti = scattered_id(i, 0x00dd_ba11);
             let user_id = 1 + i % 1000;
             let record = RefreshRecord {
                 family: family_id.clone(),

@@ -22,6 +22,8 @@ const SHUTDOWN_GRACE_SECS: u64 = 30;
 /// File descriptors kept free of client connections: storage, the admin socket,
 /// WeChat calls, the metrics listener, logs.
 const FD_RESERVE: u64 = 256;
+/// How long an idle kept-alive connection stays open (actix-web's default).
+const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit (a default soft limit of 1024
 /// is a few hundred slow clients away from refusing everything). Returns the soft
@@ -59,10 +61,9 @@ fn connection_cap(configured: usize, open_files: Option<u64>) -> usize {
     let Some(open_files) = open_files else {
         return configured;
     };
-    let usable = open_files
-        .saturating_sub(FD_RESERVE)
-        .max(open_files / 2)
-        .max(1);
+    // Two descriptors per connection: its socket, and the duplicate its watch holds
+    // (http::deadline::watch_connection).
+    let usable = (open_files.saturating_sub(FD_RESERVE).max(open_files / 2) / 2).max(1);
     let usable = usize::try_from(usable).unwrap_or(usize::MAX);
     if usable < configured {
         tracing::warn!(
@@ -217,9 +218,14 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
             .app_data(api_state.clone())
             // Innermost: the body's deadline, around the extractors that read it.
             .wrap_fn(move |mut req, srv| {
+                let in_progress = http::deadline::request_started(&req);
                 let timed_out = http::deadline::limit_body(&mut req, request_timeout);
                 let response = srv.call(req);
-                async move { Ok(http::deadline::answer(response.await?, &timed_out)) }
+                async move {
+                    let response = response.await?;
+                    drop(in_progress);
+                    Ok(http::deadline::answer(response, &timed_out))
+                }
             })
             .wrap(http::json_errors())
             .wrap(middleware::DefaultHeaders::new().add(("Cache-Control", "no-store")))
@@ -240,6 +246,11 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     .workers(cfg.server.workers)
     // The head's deadline (actix's own); the body's is the middleware above.
     .client_request_timeout(request_timeout)
+    .keep_alive(KEEP_ALIVE)
+    // The next request's head on a kept-alive connection (see http::deadline).
+    .on_connect(move |connection, extensions| {
+        http::deadline::watch_connection(connection, extensions, KEEP_ALIVE + request_timeout)
+    })
     .max_connections(per_worker)
     .shutdown_timeout(SHUTDOWN_GRACE_SECS)
     // Our own handler below tells systemd STOPPING=1 before draining.
@@ -300,8 +311,8 @@ mod tests {
     fn the_connection_cap_leaves_descriptors_for_the_rest_of_the_server() {
         assert_eq!(connection_cap(10_000, None), 10_000);
         assert_eq!(connection_cap(10_000, Some(1_048_576)), 10_000);
-        assert_eq!(connection_cap(10_000, Some(1024)), 768);
-        assert_eq!(connection_cap(10_000, Some(256)), 128);
+        assert_eq!(connection_cap(10_000, Some(1024)), 384);
+        assert_eq!(connection_cap(10_000, Some(256)), 64);
         assert_eq!(connection_cap(10, Some(1024)), 10);
     }
 }

@@ -194,13 +194,10 @@ fn stalled_request_heads_are_closed_within_the_deadline() {
     assert_eq!(get(&server.url("/healthz"), None).status, 200);
 }
 
-/// Known gap: actix-http 3.20 arms its head timer for the first request of a
-/// connection only, and clears the keep-alive timer at the first byte of the next
-/// one, so a kept-alive connection whose second head stalls is held. Bounding it
-/// needs a per-connection read deadline below actix-http (an I/O wrapper under
-/// `HttpService`); until then `server.max_connections` bounds the damage.
+/// actix-http times the head of a connection's first request only: the server must
+/// also close a kept-alive connection whose next head stalls (after the keep-alive
+/// time, 5 s, plus the request timeout).
 #[test]
-#[ignore = "known gap: a stalled second head on a kept-alive connection is not timed (actix-http)"]
 fn a_stalled_second_head_on_a_kept_alive_connection_is_closed() {
     let (_mock, server) = server_with_request_timeout();
     let addr = address(&server);

@@ -95,3 +95,91 @@ impl Stream for DeadlinePayload {
         Poll::Pending
     }
 }
+
+/// The head of a kept-alive connection's next request. actix-http times the head
+/// of a connection's first request only (`client_request_timeout`), and stops its
+/// keep-alive timer at the first byte of the next one: a client that sends a few
+/// bytes of a second head and stalls would hold the connection for ever. So each
+/// plain-TCP connection has a watch: when no request has been in progress for the
+/// keep-alive time plus `server.request_timeout`, the socket is shut down (an
+/// honest idle connection is closed by the keep-alive timer well before that).
+///
+/// The watch holds a duplicate of the socket's descriptor (the only safe way to shut
+/// it down from outside actix-http), so a watched connection uses two descriptors;
+/// the connection cap counts them. TLS connections are not watched.
+pub struct ConnectionWatch {
+    state: Rc<WatchState>,
+    /// Dropped with the connection: wakes the watch, which then lets go of its descriptor.
+    _gone: tokio::sync::oneshot::Sender<()>,
+}
+
+struct WatchState {
+    in_progress: Cell<u32>,
+    idle_since: Cell<tokio::time::Instant>,
+}
+
+/// For `HttpServer::on_connect`: starts the watch of a new plain-TCP connection.
+pub fn watch_connection(
+    connection: &dyn std::any::Any,
+    extensions: &mut actix_web::dev::Extensions,
+    idle_limit: Duration,
+) {
+    use std::os::fd::AsFd;
+    let Some(stream) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() else {
+        return;
+    };
+    let Ok(descriptor) = stream.as_fd().try_clone_to_owned() else {
+        return;
+    };
+    let state = Rc::new(WatchState {
+        in_progress: Cell::new(0),
+        idle_since: Cell::new(tokio::time::Instant::now()),
+    });
+    let (gone_tx, mut gone) = tokio::sync::oneshot::channel::<()>();
+    extensions.insert(ConnectionWatch {
+        state: state.clone(),
+        _gone: gone_tx,
+    });
+    actix_web::rt::spawn(async move {
+        loop {
+            let wake = match state.in_progress.get() {
+                0 => state.idle_since.get() + idle_limit,
+                // A request's own deadlines bound it; look again later.
+                _ => tokio::time::Instant::now() + idle_limit,
+            };
+            tokio::select! {
+                _ = &mut gone => return,
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+            if state.in_progress.get() == 0 && state.idle_since.get().elapsed() >= idle_limit {
+                let socket = std::net::TcpStream::from(descriptor);
+                let _ = socket.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+        }
+    });
+}
+
+/// Marks a request of a watched connection as in progress until dropped.
+pub struct RequestInProgress(Option<Rc<WatchState>>);
+
+pub fn request_started(req: &ServiceRequest) -> RequestInProgress {
+    let state = req
+        .conn_data::<ConnectionWatch>()
+        .map(|watch| watch.state.clone());
+    if let Some(state) = &state {
+        state.in_progress.set(state.in_progress.get() + 1);
+    }
+    RequestInProgress(state)
+}
+
+impl Drop for RequestInProgress {
+    fn drop(&mut self) {
+        if let Some(state) = &self.0 {
+            state
+                .in_progress
+                .set(state.in_progress.get().saturating_sub(1));
+            state.idle_since.set(tokio::time::Instant::now());
+        }
+    }
+}
