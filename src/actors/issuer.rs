@@ -254,8 +254,8 @@ impl TokenIssuer {
     }
 
     /// Deletes one chunk of records found expired by [`expired_records`] (run off
-    /// this thread), in one batch. Losing a purge in a crash only means purging
-    /// again: no wait for the disk.
+    /// this thread). Losing a purge in a crash only means purging again: no wait
+    /// for the disk.
     fn delete_expired(&mut self, tree: Tree, expired: Vec<Vec<u8>>) -> Result<usize, StorageError> {
         let count = expired.len();
         // One write per key: each is atomic by itself, and a purge needs no more
