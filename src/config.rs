@@ -37,6 +37,12 @@ pub struct ServerConfig {
     pub workers: usize,
     pub tls: TlsConfig,
     pub trusted_proxies: Vec<String>,
+    /// A whole request, head and body, must arrive within this; else 408 and close.
+    #[serde(deserialize_with = "de_duration")]
+    pub request_timeout: Duration,
+    /// Open client connections, the whole server (not per worker); the excess waits
+    /// in the kernel's listen backlog until one closes.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -46,6 +52,8 @@ impl Default for ServerConfig {
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             tls: TlsConfig::default(),
             trusted_proxies: Vec::new(),
+            request_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
         }
     }
 }
@@ -138,6 +146,9 @@ pub struct JwtConfig {
     pub audience: Option<String>,
     #[serde(deserialize_with = "de_duration")]
     pub leeway: Duration,
+    /// How often expired refresh-token records are purged.
+    #[serde(deserialize_with = "de_duration")]
+    pub purge_interval: Duration,
 }
 
 impl Default for JwtConfig {
@@ -152,6 +163,7 @@ impl Default for JwtConfig {
             issuer: None,
             audience: None,
             leeway: Duration::ZERO,
+            purge_interval: Duration::from_secs(600),
         }
     }
 }
@@ -161,12 +173,16 @@ impl Default for JwtConfig {
 pub struct LimitsConfig {
     /// Logins per client address per minute; 0 turns the limit off.
     pub login_per_minute: u32,
+    /// IPv6 clients are counted per network of this prefix length (a /64 is
+    /// what one subscriber usually gets).
+    pub ipv6_prefix: u8,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             login_per_minute: 60,
+            ipv6_prefix: 64,
         }
     }
 }
@@ -336,6 +352,20 @@ impl Config {
                 }
             }
         }
+        if self.server.request_timeout < Duration::from_millis(100)
+            || self.server.request_timeout > Duration::from_secs(600)
+        {
+            return Err(ConfigError::new(
+                "server.request_timeout",
+                "must be between 100ms and 10m",
+            ));
+        }
+        if self.server.max_connections == 0 || self.server.max_connections > 1_000_000 {
+            return Err(ConfigError::new(
+                "server.max_connections",
+                "must be between 1 and 1000000",
+            ));
+        }
         for proxy in &self.server.trusted_proxies {
             proxy.parse::<IpAddr>().map_err(|_| {
                 ConfigError::new(
@@ -493,6 +523,18 @@ impl Config {
                     "must not be empty (leave it out to turn it off)",
                 ));
             }
+        }
+        if j.purge_interval < Duration::from_secs(1) {
+            return Err(ConfigError::new(
+                "jwt.purge_interval",
+                "must be at least 1s",
+            ));
+        }
+        if !(1..=128).contains(&self.limits.ipv6_prefix) {
+            return Err(ConfigError::new(
+                "limits.ipv6_prefix",
+                "must be between 1 and 128",
+            ));
         }
         if !self.metrics.bind.is_empty() {
             parse_addr("metrics.bind", &self.metrics.bind)?;

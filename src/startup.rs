@@ -17,6 +17,62 @@ use std::time::Instant;
 
 /// How long SIGTERM waits for in-flight requests before closing connections.
 const SHUTDOWN_GRACE_SECS: u64 = 30;
+/// File descriptors kept free of client connections: storage, the admin socket,
+/// WeChat calls, the metrics listener, logs.
+const FD_RESERVE: u64 = 256;
+/// How long an idle kept-alive connection stays open (actix-web's default).
+const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (a default soft limit of 1024
+/// is a few hundred slow clients away from refusing everything). Returns the soft
+/// limit in effect afterwards; `None` when it is unlimited or cannot be read.
+fn raise_open_file_limit() -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let (soft, hard) = (limit.current, limit.maximum);
+    if soft.is_some() && soft != hard {
+        // Under systemd, LimitNOFILE= sets both already (and the unit's syscall
+        // filter refuses setrlimit): this is for everywhere else.
+        let raised = Rlimit {
+            current: hard,
+            maximum: hard,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => {
+                tracing::info!(from = ?soft, to = ?hard, "raised the open-file limit (RLIMIT_NOFILE) to its hard limit");
+                return hard;
+            }
+            Err(e) => {
+                tracing::warn!(soft = ?soft, hard = ?hard, error = %e, "cannot raise the open-file limit (RLIMIT_NOFILE)");
+            }
+        }
+    } else {
+        tracing::debug!(soft = ?soft, hard = ?hard, "open-file limit (RLIMIT_NOFILE)");
+    }
+    soft
+}
+
+/// `server.max_connections`, lowered when the open-file limit could not hold it:
+/// past the limit, accept() fails and the server's own files (storage, WeChat
+/// calls) would fail with it. Connections beyond the cap wait in the listen backlog.
+fn connection_cap(configured: usize, open_files: Option<u64>) -> usize {
+    let Some(open_files) = open_files else {
+        return configured;
+    };
+    // Two descriptors per connection: its socket, and the duplicate its watch holds
+    // (http::deadline::watch_connection).
+    let usable = (open_files.saturating_sub(FD_RESERVE).max(open_files / 2) / 2).max(1);
+    let usable = usize::try_from(usable).unwrap_or(usize::MAX);
+    if usable < configured {
+        tracing::warn!(
+            configured,
+            open_file_limit = open_files,
+            using = usable,
+            "server.max_connections is above what the open-file limit allows; raise LimitNOFILE / ulimit -n"
+        );
+    }
+    configured.min(usable)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -85,6 +141,7 @@ async fn shutdown_signal() {
 /// Must be called inside an actix system (`actix_web::rt::System`).
 pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     let cfg = &loaded.config;
+    let open_files = raise_open_file_limit();
     // Before anything is opened: a bad certificate or key stops the start (exit 2).
     let tls = match (&cfg.server.tls.cert, &cfg.server.tls.key) {
         (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
@@ -131,21 +188,43 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         commit: commit.clone(),
         apps: loaded.apps.iter().map(|a| a.appid.clone()).collect(),
         limiter: (cfg.limits.login_per_minute > 0)
-            .then(|| LoginLimiter::new(cfg.limits.login_per_minute)),
+            .then(|| LoginLimiter::new(cfg.limits.login_per_minute, cfg.limits.ipv6_prefix)),
         trusted_proxies: cfg
             .server
             .trusted_proxies
             .iter()
             .filter_map(|p| p.parse().ok())
+            .map(http::canonical_ip)
             .collect(),
         metrics,
     });
     let api_state = state.clone();
 
     let bind = cfg.bind_addr();
+    let request_timeout = cfg.server.request_timeout;
+    let max_connections = connection_cap(cfg.server.max_connections, open_files);
+    // actix counts connections per worker.
+    let per_worker = max_connections.div_ceil(cfg.server.workers).max(1);
+    tracing::debug!(
+        max_connections,
+        per_worker,
+        ?request_timeout,
+        "connection limits"
+    );
     let server = HttpServer::new(move || {
         App::new()
             .app_data(api_state.clone())
+            // Innermost: the body's deadline, around the extractors that read it.
+            .wrap_fn(move |mut req, srv| {
+                let in_progress = http::deadline::request_started(&req);
+                let timed_out = http::deadline::limit_body(&mut req, request_timeout);
+                let response = srv.call(req);
+                async move {
+                    let response = response.await?;
+                    drop(in_progress);
+                    Ok(http::deadline::answer(response, &timed_out))
+                }
+            })
             .wrap(http::json_errors())
             .wrap(middleware::DefaultHeaders::new().add(("Cache-Control", "no-store")))
             // Outermost: sees the final status, after errors became JSON.
@@ -163,6 +242,14 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
             .configure(http::routes)
     })
     .workers(cfg.server.workers)
+    // The head's deadline (actix's own); the body's is the middleware above.
+    .client_request_timeout(request_timeout)
+    .keep_alive(KEEP_ALIVE)
+    // The next request's head on a kept-alive connection (see http::deadline).
+    .on_connect(move |connection, extensions| {
+        http::deadline::watch_connection(connection, extensions, KEEP_ALIVE + request_timeout)
+    })
+    .max_connections(per_worker)
     .shutdown_timeout(SHUTDOWN_GRACE_SECS)
     // Our own handler below tells systemd STOPPING=1 before draining.
     .disable_signals()
@@ -215,4 +302,18 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     flushed?;
     tracing::info!("stopped: storage flushed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connection_cap;
+
+    #[test]
+    fn the_connection_cap_leaves_descriptors_for_the_rest_of_the_server() {
+        assert_eq!(connection_cap(10_000, None), 10_000);
+        assert_eq!(connection_cap(10_000, Some(1_048_576)), 10_000);
+        assert_eq!(connection_cap(10_000, Some(1024)), 384);
+        assert_eq!(connection_cap(10_000, Some(256)), 64);
+        assert_eq!(connection_cap(10, Some(1024)), 10);
+    }
 }

@@ -4,6 +4,7 @@
 mod auth;
 mod body;
 mod data;
+pub mod deadline;
 mod health;
 mod login;
 mod observe;
@@ -12,7 +13,7 @@ mod token;
 
 pub use body::MAX_BODY_BYTES;
 pub use observe::{finish as finish_request, request_id};
-pub use ratelimit::LoginLimiter;
+pub use ratelimit::{canonical_ip, LoginLimiter};
 
 use crate::actors::{issuer::TokenIssuer, registry::UserRegistry, wechat::WeChatClient};
 use crate::error::{status_error_body, ApiError};
@@ -76,8 +77,9 @@ impl AppState {
 /// The client's address: the socket peer, or, when the peer is a trusted proxy,
 /// the right-most `X-Forwarded-For` entry that is not itself a trusted proxy.
 /// Entries left of that were written by the client and are never believed.
+/// IPv4-mapped IPv6 addresses come back as IPv4 (`trusted` holds them so too).
 pub fn client_ip(req: &HttpRequest, trusted: &[IpAddr]) -> Option<IpAddr> {
-    let peer = req.peer_addr()?.ip();
+    let peer = canonical_ip(req.peer_addr()?.ip());
     if !trusted.contains(&peer) {
         return Some(peer);
     }
@@ -89,7 +91,7 @@ pub fn client_ip(req: &HttpRequest, trusted: &[IpAddr]) -> Option<IpAddr> {
         .map(str::trim)
         .collect::<Vec<_>>();
     for entry in forwarded.iter().rev() {
-        match entry.parse::<IpAddr>() {
+        match entry.parse::<IpAddr>().map(canonical_ip) {
             Ok(ip) if trusted.contains(&ip) => continue,
             Ok(ip) => return Some(ip),
             Err(_) => return Some(peer),
@@ -161,4 +163,55 @@ pub fn json_errors<B: 'static>() -> ErrorHandlers<B> {
             ServiceResponse::new(req, response).map_body(|_, b| EitherBody::right(b)),
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::test::TestRequest;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    fn client_of(peer: &str, forwarded: Option<&str>, trusted: &[IpAddr]) -> Option<IpAddr> {
+        let mut req = TestRequest::default().peer_addr(peer.parse().unwrap());
+        if let Some(forwarded) = forwarded {
+            req = req.insert_header(("X-Forwarded-For", forwarded));
+        }
+        client_ip(&req.to_http_request(), trusted)
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_ipv4_from_the_socket_and_from_a_proxy() {
+        let trusted = [ip("127.0.0.1")];
+        // A dual-stack socket reports an IPv4 peer as ::ffff:a.b.c.d.
+        assert_eq!(
+            client_of("[::ffff:192.0.2.1]:4000", None, &trusted),
+            Some(ip("192.0.2.1"))
+        );
+        // ...and the trusted proxy is recognised in that form too.
+        assert_eq!(
+            client_of(
+                "[::ffff:127.0.0.1]:4000",
+                Some("::ffff:192.0.2.9"),
+                &trusted
+            ),
+            Some(ip("192.0.2.9"))
+        );
+        // A mapped trusted proxy inside the chain is skipped like the plain one.
+        assert_eq!(
+            client_of(
+                "127.0.0.1:4000",
+                Some("198.51.100.7, ::ffff:127.0.0.1"),
+                &trusted
+            ),
+            Some(ip("198.51.100.7"))
+        );
+        // An untrusted peer's header is ignored.
+        assert_eq!(
+            client_of("192.0.2.50:4000", Some("198.51.100.7"), &trusted),
+            Some(ip("192.0.2.50"))
+        );
+    }
 }

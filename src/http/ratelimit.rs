@@ -1,19 +1,30 @@
-//! Per-client login limit: a fixed one-minute window per address, with bounded memory.
+//! Per-client login limit: a fixed one-minute window per client, with bounded memory.
+//!
+//! A client is an IPv4 address, or an IPv6 network of `limits.ipv6_prefix` bits
+//! (default /64: one subscriber usually holds a whole /64, so counting per /128
+//! would give them 2^64 budgets). An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`,
+//! what a dual-stack socket reports for an IPv4 peer) is that IPv4 address.
+//!
+//! A full table never turns the limit off: it evicts. When `MAX_TRACKED` clients
+//! are counted in one window, the half with the smallest counts is dropped (one
+//! O(n) pass per `MAX_TRACKED / 2` new clients, so O(1) amortised). Those are the
+//! clients furthest from their limit, so the ones being limited stay limited, and a
+//! flood of new addresses cannot lock anyone out either (failing closed would let
+//! whoever controls many addresses stop every login).
 
 use crate::error::ApiError;
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// At most this many addresses are tracked per window; addresses beyond it in the
-/// same minute are let through rather than refused (memory stays bounded, and a
-/// flood of addresses cannot lock out the clients already counted).
+/// At most this many clients are counted per window (about 5 MB of table).
 const MAX_TRACKED: usize = 100_000;
 const WINDOW: Duration = Duration::from_secs(60);
 
 pub struct LoginLimiter {
     per_minute: u32,
+    ipv6_prefix: u8,
     state: Mutex<Window>,
 }
 
@@ -22,10 +33,29 @@ struct Window {
     counts: HashMap<IpAddr, u32>,
 }
 
+/// The address with IPv4-mapped IPv6 turned into IPv4. Every comparison of client
+/// addresses (trusted proxies, rate limits) goes through this.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
+}
+
+/// What a client is counted as: its IPv4 address, or its IPv6 network.
+fn client_key(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
+    match canonical_ip(ip) {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => {
+            let bits = u32::from(ipv6_prefix.min(128));
+            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+        }
+    }
+}
+
 impl LoginLimiter {
-    pub fn new(per_minute: u32) -> Self {
+    pub fn new(per_minute: u32, ipv6_prefix: u8) -> Self {
         LoginLimiter {
             per_minute,
+            ipv6_prefix,
             state: Mutex::new(Window {
                 started: Instant::now(),
                 counts: HashMap::new(),
@@ -34,19 +64,18 @@ impl LoginLimiter {
     }
 
     pub fn check(&self, ip: IpAddr) -> Result<(), ApiError> {
+        let key = client_key(ip, self.ipv6_prefix);
         let mut window = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         if now.duration_since(window.started) >= WINDOW {
             window.started = now;
             window.counts.clear();
         }
-        let tracked = window.counts.len();
-        let count = match window.counts.get_mut(&ip) {
-            Some(count) => count,
-            None if tracked >= MAX_TRACKED => return Ok(()),
-            None => window.counts.entry(ip).or_insert(0),
-        };
-        *count += 1;
+        if window.counts.len() >= MAX_TRACKED && !window.counts.contains_key(&key) {
+            evict_smallest_half(&mut window.counts);
+        }
+        let count = window.counts.entry(key).or_insert(0);
+        *count = count.saturating_add(1);
         if *count > self.per_minute {
             let left = WINDOW.saturating_sub(now.duration_since(window.started));
             return Err(ApiError::RateLimited {
@@ -57,34 +86,110 @@ impl LoginLimiter {
     }
 }
 
+/// Drops the half of the entries with the smallest counts (ties broken arbitrarily).
+fn evict_smallest_half(counts: &mut HashMap<IpAddr, u32>) {
+    let mut values: Vec<u32> = counts.values().copied().collect();
+    let middle = values.len() / 2;
+    let (_, &mut threshold, _) = values.select_nth_unstable(middle);
+    // Everything below the median goes, then entries equal to it until half are gone.
+    let mut to_drop = middle;
+    for drop_equal in [false, true] {
+        counts.retain(|_, count| {
+            let goes = to_drop > 0 && (*count < threshold || (drop_equal && *count == threshold));
+            to_drop -= usize::from(goes);
+            !goes
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
 
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    fn is_limited(result: Result<(), ApiError>) -> bool {
+        matches!(result, Err(ApiError::RateLimited { retry_after_secs }) if (1..=60).contains(&retry_after_secs))
+    }
+
     #[test]
     fn each_address_has_its_own_budget() {
-        let limiter = LoginLimiter::new(2);
+        let limiter = LoginLimiter::new(2, 64);
         let a = IpAddr::from(Ipv4Addr::new(192, 0, 2, 1));
         let b = IpAddr::from(Ipv4Addr::new(192, 0, 2, 2));
         assert!(limiter.check(a).is_ok() && limiter.check(a).is_ok());
-        assert!(
-            matches!(limiter.check(a), Err(ApiError::RateLimited { retry_after_secs }) if (1..=60).contains(&retry_after_secs))
-        );
+        assert!(is_limited(limiter.check(a)));
         assert!(limiter.check(b).is_ok());
     }
 
     #[test]
-    fn memory_stays_bounded_whatever_the_number_of_addresses() {
-        let limiter = LoginLimiter::new(1);
-        for n in 0..(MAX_TRACKED as u32 + 5_000) {
-            let _ = limiter.check(IpAddr::from(Ipv4Addr::from(0x0a00_0000 + n)));
-        }
-        let tracked = limiter.state.lock().unwrap().counts.len();
-        assert_eq!(tracked, MAX_TRACKED);
-        // A tracked address is still limited once the table is full.
+    fn ipv6_addresses_of_one_prefix_share_a_budget() {
+        let limiter = LoginLimiter::new(2, 64);
+        assert!(limiter.check(ip("2001:db8:1:2::1")).is_ok());
         assert!(limiter
-            .check(IpAddr::from(Ipv4Addr::from(0x0a00_0000)))
-            .is_err());
+            .check(ip("2001:db8:1:2:ffff:ffff:ffff:ffff"))
+            .is_ok());
+        assert!(is_limited(limiter.check(ip("2001:db8:1:2:abcd::9"))));
+        // The next /64 is another client.
+        assert!(limiter.check(ip("2001:db8:1:3::1")).is_ok());
+    }
+
+    #[test]
+    fn the_ipv6_prefix_is_configurable() {
+        let per_48 = LoginLimiter::new(1, 48);
+        assert!(per_48.check(ip("2001:db8:1:2::1")).is_ok());
+        assert!(is_limited(per_48.check(ip("2001:db8:1:ffff::1"))));
+        assert!(per_48.check(ip("2001:db8:2::1")).is_ok());
+
+        let per_128 = LoginLimiter::new(1, 128);
+        assert!(per_128.check(ip("2001:db8::1")).is_ok());
+        assert!(per_128.check(ip("2001:db8::2")).is_ok());
+        assert!(is_limited(per_128.check(ip("2001:db8::1"))));
+
+        assert_eq!(client_key(ip("ffff::1"), 1), ip("8000::"));
+    }
+
+    #[test]
+    fn an_ipv4_mapped_address_is_its_ipv4_address() {
+        let limiter = LoginLimiter::new(2, 64);
+        assert!(limiter.check(ip("::ffff:192.0.2.1")).is_ok());
+        assert!(limiter.check(ip("192.0.2.1")).is_ok());
+        assert!(is_limited(limiter.check(ip("::ffff:192.0.2.1"))));
+        // Not grouped with other IPv4 addresses by the IPv6 prefix.
+        assert!(limiter.check(ip("::ffff:192.0.2.2")).is_ok());
+        assert_eq!(canonical_ip(ip("::ffff:10.1.2.3")), ip("10.1.2.3"));
+    }
+
+    #[test]
+    fn a_full_table_evicts_and_never_stops_limiting() {
+        let limiter = LoginLimiter::new(1, 64);
+        let limited = ip("192.0.2.77");
+        // An address at its limit: a count of 2 (above every newcomer's 1).
+        let _ = limiter.check(limited);
+        assert!(is_limited(limiter.check(limited)));
+        for n in 0..(MAX_TRACKED as u32 * 2) {
+            let _ = limiter.check(IpAddr::from(Ipv4Addr::from(0x0a00_0000 + n)));
+            // Memory stays bounded whatever the number of addresses.
+            assert!(limiter.state.lock().unwrap().counts.len() <= MAX_TRACKED);
+        }
+        // New addresses are still counted and limited once the table has been full.
+        let newcomer = ip("198.51.100.1");
+        assert!(limiter.check(newcomer).is_ok());
+        assert!(is_limited(limiter.check(newcomer)));
+        // And the client that was over its limit was never evicted.
+        assert!(is_limited(limiter.check(limited)));
+    }
+
+    #[test]
+    fn eviction_drops_the_smallest_half() {
+        let mut counts: HashMap<IpAddr, u32> = (0..10u32)
+            .map(|n| (IpAddr::from(Ipv4Addr::from(n)), n % 5 + 1))
+            .collect();
+        evict_smallest_half(&mut counts);
+        assert_eq!(counts.len(), 5);
+        assert!(counts.values().all(|&c| c >= 3), "{counts:?}");
     }
 }

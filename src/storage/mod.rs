@@ -105,7 +105,62 @@ pub trait ReadStore: Send + Sync {
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
     /// Visits every entry of `tree` in key order until `visit` breaks.
     fn for_each(&self, tree: Tree, visit: &mut Visitor<'_>) -> Result<(), StorageError>;
+    /// Like [`for_each`](Self::for_each), from the first key `>= start` on.
+    /// The default skips to `start`; engines override it with a range read.
+    fn for_each_from(
+        &self,
+        tree: Tree,
+        start: &[u8],
+        visit: &mut Visitor<'_>,
+    ) -> Result<(), StorageError> {
+        self.for_each(tree, &mut |key, value| {
+            if key < start {
+                ControlFlow::Continue(())
+            } else {
+                visit(key, value)
+            }
+        })
+    }
     fn size_on_disk(&self) -> Result<u64, StorageError>;
+}
+
+/// What one step of a chunked scan found: the keys it picked, and the key the
+/// next step starts from (`None`: the tree is done).
+#[derive(Debug, Default)]
+pub struct ScannedKeys {
+    pub keys: Vec<Vec<u8>>,
+    pub next: Option<Vec<u8>>,
+}
+
+/// One bounded step of a long scan (the expired-token purge, revocations): visits
+/// at most `limit` entries of `tree` from `from` on, and returns the key the next
+/// step starts from (`None`: the tree is done). Between steps the writers go on.
+pub fn scan_chunk(
+    store: &dyn ReadStore,
+    tree: Tree,
+    from: &[u8],
+    limit: usize,
+    visit: &mut dyn FnMut(&[u8], &[u8]),
+) -> Result<Option<Vec<u8>>, StorageError> {
+    let mut seen = 0;
+    let mut last: Option<Vec<u8>> = None;
+    store.for_each_from(tree, from, &mut |key, value| {
+        if seen == limit {
+            return ControlFlow::Break(());
+        }
+        seen += 1;
+        visit(key, value);
+        last = Some(key.to_vec());
+        ControlFlow::Continue(())
+    })?;
+    Ok(match last {
+        // The smallest key after the last one visited.
+        Some(mut next) if seen == limit => {
+            next.push(0);
+            Some(next)
+        }
+        _ => None,
+    })
 }
 
 /// Called for each entry of a snapshot, tree by tree in [`Tree::ALL`] order.

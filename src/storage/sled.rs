@@ -302,6 +302,23 @@ impl ReadStore for SledStore {
         })
     }
 
+    fn for_each_from(
+        &self,
+        tree: Tree,
+        start: &[u8],
+        visit: &mut Visitor<'_>,
+    ) -> Result<(), StorageError> {
+        with_db!(self, db => {
+            for entry in db.tree(tree).range(start..) {
+                let (k, v) = entry.map_err(io)?;
+                if visit(&k, &v).is_break() {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    }
+
     fn size_on_disk(&self) -> Result<u64, StorageError> {
         with_db!(self, db => db.db.size_on_disk().map_err(io))
     }

@@ -5,7 +5,7 @@
 //! - `refresh_tokens`: jti → [`RefreshRecord`]
 //! - `token_families`: family id → [`Family`]
 
-use crate::storage::{ReadStore, StorageError, Tree};
+use crate::storage::{ReadStore, ScannedKeys, StorageError, Tree};
 use crate::users::UserId;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -93,31 +93,79 @@ pub fn load_family(store: &dyn ReadStore, id: &str) -> Result<Option<Family>, St
         .transpose()
 }
 
-/// Revokes every live family of `user_id` (a full scan: an operator action, not a
-/// request path). Returns how many were revoked. Only the token issuer, or the
-/// admin CLI with the server stopped, calls this.
+/// Families scanned per step of a revocation (see [`user_families_from`]).
+pub const REVOKE_SCAN_CHUNK: usize = 1000;
+
+/// One bounded step of the scan for `user_id`'s live families: the ids found among
+/// at most `limit` families from `from` on, and where the next step starts (`None`:
+/// done). Read-only: it runs off the token issuer's thread.
+pub fn user_families_from(
+    store: &dyn ReadStore,
+    user_id: UserId,
+    from: &[u8],
+    limit: usize,
+) -> Result<ScannedKeys, StorageError> {
+    let mut found = Vec::new();
+    let next = crate::storage::scan_chunk(
+        store,
+        Tree::TokenFamilies,
+        from,
+        limit,
+        &mut |key, value| {
+            if let Ok(family) = serde_json::from_slice::<Family>(value) {
+                if family.user_id == user_id && family.revoked_at.is_none() {
+                    found.push(key.to_vec());
+                }
+            }
+        },
+    )?;
+    Ok(ScannedKeys { keys: found, next })
+}
+
+/// Revokes the families `ids` that, read again now, still belong to `user_id` and
+/// are live (the scan that found them ran earlier, on another thread). One batch.
+/// Returns how many were revoked. Not durable on return: the caller commits.
+pub fn revoke_families(
+    store: &dyn crate::storage::Store,
+    user_id: UserId,
+    ids: &[Vec<u8>],
+    now: i64,
+) -> Result<usize, StorageError> {
+    let mut batch = crate::storage::WriteBatch::default();
+    for id in ids {
+        let Some(bytes) = store.get(Tree::TokenFamilies, id)? else {
+            continue;
+        };
+        let mut family: Family = decode(Tree::TokenFamilies, &bytes)?;
+        if family.user_id == user_id && family.revoked_at.is_none() {
+            family.revoked_at = Some(now);
+            batch.put(Tree::TokenFamilies, id.clone(), encode(&family));
+        }
+    }
+    let count = batch.len();
+    store.apply(batch)?;
+    Ok(count)
+}
+
+/// Revokes every live family of `user_id` (a full scan, in chunks: an operator
+/// action, not a request path). Returns how many were revoked. The admin CLI with
+/// the server stopped calls this; the running server's token issuer does the same
+/// steps with the scans off its thread (`RevokeUserFamilies`).
 pub fn revoke_user_families(
     store: &dyn crate::storage::Store,
     user_id: UserId,
     now: i64,
 ) -> Result<usize, StorageError> {
-    let mut revoked = Vec::new();
-    store.for_each(Tree::TokenFamilies, &mut |key, value| {
-        if let Ok(mut family) = serde_json::from_slice::<Family>(value) {
-            if family.user_id == user_id && family.revoked_at.is_none() {
-                family.revoked_at = Some(now);
-                revoked.push((key.to_vec(), encode(&family)));
-            }
+    let mut revoked = 0;
+    let mut from = Vec::new();
+    loop {
+        let scanned = user_families_from(store, user_id, &from, REVOKE_SCAN_CHUNK)?;
+        revoked += revoke_families(store, user_id, &scanned.keys, now)?;
+        match scanned.next {
+            Some(next) => from = next,
+            None => return Ok(revoked),
         }
-        std::ops::ControlFlow::Continue(())
-    })?;
-    let mut batch = crate::storage::WriteBatch::default();
-    let count = revoked.len();
-    for (key, value) in revoked {
-        batch.put(Tree::TokenFamilies, key, value);
     }
-    store.apply(batch)?;
-    Ok(count)
 }
 
 #[cfg(test)]
