@@ -197,11 +197,13 @@ function createClient(options) {
   function newSession(access, refresh, expiresInSeconds, user) {
     const now = Date.now();
     const lifetime = typeof expiresInSeconds === 'number' ? expiresInSeconds : tokenLifetimeSeconds(access);
+    // JWT times are whole seconds and `iat` is rounded down: the token may end up to a
+    // second sooner than `lifetime` counted from now says, so count one second less.
     return {
       access: access,
       refresh: refresh,
       accessReceivedAt: now,
-      accessExpiresAt: typeof lifetime === 'number' ? now + lifetime * 1000 : null,
+      accessExpiresAt: typeof lifetime === 'number' ? now + Math.max(0, lifetime - 1) * 1000 : null,
       user: user || null,
     };
   }

@@ -22,15 +22,15 @@ function tally(entries) {
 }
 
 /**
- * Cross-checks the client's side with the server's: the requests the fake `wx` sent,
- * per path and status, are exactly the requests in the server's access log.
- * Returns the server's counts ("route status" -> n).
+ * Cross-checks the client's side with the server's: the requests the fake `wx` sent
+ * (plus the test's own probes), per path and status, are exactly the requests in the
+ * server's access log. Returns the access log's counts ("route status" -> n).
  */
 async function assertServerSaw(server, fake) {
   const sent = fake.requests.map((r) => ({ route: r.path, status: r.statusCode }));
-  const logged = await server.clientRequests(sent.length);
+  const logged = await server.loggedRequests(sent.length + server.probes.length);
   const seen = tally(logged);
-  assert.deepEqual(seen, tally(sent), 'the server logged exactly the requests the client sent');
+  assert.deepEqual(seen, tally(sent.concat(server.probes)), 'the server logged exactly the requests sent');
   return seen;
 }
 

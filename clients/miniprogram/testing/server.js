@@ -10,9 +10,6 @@ const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
 
-// The tests' own probe for an expired token; the client never calls it.
-const PROBE_ROUTE = '/api/token/verify/';
-
 const REPO = path.resolve(__dirname, '..', '..', '..');
 const BIN = process.env.WXAUTH_BIN || path.join(REPO, 'target', 'debug', 'wxauth');
 
@@ -118,6 +115,8 @@ async function startServer(options = {}) {
     });
   }
 
+  const probes = [];
+
   /** The access log so far: [{ method, route, status }], one per request answered. */
   function accessLog() {
     const lines = [];
@@ -137,15 +136,26 @@ async function startServer(options = {}) {
     countRoute(route, status) {
       return accessLog().filter((l) => l.route === route && (status === undefined || l.status === status)).length;
     },
+    /** The test's own requests (probe), for the cross-check with the access log. */
+    probes,
+    /** A JSON POST from the test itself, not the client; recorded in `probes`. */
+    async probe(route, body) {
+      const res = await fetch(`http://${address}${route}`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify(body),
+      });
+      const answer = { status: res.status, body: await res.json() };
+      probes.push({ route, status: res.status });
+      return answer;
+    },
     /**
-     * The access log of the client's requests, once it has `n` of them: every line but
-     * the tests' own probe (verify, which the client never calls). A response can reach
-     * the client a moment before its access line reaches stderr, hence the wait.
+     * The access log once it has at least `n` lines. A response can reach the client a
+     * moment before its access line reaches stderr, hence the wait.
      */
-    async clientRequests(n) {
-      const client = () => accessLog().filter((l) => l.route !== PROBE_ROUTE);
-      await waitFor(`${n} access-log lines`, 10000, () => client().length >= n);
-      return client();
+    async loggedRequests(n) {
+      await waitFor(`${n} access-log lines`, 10000, () => accessLog().length >= n);
+      return accessLog();
     },
     revokeUser(id) {
       return admin('tokens', 'revoke', '--user', String(id));
@@ -163,22 +173,12 @@ async function startServer(options = {}) {
   };
 }
 
-/** A plain JSON POST (not through the client): for checks from the server's side. */
-async function postJson(url, body) {
-  const res = await fetch(url, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify(body),
-  });
-  return { status: res.status, body: await res.json() };
-}
-
 /** Waits until the server itself refuses this access token as expired. */
 function waitForExpiry(server, access) {
   return waitFor('the access token to expire', 15000, async () => {
-    const res = await postJson(server.base + PROBE_ROUTE, { token: access });
+    const res = await server.probe('/api/token/verify/', { token: access });
     return res.status === 401;
   });
 }
 
-module.exports = { startServer, postJson, waitFor, waitForExpiry };
+module.exports = { startServer, waitFor, waitForExpiry };
