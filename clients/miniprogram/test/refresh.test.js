@@ -10,7 +10,7 @@ const assert = require('node:assert/strict');
 
 const { createClient } = require('..');
 const { createFakeWx } = require('../testing/fake-wx');
-const { startServer, waitForExpiry } = require('../testing/server');
+const { startServer, waitFor, waitForExpiry } = require('../testing/server');
 const { PATHS, SESSION_KEY, assertServerSaw } = require('../testing/check');
 
 const CONCURRENT = 20;
@@ -77,6 +77,61 @@ test('20 concurrent requests answered 401: one refresh reaches the server, each 
   assert.equal(seen[`${PATHS.data} 401`], CONCURRENT);
   assert.equal(seen[`${PATHS.data} 200`], CONCURRENT);
   t.diagnostic(`refresh calls the server saw: ${seen[`${PATHS.refresh} 200`]}`);
+});
+
+test('a 401 answered after the refresh is done: retried with the new token, no second refresh', async (t) => {
+  const server = await startServer({ accessTtl: '2s' });
+  t.after(() => server.stop());
+  // The second request's 401 is held back until the first one's refresh has been
+  // answered: it must not start a refresh of its own.
+  let refusals = 0;
+  const fake = createFakeWx({
+    user: 'mallory',
+    hold: (r) => {
+      if (r.path !== PATHS.data || r.statusCode !== 401 || ++refusals !== 2) return undefined;
+      return waitFor('the refresh to be answered', 10000, () =>
+        fake.requests.some((x) => x.path === PATHS.refresh && x.delivered)
+      );
+    },
+  });
+  await createClient({ baseUrl: server.base, wx: fake }).login();
+  const stored = fake.getStorageSync(SESSION_KEY);
+  await waitForExpiry(server, stored.access);
+  const now = Date.now();
+  fake.setStorageSync(SESSION_KEY, { ...stored, accessReceivedAt: now, accessExpiresAt: now + 3600 * 1000 });
+  const auth = createClient({ baseUrl: server.base, wx: fake });
+
+  await Promise.all([auth.user(), auth.user()]);
+  assert.equal(refusals, 2);
+  assert.equal(fake.count(PATHS.refresh), 1);
+  assert.equal(fake.count(PATHS.data, 401), 2);
+  assert.equal(fake.count(PATHS.data, 200), 2);
+  assert.equal(fake.logins, 1);
+  await assertServerSaw(server, fake);
+});
+
+test('never more than one retry: a request still refused after the refresh rejects with the 401', async (t) => {
+  const server = await startServer();
+  t.after(() => server.stop());
+  // Something in the way (a proxy, say) spoils the data requests' bearer token: the
+  // server refuses every one of them, however fresh the token the client sent.
+  const fake = createFakeWx({
+    user: 'oscar',
+    rewrite: (header, r) => {
+      if (r.path === PATHS.data) header.authorization = 'Bearer spoiled';
+    },
+  });
+  const auth = createClient({ baseUrl: server.base, wx: fake });
+  await auth.login();
+
+  const err = await auth.user().then(() => assert.fail('resolved'), (e) => e);
+  assert.equal(err.status, 401);
+  assert.equal(err.code, 'token_not_valid');
+  assert.deepEqual(
+    fake.requests.map((r) => `${r.path} ${r.statusCode}`),
+    [`${PATHS.login} 200`, `${PATHS.data} 401`, `${PATHS.refresh} 200`, `${PATHS.data} 401`]
+  );
+  await assertServerSaw(server, fake);
 });
 
 test('refresh ahead: a nearly spent access token is refreshed before the request, no 401', async (t) => {

@@ -27,6 +27,10 @@ function toQuery(data) {
  * @param {string} [options.user] mock user name: wx.login gives codes `user.1`, `user.2`, ...
  * @param {() => string} [options.code] overrides the codes wx.login gives
  * @param {Map<string,string>} [options.storage] shared storage (a relaunched app keeps it)
+ * @param {(record: object) => (Promise<void>|undefined)} [options.hold] called when an
+ *   answer has arrived, before the client sees it: a promise holds the answer back
+ * @param {(header: object, record: object) => void} [options.rewrite] may change a
+ *   request's headers before it is sent (a proxy in the way)
  */
 function createFakeWx(options = {}) {
   const storage = options.storage || new Map();
@@ -88,8 +92,10 @@ function createFakeWx(options = {}) {
         body: opts.data,
         statusCode: undefined,
         response: undefined,
+        delivered: false,
       };
       requests.push(record);
+      if (options.rewrite) options.rewrite(headers, record);
 
       let done = false;
       const fail = (errMsg) => {
@@ -115,13 +121,19 @@ function createFakeWx(options = {}) {
           }
           record.statusCode = res.statusCode;
           record.response = data;
-          finish(opts, true, {
+          const answer = {
             statusCode: res.statusCode,
             header: res.headers,
             data,
             cookies: [],
             errMsg: 'request:ok',
-          });
+          };
+          Promise.resolve(options.hold && options.hold(record)).then(() =>
+            setImmediate(() => {
+              record.delivered = true;
+              finish(opts, true, answer);
+            })
+          );
         });
       });
       req.setTimeout(opts.timeout || 60000, () => {
