@@ -20,7 +20,7 @@ function twenty(auth) {
 }
 
 test('20 concurrent requests after the access token expired: one refresh reaches the server, all 20 succeed', async (t) => {
-  const server = await startServer({ accessTtl: '2s' });
+  const server = await startServer({ accessTtl: '3s' });
   t.after(() => server.stop());
   const fake = createFakeWx({ user: 'erin' });
   const auth = createClient({ baseUrl: server.base, wx: fake });
@@ -45,7 +45,7 @@ test('20 concurrent requests after the access token expired: one refresh reaches
 });
 
 test('20 concurrent requests answered 401: one refresh reaches the server, each request retried once, all 20 succeed', async (t) => {
-  const server = await startServer({ accessTtl: '2s' });
+  const server = await startServer({ accessTtl: '3s' });
   t.after(() => server.stop());
   const fake = createFakeWx({ user: 'frank' });
   const me = await createClient({ baseUrl: server.base, wx: fake }).login();
@@ -80,7 +80,7 @@ test('20 concurrent requests answered 401: one refresh reaches the server, each 
 });
 
 test('a 401 answered after the refresh is done: retried with the new token, no second refresh', async (t) => {
-  const server = await startServer({ accessTtl: '2s' });
+  const server = await startServer({ accessTtl: '3s' });
   t.after(() => server.stop());
   // The second request's 401 is held back until the first one's refresh has been
   // answered: it must not start a refresh of its own.
@@ -163,7 +163,7 @@ test('refresh ahead: a nearly spent access token is refreshed before the request
 });
 
 test('after a rotation the client stores the new refresh token and never presents the old one', async (t) => {
-  const server = await startServer({ accessTtl: '2s' });
+  const server = await startServer({ accessTtl: '3s' });
   t.after(() => server.stop());
   const fake = createFakeWx({ user: 'heidi' });
   const auth = createClient({ baseUrl: server.base, wx: fake });

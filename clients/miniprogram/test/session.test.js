@@ -101,7 +101,7 @@ test('logout revokes the login on the server and clears storage', async (t) => {
 });
 
 test('logout during a refresh waits for it and revokes the newest refresh token', async (t) => {
-  const server = await startServer({ accessTtl: '2s' });
+  const server = await startServer({ accessTtl: '3s' });
   t.after(() => server.stop());
   const fake = createFakeWx({ user: 'lena' });
   const auth = createClient({ baseUrl: server.base, wx: fake });
