@@ -325,6 +325,7 @@ impl Handler<IssuePair> for TokenIssuer {
     type Result = ResponseFuture<Result<TokenPair, StorageError>>;
 
     fn handle(&mut self, msg: IssuePair, _: &mut Context<Self>) -> Self::Result {
+        debug_fault();
         let now = crate::now_unix();
         let family_id = crate::random_hex(16);
         let mut family = Family {
@@ -372,6 +373,7 @@ impl Handler<Refresh> for TokenIssuer {
     type Result = ResponseFuture<Result<Refreshed, RefreshError>>;
 
     fn handle(&mut self, msg: Refresh, _: &mut Context<Self>) -> Self::Result {
+        debug_fault();
         let result = self.refresh(&msg.token);
         self.answer(result)
     }
@@ -412,5 +414,28 @@ impl Handler<RevokeUserFamilies> for TokenIssuer {
             commit.durable().await?;
             Ok(revoked)
         })
+    }
+}
+
+/// Readiness probe: answered only while the issuer is alive and serves its mailbox.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Probe;
+
+impl Handler<Probe> for TokenIssuer {
+    type Result = ();
+
+    fn handle(&mut self, _: Probe, _: &mut Context<Self>) {}
+}
+
+/// Fault injection for tests, compiled into debug builds only: with
+/// `WXAUTH_DEBUG_FAULT=issuer_panic` the issuer panics on its next IssuePair or
+/// Refresh; with `issuer_stall` it blocks for 30 s on each (a stuck owner actor).
+fn debug_fault() {
+    #[cfg(debug_assertions)]
+    match std::env::var("WXAUTH_DEBUG_FAULT").as_deref() {
+        Ok("issuer_panic") => panic!("debug fault: issuer_panic"),
+        Ok("issuer_stall") => std::thread::sleep(std::time::Duration::from_secs(30)),
+        _ => {}
     }
 }

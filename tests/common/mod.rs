@@ -413,6 +413,14 @@ impl TestServer {
             None => false,
         }
     }
+
+    /// Waits for the server to exit on its own (a crash) and returns its status.
+    pub fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        wait_for(deadline, "the server to exit", || {
+            child.try_wait().expect("try_wait")
+        })
+    }
 }
 
 /// stdout of a CLI run as JSON lines (panics unless it exited 0).
