@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 const EXIT_PANIC: i32 = 70;
 
 #[test]
-#[cfg_attr(not(debug_assertions), ignore = "the fault hook exists in debug builds only")]
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "the fault hook exists in debug builds only"
+)]
 fn a_panicking_issuer_ends_the_process_with_code_70_and_the_log_names_the_panic() {
     let mock = MockWeChat::start();
     let mut server = TestServer::start(
@@ -51,7 +54,10 @@ fn a_panicking_issuer_ends_the_process_with_code_70_and_the_log_names_the_panic(
 }
 
 #[test]
-#[cfg_attr(not(debug_assertions), ignore = "the fault hook exists in debug builds only")]
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "the fault hook exists in debug builds only"
+)]
 fn readyz_is_unready_while_the_token_issuer_does_not_answer() {
     let mock = MockWeChat::start();
     let server = TestServer::start(

@@ -416,10 +416,12 @@ impl TestServer {
 
     /// Waits for the server to exit on its own (a crash) and returns its status.
     pub fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        wait_for(deadline, "the server to exit", || {
+        let child = self.child.as_mut().expect("running");
+        let status = wait_for(deadline, "the server to exit", || {
             child.try_wait().expect("try_wait")
-        })
+        });
+        self.child = None;
+        status
     }
 }
 
