@@ -6,8 +6,11 @@
 //! its writes go through the owner actors like any other. With no server running,
 //! the CLI opens the data directory and runs the same commands directly.
 //!
-//! Protocol: one JSON request line in; JSON lines out, ending with a status line
-//! `{"wxauth_admin": "ok"}` or `{"wxauth_admin": "error", "error": "…"}`.
+//! Protocol: one JSON request line in (at most [`MAX_REQUEST_LINE`] bytes); JSON
+//! lines out, ending with a status line `{"wxauth_admin": "ok"}` or
+//! `{"wxauth_admin": "error", "error": "…"}`. Every request the server cannot run,
+//! malformed or not, gets the error status line; the error never echoes the input.
+//! A client that stops sending or stops reading for [`CLIENT_IO_TIMEOUT`] is dropped.
 
 use crate::actors::issuer::{RevokeUserFamilies, TokenIssuer};
 use crate::actors::registry::{RevokeTokens, SetDisabled, UserRegistry};
@@ -18,16 +21,22 @@ use crate::users::{self, User, UserId};
 use actix::Addr;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Seek, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 pub const SOCKET_FILE: &str = "admin.sock";
 const STATUS_KEY: &str = "wxauth_admin";
 const BACKUP_FORMAT: &str = "wxauth-backup";
 const BACKUP_VERSION: u64 = 1;
 const RESTORE_BATCH: usize = 10_000;
+/// The longest request line the socket accepts (a real request is under 100 bytes).
+pub const MAX_REQUEST_LINE: usize = 64 * 1024;
+/// How long the server waits for an admin client to send its request, or to take
+/// the next part of the output (a stalled backup reader is dropped after this).
+pub const CLIENT_IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
@@ -52,6 +61,51 @@ pub enum AdminError {
     Server(String),
     #[error("{0}")]
     Refused(String),
+    #[error(transparent)]
+    BadRequest(#[from] RequestError),
+}
+
+/// Why a request line was refused. The messages are fixed: none repeats the input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("request too long (at most 65536 bytes)")]
+    TooLong,
+    #[error("bad request: not valid UTF-8")]
+    NotUtf8,
+    #[error("bad request: not a JSON object on one line")]
+    NotJson,
+    #[error("bad request: not a wxauth admin request (unknown command or fields)")]
+    NotARequest,
+    #[error("could not read the request: {0}")]
+    Read(String),
+}
+
+/// Reads one request line, newline excluded, without ever holding more than
+/// [`MAX_REQUEST_LINE`] + 1 bytes of it. `Ok(None)`: the client sent nothing at all.
+/// A longer line is refused at once; the rest of it is never read.
+pub fn read_request_line(input: &mut impl BufRead) -> Result<Option<Vec<u8>>, RequestError> {
+    let mut line = Vec::new();
+    input
+        .take(MAX_REQUEST_LINE as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .map_err(|e| RequestError::Read(e.to_string()))?;
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    } else if line.len() > MAX_REQUEST_LINE {
+        return Err(RequestError::TooLong);
+    } else if line.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(line))
+}
+
+/// Parses a request line (as [`read_request_line`] returns it).
+pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
+    let text = std::str::from_utf8(line).map_err(|_| RequestError::NotUtf8)?;
+    serde_json::from_str(text).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => RequestError::NotARequest,
+        _ => RequestError::NotJson,
+    })
 }
 
 /// The operator's view of a user: everything but the session key.
@@ -199,8 +253,45 @@ pub fn execute(
                 &json!({ "user_id": user, "families_revoked": families }),
             )?)
         }
-        Request::Backup => backup(store, data_dir, out),
+        Request::Backup => match writes {
+            // The server's writers wait only while the snapshot is written to disk.
+            Writes::Server { .. } => spooled_backup(store, data_dir, out),
+            // No server: nobody waits, and `out` is the operator's file already.
+            Writes::Direct { .. } => backup(store, data_dir, out),
+        },
     }
+}
+
+/// A backup for a client that may read slowly or not at all: the snapshot goes to
+/// a private scratch file in the data directory first (writes wait only for that),
+/// then the file is streamed to `out` with the writers free again.
+fn spooled_backup(
+    store: &dyn Store,
+    data_dir: &Path,
+    out: &mut dyn Write,
+) -> Result<(), AdminError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join(format!(".backup-spool-{}", crate::random_hex(8)));
+    // create_new: never a file (or symlink) someone else put there; 0600: it holds
+    // the signing key and session keys.
+    let mut spool = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    // Unlinked at once: the open handle is all we need, and whatever happens next
+    // (an error, a dropped client, a crash) nothing is left behind.
+    std::fs::remove_file(&path)?;
+    {
+        let mut writer = std::io::BufWriter::new(&mut spool);
+        backup(store, data_dir, &mut writer)?;
+        writer.flush()?;
+    }
+    spool.rewind()?;
+    std::io::copy(&mut spool, out)?;
+    out.flush()?;
+    Ok(())
 }
 
 /// A JSON-lines snapshot: a header, the generated signing key (if one is in use),
@@ -396,15 +487,24 @@ pub fn serve(ctx: ServerContext) -> std::io::Result<PathBuf> {
 }
 
 fn serve_connection(stream: UnixStream, ctx: &ServerContext) {
-    let Ok(reader) = stream.try_clone() else {
+    // A client that stops sending, or stops reading a backup, is dropped: it never
+    // holds this thread (or anything else) for longer than the timeout.
+    let timeouts = stream
+        .set_read_timeout(Some(CLIENT_IO_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(CLIENT_IO_TIMEOUT)));
+    let Ok(reader) = timeouts.and_then(|()| stream.try_clone()) else {
         return;
     };
-    let mut request = String::new();
-    if BufReader::new(reader).read_line(&mut request).is_err() {
-        return;
-    }
-    let mut out = std::io::BufWriter::new(stream);
-    let result = match serde_json::from_str::<Request>(&request) {
+    let request = match read_request_line(&mut BufReader::new(reader)) {
+        Ok(None) => return,
+        Ok(Some(line)) => parse_request(&line),
+        Err(e) => Err(e),
+    };
+    let mut out = std::io::BufWriter::new(ClientWriter {
+        stream,
+        failed: false,
+    });
+    let result = match request {
         Ok(request) => {
             tracing::info!(?request, "admin command");
             let mut writes = Writes::Server {
@@ -421,13 +521,46 @@ fn serve_connection(stream: UnixStream, ctx: &ServerContext) {
                 &mut out,
             )
         }
-        Err(e) => Err(AdminError::Server(format!("bad request: {e}"))),
+        Err(e) => {
+            tracing::warn!(error = %e, "admin request refused");
+            Err(e.into())
+        }
     };
     let status = match result {
         Ok(()) => json!({ STATUS_KEY: "ok" }),
         Err(e) => json!({ STATUS_KEY: "error", "error": e.to_string() }),
     };
-    let _ = line(&mut out, &status).and_then(|_| out.flush());
+    if line(&mut out, &status).and_then(|_| out.flush()).is_err() {
+        tracing::warn!("admin client stopped reading: connection dropped");
+    }
+}
+
+/// The socket towards an admin client. Once a write failed or waited out the
+/// timeout (the client went away or stopped reading), every later write fails at
+/// once instead of waiting out the timeout again.
+struct ClientWriter {
+    stream: UnixStream,
+    failed: bool,
+}
+
+impl Write for ClientWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.failed {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        let started = std::time::Instant::now();
+        let written = self.stream.write(buf);
+        // The kernel fails a write only when it sent nothing before the timeout; one
+        // that sent a part and then waited out the timeout is a stalled client too.
+        if written.is_err() || started.elapsed() >= CLIENT_IO_TIMEOUT {
+            self.failed = true;
+        }
+        written
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The CLI's side: send `request` to the running server, or, when none answers on

@@ -24,6 +24,13 @@ pub mod tls;
 pub mod tokens;
 pub mod users;
 
+/// Entry points for the fuzz targets in `fuzz/`: not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::admin::{parse_request, read_request_line, MAX_REQUEST_LINE};
+    pub use crate::http::{fuzz_bearer, fuzz_decode};
+}
+
 /// Seconds since the Unix epoch: the one clock every record and claim uses.
 pub fn now_unix() -> i64 {
     std::time::SystemTime::now()

@@ -10,6 +10,9 @@ use wxauth::startup::StartError;
 
 /// Exit code for a configuration that cannot be used.
 const EXIT_CONFIG: u8 = 2;
+/// Exit code after a panic while serving (EX_SOFTWARE): the service manager
+/// restarts the process (`Restart=on-failure`).
+const EXIT_PANIC: i32 = 70;
 
 fn main() -> ExitCode {
     // Before anything is created: every file and directory this process makes (the
@@ -90,6 +93,7 @@ fn serve(config: Option<&Path>) -> ExitCode {
         Err(e) => return config_error(e),
     };
     wxauth::telemetry::init(&loaded.config.log);
+    exit_on_panic();
     for warning in &loaded.warnings {
         tracing::warn!("{warning}");
     }
@@ -101,6 +105,33 @@ fn serve(config: Option<&Path>) -> ExitCode {
             fail(e)
         }
     }
+}
+
+/// Crash-only: a panic anywhere in the server (an owner actor, the commit thread, a
+/// worker) ends the process with [`EXIT_PANIC`] rather than leaving it running
+/// without that part. Nothing is lost by exiting: every answered change is already
+/// durable, and storage recovers on start as after `kill -9`. The log line carries
+/// the panic's message and location only, never a backtrace or any state.
+fn exit_on_panic() {
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let location = info.location().map_or_else(
+            || "unknown".to_string(),
+            |l| format!("{}:{}:{}", l.file(), l.line(), l.column()),
+        );
+        tracing::error!(
+            panic_message = message,
+            location,
+            exit_code = EXIT_PANIC,
+            "panic: exiting so that the service manager restarts wxauth"
+        );
+        std::process::exit(EXIT_PANIC);
+    }));
 }
 
 /// Everything `serve` would refuse, without starting: secret files, the signing

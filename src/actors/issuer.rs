@@ -479,6 +479,7 @@ impl Handler<IssuePair> for TokenIssuer {
     type Result = ResponseFuture<Result<TokenPair, StorageError>>;
 
     fn handle(&mut self, msg: IssuePair, _: &mut Context<Self>) -> Self::Result {
+        debug_fault();
         let now = crate::tokens::now_ms() / 1000;
         let family_id = crate::random_hex(16);
         let mut family = Family {
@@ -535,6 +536,7 @@ impl Handler<Refresh> for TokenIssuer {
     type Result = ResponseFuture<Result<Refreshed, RefreshError>>;
 
     fn handle(&mut self, msg: Refresh, _: &mut Context<Self>) -> Self::Result {
+        debug_fault();
         let result = self.refresh(&msg.token);
         self.answer(result)
     }
@@ -570,6 +572,29 @@ impl Handler<RevokeUserFamilies> for TokenIssuer {
     /// between them. Answers after the commit that covers every revocation.
     fn handle(&mut self, msg: RevokeUserFamilies, _: &mut Context<Self>) -> Self::Result {
         self.revoke_step(msg.user_id, crate::now_unix(), Vec::new(), 0)
+    }
+}
+
+/// Readiness probe: answered only while the issuer is alive and serves its mailbox.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Probe;
+
+impl Handler<Probe> for TokenIssuer {
+    type Result = ();
+
+    fn handle(&mut self, _: Probe, _: &mut Context<Self>) {}
+}
+
+/// Fault injection for tests, compiled into debug builds only: with
+/// `WXAUTH_DEBUG_FAULT=issuer_panic` the issuer panics on its next IssuePair or
+/// Refresh; with `issuer_stall` it blocks for 30 s on each (a stuck owner actor).
+fn debug_fault() {
+    #[cfg(debug_assertions)]
+    match std::env::var("WXAUTH_DEBUG_FAULT").as_deref() {
+        Ok("issuer_panic") => panic!("debug fault: issuer_panic"),
+        Ok("issuer_stall") => std::thread::sleep(std::time::Duration::from_secs(30)),
+        _ => {}
     }
 }
 

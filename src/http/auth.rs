@@ -63,3 +63,22 @@ fn bearer_token(req: &HttpRequest) -> Result<&str, AuthError> {
         _ => Err(AuthError::BadAuthorizationHeader),
     }
 }
+
+/// For fuzz/ (`bearer`): an `Authorization` header value through [`bearer_token`],
+/// then the storage-free steps of the one token check with `keys`.
+#[doc(hidden)]
+pub fn fuzz_bearer(
+    keys: &crate::tokens::JwtKeys,
+    authorization: &[u8],
+) -> Result<crate::tokens::Claims, AuthError> {
+    // Bytes no HTTP parser would accept as a header value never reach us.
+    let Ok(value) = header::HeaderValue::from_bytes(authorization) else {
+        return Err(AuthError::NotAuthenticated);
+    };
+    let req = actix_web::test::TestRequest::default()
+        .insert_header((header::AUTHORIZATION, value))
+        .to_http_request();
+    let token = bearer_token(&req)?;
+    check::token_claims(keys, token, Accept::Access, crate::tokens::now_ms())
+        .map_err(AuthError::TokenNotValid)
+}

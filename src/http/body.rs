@@ -137,6 +137,15 @@ impl FromRequest for Fields {
     }
 }
 
+/// For fuzz/ (`body`): the parser behind [`Fields`], for a JSON or a form body.
+#[doc(hidden)]
+pub fn fuzz_decode(json: bool, bytes: &[u8]) -> Result<Fields, ApiError> {
+    decode(
+        Some(if json { BodyKind::Json } else { BodyKind::Form }),
+        bytes,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,7 @@
 //! Liveness and readiness for load balancers, containers and systemd.
 
 use super::AppState;
-use crate::actors::registry::Probe;
+use crate::actors::{issuer, registry};
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
@@ -11,17 +11,38 @@ pub async fn healthz() -> HttpResponse {
         .body(r#"{"status":"ok"}"#)
 }
 
-/// Ready when a write reaches the disk and at least one mini-program is configured.
+/// Ready when every owner actor answers through its mailbox (each within
+/// `ACTOR_TIMEOUT`), a write reaches the disk, and a mini-program is configured.
+/// A crashed or stuck actor makes the server unready instead of failing logins
+/// behind a green probe.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let storage = match state
-        .registry
-        .send(Probe)
-        .timeout(super::ACTOR_TIMEOUT)
-        .await
-    {
+    let (registry, issuer) = futures_util::future::join(
+        state
+            .registry
+            .send(registry::Probe)
+            .timeout(super::ACTOR_TIMEOUT),
+        state
+            .issuer
+            .send(issuer::Probe)
+            .timeout(super::ACTOR_TIMEOUT),
+    )
+    .await;
+    if let Err(cause) = issuer {
+        tracing::warn!(%cause, "readiness probe: the token issuer does not answer");
+        return not_ready("The token issuer does not answer.");
+    }
+    // The WeChat client runs no blocking work of its own: alive is enough.
+    if !state.wechat.connected() {
+        tracing::warn!("readiness probe: the WeChat client has stopped");
+        return not_ready("The WeChat client is not running.");
+    }
+    let storage = match registry {
         Ok(Ok(())) => state.commit.durable().await.map_err(|e| e.to_string()),
         Ok(Err(e)) => Err(e.to_string()),
-        Err(e) => Err(e.to_string()),
+        Err(cause) => {
+            tracing::warn!(%cause, "readiness probe: the user registry does not answer");
+            return not_ready("The user registry does not answer.");
+        }
     };
     match storage {
         Ok(()) if !state.apps.is_empty() => HttpResponse::Ok().json(json!({ "status": "ready" })),

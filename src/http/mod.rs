@@ -14,6 +14,8 @@ mod token;
 pub use body::MAX_BODY_BYTES;
 pub use observe::{finish as finish_request, request_id};
 pub use ratelimit::{canonical_ip, LoginLimiter};
+#[doc(hidden)]
+pub use {auth::fuzz_bearer, body::fuzz_decode};
 
 use crate::actors::{issuer::TokenIssuer, registry::UserRegistry, wechat::WeChatClient};
 use crate::error::{status_error_body, ApiError};

@@ -413,6 +413,16 @@ impl TestServer {
             None => false,
         }
     }
+
+    /// Waits for the server to exit on its own (a crash) and returns its status.
+    pub fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let status = wait_for(deadline, "the server to exit", || {
+            child.try_wait().expect("try_wait")
+        });
+        self.child = None;
+        status
+    }
 }
 
 /// stdout of a CLI run as JSON lines (panics unless it exited 0).
