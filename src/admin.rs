@@ -118,6 +118,9 @@ pub fn user_view(user: &User) -> Value {
         "created_at": users::rfc3339(user.created_at),
         "last_login_at": users::rfc3339(user.last_login_at),
         "disabled": user.disabled,
+        "phone_number": user.phone.as_ref().map(|p| &p.phone_number),
+        "pure_phone_number": user.phone.as_ref().map(|p| &p.pure_phone_number),
+        "country_code": user.phone.as_ref().map(|p| &p.country_code),
     })
 }
 

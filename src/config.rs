@@ -110,6 +110,13 @@ pub struct WeChatConfig {
     pub mock: bool,
     /// Users of different configured apps who share a WeChat unionid are one local user.
     pub link_by_unionid: bool,
+    /// The access-token keeper refreshes a token once it is this close to expiry.
+    #[serde(deserialize_with = "de_duration")]
+    pub token_refresh_ahead: Duration,
+    /// The loopback listener of `GET /api/weixin/access_token/`; empty: off.
+    pub token_endpoint_bind: String,
+    /// The bearer secret that listener requires (required when it is on).
+    pub token_endpoint_secret_file: Option<PathBuf>,
 }
 
 impl Default for WeChatConfig {
@@ -126,6 +133,9 @@ impl Default for WeChatConfig {
             queue_timeout: Duration::from_secs(1),
             mock: false,
             link_by_unionid: false,
+            token_refresh_ahead: Duration::from_secs(5 * 60),
+            token_endpoint_bind: String::new(),
+            token_endpoint_secret_file: None,
         }
     }
 }
@@ -249,6 +259,8 @@ impl ConfigError {
 pub struct Loaded {
     pub config: Config,
     pub apps: Vec<WeChatApp>,
+    /// The bearer secret of the access-token endpoint, when `wechat.token_endpoint_bind` is set.
+    pub token_endpoint_secret: Option<Secret>,
     pub warnings: Vec<String>,
     pub source: Option<PathBuf>,
 }
@@ -297,9 +309,11 @@ impl Config {
         }
         let mut warnings = unknown_keys(&figment);
         let apps = config.validate(&mut warnings)?;
+        let token_endpoint_secret = config.token_endpoint_secret()?;
         Ok(Loaded {
             config,
             apps,
+            token_endpoint_secret,
             warnings,
             source,
         })
@@ -404,6 +418,12 @@ impl Config {
             return Err(ConfigError::new(
                 "wechat.max_concurrent_calls",
                 "must be between 1 and 256",
+            ));
+        }
+        if w.token_refresh_ahead > Duration::from_secs(3600) {
+            return Err(ConfigError::new(
+                "wechat.token_refresh_ahead",
+                "must be 1h or less (WeChat's tokens live 2h)",
             ));
         }
         if w.queue_timeout > Duration::from_secs(60) {
@@ -552,6 +572,36 @@ impl Config {
             return Err(ConfigError::new("log.format", "must be text or json"));
         }
         Ok(apps)
+    }
+
+    /// `wechat.token_endpoint_bind` must be loopback (it hands out WeChat's access
+    /// token) and comes with a non-empty bearer secret from a file.
+    fn token_endpoint_secret(&self) -> Result<Option<Secret>, ConfigError> {
+        let w = &self.wechat;
+        if w.token_endpoint_bind.is_empty() || w.token_endpoint_bind == "off" {
+            return Ok(None);
+        }
+        let addr = parse_addr("wechat.token_endpoint_bind", &w.token_endpoint_bind)?;
+        if !addr.ip().is_loopback() {
+            return Err(ConfigError::new(
+                "wechat.token_endpoint_bind",
+                "must be a loopback address (127.0.0.1 or ::1): it hands out WeChat's access token",
+            ));
+        }
+        let Some(path) = &w.token_endpoint_secret_file else {
+            return Err(ConfigError::new(
+                "wechat.token_endpoint_secret_file",
+                "is required when wechat.token_endpoint_bind is set",
+            ));
+        };
+        let secret = read_secret_file("wechat.token_endpoint_secret_file", path)?;
+        if secret.expose().len() < 16 {
+            return Err(ConfigError::new(
+                "wechat.token_endpoint_secret_file",
+                "must hold a secret of at least 16 characters",
+            ));
+        }
+        Ok(Some(secret))
     }
 
     pub fn bind_addr(&self) -> SocketAddr {

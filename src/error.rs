@@ -1,7 +1,9 @@
 //! The one place where every error becomes the contract's JSON:
 //! `{"code": "<snake_case>", "detail": "<one English sentence>"}` with its status.
 
+use crate::actors::access_token::WxApiError;
 use crate::actors::wechat::WeChatError;
+use crate::wechat_crypto::DecryptError;
 use crate::storage::StorageError;
 use crate::tokens::check::Refusal;
 use crate::tokens::TokenError;
@@ -49,6 +51,13 @@ pub enum ApiError {
     RateLimited { retry_after_secs: u64 },
     #[error(transparent)]
     WeChat(#[from] WeChatError),
+    /// The phone number and checksession calls (with the access token). Their
+    /// `WeChat` errors become [`ApiError::WeChat`] (see `From`), mapped as login's.
+    #[error(transparent)]
+    WxApi(WxApiError),
+    /// POST /api/weixin/decrypt/.
+    #[error(transparent)]
+    Decrypt(#[from] DecryptError),
     #[error(transparent)]
     Auth(#[from] AuthError),
     /// Token endpoints (refresh, verify, blacklist): simplejwt's `{"detail", "code"}`.
@@ -68,6 +77,15 @@ pub enum ApiError {
 impl From<actix::MailboxError> for ApiError {
     fn from(e: actix::MailboxError) -> Self {
         ApiError::Unavailable(e)
+    }
+}
+
+impl From<WxApiError> for ApiError {
+    fn from(e: WxApiError) -> Self {
+        match e {
+            WxApiError::WeChat(e) => ApiError::WeChat(e),
+            other => ApiError::WxApi(other),
+        }
     }
 }
 
@@ -98,6 +116,18 @@ impl ApiError {
                 | WeChatError::Connect(_)
                 | WeChatError::Unavailable => "upstream_error",
             },
+            ApiError::WxApi(e) => match e {
+                WxApiError::PhoneCodeInvalid => "phone_code_invalid",
+                WxApiError::ForcedRefreshLimited { .. } => "access_token_unavailable",
+                WxApiError::TokenRejected => "upstream_error",
+                WxApiError::UnknownApp(_) => "unknown_app",
+                WxApiError::WeChat(e) => ApiError::WeChat(e.clone()).code(),
+            },
+            ApiError::Decrypt(e) => match e {
+                DecryptError::BadInput(_) => "invalid_request",
+                DecryptError::Failed => "decrypt_failed",
+                DecryptError::WatermarkMismatch => "watermark_mismatch",
+            },
             ApiError::Auth(e) => match e {
                 AuthError::NotAuthenticated => "not_authenticated",
                 AuthError::BadAuthorizationHeader => "bad_authorization_header",
@@ -119,6 +149,10 @@ impl ApiError {
             ApiError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
             ApiError::WeChat(WeChatError::RateLimited) => Some(60),
             ApiError::WeChat(WeChatError::Busy | WeChatError::NoCallSlot) => Some(1),
+            ApiError::WxApi(WxApiError::ForcedRefreshLimited { retry_after_secs }) => {
+                Some(*retry_after_secs)
+            }
+            ApiError::WxApi(WxApiError::WeChat(e)) => ApiError::WeChat(e.clone()).retry_after(),
             ApiError::Storage(StorageError::Corrupt { .. }) => None,
             ApiError::Storage(_) => Some(5),
             ApiError::Unavailable(_) => Some(1),
@@ -151,6 +185,15 @@ impl ResponseError for ApiError {
                 | WeChatError::Connect(_)
                 | WeChatError::Unavailable => StatusCode::BAD_GATEWAY,
             },
+            ApiError::WxApi(e) => match e {
+                WxApiError::PhoneCodeInvalid | WxApiError::UnknownApp(_) => {
+                    StatusCode::BAD_REQUEST
+                }
+                WxApiError::ForcedRefreshLimited { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                WxApiError::TokenRejected => StatusCode::BAD_GATEWAY,
+                WxApiError::WeChat(e) => ApiError::WeChat(e.clone()).status_code(),
+            },
+            ApiError::Decrypt(_) => StatusCode::BAD_REQUEST,
             ApiError::Auth(_) | ApiError::Token(_) | ApiError::NoActiveAccount => {
                 StatusCode::UNAUTHORIZED
             }

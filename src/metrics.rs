@@ -8,9 +8,12 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 /// The routes requests are counted under (trailing slash folded); the last is the rest.
-pub const ROUTES: [&str; 8] = [
+pub const ROUTES: [&str; 11] = [
     "/api/weixin/login/",
     "/api/weixin/data/",
+    "/api/weixin/phone/",
+    "/api/weixin/decrypt/",
+    "/api/weixin/access_token/",
     "/api/token/refresh/",
     "/api/token/verify/",
     "/api/token/blacklist/",
@@ -34,6 +37,37 @@ pub const WECHAT_OUTCOMES: [&str; 13] = [
     "unknown_errcode",
     "connect_error",
     "unavailable",
+];
+
+/// Outcomes of one access-token fetch (`cgi-bin/stable_token`), as labels.
+pub const TOKEN_FETCH_OUTCOMES: [&str; 11] = [
+    "ok",
+    "forced_ok",
+    "forced_refused",
+    "busy",
+    "rate_limited",
+    "config_error",
+    "timeout",
+    "http_error",
+    "malformed",
+    "unknown_errcode",
+    "connect_error",
+];
+
+/// Outcomes of one call to a WeChat API that takes the access token, as labels.
+pub const WECHAT_API_OUTCOMES: [&str; 12] = [
+    "ok",
+    "token_invalid",
+    "code_invalid",
+    "forced_refused",
+    "busy",
+    "rate_limited",
+    "config_error",
+    "timeout",
+    "http_error",
+    "malformed",
+    "unknown_errcode",
+    "connect_error",
 ];
 
 /// Upper bounds of the latency buckets, in seconds.
@@ -101,6 +135,8 @@ pub struct Metrics {
     access_issued: AtomicU64,
     refresh_issued: AtomicU64,
     reuse_detected: AtomicU64,
+    token_fetches: Vec<AtomicU64>,
+    wechat_api_calls: Vec<AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -116,6 +152,14 @@ impl Default for Metrics {
             access_issued: AtomicU64::new(0),
             refresh_issued: AtomicU64::new(0),
             reuse_detected: AtomicU64::new(0),
+            token_fetches: TOKEN_FETCH_OUTCOMES
+                .iter()
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            wechat_api_calls: WECHAT_API_OUTCOMES
+                .iter()
+                .map(|_| AtomicU64::new(0))
+                .collect(),
         }
     }
 }
@@ -151,6 +195,24 @@ impl Metrics {
             .unwrap_or(WECHAT_OUTCOMES.len() - 1);
         self.wechat_calls[i].fetch_add(1, Relaxed);
         self.wechat_latency.observe(elapsed);
+    }
+
+    /// One access-token fetch by the keeper (an unknown outcome counts as the last label).
+    pub fn observe_token_fetch(&self, outcome: &str) {
+        let i = TOKEN_FETCH_OUTCOMES
+            .iter()
+            .position(|x| *x == outcome)
+            .unwrap_or(TOKEN_FETCH_OUTCOMES.len() - 1);
+        self.token_fetches[i].fetch_add(1, Relaxed);
+    }
+
+    /// One call to a token-authenticated WeChat API (phone number, checksession).
+    pub fn observe_wechat_api(&self, outcome: &str) {
+        let i = WECHAT_API_OUTCOMES
+            .iter()
+            .position(|x| *x == outcome)
+            .unwrap_or(WECHAT_API_OUTCOMES.len() - 1);
+        self.wechat_api_calls[i].fetch_add(1, Relaxed);
     }
 
     pub fn tokens_issued(&self, access: u64, refresh: u64) {
@@ -207,6 +269,32 @@ impl Metrics {
             "Latency of calls to WeChat's jscode2session.",
         );
         self.wechat_latency.render(o, name, "");
+        header(
+            o,
+            "wxauth_wechat_token_fetches_total",
+            "counter",
+            "Access-token fetches (cgi-bin/stable_token) by outcome.",
+        );
+        for (i, outcome) in TOKEN_FETCH_OUTCOMES.iter().enumerate() {
+            let n = self.token_fetches[i].load(Relaxed);
+            let _ = writeln!(
+                o,
+                "wxauth_wechat_token_fetches_total{{outcome=\"{outcome}\"}} {n}"
+            );
+        }
+        header(
+            o,
+            "wxauth_wechat_api_calls_total",
+            "counter",
+            "Calls to WeChat APIs that take the access token (phone number, checksession) by outcome.",
+        );
+        for (i, outcome) in WECHAT_API_OUTCOMES.iter().enumerate() {
+            let n = self.wechat_api_calls[i].load(Relaxed);
+            let _ = writeln!(
+                o,
+                "wxauth_wechat_api_calls_total{{outcome=\"{outcome}\"}} {n}"
+            );
+        }
         header(
             o,
             "wxauth_tokens_issued_total",

@@ -1,6 +1,6 @@
 //! Wiring: open storage, load keys, start the actors, serve, and shut down cleanly.
 
-use crate::actors::{issuer::TokenIssuer, registry::UserRegistry, wechat};
+use crate::actors::{access_token, issuer::TokenIssuer, registry::UserRegistry, wechat};
 use crate::admin;
 use crate::config::{ConfigError, Loaded};
 use crate::http::{self, AppState, LoginLimiter};
@@ -117,6 +117,40 @@ fn start_metrics_listener(
     Ok(Some(server.run()))
 }
 
+/// The access-token listener on `wechat.token_endpoint_bind` (none when empty).
+/// Its own loopback socket rather than a route on the API listener: a reverse proxy
+/// in front of the API can never expose it, and no peer-address check (which a
+/// proxy on the same host would pass) is needed.
+fn start_token_listener(
+    bind: &str,
+    secret: Option<crate::secret::Secret>,
+    state: web::Data<AppState>,
+) -> Result<Option<actix_web::dev::Server>, StartError> {
+    let Some(secret) = secret else {
+        return Ok(None);
+    };
+    let secret = web::Data::new(http::EndpointSecret(secret));
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .app_data(secret.clone())
+            .wrap(http::json_errors())
+            .wrap(middleware::DefaultHeaders::new().add(("Cache-Control", "no-store")))
+            .configure(http::access_token_routes)
+    })
+    .workers(1)
+    .disable_signals()
+    .bind(bind)
+    .map_err(|source| StartError::Bind {
+        addr: bind.to_string(),
+        source,
+    })?;
+    for addr in server.addrs() {
+        tracing::info!(address = %addr, "serving the access token endpoint");
+    }
+    Ok(Some(server.run()))
+}
+
 /// SIGTERM (systemd, kill) or SIGINT (Ctrl-C).
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
@@ -169,6 +203,17 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     );
     let issuer = TokenIssuer::start_in_arbiter(&issuer_arbiter.handle(), move |_| issuer);
     let wechat = wechat::start(&cfg.wechat, &loaded.apps, metrics.clone());
+    // Its own thread: token fetches and the calls that use the token never wait
+    // behind the registry or the issuer, and logins never wait behind them.
+    let keeper_arbiter = Arbiter::new();
+    let keeper = access_token::start(
+        &cfg.wechat,
+        &loaded.apps,
+        store.clone(),
+        commit.clone(),
+        metrics.clone(),
+        &keeper_arbiter.handle(),
+    );
     let admin_socket = admin::serve(admin::ServerContext {
         store: store.clone(),
         data_dir: cfg.storage.path.clone(),
@@ -183,6 +228,7 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         wechat,
         registry,
         issuer,
+        keeper,
         keys: keys.clone(),
         reader,
         commit: commit.clone(),
@@ -270,12 +316,21 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     for addr in &addrs {
         tracing::info!(address = %addr, tls = https, kid = keys.kid(), users, "listening");
     }
+    let token_server = start_token_listener(
+        &cfg.wechat.token_endpoint_bind,
+        loaded.token_endpoint_secret.clone(),
+        state.clone(),
+    )?;
     let metrics_server = start_metrics_listener(&cfg.metrics.bind, state)?;
     let server = server.run();
 
     // READY=1 only now that the sockets listen (Type=notify); a no-op outside systemd.
     let _ = sd_notify::notify(false, &[NotifyState::Ready]);
-    let handles = (server.handle(), metrics_server.as_ref().map(|s| s.handle()));
+    let handles = (
+        server.handle(),
+        metrics_server.as_ref().map(|s| s.handle()),
+        token_server.as_ref().map(|s| s.handle()),
+    );
     actix_web::rt::spawn(async move {
         shutdown_signal().await;
         let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
@@ -283,10 +338,16 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         if let Some(metrics) = handles.1 {
             metrics.stop(true).await;
         }
+        if let Some(token) = handles.2 {
+            token.stop(true).await;
+        }
         handles.0.stop(true).await;
     });
     if let Some(metrics_server) = metrics_server {
         actix_web::rt::spawn(metrics_server);
+    }
+    if let Some(token_server) = token_server {
+        actix_web::rt::spawn(token_server);
     }
     let served = server.await;
     let _ = std::fs::remove_file(&admin_socket);
@@ -294,7 +355,7 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     // Every answered request already waited for its commit; this flushes the rest.
     commit.shutdown();
     let flushed = store.flush();
-    for arbiter in [registry_arbiter, issuer_arbiter] {
+    for arbiter in [registry_arbiter, issuer_arbiter, keeper_arbiter] {
         arbiter.stop();
         let _ = arbiter.join();
     }

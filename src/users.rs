@@ -13,6 +13,23 @@ use serde::{Deserialize, Serialize};
 
 pub type UserId = u64;
 
+/// The phone number WeChat returned, as stored on the user.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhoneNumber {
+    /// With the country code for numbers outside mainland China (WeChat's `phoneNumber`).
+    pub phone_number: String,
+    pub pure_phone_number: String,
+    pub country_code: String,
+}
+
+/// Never printed: a phone number is personal data and stays out of logs.
+impl std::fmt::Debug for PhoneNumber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PhoneNumber([redacted])")
+    }
+}
+
+
 pub const NEXT_USER_ID_KEY: &[u8] = b"next_user_id";
 
 /// No `Serialize`: the record is written only by [`encode`] (the one place the session
@@ -44,6 +61,9 @@ pub struct User {
     /// second. No longer written; still honoured so that those revokes stay in force.
     #[serde(default)]
     pub tokens_not_before: i64,
+    /// From `POST /api/weixin/phone/` (WeChat's getuserphonenumber); `None` until then.
+    #[serde(default)]
+    pub phone: Option<PhoneNumber>,
 }
 
 impl User {
@@ -67,6 +87,7 @@ impl User {
             disabled: false,
             token_stamp: 0,
             tokens_not_before: 0,
+            phone: None,
         }
     }
 }
@@ -107,6 +128,8 @@ struct StoredUser<'a> {
     disabled: bool,
     token_stamp: u64,
     tokens_not_before: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    phone: &'a Option<PhoneNumber>,
 }
 
 pub fn encode(user: &User) -> Vec<u8> {
@@ -123,6 +146,7 @@ pub fn encode(user: &User) -> Vec<u8> {
         disabled,
         token_stamp,
         tokens_not_before,
+        phone,
     } = user;
     let stored = StoredUser {
         id: *id,
@@ -135,6 +159,7 @@ pub fn encode(user: &User) -> Vec<u8> {
         disabled: *disabled,
         token_stamp: *token_stamp,
         tokens_not_before: *tokens_not_before,
+        phone,
     };
     serde_json::to_vec(&stored).expect("a User always serializes")
 }

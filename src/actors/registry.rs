@@ -205,6 +205,22 @@ impl UserRegistry {
     }
 }
 
+/// Records the phone number WeChat gave for a user. Not durable on return.
+#[derive(Message)]
+#[rtype(result = "Result<Option<User>, StorageError>")]
+pub struct SetPhone {
+    pub user_id: UserId,
+    pub phone: users::PhoneNumber,
+}
+
+impl Handler<SetPhone> for UserRegistry {
+    type Result = Result<Option<User>, StorageError>;
+
+    fn handle(&mut self, msg: SetPhone, _: &mut Context<Self>) -> Self::Result {
+        self.update(msg.user_id, |user| user.phone = Some(msg.phone))
+    }
+}
+
 /// Operator: disable or enable a user. Not durable on return (the caller commits).
 #[derive(Message)]
 #[rtype(result = "Result<Option<User>, StorageError>")]

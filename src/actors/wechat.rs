@@ -487,7 +487,7 @@ fn outcome_label(result: &Result<Session, WeChatError>) -> &'static str {
     }
 }
 
-fn transport_error(e: ureq::Error) -> WeChatError {
+pub(crate) fn transport_error(e: ureq::Error) -> WeChatError {
     match e {
         ureq::Error::Timeout(_) => WeChatError::Timeout,
         ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {
@@ -510,7 +510,7 @@ fn transport_error(e: ureq::Error) -> WeChatError {
 }
 
 /// A ureq error's kind, without its text (which may hold the URL or what WeChat sent).
-fn error_kind(e: &ureq::Error) -> String {
+pub(crate) fn error_kind(e: &ureq::Error) -> String {
     let kind = match e {
         ureq::Error::Io(io) => return format!("I/O ({})", io.kind()),
         ureq::Error::Protocol(_) => "HTTP protocol",

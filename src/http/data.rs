@@ -19,6 +19,13 @@ struct UserView<'a> {
     openid: &'a str,
     created_at: String,
     last_login_at: String,
+    /// Once `POST /api/weixin/phone/` has stored one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    phone_number: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pure_phone_number: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    country_code: Option<&'a str>,
 }
 
 pub async fn data(Authenticated(user): Authenticated) -> HttpResponse {
@@ -29,6 +36,9 @@ pub async fn data(Authenticated(user): Authenticated) -> HttpResponse {
             openid: &user.openid,
             created_at: rfc3339(user.created_at),
             last_login_at: rfc3339(user.last_login_at),
+            phone_number: user.phone.as_ref().map(|p| p.phone_number.as_str()),
+            pure_phone_number: user.phone.as_ref().map(|p| p.pure_phone_number.as_str()),
+            country_code: user.phone.as_ref().map(|p| p.country_code.as_str()),
         },
     })
 }

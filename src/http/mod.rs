@@ -1,23 +1,30 @@
 //! The HTTP surface: routes, shared state, and the JSON-only error policy.
 //! Handlers are thin: they parse, send one message per step, and shape the answer.
 
+mod access_token;
 mod auth;
 mod body;
 mod data;
+mod decrypt;
 pub mod deadline;
 mod health;
 mod login;
 mod observe;
+mod phone;
 mod ratelimit;
 mod token;
 
+pub use access_token::EndpointSecret;
 pub use body::MAX_BODY_BYTES;
 pub use observe::{finish as finish_request, request_id};
 pub use ratelimit::{canonical_ip, LoginLimiter};
 #[doc(hidden)]
 pub use {auth::fuzz_bearer, body::fuzz_decode};
 
-use crate::actors::{issuer::TokenIssuer, registry::UserRegistry, wechat::WeChatClient};
+use crate::actors::{
+    access_token::AccessTokenKeeper, issuer::TokenIssuer, registry::UserRegistry,
+    wechat::WeChatClient,
+};
 use crate::error::{status_error_body, ApiError};
 use crate::metrics::Metrics;
 use crate::storage::{GroupCommit, ReadStore};
@@ -42,6 +49,8 @@ pub struct AppState {
     pub wechat: Addr<WeChatClient>,
     pub registry: Addr<UserRegistry>,
     pub issuer: Addr<TokenIssuer>,
+    /// WeChat's access token, and the calls that need it (phone number).
+    pub keeper: Addr<AccessTokenKeeper>,
     pub keys: Arc<JwtKeys>,
     pub reader: Arc<dyn ReadStore>,
     pub commit: GroupCommit,
@@ -107,6 +116,8 @@ pub fn client_ip(req: &HttpRequest, trusted: &[IpAddr]) -> Option<IpAddr> {
 pub fn routes(cfg: &mut web::ServiceConfig) {
     endpoint(cfg, "/api/weixin/login/", "POST", login::login);
     endpoint(cfg, "/api/weixin/data/", "GET", data::data);
+    endpoint(cfg, "/api/weixin/phone/", "POST", phone::phone);
+    endpoint(cfg, "/api/weixin/decrypt/", "POST", decrypt::decrypt);
     endpoint(cfg, "/api/token/refresh/", "POST", token::refresh);
     endpoint(cfg, "/api/token/verify/", "POST", token::verify);
     endpoint(cfg, "/api/token/blacklist/", "POST", token::blacklist);
@@ -140,6 +151,17 @@ where
 /// The metrics listener's only route (`metrics.bind`).
 pub fn metrics_routes(cfg: &mut web::ServiceConfig) {
     endpoint(cfg, "/metrics", "GET", observe::metrics);
+    cfg.default_service(web::to(not_found));
+}
+
+/// The access-token listener's only route (`wechat.token_endpoint_bind`).
+pub fn access_token_routes(cfg: &mut web::ServiceConfig) {
+    endpoint(
+        cfg,
+        "/api/weixin/access_token/",
+        "GET",
+        access_token::access_token,
+    );
     cfg.default_service(web::to(not_found));
 }
 

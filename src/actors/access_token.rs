@@ -1,0 +1,909 @@
+//! The access-token keeper: the one holder of each configured app's WeChat
+//! `access_token`, and the caller of the WeChat APIs that need it
+//! (`getuserphonenumber`, `checksession`).
+//!
+//! WeChat's advice is one central holder: a second process fetching a token can
+//! invalidate the first one's. So:
+//! - tokens come from `cgi-bin/stable_token` (`force_refresh: false`), never
+//!   `cgi-bin/token` (which rotates the token on every call);
+//! - single flight: one fetch per app, however many requests wait (a per-app lock;
+//!   whoever waits behind the fetch finds the fresh token);
+//! - refresh ahead: a token is refreshed once it is within `wechat.token_refresh_ahead`
+//!   (default 5 min) of its expiry. WeChat rotates 5 minutes ahead and the old and new
+//!   tokens overlap, so that is safe; a failed refresh keeps serving the old token
+//!   until it really expires;
+//! - the token is stored (meta tree) with its expiry: a restart does not refetch;
+//! - -1 (busy) is retried `wechat.retries` times;
+//! - on 40001/40014/42001 from an API that used the token, one `force_refresh: true`
+//!   fetch and one retry; WeChat allows 20 forced refreshes a day, 30 s apart, and the
+//!   keeper keeps (and stores) that count so it never spends more.
+//!
+//! Login never goes through here: `jscode2session` needs no access token.
+//! The blocking HTTP calls run on tokio's blocking pool, never on this actor's thread.
+
+use crate::actors::wechat::{self as wx, WeChatError};
+use crate::config::{WeChatApp, WeChatConfig};
+use crate::metrics::Metrics;
+use crate::secret::Secret;
+use crate::users::PhoneNumber;
+use crate::storage::{GroupCommit, ReadStore, StorageError, Store, Tree, WriteBatch};
+use actix::prelude::*;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// WeChat's limit on forced refreshes per app per day.
+pub const FORCED_REFRESHES_PER_DAY: usize = 20;
+/// WeChat's minimum time between two forced refreshes of one app.
+pub const FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+const DAY_MS: i64 = 24 * 3600 * 1000;
+/// After a failed fetch, requests within this time get the same failure instead of
+/// another fetch each (50 waiting requests must not become 50 fetches).
+const FAILURE_HOLD: Duration = Duration::from_secs(1);
+const BUSY_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_REPLY_BYTES: u64 = 64 * 1024;
+/// Errcodes that mean "this access token is invalid or expired".
+const TOKEN_ERRCODES: &[i64] = &[40001, 40014, 42001];
+/// Errcodes that mean our own appid/secret is wrong (stable_token).
+const CONFIG_ERRCODES: &[i64] = &[40002, 40013, 40125, 40164, 41002, 41004, 48001, 61024];
+
+/// Every way a token-authenticated WeChat API can fail; `error.rs` maps each.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WxApiError {
+    /// getuserphonenumber's 40029: the getPhoneNumber code is invalid or expired.
+    #[error("The phone number code is invalid or has expired.")]
+    PhoneCodeInvalid,
+    /// WeChat refused the token and the forced-refresh guard (20 a day, 30 s apart)
+    /// allows no refresh now.
+    #[error("WeChat refused the access token and it cannot be refreshed again yet.")]
+    ForcedRefreshLimited { retry_after_secs: u64 },
+    /// WeChat refused even a freshly forced token.
+    #[error("WeChat refused a freshly refreshed access token.")]
+    TokenRejected,
+    #[error("No mini-program with appid {0:?} is configured.")]
+    UnknownApp(String),
+    /// Everything login's calls can meet too (busy, timeout, config, HTTP, …).
+    #[error(transparent)]
+    WeChat(#[from] WeChatError),
+}
+
+/// A token as handed out: the value and how long it lives.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    pub access_token: Secret,
+    pub expires_in_secs: i64,
+}
+
+/// The stored record of one app's token (meta tree, key [`token_key`]).
+#[derive(Clone, Serialize, Deserialize)]
+struct TokenRecord {
+    access_token: String,
+    expires_at_ms: i64,
+    fetched_at_ms: i64,
+    /// When forced refreshes were made (ms), the last 24 hours' worth.
+    #[serde(default)]
+    forced_ms: Vec<i64>,
+}
+
+/// What the operator sees (`wxauth wechat token`): never the token itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenStatus {
+    pub appid: String,
+    pub present: bool,
+    pub expires_at: Option<String>,
+    pub expires_in_secs: Option<i64>,
+    pub age_secs: Option<i64>,
+    pub forced_refreshes_last_24h: usize,
+}
+
+pub fn token_key(appid: &str) -> Vec<u8> {
+    let mut key = b"wechat_access_token\0".to_vec();
+    key.extend_from_slice(appid.as_bytes());
+    key
+}
+
+fn now_ms() -> i64 {
+    crate::tokens::now_ms()
+}
+
+fn load_record(store: &dyn ReadStore, appid: &str) -> Result<Option<TokenRecord>, StorageError> {
+    store
+        .get(Tree::Meta, &token_key(appid))?
+        .map(|bytes| {
+            serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
+                tree: Tree::Meta.name(),
+                reason: format!("access token record: {e}"),
+            })
+        })
+        .transpose()
+}
+
+/// The stored token's status for `appid` (read straight from storage, so it works
+/// with the server stopped too).
+pub fn status(store: &dyn ReadStore, appid: &str) -> Result<TokenStatus, StorageError> {
+    let record = load_record(store, appid)?;
+    let now = now_ms();
+    Ok(match record {
+        None => TokenStatus {
+            appid: appid.to_string(),
+            present: false,
+            expires_at: None,
+            expires_in_secs: None,
+            age_secs: None,
+            forced_refreshes_last_24h: 0,
+        },
+        Some(r) => TokenStatus {
+            appid: appid.to_string(),
+            present: true,
+            expires_at: Some(crate::users::rfc3339(r.expires_at_ms.div_euclid(1000))),
+            expires_in_secs: Some((r.expires_at_ms - now).div_euclid(1000)),
+            age_secs: Some((now - r.fetched_at_ms).div_euclid(1000)),
+            forced_refreshes_last_24h: r.forced_ms.iter().filter(|&&t| now - t < DAY_MS).count(),
+        },
+    })
+}
+
+/// Every app that has a stored token.
+pub fn stored_appids(store: &dyn ReadStore) -> Result<Vec<String>, StorageError> {
+    let prefix = token_key("");
+    let mut appids = Vec::new();
+    store.for_each_from(Tree::Meta, &prefix, &mut |key, _| {
+        match key.strip_prefix(prefix.as_slice()) {
+            Some(appid) => {
+                appids.push(String::from_utf8_lossy(appid).into_owned());
+                std::ops::ControlFlow::Continue(())
+            }
+            None => std::ops::ControlFlow::Break(()),
+        }
+    })?;
+    Ok(appids)
+}
+
+/// One app's state: the cached record and the last failure.
+#[derive(Default)]
+struct Slot {
+    loaded: bool,
+    record: Option<TokenRecord>,
+    last_failure: Option<(Instant, WxApiError)>,
+}
+
+/// Where the calls go: WeChat over HTTP, or the built-in mock.
+enum Upstream {
+    Http(HttpApi),
+    Mock,
+}
+
+struct HttpApi {
+    agent: ureq::Agent,
+    api_base: String,
+    timeout: Duration,
+}
+
+struct Keeper {
+    upstream: Arc<Upstream>,
+    secrets: HashMap<String, Secret>,
+    slots: HashMap<String, Arc<tokio::sync::Mutex<Slot>>>,
+    store: Arc<dyn Store>,
+    commit: GroupCommit,
+    metrics: Arc<Metrics>,
+    refresh_ahead: Duration,
+    retries: u32,
+    /// The whole of one request's work here (token, call, forced refresh, retry).
+    deadline: Duration,
+}
+
+pub struct AccessTokenKeeper {
+    keeper: Arc<Keeper>,
+}
+
+impl Actor for AccessTokenKeeper {
+    type Context = Context<Self>;
+}
+
+/// The app's current token (fetched first if needed).
+#[derive(Message)]
+#[rtype(result = "Result<IssuedToken, WxApiError>")]
+pub struct GetToken {
+    pub appid: String,
+}
+
+/// `wxa/business/getuserphonenumber` for a getPhoneNumber code.
+#[derive(Message)]
+#[rtype(result = "Result<PhoneNumber, WxApiError>")]
+pub struct GetPhoneNumber {
+    pub appid: String,
+    pub openid: String,
+    pub code: String,
+}
+
+/// `wxa/checksession`: does WeChat still hold this session key? `Ok(false)`: no.
+#[derive(Message)]
+#[rtype(result = "Result<bool, WxApiError>")]
+pub struct CheckSession {
+    pub appid: String,
+    pub openid: String,
+    pub signature: String,
+}
+
+impl Handler<GetToken> for AccessTokenKeeper {
+    type Result = ResponseFuture<Result<IssuedToken, WxApiError>>;
+
+    fn handle(&mut self, msg: GetToken, _: &mut Context<Self>) -> Self::Result {
+        let keeper = self.keeper.clone();
+        Box::pin(async move {
+            let deadline = keeper.deadline;
+            within(deadline, async {
+                let record = keeper.token(&msg.appid).await?;
+                Ok(IssuedToken {
+                    access_token: Secret::new(record.access_token),
+                    expires_in_secs: (record.expires_at_ms - now_ms()).div_euclid(1000),
+                })
+            })
+            .await
+        })
+    }
+}
+
+impl Handler<GetPhoneNumber> for AccessTokenKeeper {
+    type Result = ResponseFuture<Result<PhoneNumber, WxApiError>>;
+
+    fn handle(&mut self, msg: GetPhoneNumber, _: &mut Context<Self>) -> Self::Result {
+        let keeper = self.keeper.clone();
+        Box::pin(async move {
+            let deadline = keeper.deadline;
+            let body = json!({ "code": msg.code, "openid": msg.openid });
+            let reply = within(
+                deadline,
+                keeper.call_with_token(&msg.appid, move |upstream, token| {
+                    upstream.phone_number(token, &body)
+                }),
+            )
+            .await?;
+            Ok(reply)
+        })
+    }
+}
+
+impl Handler<CheckSession> for AccessTokenKeeper {
+    type Result = ResponseFuture<Result<bool, WxApiError>>;
+
+    fn handle(&mut self, msg: CheckSession, _: &mut Context<Self>) -> Self::Result {
+        let keeper = self.keeper.clone();
+        Box::pin(async move {
+            let deadline = keeper.deadline;
+            within(
+                deadline,
+                keeper.call_with_token(&msg.appid, move |upstream, token| {
+                    upstream.check_session(token, &msg.openid, &msg.signature)
+                }),
+            )
+            .await
+        })
+    }
+}
+
+async fn within<T>(
+    deadline: Duration,
+    work: impl std::future::Future<Output = Result<T, WxApiError>>,
+) -> Result<T, WxApiError> {
+    tokio::time::timeout(deadline, work)
+        .await
+        .unwrap_or(Err(WxApiError::WeChat(WeChatError::Timeout)))
+}
+
+/// What an API call that used a token can say.
+enum ApiReply<T> {
+    Ok(T),
+    /// 40001/40014/42001: the token is invalid or expired.
+    TokenInvalid,
+}
+
+/// Starts the keeper on its own arbiter.
+pub fn start(
+    cfg: &WeChatConfig,
+    apps: &[WeChatApp],
+    store: Arc<dyn Store>,
+    commit: GroupCommit,
+    metrics: Arc<Metrics>,
+    arbiter: &actix::ArbiterHandle,
+) -> Addr<AccessTokenKeeper> {
+    let upstream = Arc::new(if cfg.mock {
+        Upstream::Mock
+    } else {
+        let config = ureq::Agent::config_builder()
+            .timeout_global(Some(cfg.timeout))
+            .http_status_as_error(false)
+            // Never followed: the URL carries the token.
+            .max_redirects(0)
+            .user_agent(concat!("wxauth/", env!("CARGO_PKG_VERSION")))
+            .build();
+        Upstream::Http(HttpApi {
+            agent: ureq::Agent::new_with_config(config),
+            api_base: cfg.api_base.trim_end_matches('/').to_string(),
+            timeout: cfg.timeout,
+        })
+    });
+    let keeper = Keeper {
+        upstream,
+        secrets: apps
+            .iter()
+            .map(|a| (a.appid.clone(), a.secret.clone()))
+            .collect(),
+        slots: apps
+            .iter()
+            .map(|a| (a.appid.clone(), Arc::default()))
+            .collect(),
+        store,
+        commit,
+        metrics,
+        refresh_ahead: cfg.token_refresh_ahead,
+        retries: cfg.retries,
+        // A token fetch, a call, a forced fetch and a retry, each with its retries.
+        deadline: cfg.timeout * 4,
+    };
+    let keeper = Arc::new(keeper);
+    AccessTokenKeeper::start_in_arbiter(arbiter, move |_| AccessTokenKeeper { keeper })
+}
+
+impl Keeper {
+    fn slot(&self, appid: &str) -> Result<Arc<tokio::sync::Mutex<Slot>>, WxApiError> {
+        self.slots
+            .get(appid)
+            .cloned()
+            .ok_or_else(|| WxApiError::UnknownApp(appid.chars().take(64).collect()))
+    }
+
+    /// The app's token: cached, stored, or fetched (one fetch at a time per app).
+    async fn token(&self, appid: &str) -> Result<TokenRecord, WxApiError> {
+        let slot = self.slot(appid)?;
+        let mut slot = slot.lock().await;
+        if !slot.loaded {
+            slot.record = load_record(self.store.as_ref(), appid).map_err(storage_failure)?;
+            slot.loaded = true;
+        }
+        let now = now_ms();
+        if let Some(record) = &slot.record {
+            let refresh_at = record.expires_at_ms - self.refresh_ahead.as_millis() as i64;
+            if now < refresh_at {
+                return Ok(record.clone());
+            }
+        }
+        if let Some((at, error)) = &slot.last_failure {
+            if at.elapsed() < FAILURE_HOLD {
+                return self.old_token_or(&slot, error.clone());
+            }
+        }
+        match self.fetch(appid, false).await {
+            Ok((token, expires_in)) => {
+                let forced_ms = slot
+                    .record
+                    .as_ref()
+                    .map(|r| r.forced_ms.clone())
+                    .unwrap_or_default();
+                let record = self
+                    .keep(appid, &mut slot, token, expires_in, forced_ms)
+                    .await;
+                Ok(record)
+            }
+            Err(e) => {
+                slot.last_failure = Some((Instant::now(), e.clone()));
+                self.old_token_or(&slot, e)
+            }
+        }
+    }
+
+    /// During the overlap, a failed refresh still leaves a token that works.
+    fn old_token_or(&self, slot: &Slot, error: WxApiError) -> Result<TokenRecord, WxApiError> {
+        match &slot.record {
+            Some(record) if now_ms() < record.expires_at_ms => {
+                tracing::warn!(error = %error, "access token refresh failed: the current token is kept until it expires");
+                Ok(record.clone())
+            }
+            _ => Err(error),
+        }
+    }
+
+    /// One forced refresh after WeChat refused `rejected`, if the guard allows it.
+    /// A token other than `rejected` already in hand (someone else refreshed) is
+    /// returned as it is.
+    async fn force(&self, appid: &str, rejected: &str) -> Result<TokenRecord, WxApiError> {
+        let slot = self.slot(appid)?;
+        let mut slot = slot.lock().await;
+        if let Some(record) = &slot.record {
+            if record.access_token != rejected && now_ms() < record.expires_at_ms {
+                return Ok(record.clone());
+            }
+        }
+        let now = now_ms();
+        let mut forced_ms: Vec<i64> = slot
+            .record
+            .as_ref()
+            .map(|r| r.forced_ms.clone())
+            .unwrap_or_default();
+        forced_ms.retain(|&t| now - t < DAY_MS);
+        let interval_ms = FORCED_REFRESH_INTERVAL.as_millis() as i64;
+        let wait_ms = match forced_ms.iter().max() {
+            _ if forced_ms.len() >= FORCED_REFRESHES_PER_DAY => {
+                forced_ms.iter().min().map_or(0, |&first| first + DAY_MS - now)
+            }
+            Some(&last) if now - last < interval_ms => last + interval_ms - now,
+            _ => 0,
+        };
+        if wait_ms > 0 {
+            self.metrics.observe_token_fetch("forced_refused");
+            tracing::warn!(
+                appid,
+                forced_last_24h = forced_ms.len(),
+                retry_after_ms = wait_ms,
+                "WeChat refused the access token; a forced refresh is not allowed yet"
+            );
+            return Err(WxApiError::ForcedRefreshLimited {
+                retry_after_secs: (wait_ms as u64).div_ceil(1000).max(1),
+            });
+        }
+        // Counted when asked for: WeChat counts the call, whatever it answers.
+        forced_ms.push(now);
+        tracing::info!(
+            appid,
+            forced_last_24h = forced_ms.len(),
+            "WeChat refused the access token: one forced refresh"
+        );
+        match self.fetch(appid, true).await {
+            Ok((token, expires_in)) => Ok(self
+                .keep(appid, &mut slot, token, expires_in, forced_ms)
+                .await),
+            Err(e) => {
+                if let Some(record) = &mut slot.record {
+                    record.forced_ms = forced_ms;
+                    let record = record.clone();
+                    self.store_record(appid, &record).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Caches and stores a fetched token; returns its record.
+    async fn keep(
+        &self,
+        appid: &str,
+        slot: &mut Slot,
+        token: String,
+        expires_in: i64,
+        forced_ms: Vec<i64>,
+    ) -> TokenRecord {
+        let now = now_ms();
+        let record = TokenRecord {
+            access_token: token,
+            expires_at_ms: now + expires_in.max(1) * 1000,
+            fetched_at_ms: now,
+            forced_ms,
+        };
+        slot.record = Some(record.clone());
+        slot.last_failure = None;
+        self.store_record(appid, &record).await;
+        record
+    }
+
+    /// Stored and committed; a storage failure costs a refetch after a restart,
+    /// nothing more, so it is logged and not returned.
+    async fn store_record(&self, appid: &str, record: &TokenRecord) {
+        let mut batch = WriteBatch::default();
+        batch.put(
+            Tree::Meta,
+            token_key(appid),
+            serde_json::to_vec(record).expect("a token record serializes"),
+        );
+        let stored = match self.store.apply(batch) {
+            Ok(()) => self.commit.durable().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = stored {
+            tracing::warn!(appid, error = %e, "cannot store the access token; a restart will fetch a new one");
+        }
+    }
+
+    /// One `stable_token` fetch with its retries on -1, on the blocking pool.
+    async fn fetch(&self, appid: &str, force: bool) -> Result<(String, i64), WxApiError> {
+        let secret = self
+            .secrets
+            .get(appid)
+            .cloned()
+            .ok_or_else(|| WxApiError::UnknownApp(appid.to_string()))?;
+        let upstream = self.upstream.clone();
+        let appid_owned = appid.to_string();
+        let retries = self.retries;
+        let result = blocking(move || {
+            with_retries(retries, || {
+                upstream.stable_token(&appid_owned, secret.expose(), force)
+            })
+        })
+        .await;
+        let outcome = match (&result, force) {
+            (Ok(_), false) => "ok",
+            (Ok(_), true) => "forced_ok",
+            (Err(e), _) => error_label(e),
+        };
+        self.metrics.observe_token_fetch(outcome);
+        if let Err(e) = &result {
+            match e {
+                WxApiError::WeChat(WeChatError::Config(errcode)) => tracing::error!(
+                    appid,
+                    errcode,
+                    "WeChat refused our credentials for stable_token: check wechat.appid / wechat.secret"
+                ),
+                other => tracing::warn!(appid, error = %other, "stable_token failed"),
+            }
+        }
+        result
+    }
+
+    /// Runs `call` with the app's token; on a token error, one forced refresh and
+    /// one retry.
+    async fn call_with_token<T, F>(&self, appid: &str, call: F) -> Result<T, WxApiError>
+    where
+        T: Send + 'static,
+        F: Fn(&Upstream, &str) -> Result<ApiReply<T>, WxApiError> + Send + Sync + 'static,
+    {
+        let call = Arc::new(call);
+        let token = self.token(appid).await?;
+        match self.call_once(call.clone(), token.access_token.clone()).await? {
+            ApiReply::Ok(answer) => Ok(answer),
+            ApiReply::TokenInvalid => {
+                let fresh = self.force(appid, &token.access_token).await?;
+                match self.call_once(call, fresh.access_token).await? {
+                    ApiReply::Ok(answer) => Ok(answer),
+                    ApiReply::TokenInvalid => Err(WxApiError::TokenRejected),
+                }
+            }
+        }
+    }
+
+    async fn call_once<T, F>(&self, call: Arc<F>, token: String) -> Result<ApiReply<T>, WxApiError>
+    where
+        T: Send + 'static,
+        F: Fn(&Upstream, &str) -> Result<ApiReply<T>, WxApiError> + Send + Sync + 'static,
+    {
+        let upstream = self.upstream.clone();
+        let retries = self.retries;
+        let metrics = self.metrics.clone();
+        blocking(move || {
+            with_retries(retries, || {
+                let result = call(&upstream, &token);
+                let outcome = match &result {
+                    Ok(ApiReply::Ok(_)) => "ok",
+                    Ok(ApiReply::TokenInvalid) => "token_invalid",
+                    Err(e) => error_label(e),
+                };
+                metrics.observe_wechat_api(outcome);
+                result
+            })
+        })
+        .await
+    }
+}
+
+fn storage_failure(e: StorageError) -> WxApiError {
+    tracing::error!(error = %e, "cannot read the stored access token");
+    WxApiError::WeChat(WeChatError::Unavailable)
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, WxApiError> + Send + 'static,
+) -> Result<T, WxApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or(Err(WxApiError::WeChat(WeChatError::Unavailable)))
+}
+
+/// Retries WeChat's -1 (busy) and a connection refused before sending.
+fn with_retries<T>(
+    retries: u32,
+    mut call: impl FnMut() -> Result<T, WxApiError>,
+) -> Result<T, WxApiError> {
+    let mut attempt = 0;
+    loop {
+        match call() {
+            Err(WxApiError::WeChat(WeChatError::Busy | WeChatError::Connect(_)))
+                if attempt < retries =>
+            {
+                attempt += 1;
+                std::thread::sleep(BUSY_BACKOFF * attempt);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The `outcome` label of a failed call.
+fn error_label(e: &WxApiError) -> &'static str {
+    match e {
+        WxApiError::PhoneCodeInvalid => "code_invalid",
+        WxApiError::ForcedRefreshLimited { .. } => "forced_refused",
+        WxApiError::TokenRejected => "token_invalid",
+        WxApiError::UnknownApp(_) => "config_error",
+        WxApiError::WeChat(e) => match e {
+            WeChatError::RateLimited => "rate_limited",
+            WeChatError::Config(_) => "config_error",
+            WeChatError::Busy | WeChatError::NoCallSlot => "busy",
+            WeChatError::Timeout => "timeout",
+            WeChatError::Http(_) => "http_error",
+            WeChatError::Malformed(_) => "malformed",
+            WeChatError::Unknown(_) => "unknown_errcode",
+            WeChatError::Connect(_) => "connect_error",
+            WeChatError::CodeInvalid
+            | WeChatError::CodeUsed
+            | WeChatError::UserBlocked
+            | WeChatError::Unavailable => "unavailable",
+        },
+    }
+}
+
+/// An errcode every API shares: 0 is `None`.
+fn common_error(errcode: i64) -> Option<WxApiError> {
+    match errcode {
+        0 => None,
+        -1 => Some(WeChatError::Busy.into()),
+        45011 => Some(WeChatError::RateLimited.into()),
+        code if CONFIG_ERRCODES.contains(&code) => Some(WeChatError::Config(code).into()),
+        code => Some(WeChatError::Unknown(code).into()),
+    }
+}
+
+fn errcode_of(reply: &Value) -> i64 {
+    reply.get("errcode").and_then(Value::as_i64).unwrap_or(0)
+}
+
+/// WeChat's `countryCode` is a number in its doc's example and a string in its table.
+fn text_or_number(value: Option<&Value>) -> Option<String> {
+    match value? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Longest phone field accepted from WeChat.
+const MAX_PHONE_FIELD: usize = 32;
+
+fn phone_from_reply(reply: &Value) -> Result<PhoneNumber, WxApiError> {
+    let info = reply.get("phone_info").unwrap_or(&Value::Null);
+    let field = |name: &str| {
+        text_or_number(info.get(name)).filter(|v| {
+            !v.is_empty()
+                && v.len() <= MAX_PHONE_FIELD
+                && v.bytes().all(|b| b.is_ascii_digit() || b == b'+' || b == b' ' || b == b'-')
+        })
+    };
+    match (
+        field("phoneNumber"),
+        field("purePhoneNumber"),
+        field("countryCode"),
+    ) {
+        (Some(phone_number), Some(pure_phone_number), Some(country_code)) => Ok(PhoneNumber {
+            phone_number,
+            pure_phone_number,
+            country_code,
+        }),
+        _ => Err(WeChatError::Malformed(
+            "getuserphonenumber: phone_info without phoneNumber, purePhoneNumber or countryCode of digits"
+                .into(),
+        )
+        .into()),
+    }
+}
+
+impl Upstream {
+    fn stable_token(
+        &self,
+        appid: &str,
+        secret: &str,
+        force: bool,
+    ) -> Result<(String, i64), WxApiError> {
+        let reply = match self {
+            Upstream::Mock => {
+                return Ok((
+                    format!("mock-access-token-{}", crate::random_hex(16)),
+                    7200,
+                ))
+            }
+            Upstream::Http(http) => http.post(
+                "/cgi-bin/stable_token",
+                "",
+                &json!({
+                    "grant_type": "client_credential",
+                    "appid": appid,
+                    "secret": secret,
+                    "force_refresh": force,
+                }),
+            )?,
+        };
+        if let Some(e) = common_error(errcode_of(&reply)) {
+            return Err(e);
+        }
+        let token = reply.get("access_token").and_then(Value::as_str);
+        let expires_in = reply.get("expires_in").and_then(Value::as_i64);
+        match (token, expires_in) {
+            (Some(token), Some(expires_in))
+                if !token.is_empty()
+                    && token.len() <= 1024
+                    && token.bytes().all(|b| b.is_ascii_graphic())
+                    && expires_in > 0 =>
+            {
+                Ok((token.to_string(), expires_in))
+            }
+            _ => Err(WeChatError::Malformed(
+                "stable_token without a printable access_token or a positive expires_in".into(),
+            )
+            .into()),
+        }
+    }
+
+    fn phone_number(&self, token: &str, body: &Value) -> Result<ApiReply<PhoneNumber>, WxApiError> {
+        let reply = match self {
+            Upstream::Mock => return mock_phone(body["code"].as_str().unwrap_or("")),
+            Upstream::Http(http) => http.post(
+                "/wxa/business/getuserphonenumber",
+                &format!("access_token={}", encode(token)),
+                body,
+            )?,
+        };
+        match errcode_of(&reply) {
+            0 => phone_from_reply(&reply).map(ApiReply::Ok),
+            40029 => Err(WxApiError::PhoneCodeInvalid),
+            code if TOKEN_ERRCODES.contains(&code) => Ok(ApiReply::TokenInvalid),
+            code => Err(common_error(code).unwrap_or(WeChatError::Unknown(code).into())),
+        }
+    }
+
+    fn check_session(
+        &self,
+        token: &str,
+        openid: &str,
+        signature: &str,
+    ) -> Result<ApiReply<bool>, WxApiError> {
+        let reply = match self {
+            Upstream::Mock => return Ok(ApiReply::Ok(true)),
+            Upstream::Http(http) => http.get(
+                "/wxa/checksession",
+                &format!(
+                    "access_token={}&signature={}&openid={}&sig_method=hmac_sha256",
+                    encode(token),
+                    encode(signature),
+                    encode(openid)
+                ),
+            )?,
+        };
+        match errcode_of(&reply) {
+            0 => Ok(ApiReply::Ok(true)),
+            // "invalid signature": WeChat holds another session key (or none).
+            87009 => Ok(ApiReply::Ok(false)),
+            code if TOKEN_ERRCODES.contains(&code) => Ok(ApiReply::TokenInvalid),
+            code => Err(common_error(code).unwrap_or(WeChatError::Unknown(code).into())),
+        }
+    }
+}
+
+fn encode(text: &str) -> String {
+    percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// The built-in mock: `name.anything` gives a mainland number derived from `name`;
+/// anything else is 40029.
+fn mock_phone(code: &str) -> Result<ApiReply<PhoneNumber>, WxApiError> {
+    match code.split_once('.') {
+        Some((name, _)) if !name.is_empty() => {
+            // FNV-1a: the same name, the same number, on every run.
+            let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+            let pure = format!("138{:08}", hash % 100_000_000);
+            Ok(ApiReply::Ok(PhoneNumber {
+                phone_number: pure.clone(),
+                pure_phone_number: pure,
+                country_code: "86".into(),
+            }))
+        }
+        _ => Err(WxApiError::PhoneCodeInvalid),
+    }
+}
+
+impl HttpApi {
+    /// The URL carries the token: it is built here and never logged.
+    fn url(&self, path: &str, query: &str) -> String {
+        if query.is_empty() {
+            format!("{}{path}", self.api_base)
+        } else {
+            format!("{}{path}?{query}", self.api_base)
+        }
+    }
+
+    fn post(&self, path: &str, query: &str, body: &Value) -> Result<Value, WxApiError> {
+        let response = self
+            .agent
+            .post(&self.url(path, query))
+            .config()
+            .timeout_global(Some(self.timeout))
+            .build()
+            .header("Content-Type", "application/json")
+            .send(body.to_string());
+        read_reply(response)
+    }
+
+    fn get(&self, path: &str, query: &str) -> Result<Value, WxApiError> {
+        let response = self
+            .agent
+            .get(&self.url(path, query))
+            .config()
+            .timeout_global(Some(self.timeout))
+            .build()
+            .call();
+        read_reply(response)
+    }
+}
+
+/// WeChat answers HTTP 200 with JSON, labelled text/plain or not.
+fn read_reply(
+    response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+) -> Result<Value, WxApiError> {
+    let mut response = response.map_err(wx::transport_error)?;
+    let status = response.status().as_u16();
+    if status != 200 {
+        return Err(WeChatError::Http(status).into());
+    }
+    let body = response
+        .body_mut()
+        .with_config()
+        .limit(MAX_REPLY_BYTES)
+        .read_to_vec()
+        .map_err(|e| match e {
+            ureq::Error::Timeout(_) => WeChatError::Timeout,
+            other => WeChatError::Malformed(format!("reading the body: {}", wx::error_kind(&other))),
+        })?;
+    match serde_json::from_slice(&body) {
+        Ok(value @ Value::Object(_)) => Ok(value),
+        _ => Err(WeChatError::Malformed("not a JSON object".into()).into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn country_code_is_read_as_a_number_or_a_string() {
+        for reply in [
+            json!({"errcode":0,"phone_info":{"phoneNumber":"13800138000","purePhoneNumber":"13800138000","countryCode":86}}),
+            json!({"errcode":0,"phone_info":{"phoneNumber":"13800138000","purePhoneNumber":"13800138000","countryCode":"86"}}),
+        ] {
+            let phone = phone_from_reply(&reply).unwrap();
+            assert_eq!(phone.country_code, "86");
+            assert_eq!(phone.pure_phone_number, "13800138000");
+        }
+        let bad = json!({"errcode":0,"phone_info":{"phoneNumber":"<script>","purePhoneNumber":"1","countryCode":"86"}});
+        assert!(phone_from_reply(&bad).is_err());
+    }
+
+    #[test]
+    fn a_phone_number_never_prints() {
+        let phone = PhoneNumber {
+            phone_number: "13800138000".into(),
+            pure_phone_number: "13800138000".into(),
+            country_code: "86".into(),
+        };
+        assert!(!format!("{phone:?}").contains("138"));
+    }
+
+    #[test]
+    fn the_mock_gives_one_number_per_name() {
+        let number = |code: &str| match mock_phone(code) {
+            Ok(ApiReply::Ok(p)) => p.pure_phone_number,
+            _ => panic!("refused {code}"),
+        };
+        assert_eq!(number("alice.1"), number("alice.2"));
+        assert_ne!(number("alice.1"), number("bob.1"));
+        assert!(matches!(mock_phone("nodot"), Err(WxApiError::PhoneCodeInvalid)));
+    }
+}

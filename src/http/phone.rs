@@ -1,0 +1,57 @@
+//! POST /api/weixin/phone/: a getPhoneNumber code in, the user's phone number out
+//! (and stored on the user). WeChat's `getuserphonenumber` takes the access token,
+//! which the keeper holds; its errors map as login's do, 40029 being
+//! `phone_code_invalid`.
+
+use super::{auth::Authenticated, body::Fields, AppState};
+use crate::actors::access_token::GetPhoneNumber;
+use crate::actors::registry::SetPhone;
+use crate::error::{ApiError, AuthError};
+use actix_web::{web, HttpResponse};
+use serde_json::json;
+
+const MAX_CODE_LEN: usize = 128;
+
+pub async fn phone(
+    Authenticated(user): Authenticated,
+    state: web::Data<AppState>,
+    fields: Fields,
+) -> Result<HttpResponse, ApiError> {
+    let code = fields.required_str("code")?;
+    if code.is_empty()
+        || code.len() > MAX_CODE_LEN
+        || !code.bytes().all(|b| (0x20..=0x7e).contains(&b))
+    {
+        return Err(ApiError::InvalidRequest(
+            "The field `code` must be 1 to 128 printable ASCII characters.".into(),
+        ));
+    }
+    // No ACTOR_TIMEOUT here: the keeper bounds its own work (a multiple of
+    // `wechat.timeout`: token fetch, call, forced refresh, retry).
+    let phone = state
+        .keeper
+        .send(GetPhoneNumber {
+            appid: user.appid.clone(),
+            openid: user.openid.clone(),
+            code: code.to_string(),
+        })
+        .await??;
+    let stored = state
+        .registry
+        .send(SetPhone {
+            user_id: user.id,
+            phone: phone.clone(),
+        })
+        .timeout(super::ACTOR_TIMEOUT)
+        .await??;
+    if stored.is_none() {
+        return Err(AuthError::UserNotFound.into());
+    }
+    state.commit.durable().await?;
+    Ok(HttpResponse::Ok().json(json!({
+        "code": "success",
+        "phone_number": phone.phone_number,
+        "pure_phone_number": phone.pure_phone_number,
+        "country_code": phone.country_code,
+    })))
+}
