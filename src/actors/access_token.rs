@@ -423,14 +423,7 @@ impl Keeper {
             .map(|r| r.forced_ms.clone())
             .unwrap_or_default();
         forced_ms.retain(|&t| now - t < DAY_MS);
-        let interval_ms = FORCED_REFRESH_INTERVAL.as_millis() as i64;
-        let wait_ms = match forced_ms.iter().max() {
-            _ if forced_ms.len() >= FORCED_REFRESHES_PER_DAY => {
-                forced_ms.iter().min().map_or(0, |&first| first + DAY_MS - now)
-            }
-            Some(&last) if now - last < interval_ms => last + interval_ms - now,
-            _ => 0,
-        };
+        let wait_ms = forced_refresh_wait_ms(&forced_ms, now);
         if wait_ms > 0 {
             self.metrics.observe_token_fetch("forced_refused");
             tracing::warn!(
@@ -583,6 +576,23 @@ impl Keeper {
         })
         .await
     }
+}
+
+/// How long until the guard allows another forced refresh (0: now), given the
+/// forced refreshes of the last 24 hours: at most 20 a day, 30 s apart.
+fn forced_refresh_wait_ms(forced_ms: &[i64], now: i64) -> i64 {
+    let recent: Vec<i64> = forced_ms
+        .iter()
+        .copied()
+        .filter(|&t| now - t < DAY_MS)
+        .collect();
+    let interval_ms = FORCED_REFRESH_INTERVAL.as_millis() as i64;
+    let daily = match recent.iter().min() {
+        Some(&first) if recent.len() >= FORCED_REFRESHES_PER_DAY => first + DAY_MS - now,
+        _ => 0,
+    };
+    let spacing = recent.iter().max().map_or(0, |&last| last + interval_ms - now);
+    daily.max(spacing).max(0)
 }
 
 fn storage_failure(e: StorageError) -> WxApiError {
@@ -884,6 +894,21 @@ mod tests {
         }
         let bad = json!({"errcode":0,"phone_info":{"phoneNumber":"<script>","purePhoneNumber":"1","countryCode":"86"}});
         assert!(phone_from_reply(&bad).is_err());
+    }
+
+    #[test]
+    fn forced_refreshes_are_20_a_day_and_30_seconds_apart() {
+        let now = 10 * DAY_MS;
+        assert_eq!(forced_refresh_wait_ms(&[], now), 0);
+        assert_eq!(forced_refresh_wait_ms(&[now - 10_000], now), 20_000);
+        assert_eq!(forced_refresh_wait_ms(&[now - 30_000], now), 0);
+        // 20 in the last day, a minute apart: the next one when the first is a day old.
+        let twenty: Vec<i64> = (1..=20).map(|i| now - i * 60_000).collect();
+        assert_eq!(forced_refresh_wait_ms(&twenty, now), DAY_MS - 20 * 60_000);
+        // 19 in the last day (one older than a day): allowed.
+        let mut nineteen = twenty.clone();
+        nineteen[19] = now - DAY_MS - 1;
+        assert_eq!(forced_refresh_wait_ms(&nineteen, now), 0);
     }
 
     #[test]

@@ -21,7 +21,21 @@
 //!   holding NUL / ESC / U+202E or 10 KB long, a unionid with a space, a session_key
 //!   that is not base64
 //!
+//! - `key:<name>.<session_key>` success with that session key (the decrypt demo vector)
+//!
 //! Session keys are base64 of 16 bytes, as WeChat's are.
+//!
+//! The APIs that take the access token, in the same shapes:
+//! - `POST /cgi-bin/stable_token`: a new token `tok-N` per fetch (`expires_in` from
+//!   [`MockWeChat::set_token_expires_in`], default 7200); `force_refresh: true`
+//!   invalidates every earlier token; [`MockWeChat::fail_stable_token`] answers an
+//!   errcode instead; [`MockWeChat::set_token_delay`] makes each fetch slow.
+//! - `POST /wxa/business/getuserphonenumber?access_token=`: 40001 for a token not
+//!   (or no longer) valid (see [`MockWeChat::revoke_tokens`]); the code chooses:
+//!   `ok:<name>` a number (countryCode a number, as in WeChat's example), `str:<name>`
+//!   countryCode as a string, `busyN:` -1 for the first N calls, `errN:` errcode N.
+//! - `GET /wxa/checksession`: 0 when the HMAC-SHA256 signature matches the session key
+//!   last handed to that openid, else 87009.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -46,6 +60,25 @@ pub struct MockState {
     pub holds_released: bool,
     /// Every request the server received, on any path.
     pub requests: usize,
+    /// stable_token fetches, and how many of them were forced.
+    pub token_fetches: usize,
+    pub forced_fetches: usize,
+    /// Tokens handed out and still valid.
+    pub valid_tokens: Vec<String>,
+    pub tokens_issued: usize,
+    /// `expires_in` of the next tokens (0: the default, 7200).
+    pub token_expires_in: i64,
+    /// stable_token answers this errcode while set.
+    pub stable_token_errcode: Option<i64>,
+    /// Each stable_token fetch first sleeps this long.
+    pub token_delay_ms: u64,
+    /// getuserphonenumber calls per code, and every (code, openid) body seen.
+    pub phone_calls: HashMap<String, usize>,
+    pub phone_bodies: Vec<(String, String)>,
+    /// The session key last handed to each openid (for checksession).
+    pub keys_by_openid: HashMap<String, String>,
+    /// checksession calls.
+    pub checksession_calls: usize,
 }
 
 pub struct MockWeChat {
@@ -103,6 +136,33 @@ impl MockWeChat {
         self.holds.notify_all();
     }
 
+    pub fn token_fetches(&self) -> (usize, usize) {
+        let st = self.state.lock().unwrap();
+        (st.token_fetches, st.forced_fetches)
+    }
+
+    pub fn set_token_expires_in(&self, secs: i64) {
+        self.state.lock().unwrap().token_expires_in = secs;
+    }
+
+    pub fn set_token_delay(&self, ms: u64) {
+        self.state.lock().unwrap().token_delay_ms = ms;
+    }
+
+    /// stable_token answers `errcode` from now on (`None`: normal again).
+    pub fn fail_stable_token(&self, errcode: Option<i64>) {
+        self.state.lock().unwrap().stable_token_errcode = errcode;
+    }
+
+    /// Every token handed out so far stops working (as if WeChat rotated it).
+    pub fn revoke_tokens(&self) {
+        self.state.lock().unwrap().valid_tokens.clear();
+    }
+
+    pub fn phone_calls(&self) -> usize {
+        self.state.lock().unwrap().phone_calls.values().sum()
+    }
+
     pub fn calls(&self, code: &str) -> usize {
         self.state
             .lock()
@@ -138,7 +198,8 @@ fn serve_connection(stream: TcpStream, state: &Mutex<MockState>, holds: &Condvar
         if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
             return;
         }
-        // Skip the headers (a GET has no body).
+        // The headers: only Content-Length matters (the POST APIs have a body).
+        let mut content_length = 0usize;
         loop {
             let mut line = String::new();
             if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -147,6 +208,15 @@ fn serve_connection(stream: TcpStream, state: &Mutex<MockState>, holds: &Condvar
             if line == "\r\n" || line == "\n" {
                 break;
             }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.trim().eq_ignore_ascii_case("content-length") {
+                    content_length = value.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut request_body = vec![0u8; content_length.min(1 << 20)];
+        if std::io::Read::read_exact(&mut reader, &mut request_body).is_err() {
+            return;
         }
         let target = request_line
             .split_whitespace()
@@ -154,7 +224,12 @@ fn serve_connection(stream: TcpStream, state: &Mutex<MockState>, holds: &Condvar
             .unwrap_or("/")
             .to_string();
         state.lock().unwrap().requests += 1;
-        let (status, content_type, body) = handle(&target, state, holds);
+        let (status, content_type, body) = match target.split_once('?').map_or(target.as_str(), |(p, _)| p) {
+            "/cgi-bin/stable_token" => stable_token(&request_body, state),
+            "/wxa/business/getuserphonenumber" => phone_number(&target, &request_body, state),
+            "/wxa/checksession" => check_session(&target, state),
+            _ => handle(&target, state, holds),
+        };
         // One write: head and body in separate segments would meet Nagle + delayed ACK.
         let response = match status {
             STATUS_GARBAGE => body,
@@ -212,7 +287,7 @@ fn handle(url: &str, state: &Mutex<MockState>, holds: &Condvar) -> Answer {
     let (name, extra) = rest.split_once('.').unwrap_or((rest, ""));
     let mut unionid = None;
     match prefix {
-        "ok" => {}
+        "ok" | "key" => {}
         "union" => unionid = Some(extra.to_string()),
         "http500" => {
             return reply(
@@ -314,8 +389,13 @@ fn handle(url: &str, state: &Mutex<MockState>, holds: &Condvar) -> Answer {
             return reply(200, "text/plain", errcode(40163, "code been used"));
         }
         st.spent.push(code.clone());
-        let key = base64_key(st.session_keys.len() as u128);
+        let key = if prefix == "key" {
+            extra.to_string()
+        } else {
+            base64_key(st.session_keys.len() as u128)
+        };
         st.session_keys.push(key.clone());
+        st.keys_by_openid.insert(openid_for(name), key.clone());
         key
     };
     let openid = openid_for(name);
@@ -350,4 +430,120 @@ pub fn openid_for(name: &str) -> String {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
     format!("o-h{hash:016x}")
+}
+
+fn query_param(target: &str, name: &str) -> String {
+    let query = target.split_once('?').map_or("", |(_, q)| q);
+    let params: HashMap<String, String> = serde_urlencoded::from_str(query).unwrap_or_default();
+    params.get(name).cloned().unwrap_or_default()
+}
+
+/// `cgi-bin/stable_token`: `{"access_token", "expires_in"}` or an errcode.
+fn stable_token(body: &[u8], state: &Mutex<MockState>) -> Answer {
+    let request: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let delay = state.lock().unwrap().token_delay_ms;
+    if delay > 0 {
+        std::thread::sleep(Duration::from_millis(delay));
+    }
+    let mut st = state.lock().unwrap();
+    st.token_fetches += 1;
+    let forced = request["force_refresh"].as_bool() == Some(true);
+    if forced {
+        st.forced_fetches += 1;
+    }
+    if request["grant_type"] != "client_credential"
+        || request["appid"].as_str().is_none_or(str::is_empty)
+        || request["secret"].as_str().is_none_or(str::is_empty)
+    {
+        return reply(200, "text/plain", errcode(40002, "invalid grant_type"));
+    }
+    if let Some(code) = st.stable_token_errcode {
+        return reply(200, "text/plain", errcode(code, "error"));
+    }
+    if forced {
+        st.valid_tokens.clear();
+    }
+    st.tokens_issued += 1;
+    let token = format!("tok-{}-{}", st.tokens_issued, base64_key(7).replace(['+', '/', '='], "x"));
+    st.valid_tokens.push(token.clone());
+    let expires_in = if st.token_expires_in > 0 { st.token_expires_in } else { 7200 };
+    reply(
+        200,
+        "text/plain",
+        format!(r#"{{"access_token":"{token}","expires_in":{expires_in}}}"#),
+    )
+}
+
+/// `wxa/business/getuserphonenumber`.
+fn phone_number(target: &str, body: &[u8], state: &Mutex<MockState>) -> Answer {
+    let request: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let code = request["code"].as_str().unwrap_or("").to_string();
+    let openid = request["openid"].as_str().unwrap_or("").to_string();
+    let token = query_param(target, "access_token");
+    let calls = {
+        let mut st = state.lock().unwrap();
+        st.phone_bodies.push((code.clone(), openid));
+        let n = st.phone_calls.entry(code.clone()).or_insert(0);
+        *n += 1;
+        let n = *n;
+        if !st.valid_tokens.contains(&token) {
+            return reply(200, "text/plain", errcode(40001, "invalid credential, access_token is invalid or not latest"));
+        }
+        n
+    };
+    let (prefix, name) = code.split_once(':').unwrap_or(("", ""));
+    let ok = |country_code: &str| {
+        let n = phone_for(name);
+        let body = format!(
+            r#"{{"errcode":0,"errmsg":"ok","phone_info":{{"phoneNumber":"{n}","purePhoneNumber":"{n}","countryCode":{country_code},"watermark":{{"timestamp":1637744274,"appid":"x"}}}}}}"#
+        );
+        reply(200, "text/plain", body)
+    };
+    match prefix {
+        "ok" => ok("86"),
+        "str" => ok("\"86\""),
+        p if p.starts_with("busy") => {
+            let n: usize = p[4..].parse().unwrap_or(1);
+            if calls <= n {
+                reply(200, "text/plain", errcode(-1, "system error"))
+            } else {
+                ok("86")
+            }
+        }
+        p if p.starts_with("err") => {
+            let n: i64 = p[3..].parse().unwrap_or(-2);
+            reply(200, "text/plain", errcode(n, "error"))
+        }
+        _ => reply(200, "text/plain", errcode(40029, "invalid code")),
+    }
+}
+
+/// The phone number the mock gives for the code `ok:<name>`.
+pub fn phone_for(name: &str) -> String {
+    let hash = name.bytes().fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    format!("139{:08}", hash % 100_000_000)
+}
+
+/// `wxa/checksession`: is the signature made with the session key WeChat holds?
+fn check_session(target: &str, state: &Mutex<MockState>) -> Answer {
+    let token = query_param(target, "access_token");
+    let openid = query_param(target, "openid");
+    let signature = query_param(target, "signature");
+    let mut st = state.lock().unwrap();
+    st.checksession_calls += 1;
+    if !st.valid_tokens.contains(&token) {
+        return reply(200, "text/plain", errcode(40001, "invalid credential"));
+    }
+    if query_param(target, "sig_method") != "hmac_sha256" {
+        return reply(200, "text/plain", errcode(87009, "invalid signature"));
+    }
+    let expected = st.keys_by_openid.get(&openid).map(|key| {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_bytes());
+        hex::encode(ring::hmac::sign(&key, b"").as_ref())
+    });
+    if expected.as_deref() == Some(signature.as_str()) {
+        reply(200, "text/plain", errcode(0, "ok"))
+    } else {
+        reply(200, "text/plain", errcode(87009, "invalid signature"))
+    }
 }
