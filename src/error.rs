@@ -3,10 +3,10 @@
 
 use crate::actors::access_token::WxApiError;
 use crate::actors::wechat::WeChatError;
-use crate::wechat_crypto::DecryptError;
 use crate::storage::StorageError;
 use crate::tokens::check::Refusal;
 use crate::tokens::TokenError;
+use crate::wechat_crypto::DecryptError;
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use serde_json::json;
@@ -186,9 +186,7 @@ impl ResponseError for ApiError {
                 | WeChatError::Unavailable => StatusCode::BAD_GATEWAY,
             },
             ApiError::WxApi(e) => match e {
-                WxApiError::PhoneCodeInvalid | WxApiError::UnknownApp(_) => {
-                    StatusCode::BAD_REQUEST
-                }
+                WxApiError::PhoneCodeInvalid | WxApiError::UnknownApp(_) => StatusCode::BAD_REQUEST,
                 WxApiError::ForcedRefreshLimited { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 WxApiError::TokenRejected => StatusCode::BAD_GATEWAY,
                 WxApiError::WeChat(e) => ApiError::WeChat(e.clone()).status_code(),

@@ -29,7 +29,6 @@ impl std::fmt::Debug for PhoneNumber {
     }
 }
 
-
 pub const NEXT_USER_ID_KEY: &[u8] = b"next_user_id";
 
 /// No `Serialize`: the record is written only by [`encode`] (the one place the session
@@ -62,8 +61,9 @@ pub struct User {
     #[serde(default)]
     pub tokens_not_before: i64,
     /// From `POST /api/weixin/phone/` (WeChat's getuserphonenumber); `None` until then.
+    /// Boxed: most users have none, and a `User` travels by value in actor answers.
     #[serde(default)]
-    pub phone: Option<PhoneNumber>,
+    pub phone: Option<Box<PhoneNumber>>,
 }
 
 impl User {
@@ -129,7 +129,7 @@ struct StoredUser<'a> {
     token_stamp: u64,
     tokens_not_before: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    phone: &'a Option<PhoneNumber>,
+    phone: &'a Option<Box<PhoneNumber>>,
 }
 
 pub fn encode(user: &User) -> Vec<u8> {
@@ -239,6 +239,21 @@ mod tests {
         // Records written before `disabled` and `tokens_not_before` existed.
         let old = decode(br#"{"id":1,"appid":"a","openid":"o","session_key":"k","created_at":1,"last_login_at":2}"#).unwrap();
         assert!(!old.disabled && old.tokens_not_before == 0 && old.token_stamp == 0);
+    }
+
+    #[test]
+    fn a_phone_number_is_stored_and_read_back_but_never_printed() {
+        let mut user = User::new(9, "wxa", "o-9", None, SessionKey::new("k9"), 5);
+        user.phone = Some(Box::new(PhoneNumber {
+            phone_number: "+1 2025550123".into(),
+            pure_phone_number: "2025550123".into(),
+            country_code: "1".into(),
+        }));
+        let text = String::from_utf8(encode(&user)).unwrap();
+        assert!(text.ends_with(r#""phone":{"phone_number":"+1 2025550123","pure_phone_number":"2025550123","country_code":"1"}}"#), "{text}");
+        let back = decode(text.as_bytes()).unwrap();
+        assert_eq!(back.phone, user.phone);
+        assert!(!format!("{back:?}").contains("2025550123"));
     }
 
     #[test]

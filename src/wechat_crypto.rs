@@ -23,7 +23,9 @@ pub enum DecryptError {
     BadInput(&'static str),
     /// Decryption under the stored session key gave no valid padding or no JSON:
     /// tampered data, or data encrypted under another (older or newer) session key.
-    #[error("The data could not be decrypted with this user's session key; log in again and retry.")]
+    #[error(
+        "The data could not be decrypted with this user's session key; log in again and retry."
+    )]
     Failed,
     /// The decrypted data carries another app's watermark.
     #[error("The data's watermark names another mini-program.")]
@@ -117,8 +119,9 @@ mod tests {
             .unwrap();
         assert_eq!(plain.len(), 393);
         let plain = std::str::from_utf8(plain).unwrap();
-        assert!(plain
-            .contains(r#""watermark":{"timestamp":1477314187,"appid":"wx4f4bc4dec97d474b"}"#));
+        assert!(
+            plain.contains(r#""watermark":{"timestamp":1477314187,"appid":"wx4f4bc4dec97d474b"}"#)
+        );
     }
 
     #[test]

@@ -40,7 +40,12 @@ fn post_authed(server: &TestServer, path: &str, access: &str, body: &serde_json:
 }
 
 fn phone(server: &TestServer, access: &str, code: &str) -> Reply {
-    post_authed(server, "/api/weixin/phone/", access, &json!({ "code": code }))
+    post_authed(
+        server,
+        "/api/weixin/phone/",
+        access,
+        &json!({ "code": code }),
+    )
 }
 
 #[test]
@@ -56,7 +61,10 @@ fn the_phone_number_is_fetched_stored_shown_and_never_logged() {
     );
     // WeChat was asked with the code and this user's openid.
     let bodies = mock.state.lock().unwrap().phone_bodies.clone();
-    assert_eq!(bodies, vec![("ok:alice".to_string(), "o-alice".to_string())]);
+    assert_eq!(
+        bodies,
+        vec![("ok:alice".to_string(), "o-alice".to_string())]
+    );
 
     let data = get(&server.url("/api/weixin/data/"), Some(&bearer(&access))).json();
     assert_eq!(data["user"]["phone_number"], number);
@@ -68,8 +76,14 @@ fn the_phone_number_is_fetched_stored_shown_and_never_logged() {
     let reply = phone(&server, &access, "str:alice");
     assert_eq!(reply.json()["country_code"], "86", "{}", reply.text);
 
-    assert!(!server.logs().contains(&number), "the phone number was logged");
-    assert!(!server.logs().contains("tok-"), "an access token was logged");
+    assert!(
+        !server.logs().contains(&number),
+        "the phone number was logged"
+    );
+    assert!(
+        !server.logs().contains("tok-"),
+        "an access token was logged"
+    );
 }
 
 #[test]
@@ -85,10 +99,14 @@ fn phone_errors_map_like_logins() {
     assert_eq!(phone(&server, &access, "busy1:bob").status, 200);
     phone(&server, &access, "busy3:bob").assert_error(503, "upstream_busy");
     phone(&server, &access, "").assert_error(400, "invalid_request");
-    post_authed(&server, "/api/weixin/phone/", &access, &json!({})).assert_error(400, "invalid_request");
+    post_authed(&server, "/api/weixin/phone/", &access, &json!({}))
+        .assert_error(400, "invalid_request");
     // Authenticated like /data/.
-    post_json(&server.url("/api/weixin/phone/"), &json!({"code": "ok:bob"}))
-        .assert_error(401, "not_authenticated");
+    post_json(
+        &server.url("/api/weixin/phone/"),
+        &json!({"code": "ok:bob"}),
+    )
+    .assert_error(401, "not_authenticated");
 }
 
 #[test]
@@ -140,7 +158,11 @@ fn a_restart_does_not_refetch_the_token() {
     assert!(server.terminate().success());
     server.restart();
     assert_eq!(phone(&server, &access, "ok:dave").status, 200);
-    assert_eq!(mock.token_fetches(), (1, 0), "the stored token was fetched again");
+    assert_eq!(
+        mock.token_fetches(),
+        (1, 0),
+        "the stored token was fetched again"
+    );
     // After a kill -9 too: the token was durable when the phone request answered.
     server.kill9();
     server.restart();
@@ -199,17 +221,18 @@ fn login_works_while_stable_token_fails() {
     });
     login(&server, "ok:gina3");
     mock.fail_stable_token(None);
-    wait_for(Duration::from_secs(10), "the token once stable_token works", || {
-        (phone(&server, &again, "ok:gina").status == 200).then_some(())
-    });
+    wait_for(
+        Duration::from_secs(10),
+        "the token once stable_token works",
+        || (phone(&server, &again, "ok:gina").status == 200).then_some(()),
+    );
 }
 
 #[test]
 fn the_demo_vector_decrypts_and_tampering_is_refused() {
     let mock = MockWeChat::start();
-    let server = TestServer::start(
-        TestConfig::against(&mock).with_env("WXAUTH_WECHAT__APPID", DEMO_APPID),
-    );
+    let server =
+        TestServer::start(TestConfig::against(&mock).with_env("WXAUTH_WECHAT__APPID", DEMO_APPID));
     let access = access_of(&server, &format!("key:band.{DEMO_SESSION_KEY}"));
     let decrypt = |data: &str, iv: &str| {
         post_authed(
@@ -331,8 +354,20 @@ fn token_fetches_are_counted_by_outcome() {
     mock.revoke_tokens();
     assert_eq!(phone(&server, &access, "ok:hank").status, 200);
     let text = get(&format!("http://{addr}/metrics"), None).text;
-    assert!(text.contains("wxauth_wechat_token_fetches_total{outcome=\"ok\"} 1"), "{text}");
-    assert!(text.contains("wxauth_wechat_token_fetches_total{outcome=\"forced_ok\"} 1"), "{text}");
-    assert!(text.contains("wxauth_wechat_api_calls_total{outcome=\"token_invalid\"} 1"), "{text}");
-    assert!(text.contains("wxauth_wechat_api_calls_total{outcome=\"ok\"} 2"), "{text}");
+    assert!(
+        text.contains("wxauth_wechat_token_fetches_total{outcome=\"ok\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("wxauth_wechat_token_fetches_total{outcome=\"forced_ok\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("wxauth_wechat_api_calls_total{outcome=\"token_invalid\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("wxauth_wechat_api_calls_total{outcome=\"ok\"} 2"),
+        "{text}"
+    );
 }

@@ -25,8 +25,8 @@ use crate::actors::wechat::{self as wx, WeChatError};
 use crate::config::{WeChatApp, WeChatConfig};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
-use crate::users::PhoneNumber;
 use crate::storage::{GroupCommit, ReadStore, StorageError, Store, Tree, WriteBatch};
+use crate::users::PhoneNumber;
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -149,14 +149,14 @@ pub fn status(store: &dyn ReadStore, appid: &str) -> Result<TokenStatus, Storage
 pub fn stored_appids(store: &dyn ReadStore) -> Result<Vec<String>, StorageError> {
     let prefix = token_key("");
     let mut appids = Vec::new();
-    store.for_each_from(Tree::Meta, &prefix, &mut |key, _| {
-        match key.strip_prefix(prefix.as_slice()) {
-            Some(appid) => {
-                appids.push(String::from_utf8_lossy(appid).into_owned());
-                std::ops::ControlFlow::Continue(())
-            }
-            None => std::ops::ControlFlow::Break(()),
+    store.for_each_from(Tree::Meta, &prefix, &mut |key, _| match key
+        .strip_prefix(prefix.as_slice())
+    {
+        Some(appid) => {
+            appids.push(String::from_utf8_lossy(appid).into_owned());
+            std::ops::ControlFlow::Continue(())
         }
+        None => std::ops::ControlFlow::Break(()),
     })?;
     Ok(appids)
 }
@@ -542,7 +542,10 @@ impl Keeper {
     {
         let call = Arc::new(call);
         let token = self.token(appid).await?;
-        match self.call_once(call.clone(), token.access_token.clone()).await? {
+        match self
+            .call_once(call.clone(), token.access_token.clone())
+            .await?
+        {
             ApiReply::Ok(answer) => Ok(answer),
             ApiReply::TokenInvalid => {
                 let fresh = self.force(appid, &token.access_token).await?;
@@ -591,7 +594,10 @@ fn forced_refresh_wait_ms(forced_ms: &[i64], now: i64) -> i64 {
         Some(&first) if recent.len() >= FORCED_REFRESHES_PER_DAY => first + DAY_MS - now,
         _ => 0,
     };
-    let spacing = recent.iter().max().map_or(0, |&last| last + interval_ms - now);
+    let spacing = recent
+        .iter()
+        .max()
+        .map_or(0, |&last| last + interval_ms - now);
     daily.max(spacing).max(0)
 }
 
@@ -684,7 +690,8 @@ fn phone_from_reply(reply: &Value) -> Result<PhoneNumber, WxApiError> {
         text_or_number(info.get(name)).filter(|v| {
             !v.is_empty()
                 && v.len() <= MAX_PHONE_FIELD
-                && v.bytes().all(|b| b.is_ascii_digit() || b == b'+' || b == b' ' || b == b'-')
+                && v.bytes()
+                    .all(|b| b.is_ascii_digit() || b == b'+' || b == b' ' || b == b'-')
         })
     };
     match (
@@ -714,10 +721,7 @@ impl Upstream {
     ) -> Result<(String, i64), WxApiError> {
         let reply = match self {
             Upstream::Mock => {
-                return Ok((
-                    format!("mock-access-token-{}", crate::random_hex(16)),
-                    7200,
-                ))
+                return Ok((format!("mock-access-token-{}", crate::random_hex(16)), 7200))
             }
             Upstream::Http(http) => http.post(
                 "/cgi-bin/stable_token",
@@ -870,7 +874,9 @@ fn read_reply(
         .read_to_vec()
         .map_err(|e| match e {
             ureq::Error::Timeout(_) => WeChatError::Timeout,
-            other => WeChatError::Malformed(format!("reading the body: {}", wx::error_kind(&other))),
+            other => {
+                WeChatError::Malformed(format!("reading the body: {}", wx::error_kind(&other)))
+            }
         })?;
     match serde_json::from_slice(&body) {
         Ok(value @ Value::Object(_)) => Ok(value),
@@ -929,6 +935,9 @@ mod tests {
         };
         assert_eq!(number("alice.1"), number("alice.2"));
         assert_ne!(number("alice.1"), number("bob.1"));
-        assert!(matches!(mock_phone("nodot"), Err(WxApiError::PhoneCodeInvalid)));
+        assert!(matches!(
+            mock_phone("nodot"),
+            Err(WxApiError::PhoneCodeInvalid)
+        ));
     }
 }

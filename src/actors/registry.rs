@@ -217,7 +217,7 @@ impl Handler<SetPhone> for UserRegistry {
     type Result = Result<Option<User>, StorageError>;
 
     fn handle(&mut self, msg: SetPhone, _: &mut Context<Self>) -> Self::Result {
-        self.update(msg.user_id, |user| user.phone = Some(msg.phone))
+        self.update(msg.user_id, |user| user.phone = Some(Box::new(msg.phone)))
     }
 }
 

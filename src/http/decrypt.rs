@@ -13,11 +13,7 @@ pub async fn decrypt(
 ) -> Result<HttpResponse, ApiError> {
     let encrypted_data = fields.required_str("encryptedData")?;
     let iv = fields.required_str("iv")?;
-    let data = wechat_crypto::decrypt_for_app(
-        &user.appid,
-        user.session_key.expose(),
-        iv,
-        encrypted_data,
-    )?;
+    let data =
+        wechat_crypto::decrypt_for_app(&user.appid, user.session_key.expose(), iv, encrypted_data)?;
     Ok(HttpResponse::Ok().json(json!({ "code": "success", "data": data })))
 }

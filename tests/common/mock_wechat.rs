@@ -224,12 +224,13 @@ fn serve_connection(stream: TcpStream, state: &Mutex<MockState>, holds: &Condvar
             .unwrap_or("/")
             .to_string();
         state.lock().unwrap().requests += 1;
-        let (status, content_type, body) = match target.split_once('?').map_or(target.as_str(), |(p, _)| p) {
-            "/cgi-bin/stable_token" => stable_token(&request_body, state),
-            "/wxa/business/getuserphonenumber" => phone_number(&target, &request_body, state),
-            "/wxa/checksession" => check_session(&target, state),
-            _ => handle(&target, state, holds),
-        };
+        let (status, content_type, body) =
+            match target.split_once('?').map_or(target.as_str(), |(p, _)| p) {
+                "/cgi-bin/stable_token" => stable_token(&request_body, state),
+                "/wxa/business/getuserphonenumber" => phone_number(&target, &request_body, state),
+                "/wxa/checksession" => check_session(&target, state),
+                _ => handle(&target, state, holds),
+            };
         // One write: head and body in separate segments would meet Nagle + delayed ACK.
         let response = match status {
             STATUS_GARBAGE => body,
@@ -464,9 +465,17 @@ fn stable_token(body: &[u8], state: &Mutex<MockState>) -> Answer {
         st.valid_tokens.clear();
     }
     st.tokens_issued += 1;
-    let token = format!("tok-{}-{}", st.tokens_issued, base64_key(7).replace(['+', '/', '='], "x"));
+    let token = format!(
+        "tok-{}-{}",
+        st.tokens_issued,
+        base64_key(7).replace(['+', '/', '='], "x")
+    );
     st.valid_tokens.push(token.clone());
-    let expires_in = if st.token_expires_in > 0 { st.token_expires_in } else { 7200 };
+    let expires_in = if st.token_expires_in > 0 {
+        st.token_expires_in
+    } else {
+        7200
+    };
     reply(
         200,
         "text/plain",
@@ -487,7 +496,14 @@ fn phone_number(target: &str, body: &[u8], state: &Mutex<MockState>) -> Answer {
         *n += 1;
         let n = *n;
         if !st.valid_tokens.contains(&token) {
-            return reply(200, "text/plain", errcode(40001, "invalid credential, access_token is invalid or not latest"));
+            return reply(
+                200,
+                "text/plain",
+                errcode(
+                    40001,
+                    "invalid credential, access_token is invalid or not latest",
+                ),
+            );
         }
         n
     };
@@ -520,7 +536,9 @@ fn phone_number(target: &str, body: &[u8], state: &Mutex<MockState>) -> Answer {
 
 /// The phone number the mock gives for the code `ok:<name>`.
 pub fn phone_for(name: &str) -> String {
-    let hash = name.bytes().fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    let hash = name
+        .bytes()
+        .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
     format!("139{:08}", hash % 100_000_000)
 }
 
