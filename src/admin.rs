@@ -12,6 +12,7 @@
 //! malformed or not, gets the error status line; the error never echoes the input.
 //! A client that stops sending or stops reading for [`CLIENT_IO_TIMEOUT`] is dropped.
 
+use crate::actors::access_token::{self, AccessTokenKeeper, CheckSession};
 use crate::actors::issuer::{RevokeUserFamilies, TokenIssuer};
 use crate::actors::registry::{RevokeTokens, SetDisabled, UserRegistry};
 use crate::config::Config;
@@ -42,10 +43,25 @@ pub const CLIENT_IO_TIMEOUT: Duration = Duration::from_secs(30);
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum Request {
     UsersList,
-    UsersShow { id: UserId },
-    UsersSetDisabled { id: UserId, disabled: bool },
-    TokensRevoke { user: UserId },
+    UsersShow {
+        id: UserId,
+    },
+    UsersSetDisabled {
+        id: UserId,
+        disabled: bool,
+    },
+    TokensRevoke {
+        user: UserId,
+    },
     Backup,
+    /// The stored access token's status (one app, or every app with a stored token).
+    WechatToken {
+        appid: Option<String>,
+    },
+    /// Does WeChat still hold the user's session key? (`wxa/checksession`)
+    UsersCheckSession {
+        id: UserId,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +146,7 @@ pub enum Writes {
     Server {
         registry: Addr<UserRegistry>,
         issuer: Addr<TokenIssuer>,
+        keeper: Addr<AccessTokenKeeper>,
         commit: GroupCommit,
         runtime: tokio::runtime::Handle,
     },
@@ -168,6 +185,32 @@ impl Writes {
                 store.flush()?;
                 Ok(user)
             }
+        }
+    }
+
+    /// Asks WeChat (with the server's access token) whether it holds `user`'s
+    /// session key. Only through the running server: a second process fetching a
+    /// token of its own is what the keeper exists to prevent.
+    fn check_session(&mut self, user: &User) -> Result<bool, AdminError> {
+        match self {
+            Writes::Server {
+                keeper, runtime, ..
+            } => runtime.block_on(async {
+                keeper
+                    .send(CheckSession {
+                        appid: user.appid.clone(),
+                        openid: user.openid.clone(),
+                        signature: crate::wechat_crypto::checksession_signature(
+                            user.session_key.expose(),
+                        ),
+                    })
+                    .await
+                    .map_err(mailbox)?
+                    .map_err(|e| AdminError::Server(format!("WeChat: {e}")))
+            }),
+            Writes::Direct { .. } => Err(AdminError::Refused(
+                "check-session needs the running server (it holds WeChat's access token): start it first".into(),
+            )),
         }
     }
 
@@ -254,6 +297,25 @@ pub fn execute(
             Ok(line(
                 out,
                 &json!({ "user_id": user, "families_revoked": families }),
+            )?)
+        }
+        Request::WechatToken { ref appid } => {
+            let appids = match appid {
+                Some(appid) => vec![appid.clone()],
+                None => access_token::stored_appids(store)?,
+            };
+            for appid in appids {
+                let status = access_token::status(store, &appid)?;
+                line(out, &json!(status))?;
+            }
+            Ok(())
+        }
+        Request::UsersCheckSession { id } => {
+            let user = users::load(store, id)?.ok_or(AdminError::NoSuchUser(id))?;
+            let held = writes.check_session(&user)?;
+            Ok(line(
+                out,
+                &json!({ "user_id": id, "appid": user.appid, "session_key_valid": held }),
             )?)
         }
         Request::Backup => match writes {
@@ -463,6 +525,7 @@ pub struct ServerContext {
     pub data_dir: PathBuf,
     pub registry: Addr<UserRegistry>,
     pub issuer: Addr<TokenIssuer>,
+    pub keeper: Addr<AccessTokenKeeper>,
     pub commit: GroupCommit,
     pub runtime: tokio::runtime::Handle,
 }
@@ -513,6 +576,7 @@ fn serve_connection(stream: UnixStream, ctx: &ServerContext) {
             let mut writes = Writes::Server {
                 registry: ctx.registry.clone(),
                 issuer: ctx.issuer.clone(),
+                keeper: ctx.keeper.clone(),
                 commit: ctx.commit.clone(),
                 runtime: ctx.runtime.clone(),
             };

@@ -46,6 +46,9 @@ pub enum Command {
     /// Revoke tokens.
     #[command(subcommand)]
     Tokens(TokensCommand),
+    /// WeChat's side: the access token this server holds.
+    #[command(subcommand)]
+    Wechat(WechatCommand),
     /// Write a consistent JSON-lines snapshot of the whole database (users, token
     /// records, counters) and the generated signing key to a new FILE (mode 0600).
     /// Works with the server running.
@@ -71,6 +74,19 @@ pub enum UsersCommand {
     Disable { id: u64 },
     /// Undo `disable`.
     Enable { id: u64 },
+    /// Ask WeChat whether it still holds the user's stored session key (needs the
+    /// running server: it holds the access token).
+    CheckSession { id: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WechatCommand {
+    /// The stored access token's expiry and age, per app; never the token itself.
+    Token {
+        /// Only this app (default: every app with a stored token).
+        #[arg(long)]
+        appid: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

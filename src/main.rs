@@ -4,7 +4,7 @@ use clap::Parser;
 use std::path::Path;
 use std::process::ExitCode;
 use wxauth::admin::Request;
-use wxauth::cli::{Cli, Command, TokensCommand, UsersCommand};
+use wxauth::cli::{Cli, Command, TokensCommand, UsersCommand, WechatCommand};
 use wxauth::config::{Config, ConfigError};
 use wxauth::startup::StartError;
 
@@ -37,12 +37,18 @@ fn main() -> ExitCode {
                     id,
                     disabled: false,
                 },
+                UsersCommand::CheckSession { id } => Request::UsersCheckSession { id },
             };
             admin(config, &request, &mut std::io::stdout().lock())
         }
         Command::Tokens(TokensCommand::Revoke { user }) => admin(
             config,
             &Request::TokensRevoke { user },
+            &mut std::io::stdout().lock(),
+        ),
+        Command::Wechat(WechatCommand::Token { appid }) => admin(
+            config,
+            &Request::WechatToken { appid },
             &mut std::io::stdout().lock(),
         ),
         Command::Backup { file } => {

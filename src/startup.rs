@@ -219,6 +219,7 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         data_dir: cfg.storage.path.clone(),
         registry: registry.clone(),
         issuer: issuer.clone(),
+        keeper: keeper.clone(),
         commit: commit.clone(),
         runtime: tokio::runtime::Handle::current(),
     })?;

@@ -184,6 +184,8 @@ fn a_refused_token_gets_one_forced_refresh_and_one_retry() {
     // The new token is kept: no further fetch.
     assert_eq!(phone(&server, &access, "ok:erin3").status, 200);
     assert_eq!(mock.token_fetches(), (2, 1));
+    let status = json_lines(&server.cli(&["wechat", "token"]));
+    assert_eq!(status[0]["forced_refreshes_last_24h"], 1);
 }
 
 #[test]
@@ -370,4 +372,59 @@ fn token_fetches_are_counted_by_outcome() {
         text.contains("wxauth_wechat_api_calls_total{outcome=\"ok\"} 2"),
         "{text}"
     );
+}
+
+#[test]
+fn wechat_token_shows_expiry_and_age_but_never_the_token() {
+    let (mock, mut server) = start_with_mock();
+    let access = access_of(&server, "ok:ivan");
+    assert_eq!(phone(&server, &access, "ok:ivan").status, 200);
+    let token = mock.state.lock().unwrap().valid_tokens[0].clone();
+    let check = |out: std::process::Output| {
+        assert!(!String::from_utf8_lossy(&out.stdout).contains(&token));
+        let lines = json_lines(&out);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0]["appid"], APPID);
+        assert_eq!(lines[0]["present"], true);
+        let expires_in = lines[0]["expires_in_secs"].as_i64().unwrap();
+        assert!((7000..=7200).contains(&expires_in), "{expires_in}");
+        let age = lines[0]["age_secs"].as_i64().unwrap();
+        assert!((0..=120).contains(&age), "{age}");
+        assert!(lines[0]["expires_at"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(lines[0]["forced_refreshes_last_24h"], 0);
+    };
+    // Through the running server, and straight from the data directory.
+    check(server.cli(&["wechat", "token"]));
+    assert!(server.terminate().success());
+    check(server.cli(&["wechat", "token", "--appid", APPID]));
+    let other = json_lines(&server.cli(&["wechat", "token", "--appid", "wxother"]));
+    assert_eq!(other[0]["present"], false);
+}
+
+#[test]
+fn check_session_reports_whether_wechat_holds_the_session_key() {
+    let (mock, mut server) = start_with_mock();
+    login(&server, "ok:judy");
+    let held = json_lines(&server.cli(&["users", "check-session", "1"]));
+    assert_eq!(
+        held[0],
+        json!({"user_id": 1, "appid": APPID, "session_key_valid": true})
+    );
+    // WeChat now holds another key for this user (a login elsewhere).
+    mock.state
+        .lock()
+        .unwrap()
+        .keys_by_openid
+        .insert("o-judy".into(), "AAAAAAAAAAAAAAAAAAAAAA==".into());
+    let stale = json_lines(&server.cli(&["users", "check-session", "1"]));
+    assert_eq!(stale[0]["session_key_valid"], false);
+    assert_eq!(mock.state.lock().unwrap().checksession_calls, 2);
+    let missing = server.cli(&["users", "check-session", "99"]);
+    assert_eq!(missing.status.code(), Some(1));
+    // Without the server: refused, not a token fetch of its own.
+    assert!(server.terminate().success());
+    let refused = server.cli(&["users", "check-session", "1"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("running server"));
+    assert_eq!(mock.token_fetches(), (1, 0));
 }
