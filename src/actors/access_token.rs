@@ -190,6 +190,9 @@ struct Keeper {
     metrics: Arc<Metrics>,
     refresh_ahead: Duration,
     retries: u32,
+    /// API calls in flight at once (`wechat.max_concurrent_calls`, like login's): the
+    /// rest wait, within their deadline, instead of taking a blocking thread each.
+    call_slots: tokio::sync::Semaphore,
     /// The whole of one request's work here (token, call, forced refresh, retry).
     deadline: Duration,
 }
@@ -340,6 +343,7 @@ pub fn start(
         metrics,
         refresh_ahead: cfg.token_refresh_ahead,
         retries: cfg.retries,
+        call_slots: tokio::sync::Semaphore::new(cfg.max_concurrent_calls),
         // A token fetch, a call, a forced fetch and a retry, each with its retries.
         deadline: cfg.timeout * 4,
     };
@@ -562,6 +566,11 @@ impl Keeper {
         T: Send + 'static,
         F: Fn(&Upstream, &str) -> Result<ApiReply<T>, WxApiError> + Send + Sync + 'static,
     {
+        let _slot = self
+            .call_slots
+            .acquire()
+            .await
+            .map_err(|_closed| WxApiError::WeChat(WeChatError::Unavailable))?;
         let upstream = self.upstream.clone();
         let retries = self.retries;
         let metrics = self.metrics.clone();
