@@ -1,4 +1,4 @@
-//! Operator commands (`wxauth users …`, `tokens revoke`, `backup`, `restore`).
+//! Operator commands (`wxauth users …`, `tokens revoke`, `keys …`, `backup`, `restore`).
 //!
 //! sled allows one process per data directory, so while the server runs it serves
 //! these commands itself, over a Unix socket in the data directory (mode 0600
@@ -15,8 +15,11 @@
 use crate::actors::issuer::{RevokeUserFamilies, TokenIssuer};
 use crate::actors::registry::{RevokeTokens, SetDisabled, UserRegistry};
 use crate::config::Config;
+use crate::config::JwtConfig;
+use crate::secret::Secret;
 use crate::storage::{GroupCommit, SledStore, StorageError, Store, Tree, WriteBatch};
-use crate::tokens::{records, GENERATED_KEY_FILE};
+use crate::tokens::keys::KEYRING_FILE;
+use crate::tokens::{records, JwtKeys, GENERATED_KEY_FILE};
 use crate::users::{self, User, UserId};
 use actix::Addr;
 use serde::{Deserialize, Serialize};
@@ -42,10 +45,35 @@ pub const CLIENT_IO_TIMEOUT: Duration = Duration::from_secs(30);
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum Request {
     UsersList,
-    UsersShow { id: UserId },
-    UsersSetDisabled { id: UserId, disabled: bool },
-    TokensRevoke { user: UserId },
+    UsersShow {
+        id: UserId,
+    },
+    UsersSetDisabled {
+        id: UserId,
+        disabled: bool,
+    },
+    TokensRevoke {
+        user: UserId,
+    },
     Backup,
+    KeysList,
+    /// `key`: the PEM private key or HMAC secret to sign with from now on; `None`
+    /// generates one of the configured algorithm.
+    KeysRotate {
+        #[serde(default, serialize_with = "expose_secret")]
+        key: Option<Secret>,
+    },
+    KeysRetire {
+        kid: String,
+    },
+}
+
+/// The one place a key leaves a [`Secret`]: the request line to our own socket.
+fn expose_secret<S: serde::Serializer>(key: &Option<Secret>, out: S) -> Result<S::Ok, S::Error> {
+    match key {
+        Some(secret) => out.serialize_some(secret.expose()),
+        None => out.serialize_none(),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +91,8 @@ pub enum AdminError {
     Refused(String),
     #[error(transparent)]
     BadRequest(#[from] RequestError),
+    #[error(transparent)]
+    Key(#[from] crate::tokens::KeyError),
 }
 
 /// Why a request line was refused. The messages are fixed: none repeats the input.
@@ -129,11 +159,14 @@ pub enum Writes {
         issuer: Addr<TokenIssuer>,
         commit: GroupCommit,
         runtime: tokio::runtime::Handle,
+        keys: Arc<JwtKeys>,
     },
     /// Straight into the data directory (no server holds it), flushed at once.
     Direct {
         store: Arc<dyn Store>,
         registry: UserRegistry,
+        /// Keys are loaded only by the `keys` commands: listing users needs no key file.
+        jwt: JwtConfig,
     },
 }
 
@@ -142,6 +175,16 @@ fn mailbox(e: actix::MailboxError) -> AdminError {
 }
 
 impl Writes {
+    /// The server's live key set, or the data directory's when no server runs.
+    fn keys(&self, data_dir: &Path) -> Result<Arc<JwtKeys>, AdminError> {
+        match self {
+            Writes::Server { keys, .. } => Ok(keys.clone()),
+            Writes::Direct { jwt, .. } => JwtKeys::load(jwt, data_dir)
+                .map(Arc::new)
+                .map_err(|e| AdminError::Refused(e.to_string())),
+        }
+    }
+
     fn set_disabled(&mut self, id: UserId, disabled: bool) -> Result<Option<User>, AdminError> {
         match self {
             Writes::Server {
@@ -160,7 +203,9 @@ impl Writes {
                 commit.durable().await?;
                 Ok(user)
             }),
-            Writes::Direct { store, registry } => {
+            Writes::Direct {
+                store, registry, ..
+            } => {
                 let user = registry.set_disabled(id, disabled)?;
                 store.flush()?;
                 Ok(user)
@@ -192,7 +237,9 @@ impl Writes {
                     .map_err(mailbox)??;
                 Ok(Some(families))
             }),
-            Writes::Direct { store, registry } => {
+            Writes::Direct {
+                store, registry, ..
+            } => {
                 if registry.revoke_tokens(id)?.is_none() {
                     return Ok(None);
                 }
@@ -259,6 +306,20 @@ pub fn execute(
             // No server: nobody waits, and `out` is the operator's file already.
             Writes::Direct { .. } => backup(store, data_dir, out),
         },
+        Request::KeysList => {
+            for key in writes.keys(data_dir)?.list() {
+                line(out, &key)?;
+            }
+            Ok(())
+        }
+        Request::KeysRotate { ref key } => {
+            let made = writes.keys(data_dir)?.rotate(key.as_ref())?;
+            Ok(line(out, &made)?)
+        }
+        Request::KeysRetire { ref kid } => {
+            writes.keys(data_dir)?.retire(kid)?;
+            Ok(line(out, &json!({ "retired": kid }))?)
+        }
     }
 }
 
@@ -294,7 +355,11 @@ fn spooled_backup(
     Ok(())
 }
 
-/// A JSON-lines snapshot: a header, the generated signing key (if one is in use),
+/// The key files of the data directory a backup carries: the generated signing key
+/// and the key ring of `wxauth keys rotate`.
+const KEY_FILES: [&str; 2] = [GENERATED_KEY_FILE, KEYRING_FILE];
+
+/// A JSON-lines snapshot: a header, the key files (those that exist),
 /// every entry of every tree as of one instant, and a closing line with the count.
 fn backup(store: &dyn Store, data_dir: &Path, out: &mut dyn Write) -> Result<(), AdminError> {
     let header = json!({
@@ -303,10 +368,12 @@ fn backup(store: &dyn Store, data_dir: &Path, out: &mut dyn Write) -> Result<(),
         "created_at": users::rfc3339(crate::now_unix()),
     });
     line(out, &header)?;
-    match std::fs::read_to_string(data_dir.join(GENERATED_KEY_FILE)) {
-        Ok(key) => line(out, &json!({ "file": GENERATED_KEY_FILE, "content": key }))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e.into()),
+    for file in KEY_FILES {
+        match std::fs::read_to_string(data_dir.join(file)) {
+            Ok(content) => line(out, &json!({ "file": file, "content": content }))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     let mut entries: u64 = 0;
     store.snapshot(&mut |tree, key, value| {
@@ -407,13 +474,14 @@ fn restore_into(
             return Ok(restored);
         }
         if let Some(name) = entry["file"].as_str() {
-            if name != GENERATED_KEY_FILE {
-                return Err(bad(n, "unknown file"));
-            }
+            let name = KEY_FILES
+                .into_iter()
+                .find(|file| *file == name)
+                .ok_or_else(|| bad(n, "unknown file"))?;
             let content = entry["content"]
                 .as_str()
                 .ok_or_else(|| bad(n, "no content"))?;
-            write_private_file(&data_dir.join(GENERATED_KEY_FILE), content.as_bytes())?;
+            write_private_file(&data_dir.join(name), content.as_bytes())?;
             continue;
         }
         let tree = Tree::ALL
@@ -462,6 +530,7 @@ pub struct ServerContext {
     pub issuer: Addr<TokenIssuer>,
     pub commit: GroupCommit,
     pub runtime: tokio::runtime::Handle,
+    pub keys: Arc<JwtKeys>,
 }
 
 /// Binds `admin.sock` in the data directory (mode 0600) and serves it on plain
@@ -512,6 +581,7 @@ fn serve_connection(stream: UnixStream, ctx: &ServerContext) {
                 issuer: ctx.issuer.clone(),
                 commit: ctx.commit.clone(),
                 runtime: ctx.runtime.clone(),
+                keys: ctx.keys.clone(),
             };
             execute(
                 &request,
@@ -590,6 +660,7 @@ pub fn run(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), A
     let mut writes = Writes::Direct {
         store: store.clone(),
         registry,
+        jwt: cfg.jwt.clone(),
     };
     execute(request, store.as_ref(), data_dir, &mut writes, out)
 }

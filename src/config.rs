@@ -135,6 +135,8 @@ impl Default for WeChatConfig {
 pub struct JwtConfig {
     pub algorithm: String,
     pub signing_key_file: Option<PathBuf>,
+    /// Older signing keys that still verify (never sign) until removed.
+    pub previous_key_files: Vec<PathBuf>,
     #[serde(deserialize_with = "de_duration")]
     pub access_ttl: Duration,
     #[serde(deserialize_with = "de_duration")]
@@ -156,6 +158,7 @@ impl Default for JwtConfig {
         JwtConfig {
             algorithm: "HS256".into(),
             signing_key_file: None,
+            previous_key_files: Vec::new(),
             access_ttl: Duration::from_secs(5 * 60),
             refresh_ttl: Duration::from_secs(24 * 3600),
             rotate_refresh: true,

@@ -38,6 +38,9 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("Not found.")]
     NotFound,
+    /// `GET /.well-known/jwks.json` with an HMAC algorithm: nothing may be published.
+    #[error("The signing key is symmetric ({0}): there are no public keys to publish.")]
+    SymmetricKey(&'static str),
     /// The body did not arrive within `server.request_timeout`.
     #[error("The request did not arrive in time.")]
     RequestTimeout,
@@ -80,6 +83,7 @@ impl ApiError {
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::NotFound => "not_found",
+            ApiError::SymmetricKey(_) => "symmetric_key",
             ApiError::RequestTimeout => "request_timeout",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::UserDisabled => "user_disabled",
@@ -133,7 +137,7 @@ impl ResponseError for ApiError {
             ApiError::InvalidRequest(_) | ApiError::UnknownApp(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::NotFound | ApiError::SymmetricKey(_) => StatusCode::NOT_FOUND,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::UserDisabled => StatusCode::FORBIDDEN,

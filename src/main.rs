@@ -4,7 +4,7 @@ use clap::Parser;
 use std::path::Path;
 use std::process::ExitCode;
 use wxauth::admin::Request;
-use wxauth::cli::{Cli, Command, TokensCommand, UsersCommand};
+use wxauth::cli::{Cli, Command, KeysCommand, TokensCommand, UsersCommand};
 use wxauth::config::{Config, ConfigError};
 use wxauth::startup::StartError;
 
@@ -45,6 +45,22 @@ fn main() -> ExitCode {
             &Request::TokensRevoke { user },
             &mut std::io::stdout().lock(),
         ),
+        Command::Keys(keys) => {
+            let request = match keys {
+                KeysCommand::List => Request::KeysList,
+                KeysCommand::Retire { kid } => Request::KeysRetire { kid },
+                KeysCommand::Rotate { key_file: None } => Request::KeysRotate { key: None },
+                KeysCommand::Rotate {
+                    key_file: Some(path),
+                } => match std::fs::read_to_string(&path) {
+                    Ok(text) => Request::KeysRotate {
+                        key: Some(wxauth::secret::Secret::new(text.trim_end())),
+                    },
+                    Err(e) => return fail(format!("cannot read {}: {e}", path.display())),
+                },
+            };
+            admin(config, &request, &mut std::io::stdout().lock())
+        }
         Command::Backup { file } => {
             // The snapshot holds the signing key and session keys: owner-only.
             use std::os::unix::fs::OpenOptionsExt;

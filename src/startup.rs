@@ -176,6 +176,7 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         issuer: issuer.clone(),
         commit: commit.clone(),
         runtime: tokio::runtime::Handle::current(),
+        keys: keys.clone(),
     })?;
 
     let reader: Arc<dyn ReadStore> = store.clone();

@@ -6,6 +6,7 @@ mod body;
 mod data;
 pub mod deadline;
 mod health;
+mod jwks;
 mod login;
 mod observe;
 mod ratelimit;
@@ -112,6 +113,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     endpoint(cfg, "/api/token/blacklist/", "POST", token::blacklist);
     endpoint(cfg, "/healthz", "GET", health::healthz);
     endpoint(cfg, "/readyz", "GET", health::readyz);
+    endpoint(cfg, "/.well-known/jwks.json", "GET", jwks::jwks);
     cfg.default_service(web::to(not_found));
 }
 
