@@ -106,10 +106,6 @@ impl Key {
             jwk,
         })
     }
-
-    pub fn is_symmetric(&self) -> bool {
-        self.jwk.is_none()
-    }
 }
 
 pub fn is_hmac(algorithm: Algorithm) -> bool {
