@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 /// Is this CI, where a missing tool is a failure rather than a skipped test?
 fn in_ci() -> bool {
@@ -140,7 +141,17 @@ fn rotation_story(algorithm: &str) {
     // Online rotation: RS256 needs the key given (ring makes no RSA keys).
     let rotated = if algorithm == "RS256" {
         let second = key_file(keys_dir.path(), algorithm, "second.pem").unwrap();
-        keys_cli(&server, &["rotate", "--key-file", second.to_str().unwrap()])
+        let rotated = keys_cli(&server, &["rotate", "--key-file", second.to_str().unwrap()]);
+        // The key went over the admin socket: it must not reach the server's log.
+        let pem = std::fs::read_to_string(&second).unwrap();
+        let secret_line = pem.lines().nth(2).unwrap();
+        let logs = wait_for(
+            Duration::from_secs(10),
+            "the admin command's log line",
+            || Some(server.logs()).filter(|logs| logs.contains("admin command")),
+        );
+        assert!(!logs.contains(secret_line), "the private key was logged");
+        rotated
     } else {
         keys_cli(&server, &["rotate"])
     };
