@@ -313,13 +313,18 @@ impl JwtKeys {
     /// The header's `kid` picks the key; a token without one (simplejwt's own) is
     /// tried against the live keys of its algorithm.
     fn decode_signed(&self, token: &str) -> Result<Claims, TokenError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid)?;
         let set = self.current();
         let decode = |key: &Key| {
             jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.validation)
                 .map(|data| data.claims)
                 .map_err(|_| TokenError::Invalid)
         };
+        // One live key (no rotation under way): it is the only candidate, and the
+        // header need not be read twice on the hot path.
+        if let [only] = set.keys.as_slice() {
+            return decode(only);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid)?;
         match header.kid.as_deref() {
             Some(kid) => decode(set.by_kid(kid).ok_or(TokenError::Invalid)?),
             None => set
@@ -486,4 +491,60 @@ fn load_or_generate_hmac_key(data_dir: &Path) -> std::io::Result<crate::secret::
     crate::fsutil::read_or_create_secret(&data_dir.join(GENERATED_KEY_FILE), 64, || {
         crate::random_hex(32)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims_of(keys: &JwtKeys, token: &str) -> Result<Claims, TokenError> {
+        keys.decode_signed(token)
+    }
+
+    #[test]
+    fn after_a_rotation_tokens_verify_by_kid_and_without_one_by_trying_each_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = JwtKeys::load(&JwtConfig::default(), dir.path()).unwrap();
+        let old = keys.sign(TokenType::Access, 7, 0, now_ms() / 1000);
+        let old_secret = std::fs::read(dir.path().join(GENERATED_KEY_FILE)).unwrap();
+        let first_kid = keys.kid();
+        let made = keys.rotate(None).unwrap();
+        assert_ne!(made["kid"], first_kid.as_str());
+        let new = keys.sign(TokenType::Access, 7, 0, now_ms() / 1000);
+        assert_eq!(claims_of(&keys, &old.token).unwrap().user_id, 7);
+        assert_eq!(claims_of(&keys, &new.token).unwrap().user_id, 7);
+
+        // simplejwt's tokens carry no kid: the old secret still verifies them.
+        let no_kid = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &old.claims,
+            &jsonwebtoken::EncodingKey::from_secret(&old_secret),
+        )
+        .unwrap();
+        assert!(claims_of(&keys, &no_kid).is_ok());
+
+        keys.retire(&first_kid).unwrap();
+        assert!(matches!(
+            claims_of(&keys, &old.token),
+            Err(TokenError::Invalid)
+        ));
+        assert!(matches!(
+            claims_of(&keys, &no_kid),
+            Err(TokenError::Invalid)
+        ));
+        assert!(claims_of(&keys, &new.token).is_ok());
+        assert!(matches!(
+            keys.retire(&keys.kid()),
+            Err(KeyError::Signing(_))
+        ));
+
+        // The next start sees the same set.
+        let again = JwtKeys::load(&JwtConfig::default(), dir.path()).unwrap();
+        assert_eq!(again.kid(), keys.kid());
+        assert!(matches!(
+            claims_of(&again, &old.token),
+            Err(TokenError::Invalid)
+        ));
+        assert!(claims_of(&again, &new.token).is_ok());
+    }
 }
