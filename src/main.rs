@@ -60,7 +60,7 @@ fn main() -> ExitCode {
         }
         Command::Restore { file } => with_admin_config(config, |cfg| {
             let storage = &cfg.storage;
-            match wxauth::admin::restore(&file, &storage.path, storage.cache_capacity) {
+            match wxauth::admin::restore(&file, storage) {
                 Ok(entries) => {
                     println!("restored {entries} entries into {}", storage.path.display());
                     ExitCode::SUCCESS

@@ -5,7 +5,7 @@ use crate::admin;
 use crate::config::{ConfigError, Loaded};
 use crate::http::{self, AppState, LoginLimiter};
 use crate::metrics::Metrics;
-use crate::storage::{GroupCommit, ReadStore, SledStore, StorageError, Store};
+use crate::storage::{GroupCommit, ReadStore, StorageError};
 use crate::tokens::JwtKeys;
 use actix::{Actor, Arbiter};
 use actix_web::dev::Service;
@@ -147,10 +147,7 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
         _ => None,
     };
-    let store = Arc::new(SledStore::open(
-        &cfg.storage.path,
-        cfg.storage.cache_capacity,
-    )?);
+    let store = crate::storage::open(&cfg.storage)?;
     let keys = Arc::new(JwtKeys::load(&cfg.jwt, &cfg.storage.path)?);
     let commit = GroupCommit::start(store.clone());
 

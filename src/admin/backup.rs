@@ -3,7 +3,8 @@
 use super::files::{chown_tree, empty_directory, write_private_file};
 use super::protocol::write_line;
 use super::AdminError;
-use crate::storage::{SledStore, StorageError, Store, Tree, WriteBatch};
+use crate::config::StorageConfig;
+use crate::storage::{self, StorageError, Store, Tree, WriteBatch};
 use crate::tokens::GENERATED_KEY_FILE;
 use crate::users;
 use serde_json::{json, Value};
@@ -84,7 +85,8 @@ pub(super) fn backup(
 /// it wrote is removed again. An existing directory keeps its owner: files restored
 /// by root into the service's directory are handed to the directory's owner, so the
 /// service (systemd's `DynamicUser=` included) can open them.
-pub fn restore(file: &Path, data_dir: &Path, cache_capacity: u64) -> Result<u64, AdminError> {
+pub fn restore(file: &Path, storage: &StorageConfig) -> Result<u64, AdminError> {
+    let data_dir = storage.path.as_path();
     use std::os::unix::fs::MetadataExt;
     let existing = std::fs::metadata(data_dir).ok();
     if std::fs::read_dir(data_dir).is_ok_and(|mut entries| entries.next().is_some()) {
@@ -94,7 +96,7 @@ pub fn restore(file: &Path, data_dir: &Path, cache_capacity: u64) -> Result<u64,
         )));
     }
     let input = BufReader::new(std::fs::File::open(file)?);
-    let result = restore_into(input, data_dir, cache_capacity);
+    let result = restore_into(input, storage);
     match (&result, &existing) {
         (Err(_), Some(_)) => empty_directory(data_dir),
         (Err(_), None) => {
@@ -106,13 +108,10 @@ pub fn restore(file: &Path, data_dir: &Path, cache_capacity: u64) -> Result<u64,
     result
 }
 
-fn restore_into(
-    input: impl BufRead,
-    data_dir: &Path,
-    cache_capacity: u64,
-) -> Result<u64, AdminError> {
+fn restore_into(input: impl BufRead, storage: &StorageConfig) -> Result<u64, AdminError> {
+    let data_dir = storage.path.as_path();
     let bad = |n: usize, why: &str| AdminError::Refused(format!("backup line {n}: {why}"));
-    let store = SledStore::open(data_dir, cache_capacity)?;
+    let store = storage::open(storage)?;
     let mut lines = input.lines().enumerate();
     let header: Value = match lines.next() {
         Some((_, text)) => {

@@ -6,11 +6,10 @@ use super::protocol::{Request, SOCKET_FILE, STATUS_KEY};
 use super::AdminError;
 use crate::actors::registry::UserRegistry;
 use crate::config::Config;
-use crate::storage::{SledStore, StorageError, Store};
+use crate::storage::{self, StorageError};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
 
 /// The CLI's side: send `request` to the running server, or, when none answers on
 /// the socket, run it on the data directory directly. Output goes to `out`.
@@ -26,8 +25,8 @@ pub fn run(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), A
             data_dir.display()
         )));
     }
-    let store: Arc<dyn Store> = match SledStore::open(data_dir, cfg.storage.cache_capacity) {
-        Ok(store) => Arc::new(store),
+    let store = match storage::open(&cfg.storage) {
+        Ok(store) => store,
         Err(StorageError::Locked(path)) => {
             return Err(AdminError::Refused(format!(
                 "a wxauth server holds {path} but does not answer on its {SOCKET_FILE}"

@@ -10,7 +10,18 @@
 
 mod sled;
 
+/// For tests, benches and examples that fill a directory by hand; the binary and
+/// the CLI open storage only through [`open`].
 pub use self::sled::SledStore;
+
+use crate::config::StorageConfig;
+
+/// Opens (creating it if missing) the data directory `config.path`: the one place
+/// the binary and the CLI get a store from, so only `sled.rs` names the engine.
+pub fn open(config: &StorageConfig) -> Result<Arc<dyn Store>, StorageError> {
+    let store = SledStore::open(&config.path, config.cache_capacity)?;
+    Ok(Arc::new(store))
+}
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
