@@ -92,12 +92,12 @@ pub enum StartError {
 /// The Prometheus listener on `metrics.bind` (none when it is empty): its own
 /// socket, so that a reverse proxy in front of the API never exposes it.
 fn start_metrics_listener(
-    bind: &str,
+    bind: Option<SocketAddr>,
     state: web::Data<AppState>,
 ) -> Result<Option<actix_web::dev::Server>, StartError> {
-    if bind.is_empty() {
+    let Some(bind) = bind else {
         return Ok(None);
-    }
+    };
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
@@ -190,14 +190,14 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
             .server
             .trusted_proxies
             .iter()
-            .filter_map(|p| p.parse().ok())
+            .copied()
             .map(http::canonical_ip)
             .collect(),
         metrics,
     });
     let api_state = state.clone();
 
-    let bind = cfg.bind_addr();
+    let bind = cfg.server.bind;
     let request_timeout = cfg.server.request_timeout;
     let max_connections = connection_cap(cfg.server.max_connections, open_files);
     // actix counts connections per worker.
@@ -267,7 +267,7 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     for addr in &addrs {
         tracing::info!(address = %addr, tls = https, kid = keys.kid(), users, "listening");
     }
-    let metrics_server = start_metrics_listener(&cfg.metrics.bind, state)?;
+    let metrics_server = start_metrics_listener(cfg.metrics.bind, state)?;
     let server = server.run();
 
     // READY=1 only now that the sockets listen (Type=notify); a no-op outside systemd.

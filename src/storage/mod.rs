@@ -19,7 +19,7 @@ use crate::config::StorageConfig;
 /// Opens (creating it if missing) the data directory `config.path`: the one place
 /// the binary and the CLI get a store from, so only `sled.rs` names the engine.
 pub fn open(config: &StorageConfig) -> Result<Arc<dyn Store>, StorageError> {
-    let store = SledStore::open(&config.path, config.cache_capacity)?;
+    let store = SledStore::open(&config.path, config.cache_capacity.bytes())?;
     Ok(Arc::new(store))
 }
 
