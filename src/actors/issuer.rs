@@ -35,10 +35,9 @@ pub struct TokenIssuer {
     purge_interval: Duration,
     /// A purge is under way (it spans many actor turns); the next waits for it.
     purging: bool,
-    /// Set by [`apply`](Self::apply): the message being handled wrote, so its
-    /// answer waits for the group commit (even when the answer is an error,
-    /// as when a reuse revoked a family).
-    wrote: bool,
+    /// Batches applied so far (only counts up). [`answer_durably`](Self::answer_durably)
+    /// compares it before and after a message's work to know whether it wrote.
+    batches_applied: u64,
 }
 
 /// Why refresh or logout did not succeed: the check's refusal, or storage.
@@ -78,21 +77,25 @@ impl TokenIssuer {
             metrics,
             purge_interval: cfg.purge_interval,
             purging: false,
-            wrote: false,
+            batches_applied: 0,
         }
     }
 
     fn apply(&mut self, batch: WriteBatch) -> Result<(), StorageError> {
-        self.wrote = true;
+        self.batches_applied += 1;
         self.store.apply(batch)
     }
 
-    /// Wraps a handler's result so that it resolves only once its writes are durable.
-    fn answer<T: 'static>(
+    /// Runs one message's `work` and answers once the writes it made (if any) are
+    /// durable: even when the answer is an error, as when a reuse revoked a family.
+    fn answer_durably<T: 'static>(
         &mut self,
-        result: Result<T, RefreshError>,
+        work: impl FnOnce(&mut Self) -> Result<T, RefreshError>,
     ) -> ResponseFuture<Result<T, RefreshError>> {
-        let commit = std::mem::take(&mut self.wrote).then(|| self.commit.clone());
+        let applied_before = self.batches_applied;
+        let result = work(self);
+        let wrote = self.batches_applied != applied_before;
+        let commit = wrote.then(|| self.commit.clone());
         Box::pin(async move {
             if let Some(commit) = commit {
                 commit.durable().await?;
@@ -507,8 +510,7 @@ impl Handler<IssuePair> for TokenIssuer {
             .keys
             .sign(TokenType::Access, msg.user_id, msg.stamp, now);
         self.metrics.tokens_issued(1, 1);
-        let applied = self.store.apply(batch);
-        self.wrote = false;
+        let applied = self.apply(batch);
         let commit = self.commit.clone();
         // Always waits: this commit also covers the user registry's writes for the login.
         Box::pin(async move {
@@ -537,8 +539,7 @@ impl Handler<Refresh> for TokenIssuer {
 
     fn handle(&mut self, msg: Refresh, _: &mut Context<Self>) -> Self::Result {
         debug_fault();
-        let result = self.refresh(&msg.token);
-        self.answer(result)
+        self.answer_durably(|this| this.refresh(&msg.token))
     }
 }
 
@@ -553,8 +554,7 @@ impl Handler<Blacklist> for TokenIssuer {
     type Result = ResponseFuture<Result<(), RefreshError>>;
 
     fn handle(&mut self, msg: Blacklist, _: &mut Context<Self>) -> Self::Result {
-        let result = self.blacklist(&msg.token);
-        self.answer(result)
+        self.answer_durably(|this| this.blacklist(&msg.token))
     }
 }
 

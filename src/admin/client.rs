@@ -1,7 +1,7 @@
 //! The CLI's side: talk to the running server over its socket, or, with no server
 //! running, open the data directory and run the command directly.
 
-use super::commands::{execute, Writes};
+use super::commands::{execute, WriteTarget};
 use super::protocol::{Request, SOCKET_FILE, STATUS_KEY};
 use super::AdminError;
 use crate::actors::registry::UserRegistry;
@@ -35,7 +35,7 @@ pub fn run(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), A
         Err(e) => return Err(e.into()),
     };
     let registry = UserRegistry::new(store.clone(), cfg.wechat.link_by_unionid)?;
-    let mut writes = Writes::Direct {
+    let mut writes = WriteTarget::Direct {
         store: store.clone(),
         registry,
     };

@@ -27,7 +27,7 @@ pub fn user_view(user: &User) -> Value {
 }
 
 /// Where a command's writes go.
-pub enum Writes {
+pub enum WriteTarget {
     /// Through the running server's owner actors, then its group commit.
     Server {
         registry: Addr<UserRegistry>,
@@ -46,10 +46,10 @@ fn mailbox(e: actix::MailboxError) -> AdminError {
     AdminError::Server(format!("the server is shutting down ({e})"))
 }
 
-impl Writes {
+impl WriteTarget {
     fn set_disabled(&mut self, id: UserId, disabled: bool) -> Result<Option<User>, AdminError> {
         match self {
-            Writes::Server {
+            WriteTarget::Server {
                 registry,
                 commit,
                 runtime,
@@ -65,7 +65,7 @@ impl Writes {
                 commit.durable().await?;
                 Ok(user)
             }),
-            Writes::Direct { store, registry } => {
+            WriteTarget::Direct { store, registry } => {
                 let user = registry.set_disabled(id, disabled)?;
                 store.flush()?;
                 Ok(user)
@@ -76,7 +76,7 @@ impl Writes {
     /// Sets the user's `tokens_not_before` and revokes its refresh-token families.
     fn revoke_tokens(&mut self, id: UserId) -> Result<Option<usize>, AdminError> {
         match self {
-            Writes::Server {
+            WriteTarget::Server {
                 registry,
                 issuer,
                 runtime,
@@ -97,7 +97,7 @@ impl Writes {
                     .map_err(mailbox)??;
                 Ok(Some(families))
             }),
-            Writes::Direct { store, registry } => {
+            WriteTarget::Direct { store, registry } => {
                 if registry.revoke_tokens(id)?.is_none() {
                     return Ok(None);
                 }
@@ -116,7 +116,7 @@ pub fn execute(
     request: &Request,
     store: &dyn Store,
     data_dir: &Path,
-    writes: &mut Writes,
+    writes: &mut WriteTarget,
     out: &mut dyn Write,
 ) -> Result<(), AdminError> {
     match *request {
@@ -155,9 +155,9 @@ pub fn execute(
         }
         Request::Backup => match writes {
             // The server's writers wait only while the snapshot is written to disk.
-            Writes::Server { .. } => backup::spooled_backup(store, data_dir, out),
+            WriteTarget::Server { .. } => backup::spooled_backup(store, data_dir, out),
             // No server: nobody waits, and `out` is the operator's file already.
-            Writes::Direct { .. } => backup::backup(store, data_dir, out),
+            WriteTarget::Direct { .. } => backup::backup(store, data_dir, out),
         },
     }
 }

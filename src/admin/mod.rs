@@ -23,7 +23,7 @@ mod server;
 
 pub use backup::restore;
 pub use client::run;
-pub use commands::{execute, user_view, Writes};
+pub use commands::{execute, user_view, WriteTarget};
 pub use protocol::{
     parse_request, read_request_line, Request, RequestError, MAX_REQUEST_LINE, SOCKET_FILE,
 };

@@ -2,7 +2,7 @@
 //! plain threads. Being able to open the socket (mode 0600 inside the 0700 data
 //! directory) is the authentication.
 
-use super::commands::{execute, Writes};
+use super::commands::{execute, WriteTarget};
 use super::protocol::{parse_request, read_request_line, write_line, SOCKET_FILE, STATUS_KEY};
 use crate::actors::issuer::TokenIssuer;
 use crate::actors::registry::UserRegistry;
@@ -73,7 +73,7 @@ fn serve_connection(stream: UnixStream, ctx: &ServerContext) {
     let result = match request {
         Ok(request) => {
             tracing::info!(?request, "admin command");
-            let mut writes = Writes::Server {
+            let mut writes = WriteTarget::Server {
                 registry: ctx.registry.clone(),
                 issuer: ctx.issuer.clone(),
                 commit: ctx.commit.clone(),

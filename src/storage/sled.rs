@@ -30,7 +30,7 @@ pub struct SledStore {
     /// The open database. After an I/O error (a full or read-only disk) sled
     /// refuses every later write until it is reopened: [`Store::recover`] swaps in
     /// a fresh instance, recovered from what was durable. `None` between the two.
-    db: RwLock<Option<Open>>,
+    db: RwLock<Option<Database>>,
     /// Writers share it; a snapshot takes it alone, so that what it reads across
     /// trees is one instant (sled has no multi-tree snapshots of its own).
     gate: RwLock<()>,
@@ -40,7 +40,8 @@ pub struct SledStore {
     next_seq: AtomicU64,
 }
 
-struct Open {
+/// One open sled instance: what [`Store::recover`] replaces as a whole.
+struct Database {
     db: sled::Db,
     trees: Vec<sled::Tree>,
     journal: sled::Tree,
@@ -48,7 +49,7 @@ struct Open {
     file: std::fs::File,
 }
 
-impl Open {
+impl Database {
     fn tree(&self, tree: Tree) -> &sled::Tree {
         // Tree::ALL and self.trees share one order.
         &self.trees[Tree::ALL
@@ -63,7 +64,7 @@ impl SledStore {
     /// when another process holds it: sled allows one process per directory.
     pub fn open(path: &Path, cache_capacity: u64) -> Result<Self, StorageError> {
         prepare_private_dir(path)?;
-        let open = open_db(path, cache_capacity)?;
+        let open = open_database(path, cache_capacity)?;
         Ok(SledStore {
             path: path.to_path_buf(),
             cache_capacity,
@@ -74,7 +75,8 @@ impl SledStore {
         })
     }
 
-    fn open_db(&self) -> Result<RwLockReadGuard<'_, Option<Open>>, StorageError> {
+    /// The open database, held for one operation; an error while a reopen is under way.
+    fn current_db(&self) -> Result<RwLockReadGuard<'_, Option<Database>>, StorageError> {
         let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
         if guard.is_none() {
             return Err(StorageError::Io("the database is being reopened".into()));
@@ -120,7 +122,8 @@ fn prepare_private_dir(path: &Path) -> Result<(), StorageError> {
     Ok(())
 }
 
-fn open_db(path: &Path, cache_capacity: u64) -> Result<Open, StorageError> {
+/// Opens sled in `path` with every tree, the journal, and the data file for fdatasync.
+fn open_database(path: &Path, cache_capacity: u64) -> Result<Database, StorageError> {
     let db = sled::Config::new()
         .path(path)
         .cache_capacity(cache_capacity)
@@ -145,7 +148,7 @@ fn open_db(path: &Path, cache_capacity: u64) -> Result<Open, StorageError> {
             path.join(DATA_FILE).display()
         ))
     })?;
-    let open = Open {
+    let open = Database {
         db,
         trees,
         journal,
@@ -155,7 +158,7 @@ fn open_db(path: &Path, cache_capacity: u64) -> Result<Open, StorageError> {
     Ok(open)
 }
 
-impl Open {
+impl Database {
     /// Finishes the batches a crash interrupted, in the order they were started.
     fn replay_journal(&self) -> Result<(), StorageError> {
         let mut replayed = 0;
@@ -279,8 +282,8 @@ fn io(e: sled::Error) -> StorageError {
 /// Runs `f` on the open database (or fails while it is being reopened).
 macro_rules! with_db {
     ($self:ident, $db:ident => $body:expr) => {{
-        let guard = $self.open_db()?;
-        let $db = guard.as_ref().expect("checked by open_db");
+        let guard = $self.current_db()?;
+        let $db = guard.as_ref().expect("checked by current_db");
         $body
     }};
 }
@@ -388,7 +391,7 @@ impl Store for SledStore {
         let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
         // Drop the failed instance first: it holds the directory's lock.
         *slot = None;
-        let open = open_db(&self.path, self.cache_capacity)?;
+        let open = open_database(&self.path, self.cache_capacity)?;
         // Prove the disk takes writes again before anyone relies on it.
         open.db.flush().map_err(io)?;
         open.file
@@ -423,7 +426,7 @@ mod tests {
         {
             // A crash after the journal record and the first of its writes.
             let store = SledStore::open(dir.path(), 1 << 20).unwrap();
-            let guard = store.open_db().unwrap();
+            let guard = store.current_db().unwrap();
             let db = guard.as_ref().unwrap();
             let ops = vec![
                 Op::Put(Tree::Users, b"a".to_vec(), b"1".to_vec()),
@@ -454,7 +457,7 @@ mod tests {
             store.get(Tree::UsersByOpenid, b"b").unwrap().as_deref(),
             Some(&b"2"[..])
         );
-        let guard = store.open_db().unwrap();
+        let guard = store.current_db().unwrap();
         assert!(
             guard.as_ref().unwrap().journal.is_empty(),
             "the record is removed once replayed"
