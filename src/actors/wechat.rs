@@ -32,35 +32,36 @@ pub struct Session {
     pub session_key: SessionKey,
 }
 
-/// Every way a code exchange can fail; `error.rs` maps each to the contract's row.
+/// Every way a code exchange can fail; `error.rs` maps each to the contract's row
+/// and its API wording. The messages here are for logs and operators.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WeChatError {
-    #[error("The login code is invalid.")]
+    #[error("the code is invalid")]
     CodeInvalid,
-    #[error("The login code has already been used.")]
+    #[error("the code was already used")]
     CodeUsed,
-    #[error("WeChat flagged this user as high-risk.")]
+    #[error("the user is flagged high-risk")]
     UserBlocked,
-    #[error("WeChat's frequency limit was reached; try again later.")]
+    #[error("WeChat's frequency limit was reached")]
     RateLimited,
-    #[error("WeChat rejected this server's appid or secret (errcode {0}).")]
+    #[error("WeChat rejected the appid or secret (errcode {0})")]
     Config(i64),
-    #[error("WeChat is busy; try again shortly.")]
+    #[error("WeChat is busy")]
     Busy,
     /// Every call slot stayed busy for `wechat.queue_timeout`: refused before any call.
-    #[error("Too many logins are waiting for WeChat; try again shortly.")]
+    #[error("no call slot became free within wechat.queue_timeout")]
     NoCallSlot,
-    #[error("WeChat did not answer in time.")]
+    #[error("WeChat did not answer before the deadline")]
     Timeout,
-    #[error("WeChat answered with HTTP status {0}.")]
+    #[error("WeChat answered with HTTP status {0}")]
     Http(u16),
-    #[error("WeChat's answer could not be understood.")]
+    #[error("WeChat's answer is malformed: {0}")]
     Malformed(String),
-    #[error("WeChat answered with an unknown error (errcode {0}).")]
+    #[error("WeChat answered with unknown errcode {0}")]
     Unknown(i64),
-    #[error("WeChat could not be reached.")]
+    #[error("cannot reach WeChat: {0}")]
     Connect(String),
-    #[error("The WeChat client is unavailable.")]
+    #[error("the WeChat client actor is gone")]
     Unavailable,
 }
 
