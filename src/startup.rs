@@ -14,6 +14,7 @@ use sd_notify::NotifyState;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
+use tracing::Instrument;
 
 /// How long SIGTERM waits for in-flight requests before closing connections.
 const SHUTDOWN_GRACE_SECS: u64 = 30;
@@ -229,7 +230,11 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
                 let started = Instant::now();
                 let id = http::request_id(&req);
                 let method = req.method().clone();
-                let response = srv.call(req);
+                // Every line logged while handling the request (in the handler and in
+                // the actors its messages reach) carries the id. The access line is
+                // written after it, outside the span: its fields stay as they were.
+                let span = tracing::info_span!("request", request_id = %id);
+                let response = span.in_scope(|| srv.call(req)).instrument(span);
                 async move {
                     let mut response = response.await?;
                     http::finish_request(&mut response, &id, &method, started);

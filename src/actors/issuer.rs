@@ -476,12 +476,15 @@ pub struct IssuePair {
     /// The user's token stamp as the registry's login answer carries it: a revoke that
     /// lands after that answer makes this pair refused, as it must.
     pub stamp: u64,
+    /// The request's span (its request id): the handler's log lines carry it.
+    pub span: tracing::Span,
 }
 
 impl Handler<IssuePair> for TokenIssuer {
     type Result = ResponseFuture<Result<TokenPair, StorageError>>;
 
     fn handle(&mut self, msg: IssuePair, _: &mut Context<Self>) -> Self::Result {
+        let _request = msg.span.clone().entered();
         debug_fault();
         let now = crate::tokens::now_ms() / 1000;
         let family_id = crate::random_hex(16);
@@ -532,12 +535,15 @@ pub struct Refreshed {
 #[rtype(result = "Result<Refreshed, RefreshError>")]
 pub struct Refresh {
     pub token: String,
+    /// The request's span (its request id): the handler's log lines carry it.
+    pub span: tracing::Span,
 }
 
 impl Handler<Refresh> for TokenIssuer {
     type Result = ResponseFuture<Result<Refreshed, RefreshError>>;
 
     fn handle(&mut self, msg: Refresh, _: &mut Context<Self>) -> Self::Result {
+        let _request = msg.span.clone().entered();
         debug_fault();
         self.answer_durably(|this| this.refresh(&msg.token))
     }
@@ -548,12 +554,15 @@ impl Handler<Refresh> for TokenIssuer {
 #[rtype(result = "Result<(), RefreshError>")]
 pub struct Blacklist {
     pub token: String,
+    /// The request's span (its request id): the handler's log lines carry it.
+    pub span: tracing::Span,
 }
 
 impl Handler<Blacklist> for TokenIssuer {
     type Result = ResponseFuture<Result<(), RefreshError>>;
 
     fn handle(&mut self, msg: Blacklist, _: &mut Context<Self>) -> Self::Result {
+        let _request = msg.span.clone().entered();
         self.answer_durably(|this| this.blacklist(&msg.token))
     }
 }
@@ -712,6 +721,7 @@ mod tests {
         let pair = fixture
             .issuer
             .send(IssuePair {
+                span: tracing::Span::none(),
                 user_id: 3,
                 stamp: 0,
             })

@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
 
 /// What WeChat tells us about a code.
 #[derive(Debug, Clone)]
@@ -74,6 +75,9 @@ pub struct Code2Session {
     pub code: String,
     /// When the login began: its WeChat deadline is this plus `wechat.timeout`.
     pub started: Instant,
+    /// The request's span (its request id): the call's log lines carry it. Logins
+    /// that share one call carry the first one's.
+    pub span: tracing::Span,
 }
 
 /// A code exchange under way. The login awaits [`PendingSession::answer`]; when the
@@ -103,6 +107,7 @@ struct Exchange {
     appid: String,
     code: String,
     deadline: Instant,
+    span: tracing::Span,
 }
 
 /// How long past its deadline a login waits for the worker's own answer (the call's
@@ -154,7 +159,8 @@ impl Handler<Code2Session> for WeChatClient {
             }
         };
         if first {
-            ctx.spawn(fut::wrap_future(self.calls.clone().run(key, deadline)));
+            let call = self.calls.clone().run(key, deadline, msg.span.clone());
+            ctx.spawn(fut::wrap_future(call.instrument(msg.span)));
         }
         PendingSession {
             answer: rx,
@@ -170,7 +176,7 @@ impl Calls {
     }
 
     /// Waits for a slot, makes the call, and answers every waiter of `key`.
-    async fn run(self: Arc<Self>, key: CallKey, deadline: Instant) {
+    async fn run(self: Arc<Self>, key: CallKey, deadline: Instant, span: tracing::Span) {
         let result = match self.take_slot(&key, deadline).await {
             Err(refused) => Err(refused),
             Ok(None) => return,
@@ -185,6 +191,7 @@ impl Calls {
                     appid: key.0.clone(),
                     code: key.1.clone(),
                     deadline,
+                    span,
                 };
                 let result = self.workers.send(exchange).await;
                 drop(slot);
@@ -275,6 +282,7 @@ impl Handler<Exchange> for WeChatWorker {
     type Result = Result<Session, WeChatError>;
 
     fn handle(&mut self, msg: Exchange, _: &mut SyncContext<Self>) -> Self::Result {
+        let _request = msg.span.clone().entered();
         // No call that could not finish in time: the code stays unspent.
         if Instant::now() >= msg.deadline {
             return Err(WeChatError::Timeout);
