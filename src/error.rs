@@ -232,8 +232,8 @@ fn wechat_detail(e: &WeChatError) -> String {
 }
 
 /// An error and its causes, outermost first, as one line: logged once, where the
-/// 5xx answer is made.
-fn cause_chain(e: &dyn std::error::Error) -> String {
+/// 5xx answer is made, and printed by the CLI.
+pub fn cause_chain(e: &dyn std::error::Error) -> String {
     let mut chain = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

@@ -306,13 +306,13 @@ impl TokenIssuer {
                     .delete_expired(tree, scanned.keys)
                     .map(|n| (n, scanned.next)),
                 Ok(Err(e)) => Err(e),
-                Err(e) => Err(StorageError::Io(format!("purge scan: {e}"))),
+                Err(e) => Err(StorageError::io("purge scan", e)),
             };
             let (deleted, next) = match deleted {
                 Ok(done) => done,
                 Err(e) => {
                     this.purging = false;
-                    tracing::error!(error = %e, "purging expired token records failed");
+                    tracing::error!(error = %crate::error::cause_chain(&e), "purging expired token records failed");
                     return;
                 }
             };
@@ -372,7 +372,7 @@ impl TokenIssuer {
                         .map(|n| (revoked + n, scanned.next))
                 }
                 Ok(Err(e)) => Err(e),
-                Err(e) => Err(StorageError::Io(format!("revocation scan: {e}"))),
+                Err(e) => Err(StorageError::io("revocation scan", e)),
             };
             match step {
                 Ok((revoked, Some(next))) => this.revoke_step(user_id, now, next, revoked),

@@ -74,7 +74,7 @@ pub(super) fn backup(
             _ => entry["value_hex"] = Value::String(hex::encode(value)),
         }
         entries += 1;
-        write_line(out, &entry).map_err(|e| StorageError::Io(format!("writing the backup: {e}")))
+        write_line(out, &entry).map_err(|e| StorageError::io("writing the backup", e))
     })?;
     write_line(out, &json!({ "end": true, "entries": entries }))?;
     out.flush()?;

@@ -38,7 +38,7 @@ pub enum AdminError {
     NoSuchUser(UserId),
     #[error(transparent)]
     Storage(#[from] StorageError),
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     /// The server answered with an error.
     #[error("{0}")]

@@ -94,7 +94,7 @@ fn serve_connection(stream: UnixStream, ctx: &ServerContext) {
     };
     let status = match result {
         Ok(()) => json!({ STATUS_KEY: "ok" }),
-        Err(e) => json!({ STATUS_KEY: "error", "error": e.to_string() }),
+        Err(e) => json!({ STATUS_KEY: "error", "error": crate::error::cause_chain(&e) }),
     };
     if write_line(&mut out, &status)
         .and_then(|_| out.flush())

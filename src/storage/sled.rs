@@ -79,7 +79,7 @@ impl SledStore {
     fn current_db(&self) -> Result<RwLockReadGuard<'_, Option<Database>>, StorageError> {
         let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
         if guard.is_none() {
-            return Err(StorageError::Io("the database is being reopened".into()));
+            return Err(StorageError::unavailable("the database is being reopened"));
         }
         Ok(guard)
     }
@@ -95,21 +95,24 @@ fn prepare_private_dir(path: &Path) -> Result<(), StorageError> {
         Ok(meta) => Some(meta.permissions().mode() & 0o777),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => {
-            return Err(StorageError::Io(format!(
-                "cannot use {}: {e}",
-                path.display()
-            )))
+            return Err(StorageError::io(
+                format!("cannot use {}", path.display()),
+                e,
+            ))
         }
     };
     let Some(mode) = existing else {
         return crate::fsutil::create_private_dir(path)
-            .map_err(|e| StorageError::Io(format!("cannot create {}: {e}", path.display())));
+            .map_err(|e| StorageError::io(format!("cannot create {}", path.display()), e));
     };
     let changed = crate::fsutil::restrict_tree(path).map_err(|e| {
-        StorageError::Io(format!(
-            "{} (mode {mode:o}) is open to other users and cannot be restricted to its owner: {e}; chmod -R go= it",
-            path.display()
-        ))
+        StorageError::io(
+            format!(
+                "{} (mode {mode:o}) is open to other users and cannot be restricted to its owner (chmod -R go= it)",
+                path.display()
+            ),
+            e,
+        )
     })?;
     if changed > 0 {
         tracing::warn!(
@@ -135,7 +138,7 @@ fn open_database(path: &Path, cache_capacity: u64) -> Result<Database, StorageEr
             {
                 StorageError::Locked(path.display().to_string())
             }
-            other => StorageError::Io(other.to_string()),
+            other => StorageError::io("cannot open the database", other),
         })?;
     let trees = Tree::ALL
         .iter()
@@ -143,10 +146,7 @@ fn open_database(path: &Path, cache_capacity: u64) -> Result<Database, StorageEr
         .collect::<Result<Vec<_>, _>>()?;
     let journal = db.open_tree(JOURNAL).map_err(io)?;
     let file = std::fs::File::open(path.join(DATA_FILE)).map_err(|e| {
-        StorageError::Io(format!(
-            "cannot open {}: {e}",
-            path.join(DATA_FILE).display()
-        ))
+        StorageError::io(format!("cannot open {}", path.join(DATA_FILE).display()), e)
     })?;
     let open = Database {
         db,
@@ -174,7 +174,7 @@ impl Database {
             self.db.flush().map_err(io)?;
             self.file
                 .sync_data()
-                .map_err(|e| StorageError::Io(e.to_string()))?;
+                .map_err(|e| StorageError::io("fdatasync", e))?;
             tracing::warn!(
                 batches = replayed,
                 "finished write batches interrupted by a crash"
@@ -266,8 +266,7 @@ fn probe_write(dir: &Path) -> Result<(), StorageError> {
         file.sync_all()
     })();
     let _ = std::fs::remove_file(&path);
-    attempt
-        .map_err(|e| StorageError::Io(format!("the data directory does not take writes yet: {e}")))
+    attempt.map_err(|e| StorageError::io("the data directory does not take writes yet", e))
 }
 
 fn is_lock_error(e: &std::io::Error) -> bool {
@@ -276,7 +275,7 @@ fn is_lock_error(e: &std::io::Error) -> bool {
 }
 
 fn io(e: sled::Error) -> StorageError {
-    StorageError::Io(e.to_string())
+    StorageError::io("sled", e)
 }
 
 /// Runs `f` on the open database (or fails while it is being reopened).
@@ -359,7 +358,7 @@ impl Store for SledStore {
                 .db
                 .flush()
                 .map_err(io)
-                .and_then(|_| db.file.sync_data().map_err(|e| StorageError::Io(format!("fdatasync: {e}"))));
+                .and_then(|_| db.file.sync_data().map_err(|e| StorageError::io("fdatasync", e)));
             if result.is_err() {
                 self.failed.store(true, Ordering::SeqCst);
             }
@@ -396,7 +395,7 @@ impl Store for SledStore {
         open.db.flush().map_err(io)?;
         open.file
             .sync_data()
-            .map_err(|e| StorageError::Io(format!("fdatasync: {e}")))?;
+            .map_err(|e| StorageError::io("fdatasync", e))?;
         *slot = Some(open);
         self.failed.store(false, Ordering::SeqCst);
         tracing::warn!(path = %self.path.display(), "storage reopened after an I/O error");
