@@ -7,7 +7,7 @@
 pub mod check;
 pub mod records;
 
-use crate::config::{ConfigError, JwtConfig};
+use crate::config::{ConfigError, JwtConfig, SigningAlgorithm};
 use crate::users::UserId;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -135,10 +135,14 @@ impl JwtKeys {
             key: "jwt.signing_key_file".into(),
             reason,
         };
-        let algorithm: Algorithm = cfg.algorithm.parse().map_err(|_| ConfigError {
-            key: "jwt.algorithm".into(),
-            reason: format!("{:?} is not supported", cfg.algorithm),
-        })?;
+        let algorithm = match cfg.algorithm {
+            SigningAlgorithm::HS256 => Algorithm::HS256,
+            SigningAlgorithm::HS384 => Algorithm::HS384,
+            SigningAlgorithm::HS512 => Algorithm::HS512,
+            SigningAlgorithm::RS256 => Algorithm::RS256,
+            SigningAlgorithm::ES256 => Algorithm::ES256,
+            SigningAlgorithm::EdDSA => Algorithm::EdDSA,
+        };
         let bytes = material.expose().as_bytes();
         let (encoding, decoding, public) = match algorithm {
             Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
