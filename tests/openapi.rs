@@ -101,6 +101,38 @@ fn the_served_document_is_the_built_in_one_with_this_servers_appids() {
     }
 }
 
+/// A schemathesis finding: the built-in mock made the openid `mock-openid-<name>`
+/// whatever the name, so a valid code such as `C0$Eea..` (or a name over 52
+/// characters) failed its own openid check: 502 `upstream_error` for a valid request.
+#[test]
+fn the_built_in_mock_logs_in_any_printable_name() {
+    let server = mock_server();
+    let long = format!("{}.1", "n".repeat(120));
+    for code in ["C0$Eea..", "a b.1", "~!@#.x", long.as_str(), "alice.2"] {
+        let reply = post_json(
+            &server.url("/api/weixin/login/"),
+            &serde_json::json!({ "code": code }),
+        );
+        assert_eq!(reply.status, 200, "{code:?}: {}", reply.text);
+        let access = reply.json()["access"].as_str().unwrap().to_string();
+        let me = get(&server.url("/api/weixin/data/"), Some(&bearer(&access))).json();
+        let openid = me["user"]["openid"].as_str().unwrap().to_string();
+        assert!(
+            openid.starts_with("mock-openid-") && openid.len() <= 64,
+            "{openid}"
+        );
+    }
+    // The same name is the same user; a readable name keeps its readable openid.
+    let again = login(&server, "C0$Eea.other");
+    assert_eq!(again["user"]["created"], false);
+    let alice = login(&server, "alice.3");
+    let me = get(
+        &server.url("/api/weixin/data/"),
+        Some(&bearer(alice["access"].as_str().unwrap())),
+    );
+    assert_eq!(me.json()["user"]["openid"], "mock-openid-alice");
+}
+
 /// Every route the server counts in its metrics (that is, every route it serves) has
 /// a path in the document, and the document names no route it does not serve.
 #[test]
