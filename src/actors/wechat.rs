@@ -352,10 +352,26 @@ fn mock_exchange(code: &str) -> Result<Session, WeChatError> {
     match code.split_once('.') {
         // Checked like WeChat's answers: nothing unchecked is ever stored.
         Some((name, _)) if !name.is_empty() => {
-            checked_session(format!("mock-openid-{name}"), None, crate::random_hex(12))
+            checked_session(mock_openid(name), None, crate::random_hex(12))
         }
         _ => Err(WeChatError::CodeInvalid),
     }
+}
+
+/// The mock's openid for `name`: `mock-openid-<name>` when that has WeChat's shape,
+/// else `mock-openid-h<hash of name>`. Any printable code is a valid login code, so
+/// `$a.1` or a 120-character name must log in too, not fail as a malformed answer.
+fn mock_openid(name: &str) -> String {
+    const PREFIX: &str = "mock-openid-";
+    let readable = format!("{PREFIX}{name}");
+    if is_wechat_id(&readable) {
+        return readable;
+    }
+    // FNV-1a: the same name, the same user, on every run.
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{PREFIX}h{hash:016x}")
 }
 
 /// jscode2session's answer. `errmsg` is deliberately absent: it carries a varying
