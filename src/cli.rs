@@ -152,7 +152,7 @@ pub fn generate_key(algorithm: KeyAlgorithm) -> String {
 
 /// GET /healthz on the configured address (a wildcard bind is probed on loopback).
 pub fn healthcheck(cfg: &crate::config::Config) -> Result<(), String> {
-    let mut addr = cfg.bind_addr();
+    let mut addr = cfg.server.bind;
     if addr.ip().is_unspecified() {
         addr.set_ip(match addr {
             std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),

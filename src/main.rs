@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use wxauth::admin::Request;
 use wxauth::cli::{Cli, Command, KeysCommand, TokensCommand, UsersCommand};
 use wxauth::config::{Config, ConfigError};
+use wxauth::error::cause_chain;
 use wxauth::startup::StartError;
 
 /// Exit code for a configuration that cannot be used.
@@ -76,12 +77,12 @@ fn main() -> ExitCode {
         }
         Command::Restore { file } => with_admin_config(config, |cfg| {
             let storage = &cfg.storage;
-            match wxauth::admin::restore(&file, &storage.path, storage.cache_capacity) {
+            match wxauth::admin::restore(&file, storage) {
                 Ok(entries) => {
                     println!("restored {entries} entries into {}", storage.path.display());
                     ExitCode::SUCCESS
                 }
-                Err(e) => fail(e),
+                Err(e) => fail(cause_chain(&e)),
             }
         }),
         Command::Healthcheck => {
@@ -117,8 +118,9 @@ fn serve(config: Option<&Path>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(StartError::Config(e)) => config_error(e),
         Err(e) => {
-            tracing::error!("{e}");
-            fail(e)
+            let message = cause_chain(&e);
+            tracing::error!("{message}");
+            fail(message)
         }
     }
 }
@@ -192,7 +194,7 @@ fn admin(config: Option<&Path>, request: &Request, out: &mut dyn std::io::Write)
     with_admin_config(config, |cfg| {
         match wxauth::admin::run(request, cfg, out).and_then(|()| Ok(out.flush()?)) {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(e),
+            Err(e) => fail(cause_chain(&e)),
         }
     })
 }

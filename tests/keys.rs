@@ -426,17 +426,24 @@ fn jwks_is_cached_for_less_than_an_access_token_lives() {
     request("POST", &server.url("/.well-known/jwks.json")).assert_error(405, "method_not_allowed");
 }
 
-/// A Python with PyJWT and `cryptography`, in a virtual environment this test suite
-/// makes once under target/ (`None`, after saying why, when it cannot).
+/// A Python with PyJWT and `cryptography`: `.ci/run`'s virtual environment, or one
+/// this test makes once under target/ (`None` when it cannot).
 fn pyjwt_python() -> Option<PathBuf> {
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pyjwt-venv");
-    let python = venv.join("bin/python");
     let ready = |python: &Path| {
         Command::new(python)
             .args(["-c", "import jwt, cryptography"])
             .output()
             .is_ok_and(|o| o.status.success())
     };
+    // The shared one `.ci/run` prepares (with schemathesis), when it is there.
+    let shared = std::env::var_os("WXAUTH_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/venv"));
+    if ready(&shared.join("bin/python")) {
+        return Some(shared.join("bin/python"));
+    }
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pyjwt-venv");
+    let python = venv.join("bin/python");
     if ready(&python) {
         return Some(python);
     }

@@ -9,7 +9,7 @@ pub mod check;
 pub mod keys;
 pub mod records;
 
-use crate::config::{ConfigError, JwtConfig};
+use crate::config::{ConfigError, JwtConfig, SigningAlgorithm};
 use crate::secret::Secret;
 use crate::users::UserId;
 use jsonwebtoken::Algorithm;
@@ -338,9 +338,13 @@ impl JwtKeys {
 }
 
 fn parse_algorithm(cfg: &JwtConfig) -> Result<Algorithm, ConfigError> {
-    cfg.algorithm.parse().map_err(|_| ConfigError {
-        key: "jwt.algorithm".into(),
-        reason: format!("{:?} is not supported", cfg.algorithm),
+    Ok(match cfg.algorithm {
+        SigningAlgorithm::HS256 => Algorithm::HS256,
+        SigningAlgorithm::HS384 => Algorithm::HS384,
+        SigningAlgorithm::HS512 => Algorithm::HS512,
+        SigningAlgorithm::RS256 => Algorithm::RS256,
+        SigningAlgorithm::ES256 => Algorithm::ES256,
+        SigningAlgorithm::EdDSA => Algorithm::EdDSA,
     })
 }
 
