@@ -436,7 +436,7 @@ fn pyjwt_python() -> Option<PathBuf> {
             .is_ok_and(|o| o.status.success())
     };
     // The shared one `.ci/run` prepares (with schemathesis), when it is there.
-    let shared = std::env::var_os("WXAUTH_VENV")
+    let shared = std::env::var_os("TEST_VENV")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/venv"));
     if ready(&shared.join("bin/python")) {

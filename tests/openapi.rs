@@ -2,7 +2,7 @@
 //! against the real server (the binary on the built-in WeChat mock) by schemathesis
 //! with its default checks.
 //!
-//! schemathesis and PyYAML come from a Python virtual environment: `$WXAUTH_VENV`,
+//! schemathesis and PyYAML come from a Python virtual environment: `$TEST_VENV`,
 //! else `target/venv` (`.ci/run` makes it). Outside CI without it, the tests that need
 //! it skip with a loud message; under `CI=true` a missing tool fails them.
 
@@ -17,7 +17,7 @@ use std::time::Duration;
 
 /// Examples per operation and phase; the whole run stays well under three minutes.
 const MAX_EXAMPLES: &str = "100";
-/// Fixed so that CI is reproducible; `WXAUTH_SCHEMATHESIS_SEED` explores others.
+/// Fixed so that CI is reproducible; `TEST_SCHEMATHESIS_SEED` explores others.
 const DEFAULT_SEED: &str = "20261128";
 
 fn repo_file(path: &str) -> PathBuf {
@@ -31,7 +31,7 @@ fn built_in_document() -> Value {
 
 /// The virtual environment with schemathesis, or `None` (loudly) outside CI.
 fn venv() -> Option<PathBuf> {
-    let dir = std::env::var_os("WXAUTH_VENV")
+    let dir = std::env::var_os("TEST_VENV")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_file("target/venv"));
     if dir.join("bin/schemathesis").exists() {
@@ -200,7 +200,7 @@ fn schemathesis_finds_nothing_against_the_real_server() {
         .as_str()
         .unwrap()
         .to_string();
-    let seed = std::env::var("WXAUTH_SCHEMATHESIS_SEED").unwrap_or(DEFAULT_SEED.into());
+    let seed = std::env::var("TEST_SCHEMATHESIS_SEED").unwrap_or(DEFAULT_SEED.into());
 
     let mut api = vec!["--exclude-path".to_string(), "/metrics".to_string()];
     // The JWKS route is another branch's; until it is merged this server has no such
