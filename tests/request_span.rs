@@ -1,5 +1,5 @@
 //! One request id from the handler to the actors: every line a request causes
-//! carries the id of its access line (issue 9, item 6).
+//! carries the id of its access line.
 
 mod common;
 
