@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Login latency while the expired-token purge runs (issue 7, item 9).
+# Login latency while the expired-token purge runs.
 #
 #   bench/purge_p99.sh
 #

@@ -68,6 +68,7 @@ fn session(openid: String) -> Session {
 
 fn record_login(system: &SystemRunner, registry: &Addr<UserRegistry>, openid: String) -> u64 {
     let msg = RecordLogin {
+        span: tracing::Span::none(),
         appid: APPID.into(),
         session: session(openid),
     };
@@ -145,6 +146,7 @@ fn token_pair_issue(c: &mut Criterion) {
         b.iter(|| {
             system
                 .block_on(issuer.send(IssuePair {
+                    span: tracing::Span::none(),
                     user_id: 7,
                     stamp: 0,
                 }))

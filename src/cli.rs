@@ -49,6 +49,10 @@ pub enum Command {
     /// WeChat's side: the access token this server holds.
     #[command(subcommand)]
     Wechat(WechatCommand),
+    /// List, rotate and retire the signing keys (JSON lines on stdout). Works with the
+    /// server running (it switches keys at once) and without.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Write a consistent JSON-lines snapshot of the whole database (users, token
     /// records, counters) and the generated signing key to a new FILE (mode 0600).
     /// Works with the server running.
@@ -96,6 +100,22 @@ pub enum TokensCommand {
         #[arg(long)]
         user: u64,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Every key that verifies tokens, newest first; `signing` marks the one that signs.
+    List,
+    /// Make a new key the signing key. Tokens signed with older keys keep working
+    /// until they expire or their key is retired.
+    Rotate {
+        /// Sign with this key (PEM private key, or HMAC secret) instead of a generated
+        /// one. Required for RS256: ring cannot generate RSA keys.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+    },
+    /// Stop the key KID verifying: tokens it signed stop working at once.
+    Retire { kid: String },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -148,7 +168,7 @@ pub fn generate_key(algorithm: KeyAlgorithm) -> String {
 
 /// GET /healthz on the configured address (a wildcard bind is probed on loopback).
 pub fn healthcheck(cfg: &crate::config::Config) -> Result<(), String> {
-    let mut addr = cfg.bind_addr();
+    let mut addr = cfg.server.bind;
     if addr.ip().is_unspecified() {
         addr.set_ip(match addr {
             std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),

@@ -33,10 +33,12 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct ServerConfig {
-    pub bind: String,
+    #[serde(deserialize_with = "de_server_bind")]
+    pub bind: SocketAddr,
     pub workers: usize,
     pub tls: TlsConfig,
-    pub trusted_proxies: Vec<String>,
+    #[serde(deserialize_with = "de_ip_addrs")]
+    pub trusted_proxies: Vec<IpAddr>,
     /// A whole request, head and body, must arrive within this; else 408 and close.
     #[serde(deserialize_with = "de_duration")]
     pub request_timeout: Duration,
@@ -48,7 +50,7 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            bind: "127.0.0.1:8000".into(),
+            bind: SocketAddr::from(([127, 0, 0, 1], 8000)),
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             tls: TlsConfig::default(),
             trusted_proxies: Vec::new(),
@@ -69,15 +71,14 @@ pub struct TlsConfig {
 #[serde(default)]
 pub struct StorageConfig {
     pub path: PathBuf,
-    #[serde(deserialize_with = "de_size")]
-    pub cache_capacity: u64,
+    pub cache_capacity: ByteSize,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             path: PathBuf::from("./data"),
-            cache_capacity: 64 * 1024 * 1024,
+            cache_capacity: ByteSize(64 * 1024 * 1024),
         }
     }
 }
@@ -113,8 +114,10 @@ pub struct WeChatConfig {
     /// The access-token keeper refreshes a token once it is this close to expiry.
     #[serde(deserialize_with = "de_duration")]
     pub token_refresh_ahead: Duration,
-    /// The loopback listener of `GET /api/weixin/access_token/`; empty: off.
-    pub token_endpoint_bind: String,
+    /// The loopback listener of `GET /api/weixin/access_token/`; `None` (`""` or
+    /// `"off"`): no listener.
+    #[serde(deserialize_with = "de_metrics_bind")]
+    pub token_endpoint_bind: Option<SocketAddr>,
     /// The bearer secret that listener requires (required when it is on).
     pub token_endpoint_secret_file: Option<PathBuf>,
 }
@@ -134,7 +137,7 @@ impl Default for WeChatConfig {
             mock: false,
             link_by_unionid: false,
             token_refresh_ahead: Duration::from_secs(5 * 60),
-            token_endpoint_bind: String::new(),
+            token_endpoint_bind: None,
             token_endpoint_secret_file: None,
         }
     }
@@ -143,8 +146,10 @@ impl Default for WeChatConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct JwtConfig {
-    pub algorithm: String,
+    pub algorithm: SigningAlgorithm,
     pub signing_key_file: Option<PathBuf>,
+    /// Older signing keys that still verify (never sign) until removed.
+    pub previous_key_files: Vec<PathBuf>,
     #[serde(deserialize_with = "de_duration")]
     pub access_ttl: Duration,
     #[serde(deserialize_with = "de_duration")]
@@ -164,8 +169,9 @@ pub struct JwtConfig {
 impl Default for JwtConfig {
     fn default() -> Self {
         JwtConfig {
-            algorithm: "HS256".into(),
+            algorithm: SigningAlgorithm::HS256,
             signing_key_file: None,
+            previous_key_files: Vec::new(),
             access_ttl: Duration::from_secs(5 * 60),
             refresh_ttl: Duration::from_secs(24 * 3600),
             rotate_refresh: true,
@@ -200,13 +206,15 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct MetricsConfig {
-    pub bind: String,
+    /// `None`: no metrics listener (`""` or `"off"` in the config).
+    #[serde(deserialize_with = "de_metrics_bind")]
+    pub bind: Option<SocketAddr>,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
-            bind: "127.0.0.1:9464".into(),
+            bind: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
         }
     }
 }
@@ -301,12 +309,7 @@ impl Config {
     /// Loads and validates everything the server needs, secret files included.
     pub fn load(explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
         let (figment, source) = Self::merged(explicit)?;
-        let mut config: Config = figment.extract().map_err(from_figment)?;
-        // "off" says from the environment what "" says in the file (an empty
-        // variable is unset).
-        if config.metrics.bind == "off" {
-            config.metrics.bind.clear();
-        }
+        let config: Config = figment.extract().map_err(from_figment)?;
         let mut warnings = unknown_keys(&figment);
         let apps = config.validate(&mut warnings)?;
         let token_endpoint_secret = config.token_endpoint_secret()?;
@@ -324,7 +327,6 @@ impl Config {
     pub fn load_for_admin(explicit: Option<&Path>) -> Result<Config, ConfigError> {
         let (figment, _) = Self::merged(explicit)?;
         let config: Config = figment.extract().map_err(from_figment)?;
-        parse_addr("server.bind", &config.server.bind)?;
         if config.storage.path.as_os_str().is_empty() {
             return Err(ConfigError::new("storage.path", "must not be empty"));
         }
@@ -333,7 +335,7 @@ impl Config {
 
     /// Cross-field checks and secret files. Returns the mini-programs, first = default.
     fn validate(&self, warnings: &mut Vec<String>) -> Result<Vec<WeChatApp>, ConfigError> {
-        let bind = parse_addr("server.bind", &self.server.bind)?;
+        let bind = self.server.bind;
         if self.server.workers == 0 || self.server.workers > 1024 {
             return Err(ConfigError::new(
                 "server.workers",
@@ -380,18 +382,10 @@ impl Config {
                 "must be between 1 and 1000000",
             ));
         }
-        for proxy in &self.server.trusted_proxies {
-            proxy.parse::<IpAddr>().map_err(|_| {
-                ConfigError::new(
-                    "server.trusted_proxies",
-                    format!("{proxy:?} is not an IP address"),
-                )
-            })?;
-        }
         if self.storage.path.as_os_str().is_empty() {
             return Err(ConfigError::new("storage.path", "must not be empty"));
         }
-        if self.storage.cache_capacity < 1024 * 1024 {
+        if self.storage.cache_capacity.bytes() < 1024 * 1024 {
             return Err(ConfigError::new(
                 "storage.cache_capacity",
                 "must be at least 1MiB",
@@ -474,22 +468,11 @@ impl Config {
         }
 
         let j = &self.jwt;
-        match j.algorithm.as_str() {
-            "HS256" | "HS384" | "HS512" => {}
-            "RS256" | "ES256" | "EdDSA" => {
-                if j.signing_key_file.is_none() {
-                    return Err(ConfigError::new(
-                        "jwt.signing_key_file",
-                        format!("is required for {} (a PEM private key)", j.algorithm),
-                    ));
-                }
-            }
-            other => {
-                return Err(ConfigError::new(
-                    "jwt.algorithm",
-                    format!("{other:?} is not one of HS256, HS384, HS512, RS256, ES256, EdDSA"),
-                ))
-            }
+        if !j.algorithm.is_hmac() && j.signing_key_file.is_none() {
+            return Err(ConfigError::new(
+                "jwt.signing_key_file",
+                format!("is required for {} (a PEM private key)", j.algorithm.name()),
+            ));
         }
         if let Some(path) = &j.signing_key_file {
             if !resolve_credential_path(path).is_file() {
@@ -556,9 +539,6 @@ impl Config {
                 "must be between 1 and 128",
             ));
         }
-        if !self.metrics.bind.is_empty() {
-            parse_addr("metrics.bind", &self.metrics.bind)?;
-        }
         if !matches!(
             self.log.level.as_str(),
             "trace" | "debug" | "info" | "warn" | "error"
@@ -578,10 +558,9 @@ impl Config {
     /// token) and comes with a non-empty bearer secret from a file.
     fn token_endpoint_secret(&self) -> Result<Option<Secret>, ConfigError> {
         let w = &self.wechat;
-        if w.token_endpoint_bind.is_empty() || w.token_endpoint_bind == "off" {
+        let Some(addr) = w.token_endpoint_bind else {
             return Ok(None);
-        }
-        let addr = parse_addr("wechat.token_endpoint_bind", &w.token_endpoint_bind)?;
+        };
         if !addr.ip().is_loopback() {
             return Err(ConfigError::new(
                 "wechat.token_endpoint_bind",
@@ -603,11 +582,6 @@ impl Config {
         }
         Ok(Some(secret))
     }
-
-    pub fn bind_addr(&self) -> SocketAddr {
-        // Checked by validate(); a Config that reaches here parses.
-        self.server.bind.parse().expect("server.bind was validated")
-    }
 }
 
 /// For `Env::filter` (which sees names with the prefix already taken off): keeps a
@@ -628,13 +602,102 @@ fn not_empty_in_env() -> impl Fn(&figment::value::UncasedStr) -> bool + Clone + 
     move |key| !blank.iter().any(|b| b.as_str() == key.as_str())
 }
 
-fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
-    value.parse().map_err(|_| {
-        ConfigError::new(
-            key,
-            format!("{value:?} is not an address like 127.0.0.1:8000"),
-        )
-    })
+fn parse_addr(value: &str) -> Result<SocketAddr, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{value:?} is not an address like 127.0.0.1:8000"))
+}
+
+fn de_server_bind<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    parse_addr(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+}
+
+/// `""` (in a file) or `"off"` (from the environment, where empty means unset):
+/// no listener. (`metrics.bind` and `wechat.token_endpoint_bind`.)
+fn de_metrics_bind<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    match String::deserialize(d)?.as_str() {
+        "" | "off" => Ok(None),
+        text => parse_addr(text).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+fn de_ip_addrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpAddr>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|text| {
+            text.parse()
+                .map_err(|_| serde::de::Error::custom(format!("{text:?} is not an IP address")))
+        })
+        .collect()
+}
+
+/// `jwt.algorithm`: the JWS algorithms wxauth signs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SigningAlgorithm {
+    HS256,
+    HS384,
+    HS512,
+    RS256,
+    ES256,
+    EdDSA,
+}
+
+impl SigningAlgorithm {
+    const ALL: [SigningAlgorithm; 6] = [
+        Self::HS256,
+        Self::HS384,
+        Self::HS512,
+        Self::RS256,
+        Self::ES256,
+        Self::EdDSA,
+    ];
+
+    /// The name as written in the config and in a JWT header.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::HS256 => "HS256",
+            Self::HS384 => "HS384",
+            Self::HS512 => "HS512",
+            Self::RS256 => "RS256",
+            Self::ES256 => "ES256",
+            Self::EdDSA => "EdDSA",
+        }
+    }
+
+    /// A shared secret (HMAC) rather than a PEM private key.
+    pub fn is_hmac(self) -> bool {
+        matches!(self, Self::HS256 | Self::HS384 | Self::HS512)
+    }
+}
+
+impl<'de> Deserialize<'de> for SigningAlgorithm {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Self::ALL
+            .into_iter()
+            .find(|a| a.name() == text)
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "{text:?} is not one of HS256, HS384, HS512, RS256, ES256, EdDSA"
+                ))
+            })
+    }
+}
+
+/// A size in bytes, written `"64MiB"`, `"512KiB"`, `"1GiB"`, `"10MB"`, or a bare number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn bytes(self) -> u64 {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de_size(d).map(ByteSize)
+    }
 }
 
 fn resolve_app(key: &str, creds: &AppCredentials) -> Result<WeChatApp, ConfigError> {

@@ -40,6 +40,9 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("Not found.")]
     NotFound,
+    /// `GET /.well-known/jwks.json` with an HMAC algorithm: nothing may be published.
+    #[error("The signing key is symmetric ({0}): there are no public keys to publish.")]
+    SymmetricKey(&'static str),
     /// The body did not arrive within `server.request_timeout`.
     #[error("The request did not arrive in time.")]
     RequestTimeout,
@@ -49,7 +52,8 @@ pub enum ApiError {
     UserDisabled,
     #[error("Too many login attempts; try again later.")]
     RateLimited { retry_after_secs: u64 },
-    #[error(transparent)]
+    /// The API's sentence is [`wechat_detail`]'s; this Display is for logs.
+    #[error("WeChat login failed: {0}")]
     WeChat(#[from] WeChatError),
     /// The phone number and checksession calls (with the access token). Their
     /// `WeChat` errors become [`ApiError::WeChat`] (see `From`), mapped as login's.
@@ -98,6 +102,7 @@ impl ApiError {
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::NotFound => "not_found",
+            ApiError::SymmetricKey(_) => "symmetric_key",
             ApiError::RequestTimeout => "request_timeout",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::UserDisabled => "user_disabled",
@@ -144,6 +149,14 @@ impl ApiError {
         }
     }
 
+    /// The `detail` sentence of the JSON body.
+    pub fn detail(&self) -> String {
+        match self {
+            ApiError::WeChat(e) => wechat_detail(e),
+            other => other.to_string(),
+        }
+    }
+
     fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
@@ -167,7 +180,7 @@ impl ResponseError for ApiError {
             ApiError::InvalidRequest(_) | ApiError::UnknownApp(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::NotFound | ApiError::SymmetricKey(_) => StatusCode::NOT_FOUND,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::UserDisabled => StatusCode::FORBIDDEN,
@@ -208,14 +221,16 @@ impl ResponseError for ApiError {
             // Internal causes are logged, never sent: the client gets the generic sentence.
             match self {
                 ApiError::Internal(cause) => tracing::error!(%cause, "internal error"),
-                ApiError::Storage(e) => tracing::error!(error = %e, "storage error"),
+                ApiError::Storage(e) => {
+                    tracing::error!(error = %cause_chain(e), "storage error")
+                }
                 ApiError::Unavailable(e) => {
-                    tracing::error!(error = %e, "an owner actor did not answer")
+                    tracing::error!(error = %cause_chain(e), "an owner actor did not answer")
                 }
                 _ => {}
             }
         }
-        let mut body = json!({ "detail": self.to_string(), "code": self.code() });
+        let mut body = json!({ "detail": self.detail(), "code": self.code() });
         if let ApiError::Auth(AuthError::TokenNotValid(reason)) = self {
             body["messages"] = json!([{
                 "token_class": "AccessToken",
@@ -235,6 +250,43 @@ impl ResponseError for ApiError {
         }
         response.json(body)
     }
+}
+
+/// The API's wording for a failed code exchange (the contract's `detail`).
+fn wechat_detail(e: &WeChatError) -> String {
+    let sentence = match e {
+        WeChatError::CodeInvalid => "The login code is invalid.",
+        WeChatError::CodeUsed => "The login code has already been used.",
+        WeChatError::UserBlocked => "WeChat flagged this user as high-risk.",
+        WeChatError::RateLimited => "WeChat's frequency limit was reached; try again later.",
+        WeChatError::Config(errcode) => {
+            return format!("WeChat rejected this server's appid or secret (errcode {errcode}).")
+        }
+        WeChatError::Busy => "WeChat is busy; try again shortly.",
+        WeChatError::NoCallSlot => "Too many logins are waiting for WeChat; try again shortly.",
+        WeChatError::Timeout => "WeChat did not answer in time.",
+        WeChatError::Http(status) => return format!("WeChat answered with HTTP status {status}."),
+        WeChatError::Malformed(_) => "WeChat's answer could not be understood.",
+        WeChatError::Unknown(errcode) => {
+            return format!("WeChat answered with an unknown error (errcode {errcode}).")
+        }
+        WeChatError::Connect(_) => "WeChat could not be reached.",
+        WeChatError::Unavailable => "The WeChat client is unavailable.",
+    };
+    sentence.to_string()
+}
+
+/// An error and its causes, outermost first, as one line: logged once, where the
+/// 5xx answer is made, and printed by the CLI.
+pub fn cause_chain(e: &dyn std::error::Error) -> String {
+    let mut chain = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        chain.push_str(": ");
+        chain.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    chain
 }
 
 /// A JSON error body for a bare status (used for errors actix-web raises itself).

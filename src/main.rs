@@ -4,8 +4,9 @@ use clap::Parser;
 use std::path::Path;
 use std::process::ExitCode;
 use wxauth::admin::Request;
-use wxauth::cli::{Cli, Command, TokensCommand, UsersCommand, WechatCommand};
+use wxauth::cli::{Cli, Command, KeysCommand, TokensCommand, UsersCommand, WechatCommand};
 use wxauth::config::{Config, ConfigError};
+use wxauth::error::cause_chain;
 use wxauth::startup::StartError;
 
 /// Exit code for a configuration that cannot be used.
@@ -51,6 +52,22 @@ fn main() -> ExitCode {
             &Request::WechatToken { appid },
             &mut std::io::stdout().lock(),
         ),
+        Command::Keys(keys) => {
+            let request = match keys {
+                KeysCommand::List => Request::KeysList,
+                KeysCommand::Retire { kid } => Request::KeysRetire { kid },
+                KeysCommand::Rotate { key_file: None } => Request::KeysRotate { key: None },
+                KeysCommand::Rotate {
+                    key_file: Some(path),
+                } => match std::fs::read_to_string(&path) {
+                    Ok(text) => Request::KeysRotate {
+                        key: Some(wxauth::secret::Secret::new(text.trim_end())),
+                    },
+                    Err(e) => return fail(format!("cannot read {}: {e}", path.display())),
+                },
+            };
+            admin(config, &request, &mut std::io::stdout().lock())
+        }
         Command::Backup { file } => {
             // The snapshot holds the signing key and session keys: owner-only.
             use std::os::unix::fs::OpenOptionsExt;
@@ -66,12 +83,12 @@ fn main() -> ExitCode {
         }
         Command::Restore { file } => with_admin_config(config, |cfg| {
             let storage = &cfg.storage;
-            match wxauth::admin::restore(&file, &storage.path, storage.cache_capacity) {
+            match wxauth::admin::restore(&file, storage) {
                 Ok(entries) => {
                     println!("restored {entries} entries into {}", storage.path.display());
                     ExitCode::SUCCESS
                 }
-                Err(e) => fail(e),
+                Err(e) => fail(cause_chain(&e)),
             }
         }),
         Command::Healthcheck => {
@@ -107,8 +124,9 @@ fn serve(config: Option<&Path>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(StartError::Config(e)) => config_error(e),
         Err(e) => {
-            tracing::error!("{e}");
-            fail(e)
+            let message = cause_chain(&e);
+            tracing::error!("{message}");
+            fail(message)
         }
     }
 }
@@ -182,7 +200,7 @@ fn admin(config: Option<&Path>, request: &Request, out: &mut dyn std::io::Write)
     with_admin_config(config, |cfg| {
         match wxauth::admin::run(request, cfg, out).and_then(|()| Ok(out.flush()?)) {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(e),
+            Err(e) => fail(cause_chain(&e)),
         }
     })
 }

@@ -5,7 +5,7 @@ use crate::admin;
 use crate::config::{ConfigError, Loaded};
 use crate::http::{self, AppState, LoginLimiter};
 use crate::metrics::Metrics;
-use crate::storage::{GroupCommit, ReadStore, SledStore, StorageError, Store};
+use crate::storage::{GroupCommit, ReadStore, StorageError};
 use crate::tokens::JwtKeys;
 use actix::{Actor, Arbiter};
 use actix_web::dev::Service;
@@ -14,6 +14,7 @@ use sd_notify::NotifyState;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
+use tracing::Instrument;
 
 /// How long SIGTERM waits for in-flight requests before closing connections.
 const SHUTDOWN_GRACE_SECS: u64 = 30;
@@ -80,24 +81,24 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Storage(#[from] StorageError),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: String,
         source: std::io::Error,
     },
-    #[error("server error: {0}")]
+    #[error("server error")]
     Server(#[from] std::io::Error),
 }
 
 /// The Prometheus listener on `metrics.bind` (none when it is empty): its own
 /// socket, so that a reverse proxy in front of the API never exposes it.
 fn start_metrics_listener(
-    bind: &str,
+    bind: Option<SocketAddr>,
     state: web::Data<AppState>,
 ) -> Result<Option<actix_web::dev::Server>, StartError> {
-    if bind.is_empty() {
+    let Some(bind) = bind else {
         return Ok(None);
-    }
+    };
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
@@ -122,11 +123,11 @@ fn start_metrics_listener(
 /// in front of the API can never expose it, and no peer-address check (which a
 /// proxy on the same host would pass) is needed.
 fn start_token_listener(
-    bind: &str,
+    bind: Option<SocketAddr>,
     secret: Option<crate::secret::Secret>,
     state: web::Data<AppState>,
 ) -> Result<Option<actix_web::dev::Server>, StartError> {
-    let Some(secret) = secret else {
+    let (Some(bind), Some(secret)) = (bind, secret) else {
         return Ok(None);
     };
     let secret = web::Data::new(http::EndpointSecret(secret));
@@ -181,10 +182,7 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
         _ => None,
     };
-    let store = Arc::new(SledStore::open(
-        &cfg.storage.path,
-        cfg.storage.cache_capacity,
-    )?);
+    let store = crate::storage::open(&cfg.storage)?;
     let keys = Arc::new(JwtKeys::load(&cfg.jwt, &cfg.storage.path)?);
     let commit = GroupCommit::start(store.clone());
 
@@ -222,6 +220,7 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         keeper: keeper.clone(),
         commit: commit.clone(),
         runtime: tokio::runtime::Handle::current(),
+        keys: keys.clone(),
     })?;
 
     let reader: Arc<dyn ReadStore> = store.clone();
@@ -240,14 +239,14 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
             .server
             .trusted_proxies
             .iter()
-            .filter_map(|p| p.parse().ok())
+            .copied()
             .map(http::canonical_ip)
             .collect(),
         metrics,
     });
     let api_state = state.clone();
 
-    let bind = cfg.bind_addr();
+    let bind = cfg.server.bind;
     let request_timeout = cfg.server.request_timeout;
     let max_connections = connection_cap(cfg.server.max_connections, open_files);
     // actix counts connections per worker.
@@ -279,7 +278,11 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
                 let started = Instant::now();
                 let id = http::request_id(&req);
                 let method = req.method().clone();
-                let response = srv.call(req);
+                // Every line logged while handling the request (in the handler and in
+                // the actors its messages reach) carries the id. The access line is
+                // written after it, outside the span: its fields stay as they were.
+                let span = tracing::info_span!("request", request_id = %id);
+                let response = span.in_scope(|| srv.call(req)).instrument(span);
                 async move {
                     let mut response = response.await?;
                     http::finish_request(&mut response, &id, &method, started);
@@ -318,11 +321,11 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         tracing::info!(address = %addr, tls = https, kid = keys.kid(), users, "listening");
     }
     let token_server = start_token_listener(
-        &cfg.wechat.token_endpoint_bind,
+        cfg.wechat.token_endpoint_bind,
         loaded.token_endpoint_secret.clone(),
         state.clone(),
     )?;
-    let metrics_server = start_metrics_listener(&cfg.metrics.bind, state)?;
+    let metrics_server = start_metrics_listener(cfg.metrics.bind, state)?;
     let server = server.run();
 
     // READY=1 only now that the sockets listen (Type=notify); a no-op outside systemd.

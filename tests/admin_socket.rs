@@ -1,4 +1,4 @@
-//! The admin socket (`<data>/admin.sock`) under misuse (issue 7, items 6 and 7):
+//! The admin socket (`<data>/admin.sock`) under misuse:
 //! a backup nobody reads never blocks logins, a stalled reader is dropped, an
 //! oversized, non-UTF-8 or malformed request line gets an error status line (never
 //! an echo of the input, never a silent close), and the socket is private.

@@ -179,7 +179,7 @@ fn the_secret_can_come_from_a_file_or_the_credentials_directory() {
     let creds = tempfile::tempdir().unwrap();
     std::fs::write(creds.path().join("wechat_secret"), "from-a-file\n").unwrap();
     let toml = format!(
-        "[server]\nbind = \"127.0.0.1:0\"\n[wechat]\nappid = \"{APPID}\"\nsecret_file = \"wechat_secret\"\napi_base = \"{}\"\n[limits]\nlogin_per_minute = 0\n",
+        "[server]\nbind = \"127.0.0.1:0\"\n[wechat]\nappid = \"{APPID}\"\nsecret_file = \"wechat_secret\"\napi_base = \"{}\"\n[limits]\nlogin_per_minute = 0\n[metrics]\nbind = \"\"\n",
         mock.base_url()
     );
     let config = TestConfig {

@@ -1,4 +1,4 @@
-//! A crashed or stuck owner actor (issue 7, item 8). The server is crash-only: a
+//! A crashed or stuck owner actor. The server is crash-only: a
 //! panic anywhere ends the process with exit code 70 (EX_SOFTWARE) so that systemd
 //! restarts it, and /readyz asks every owner actor through its mailbox.
 //!

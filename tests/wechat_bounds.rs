@@ -1,6 +1,6 @@
 //! WeChat calls are bounded (one deadline per login, a bounded wait for a call slot,
 //! no call for a client that left), redirects are never followed, and what WeChat
-//! sends is checked before anything is stored (issue 7 items 2, 3, 4; issue 8 item 8).
+//! sends is checked before anything is stored.
 
 mod common;
 

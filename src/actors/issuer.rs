@@ -35,10 +35,9 @@ pub struct TokenIssuer {
     purge_interval: Duration,
     /// A purge is under way (it spans many actor turns); the next waits for it.
     purging: bool,
-    /// Set by [`apply`](Self::apply): the message being handled wrote, so its
-    /// answer waits for the group commit (even when the answer is an error,
-    /// as when a reuse revoked a family).
-    wrote: bool,
+    /// Batches applied so far (only counts up). [`answer_durably`](Self::answer_durably)
+    /// compares it before and after a message's work to know whether it wrote.
+    batches_applied: u64,
 }
 
 /// Why refresh or logout did not succeed: the check's refusal, or storage.
@@ -78,21 +77,25 @@ impl TokenIssuer {
             metrics,
             purge_interval: cfg.purge_interval,
             purging: false,
-            wrote: false,
+            batches_applied: 0,
         }
     }
 
     fn apply(&mut self, batch: WriteBatch) -> Result<(), StorageError> {
-        self.wrote = true;
+        self.batches_applied += 1;
         self.store.apply(batch)
     }
 
-    /// Wraps a handler's result so that it resolves only once its writes are durable.
-    fn answer<T: 'static>(
+    /// Runs one message's `work` and answers once the writes it made (if any) are
+    /// durable: even when the answer is an error, as when a reuse revoked a family.
+    fn answer_durably<T: 'static>(
         &mut self,
-        result: Result<T, RefreshError>,
+        work: impl FnOnce(&mut Self) -> Result<T, RefreshError>,
     ) -> ResponseFuture<Result<T, RefreshError>> {
-        let commit = std::mem::take(&mut self.wrote).then(|| self.commit.clone());
+        let applied_before = self.batches_applied;
+        let result = work(self);
+        let wrote = self.batches_applied != applied_before;
+        let commit = wrote.then(|| self.commit.clone());
         Box::pin(async move {
             if let Some(commit) = commit {
                 commit.durable().await?;
@@ -303,13 +306,13 @@ impl TokenIssuer {
                     .delete_expired(tree, scanned.keys)
                     .map(|n| (n, scanned.next)),
                 Ok(Err(e)) => Err(e),
-                Err(e) => Err(StorageError::Io(format!("purge scan: {e}"))),
+                Err(e) => Err(StorageError::io("purge scan", e)),
             };
             let (deleted, next) = match deleted {
                 Ok(done) => done,
                 Err(e) => {
                     this.purging = false;
-                    tracing::error!(error = %e, "purging expired token records failed");
+                    tracing::error!(error = %crate::error::cause_chain(&e), "purging expired token records failed");
                     return;
                 }
             };
@@ -369,7 +372,7 @@ impl TokenIssuer {
                         .map(|n| (revoked + n, scanned.next))
                 }
                 Ok(Err(e)) => Err(e),
-                Err(e) => Err(StorageError::Io(format!("revocation scan: {e}"))),
+                Err(e) => Err(StorageError::io("revocation scan", e)),
             };
             match step {
                 Ok((revoked, Some(next))) => this.revoke_step(user_id, now, next, revoked),
@@ -473,12 +476,15 @@ pub struct IssuePair {
     /// The user's token stamp as the registry's login answer carries it: a revoke that
     /// lands after that answer makes this pair refused, as it must.
     pub stamp: u64,
+    /// The request's span (its request id): the handler's log lines carry it.
+    pub span: tracing::Span,
 }
 
 impl Handler<IssuePair> for TokenIssuer {
     type Result = ResponseFuture<Result<TokenPair, StorageError>>;
 
     fn handle(&mut self, msg: IssuePair, _: &mut Context<Self>) -> Self::Result {
+        let _request = msg.span.clone().entered();
         debug_fault();
         let now = crate::tokens::now_ms() / 1000;
         let family_id = crate::random_hex(16);
@@ -507,8 +513,7 @@ impl Handler<IssuePair> for TokenIssuer {
             .keys
             .sign(TokenType::Access, msg.user_id, msg.stamp, now);
         self.metrics.tokens_issued(1, 1);
-        let applied = self.store.apply(batch);
-        self.wrote = false;
+        let applied = self.apply(batch);
         let commit = self.commit.clone();
         // Always waits: this commit also covers the user registry's writes for the login.
         Box::pin(async move {
@@ -530,15 +535,17 @@ pub struct Refreshed {
 #[rtype(result = "Result<Refreshed, RefreshError>")]
 pub struct Refresh {
     pub token: String,
+    /// The request's span (its request id): the handler's log lines carry it.
+    pub span: tracing::Span,
 }
 
 impl Handler<Refresh> for TokenIssuer {
     type Result = ResponseFuture<Result<Refreshed, RefreshError>>;
 
     fn handle(&mut self, msg: Refresh, _: &mut Context<Self>) -> Self::Result {
+        let _request = msg.span.clone().entered();
         debug_fault();
-        let result = self.refresh(&msg.token);
-        self.answer(result)
+        self.answer_durably(|this| this.refresh(&msg.token))
     }
 }
 
@@ -547,14 +554,16 @@ impl Handler<Refresh> for TokenIssuer {
 #[rtype(result = "Result<(), RefreshError>")]
 pub struct Blacklist {
     pub token: String,
+    /// The request's span (its request id): the handler's log lines carry it.
+    pub span: tracing::Span,
 }
 
 impl Handler<Blacklist> for TokenIssuer {
     type Result = ResponseFuture<Result<(), RefreshError>>;
 
     fn handle(&mut self, msg: Blacklist, _: &mut Context<Self>) -> Self::Result {
-        let result = self.blacklist(&msg.token);
-        self.answer(result)
+        let _request = msg.span.clone().entered();
+        self.answer_durably(|this| this.blacklist(&msg.token))
     }
 }
 
@@ -712,6 +721,7 @@ mod tests {
         let pair = fixture
             .issuer
             .send(IssuePair {
+                span: tracing::Span::none(),
                 user_id: 3,
                 stamp: 0,
             })

@@ -133,6 +133,8 @@ impl Actor for UserRegistry {
 pub struct RecordLogin {
     pub appid: String,
     pub session: Session,
+    /// The request's span (its request id): the handler's log lines carry it.
+    pub span: tracing::Span,
 }
 
 pub enum LoginOutcome {
@@ -144,6 +146,7 @@ impl Handler<RecordLogin> for UserRegistry {
     type Result = Result<LoginOutcome, StorageError>;
 
     fn handle(&mut self, msg: RecordLogin, _: &mut Context<Self>) -> Self::Result {
+        let _request = msg.span.clone().entered();
         self.login(msg)
     }
 }

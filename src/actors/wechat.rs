@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
 
 /// What WeChat tells us about a code.
 #[derive(Debug, Clone)]
@@ -32,35 +33,36 @@ pub struct Session {
     pub session_key: SessionKey,
 }
 
-/// Every way a code exchange can fail; `error.rs` maps each to the contract's row.
+/// Every way a code exchange can fail; `error.rs` maps each to the contract's row
+/// and its API wording. The messages here are for logs and operators.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WeChatError {
-    #[error("The login code is invalid.")]
+    #[error("the code is invalid")]
     CodeInvalid,
-    #[error("The login code has already been used.")]
+    #[error("the code was already used")]
     CodeUsed,
-    #[error("WeChat flagged this user as high-risk.")]
+    #[error("the user is flagged high-risk")]
     UserBlocked,
-    #[error("WeChat's frequency limit was reached; try again later.")]
+    #[error("WeChat's frequency limit was reached")]
     RateLimited,
-    #[error("WeChat rejected this server's appid or secret (errcode {0}).")]
+    #[error("WeChat rejected the appid or secret (errcode {0})")]
     Config(i64),
-    #[error("WeChat is busy; try again shortly.")]
+    #[error("WeChat is busy")]
     Busy,
     /// Every call slot stayed busy for `wechat.queue_timeout`: refused before any call.
-    #[error("Too many logins are waiting for WeChat; try again shortly.")]
+    #[error("no call slot became free within wechat.queue_timeout")]
     NoCallSlot,
-    #[error("WeChat did not answer in time.")]
+    #[error("WeChat did not answer before the deadline")]
     Timeout,
-    #[error("WeChat answered with HTTP status {0}.")]
+    #[error("WeChat answered with HTTP status {0}")]
     Http(u16),
-    #[error("WeChat's answer could not be understood.")]
+    #[error("WeChat's answer is malformed: {0}")]
     Malformed(String),
-    #[error("WeChat answered with an unknown error (errcode {0}).")]
+    #[error("WeChat answered with unknown errcode {0}")]
     Unknown(i64),
-    #[error("WeChat could not be reached.")]
+    #[error("cannot reach WeChat: {0}")]
     Connect(String),
-    #[error("The WeChat client is unavailable.")]
+    #[error("the WeChat client actor is gone")]
     Unavailable,
 }
 
@@ -73,6 +75,9 @@ pub struct Code2Session {
     pub code: String,
     /// When the login began: its WeChat deadline is this plus `wechat.timeout`.
     pub started: Instant,
+    /// The request's span (its request id): the call's log lines carry it. Logins
+    /// that share one call carry the first one's.
+    pub span: tracing::Span,
 }
 
 /// A code exchange under way. The login awaits [`PendingSession::answer`]; when the
@@ -102,6 +107,7 @@ struct Exchange {
     appid: String,
     code: String,
     deadline: Instant,
+    span: tracing::Span,
 }
 
 /// How long past its deadline a login waits for the worker's own answer (the call's
@@ -153,7 +159,8 @@ impl Handler<Code2Session> for WeChatClient {
             }
         };
         if first {
-            ctx.spawn(fut::wrap_future(self.calls.clone().run(key, deadline)));
+            let call = self.calls.clone().run(key, deadline, msg.span.clone());
+            ctx.spawn(fut::wrap_future(call.instrument(msg.span)));
         }
         PendingSession {
             answer: rx,
@@ -169,7 +176,7 @@ impl Calls {
     }
 
     /// Waits for a slot, makes the call, and answers every waiter of `key`.
-    async fn run(self: Arc<Self>, key: CallKey, deadline: Instant) {
+    async fn run(self: Arc<Self>, key: CallKey, deadline: Instant, span: tracing::Span) {
         let result = match self.take_slot(&key, deadline).await {
             Err(refused) => Err(refused),
             Ok(None) => return,
@@ -184,6 +191,7 @@ impl Calls {
                     appid: key.0.clone(),
                     code: key.1.clone(),
                     deadline,
+                    span,
                 };
                 let result = self.workers.send(exchange).await;
                 drop(slot);
@@ -274,6 +282,7 @@ impl Handler<Exchange> for WeChatWorker {
     type Result = Result<Session, WeChatError>;
 
     fn handle(&mut self, msg: Exchange, _: &mut SyncContext<Self>) -> Self::Result {
+        let _request = msg.span.clone().entered();
         // No call that could not finish in time: the code stays unspent.
         if Instant::now() >= msg.deadline {
             return Err(WeChatError::Timeout);
@@ -343,10 +352,26 @@ fn mock_exchange(code: &str) -> Result<Session, WeChatError> {
     match code.split_once('.') {
         // Checked like WeChat's answers: nothing unchecked is ever stored.
         Some((name, _)) if !name.is_empty() => {
-            checked_session(format!("mock-openid-{name}"), None, crate::random_hex(12))
+            checked_session(mock_openid(name), None, crate::random_hex(12))
         }
         _ => Err(WeChatError::CodeInvalid),
     }
+}
+
+/// The mock's openid for `name`: `mock-openid-<name>` when that has WeChat's shape,
+/// else `mock-openid-h<hash of name>`. Any printable code is a valid login code, so
+/// `$a.1` or a 120-character name must log in too, not fail as a malformed answer.
+fn mock_openid(name: &str) -> String {
+    const PREFIX: &str = "mock-openid-";
+    let readable = format!("{PREFIX}{name}");
+    if is_wechat_id(&readable) {
+        return readable;
+    }
+    // FNV-1a: the same name, the same user, on every run.
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{PREFIX}h{hash:016x}")
 }
 
 /// jscode2session's answer. `errmsg` is deliberately absent: it carries a varying

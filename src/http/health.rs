@@ -37,8 +37,12 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         return not_ready("The WeChat client is not running.");
     }
     let storage = match registry {
-        Ok(Ok(())) => state.commit.durable().await.map_err(|e| e.to_string()),
-        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(())) => state
+            .commit
+            .durable()
+            .await
+            .map_err(|e| crate::error::cause_chain(&e)),
+        Ok(Err(e)) => Err(crate::error::cause_chain(&e)),
         Err(cause) => {
             tracing::warn!(%cause, "readiness probe: the user registry does not answer");
             return not_ready("The user registry does not answer.");

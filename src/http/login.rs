@@ -40,6 +40,7 @@ pub async fn login(
             appid: appid.clone(),
             code: code.to_string(),
             started,
+            span: tracing::Span::current(),
         })
         .timeout(super::ACTOR_TIMEOUT)
         .await?
@@ -47,7 +48,11 @@ pub async fn login(
         .await?;
     let (user, created) = match state
         .registry
-        .send(RecordLogin { appid, session })
+        .send(RecordLogin {
+            appid,
+            session,
+            span: tracing::Span::current(),
+        })
         .timeout(super::ACTOR_TIMEOUT)
         .await??
     {
@@ -60,6 +65,7 @@ pub async fn login(
         .send(IssuePair {
             user_id: user.id,
             stamp: user.token_stamp,
+            span: tracing::Span::current(),
         })
         .timeout(super::ACTOR_TIMEOUT)
         .await??;

@@ -7,9 +7,12 @@ mod body;
 mod data;
 pub mod deadline;
 mod decrypt;
+mod forward_auth;
 mod health;
+mod jwks;
 mod login;
 mod observe;
+mod openapi;
 mod phone;
 mod ratelimit;
 mod token;
@@ -121,8 +124,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     endpoint(cfg, "/api/token/refresh/", "POST", token::refresh);
     endpoint(cfg, "/api/token/verify/", "POST", token::verify);
     endpoint(cfg, "/api/token/blacklist/", "POST", token::blacklist);
+    endpoint(cfg, "/api/auth/check", "GET", forward_auth::check);
+    endpoint(cfg, "/openapi.json", "GET", openapi::document);
     endpoint(cfg, "/healthz", "GET", health::healthz);
     endpoint(cfg, "/readyz", "GET", health::readyz);
+    endpoint(cfg, "/.well-known/jwks.json", "GET", jwks::jwks);
     cfg.default_service(web::to(not_found));
 }
 

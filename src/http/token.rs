@@ -12,7 +12,10 @@ pub async fn refresh(state: web::Data<AppState>, fields: Fields) -> Result<HttpR
     let token = fields.required_str("refresh")?.to_string();
     let refreshed = state
         .issuer
-        .send(Refresh { token })
+        .send(Refresh {
+            token,
+            span: tracing::Span::current(),
+        })
         .timeout(super::ACTOR_TIMEOUT)
         .await??;
     Ok(HttpResponse::Ok().json(match refreshed.refresh {
@@ -49,7 +52,10 @@ pub async fn blacklist(
     let token = fields.required_str("refresh")?.to_string();
     state
         .issuer
-        .send(Blacklist { token })
+        .send(Blacklist {
+            token,
+            span: tracing::Span::current(),
+        })
         .timeout(super::ACTOR_TIMEOUT)
         .await??;
     Ok(HttpResponse::Ok().json(json!({})))

@@ -10,7 +10,18 @@
 
 mod sled;
 
+/// For tests, benches and examples that fill a directory by hand; the binary and
+/// the CLI open storage only through [`open`].
 pub use self::sled::SledStore;
+
+use crate::config::StorageConfig;
+
+/// Opens (creating it if missing) the data directory `config.path`: the one place
+/// the binary and the CLI get a store from, so only `sled.rs` names the engine.
+pub fn open(config: &StorageConfig) -> Result<Arc<dyn Store>, StorageError> {
+    let store = SledStore::open(&config.path, config.cache_capacity.bytes())?;
+    Ok(Arc::new(store))
+}
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -61,10 +72,36 @@ impl Tree {
 pub enum StorageError {
     #[error("the data directory {0} is in use by another wxauth process")]
     Locked(String),
-    #[error("storage I/O error: {0}")]
-    Io(String),
+    /// `source`: the error underneath, kept for the log (see `error::cause_chain`).
+    #[error("storage I/O error: {context}")]
+    Io {
+        context: String,
+        #[source]
+        source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+    },
     #[error("corrupt record in tree {tree}: {reason}")]
     Corrupt { tree: &'static str, reason: String },
+}
+
+impl StorageError {
+    /// An I/O failure with its cause.
+    pub fn io(
+        context: impl Into<String>,
+        cause: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        StorageError::Io {
+            context: context.into(),
+            source: Some(Arc::new(cause)),
+        }
+    }
+
+    /// A failure with nothing underneath (shutting down, a reopen under way).
+    pub fn unavailable(context: impl Into<String>) -> Self {
+        StorageError::Io {
+            context: context.into(),
+            source: None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -230,13 +267,13 @@ impl GroupCommit {
         {
             let mut queue = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
             if queue.stopping {
-                return Err(StorageError::Io("storage is shutting down".into()));
+                return Err(StorageError::unavailable("storage is shutting down"));
             }
             queue.waiters.push(tx);
         }
         self.shared.wake.notify_one();
         rx.await
-            .unwrap_or_else(|_| Err(StorageError::Io("the commit thread stopped".into())))
+            .unwrap_or_else(|_| Err(StorageError::unavailable("the commit thread stopped")))
     }
 
     /// False after a flush failed, until one succeeds again (readiness uses this).
@@ -285,7 +322,7 @@ fn commit_loop(shared: &CommitShared, store: &dyn Store) {
             Ok(true) => shared.healthy.store(true, Ordering::Relaxed),
             Err(e) => {
                 shared.healthy.store(false, Ordering::Relaxed);
-                tracing::debug!(error = %e, "storage still cannot be reopened");
+                tracing::debug!(error = %crate::error::cause_chain(&e), "storage still cannot be reopened");
             }
         }
         if !batch.is_empty() || stopping {
@@ -293,7 +330,7 @@ fn commit_loop(shared: &CommitShared, store: &dyn Store) {
             shared.flushes.fetch_add(1, Ordering::Relaxed);
             shared.healthy.store(result.is_ok(), Ordering::Relaxed);
             if let Err(e) = &result {
-                tracing::error!(error = %e, "storage flush failed");
+                tracing::error!(error = %crate::error::cause_chain(&e), "storage flush failed");
             }
             for waiter in batch {
                 let _ = waiter.send(result.clone());
@@ -340,7 +377,7 @@ mod tests {
         }
         fn flush(&self) -> Result<(), StorageError> {
             if self.broken {
-                return Err(StorageError::Io("disk full".into()));
+                return Err(StorageError::unavailable("disk full"));
             }
             let covered = self.applied.load(Ordering::SeqCst);
             std::thread::sleep(Duration::from_millis(20));

@@ -30,7 +30,7 @@ pub struct SledStore {
     /// The open database. After an I/O error (a full or read-only disk) sled
     /// refuses every later write until it is reopened: [`Store::recover`] swaps in
     /// a fresh instance, recovered from what was durable. `None` between the two.
-    db: RwLock<Option<Open>>,
+    db: RwLock<Option<Database>>,
     /// Writers share it; a snapshot takes it alone, so that what it reads across
     /// trees is one instant (sled has no multi-tree snapshots of its own).
     gate: RwLock<()>,
@@ -40,7 +40,8 @@ pub struct SledStore {
     next_seq: AtomicU64,
 }
 
-struct Open {
+/// One open sled instance: what [`Store::recover`] replaces as a whole.
+struct Database {
     db: sled::Db,
     trees: Vec<sled::Tree>,
     journal: sled::Tree,
@@ -48,7 +49,7 @@ struct Open {
     file: std::fs::File,
 }
 
-impl Open {
+impl Database {
     fn tree(&self, tree: Tree) -> &sled::Tree {
         // Tree::ALL and self.trees share one order.
         &self.trees[Tree::ALL
@@ -63,7 +64,7 @@ impl SledStore {
     /// when another process holds it: sled allows one process per directory.
     pub fn open(path: &Path, cache_capacity: u64) -> Result<Self, StorageError> {
         prepare_private_dir(path)?;
-        let open = open_db(path, cache_capacity)?;
+        let open = open_database(path, cache_capacity)?;
         Ok(SledStore {
             path: path.to_path_buf(),
             cache_capacity,
@@ -74,10 +75,11 @@ impl SledStore {
         })
     }
 
-    fn open_db(&self) -> Result<RwLockReadGuard<'_, Option<Open>>, StorageError> {
+    /// The open database, held for one operation; an error while a reopen is under way.
+    fn current_db(&self) -> Result<RwLockReadGuard<'_, Option<Database>>, StorageError> {
         let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
         if guard.is_none() {
-            return Err(StorageError::Io("the database is being reopened".into()));
+            return Err(StorageError::unavailable("the database is being reopened"));
         }
         Ok(guard)
     }
@@ -93,21 +95,24 @@ fn prepare_private_dir(path: &Path) -> Result<(), StorageError> {
         Ok(meta) => Some(meta.permissions().mode() & 0o777),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => {
-            return Err(StorageError::Io(format!(
-                "cannot use {}: {e}",
-                path.display()
-            )))
+            return Err(StorageError::io(
+                format!("cannot use {}", path.display()),
+                e,
+            ))
         }
     };
     let Some(mode) = existing else {
         return crate::fsutil::create_private_dir(path)
-            .map_err(|e| StorageError::Io(format!("cannot create {}: {e}", path.display())));
+            .map_err(|e| StorageError::io(format!("cannot create {}", path.display()), e));
     };
     let changed = crate::fsutil::restrict_tree(path).map_err(|e| {
-        StorageError::Io(format!(
-            "{} (mode {mode:o}) is open to other users and cannot be restricted to its owner: {e}; chmod -R go= it",
-            path.display()
-        ))
+        StorageError::io(
+            format!(
+                "{} (mode {mode:o}) is open to other users and cannot be restricted to its owner (chmod -R go= it)",
+                path.display()
+            ),
+            e,
+        )
     })?;
     if changed > 0 {
         tracing::warn!(
@@ -120,7 +125,8 @@ fn prepare_private_dir(path: &Path) -> Result<(), StorageError> {
     Ok(())
 }
 
-fn open_db(path: &Path, cache_capacity: u64) -> Result<Open, StorageError> {
+/// Opens sled in `path` with every tree, the journal, and the data file for fdatasync.
+fn open_database(path: &Path, cache_capacity: u64) -> Result<Database, StorageError> {
     let db = sled::Config::new()
         .path(path)
         .cache_capacity(cache_capacity)
@@ -132,7 +138,7 @@ fn open_db(path: &Path, cache_capacity: u64) -> Result<Open, StorageError> {
             {
                 StorageError::Locked(path.display().to_string())
             }
-            other => StorageError::Io(other.to_string()),
+            other => StorageError::io("cannot open the database", other),
         })?;
     let trees = Tree::ALL
         .iter()
@@ -140,12 +146,9 @@ fn open_db(path: &Path, cache_capacity: u64) -> Result<Open, StorageError> {
         .collect::<Result<Vec<_>, _>>()?;
     let journal = db.open_tree(JOURNAL).map_err(io)?;
     let file = std::fs::File::open(path.join(DATA_FILE)).map_err(|e| {
-        StorageError::Io(format!(
-            "cannot open {}: {e}",
-            path.join(DATA_FILE).display()
-        ))
+        StorageError::io(format!("cannot open {}", path.join(DATA_FILE).display()), e)
     })?;
-    let open = Open {
+    let open = Database {
         db,
         trees,
         journal,
@@ -155,7 +158,7 @@ fn open_db(path: &Path, cache_capacity: u64) -> Result<Open, StorageError> {
     Ok(open)
 }
 
-impl Open {
+impl Database {
     /// Finishes the batches a crash interrupted, in the order they were started.
     fn replay_journal(&self) -> Result<(), StorageError> {
         let mut replayed = 0;
@@ -171,7 +174,7 @@ impl Open {
             self.db.flush().map_err(io)?;
             self.file
                 .sync_data()
-                .map_err(|e| StorageError::Io(e.to_string()))?;
+                .map_err(|e| StorageError::io("fdatasync", e))?;
             tracing::warn!(
                 batches = replayed,
                 "finished write batches interrupted by a crash"
@@ -263,8 +266,7 @@ fn probe_write(dir: &Path) -> Result<(), StorageError> {
         file.sync_all()
     })();
     let _ = std::fs::remove_file(&path);
-    attempt
-        .map_err(|e| StorageError::Io(format!("the data directory does not take writes yet: {e}")))
+    attempt.map_err(|e| StorageError::io("the data directory does not take writes yet", e))
 }
 
 fn is_lock_error(e: &std::io::Error) -> bool {
@@ -273,14 +275,14 @@ fn is_lock_error(e: &std::io::Error) -> bool {
 }
 
 fn io(e: sled::Error) -> StorageError {
-    StorageError::Io(e.to_string())
+    StorageError::io("sled", e)
 }
 
 /// Runs `f` on the open database (or fails while it is being reopened).
 macro_rules! with_db {
     ($self:ident, $db:ident => $body:expr) => {{
-        let guard = $self.open_db()?;
-        let $db = guard.as_ref().expect("checked by open_db");
+        let guard = $self.current_db()?;
+        let $db = guard.as_ref().expect("checked by current_db");
         $body
     }};
 }
@@ -356,7 +358,7 @@ impl Store for SledStore {
                 .db
                 .flush()
                 .map_err(io)
-                .and_then(|_| db.file.sync_data().map_err(|e| StorageError::Io(format!("fdatasync: {e}"))));
+                .and_then(|_| db.file.sync_data().map_err(|e| StorageError::io("fdatasync", e)));
             if result.is_err() {
                 self.failed.store(true, Ordering::SeqCst);
             }
@@ -388,12 +390,12 @@ impl Store for SledStore {
         let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
         // Drop the failed instance first: it holds the directory's lock.
         *slot = None;
-        let open = open_db(&self.path, self.cache_capacity)?;
+        let open = open_database(&self.path, self.cache_capacity)?;
         // Prove the disk takes writes again before anyone relies on it.
         open.db.flush().map_err(io)?;
         open.file
             .sync_data()
-            .map_err(|e| StorageError::Io(format!("fdatasync: {e}")))?;
+            .map_err(|e| StorageError::io("fdatasync", e))?;
         *slot = Some(open);
         self.failed.store(false, Ordering::SeqCst);
         tracing::warn!(path = %self.path.display(), "storage reopened after an I/O error");
@@ -423,7 +425,7 @@ mod tests {
         {
             // A crash after the journal record and the first of its writes.
             let store = SledStore::open(dir.path(), 1 << 20).unwrap();
-            let guard = store.open_db().unwrap();
+            let guard = store.current_db().unwrap();
             let db = guard.as_ref().unwrap();
             let ops = vec![
                 Op::Put(Tree::Users, b"a".to_vec(), b"1".to_vec()),
@@ -454,7 +456,7 @@ mod tests {
             store.get(Tree::UsersByOpenid, b"b").unwrap().as_deref(),
             Some(&b"2"[..])
         );
-        let guard = store.open_db().unwrap();
+        let guard = store.current_db().unwrap();
         assert!(
             guard.as_ref().unwrap().journal.is_empty(),
             "the record is removed once replayed"

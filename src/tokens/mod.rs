@@ -1,17 +1,22 @@
 //! JWTs: the claims simplejwt issues, and the key material that signs and checks them.
 //!
-//! [`JwtKeys`] is immutable after start-up and shared by `Arc`: the access-token
-//! extractor verifies with it on every request without going through an actor.
+//! [`JwtKeys`] is shared by `Arc`: the access-token extractor verifies with it on
+//! every request without going through an actor. Its key set ([`keys`]) is swapped
+//! whole by `wxauth keys rotate` and `retire`, which a running server serves itself.
 //! Whether a presented token counts is decided in one place, [`check`].
 
 pub mod check;
+pub mod keys;
 pub mod records;
 
-use crate::config::{ConfigError, JwtConfig};
+use crate::config::{ConfigError, JwtConfig, SigningAlgorithm};
+use crate::secret::Secret;
 use crate::users::UserId;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::Algorithm;
+use keys::{Key, KeyOrigin, KeySet, Ring, RingKey, KEYRING_FILE};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// File (in the data directory) holding the generated HMAC key.
 pub const GENERATED_KEY_FILE: &str = "jwt_signing_key";
@@ -87,10 +92,14 @@ pub struct Signed {
 }
 
 pub struct JwtKeys {
-    header: Header,
-    encoding: EncodingKey,
-    decoding: DecodingKey,
-    validation: Validation,
+    /// Swapped whole by a rotation or retirement; readers clone the `Arc` and never
+    /// wait for a rotation's file writes.
+    set: RwLock<Arc<KeySet>>,
+    /// Serializes rotations and retirements (the key ring's read, change, write).
+    ring_writes: Mutex<()>,
+    config: JwtConfig,
+    algorithm: Algorithm,
+    data_dir: PathBuf,
     issuer: Option<String>,
     audience: Option<String>,
     /// Lifetimes in seconds (claims are whole seconds; config bounds them to 10 years).
@@ -103,74 +112,43 @@ pub struct JwtKeys {
     pub reuse_grace_ms: i64,
 }
 
+/// Why `wxauth keys rotate` or `retire` refused.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("no live key has kid {0:?} (`wxauth keys list` shows them)")]
+    NoSuchKey(String),
+    #[error("key {0} signs new tokens: rotate first, then retire it")]
+    Signing(String),
+    #[error(
+        "ring cannot generate RSA keys: make one with \
+         `openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048` and pass it with --key-file"
+    )]
+    CannotGenerate,
+    #[error("key {0} is already in the key set, or was retired")]
+    Duplicate(String),
+    #[error("{0}")]
+    Unusable(String),
+}
+
 impl JwtKeys {
-    /// Loads the configured key, or the generated one from `data_dir`, creating it
-    /// (256 random bits, mode 0600) on first start.
+    /// Loads the configured keys, the generated one from `data_dir` (creating it,
+    /// 256 random bits, mode 0600, on first start when no key file is configured),
+    /// and the key ring.
     pub fn load(cfg: &JwtConfig, data_dir: &Path) -> Result<Self, ConfigError> {
-        let material = match &cfg.signing_key_file {
-            Some(path) => crate::config::read_secret_file("jwt.signing_key_file", path)?,
-            None => load_or_generate_hmac_key(data_dir).map_err(|e| ConfigError {
-                key: "storage.path".into(),
-                reason: format!("cannot create the signing key: {e}"),
-            })?,
-        };
-        Self::from_material(cfg, &material)
-    }
-
-    /// For `check-config`: loads a configured key file without touching the data
-    /// directory (a generated key needs no checking).
-    pub fn check(cfg: &JwtConfig) -> Result<(), ConfigError> {
-        if let Some(path) = &cfg.signing_key_file {
-            let material = crate::config::read_secret_file("jwt.signing_key_file", path)?;
-            Self::from_material(cfg, &material)?;
-        }
-        Ok(())
-    }
-
-    fn from_material(
-        cfg: &JwtConfig,
-        material: &crate::secret::Secret,
-    ) -> Result<Self, ConfigError> {
-        let err = |reason: String| ConfigError {
-            key: "jwt.signing_key_file".into(),
+        let algorithm = parse_algorithm(cfg)?;
+        let ring = Ring::read(data_dir).map_err(|reason| ConfigError {
+            key: "storage.path".into(),
             reason,
-        };
-        let algorithm: Algorithm = cfg.algorithm.parse().map_err(|_| ConfigError {
-            key: "jwt.algorithm".into(),
-            reason: format!("{:?} is not supported", cfg.algorithm),
         })?;
-        let bytes = material.expose().as_bytes();
-        let (encoding, decoding, public) = match algorithm {
-            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
-                if bytes.len() < 32 {
-                    return Err(err("an HMAC key must be at least 32 bytes".into()));
-                }
-                (
-                    EncodingKey::from_secret(bytes),
-                    DecodingKey::from_secret(bytes),
-                    bytes.to_vec(),
-                )
-            }
-            other => asymmetric_keys(other, bytes).map_err(err)?,
-        };
-        let kid = hex::encode(&ring::digest::digest(&ring::digest::SHA256, &public).as_ref()[..8]);
-        let mut header = Header::new(algorithm);
-        header.kid = Some(kid);
-
-        // jsonwebtoken checks the algorithm and the signature only: every claim rule
-        // (times in milliseconds, iss/aud, sub, type) is in `check`, in PyJWT's order.
-        let mut validation = Validation::new(algorithm);
-        validation.validate_exp = false;
-        validation.validate_nbf = false;
-        validation.validate_aud = false;
-        validation.set_required_spec_claims::<&str>(&[]);
+        let set = build_set(cfg, algorithm, data_dir, &ring)?;
         let millis = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         let secs = |d: std::time::Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
         Ok(JwtKeys {
-            header,
-            encoding,
-            decoding,
-            validation,
+            set: RwLock::new(Arc::new(set)),
+            ring_writes: Mutex::new(()),
+            config: cfg.clone(),
+            algorithm,
+            data_dir: data_dir.to_path_buf(),
             issuer: cfg.issuer.clone(),
             audience: cfg.audience.clone(),
             access_ttl: secs(cfg.access_ttl),
@@ -180,8 +158,127 @@ impl JwtKeys {
         })
     }
 
-    pub fn kid(&self) -> &str {
-        self.header.kid.as_deref().unwrap_or_default()
+    /// For `check-config`: loads configured key files without touching the data
+    /// directory (a generated key needs no checking).
+    pub fn check(cfg: &JwtConfig) -> Result<(), ConfigError> {
+        let algorithm = parse_algorithm(cfg)?;
+        if let Some(path) = &cfg.signing_key_file {
+            let material = crate::config::read_secret_file("jwt.signing_key_file", path)?;
+            Key::from_material(
+                algorithm,
+                material.expose().as_bytes(),
+                KeyOrigin::Configured,
+                None,
+            )
+            .map_err(|reason| ConfigError::new("jwt.signing_key_file", reason))?;
+        }
+        previous_keys(cfg, algorithm)?;
+        Ok(())
+    }
+
+    /// The live key set as of now.
+    pub fn current(&self) -> Arc<KeySet> {
+        self.set
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The `kid` new tokens carry.
+    pub fn kid(&self) -> String {
+        self.current().signing().kid.clone()
+    }
+
+    /// The JWKS document (RFC 7517) of the live keys, or `None` when the configured
+    /// algorithm is HMAC: a symmetric key is never published.
+    pub fn jwks(&self) -> Option<Arc<KeySet>> {
+        (!keys::is_hmac(self.algorithm)).then(|| self.current())
+    }
+
+    pub fn algorithm_name(&self) -> &'static str {
+        keys::algorithm_name(self.algorithm)
+    }
+
+    /// Every live key, newest first, as `wxauth keys list` prints it.
+    pub fn list(&self) -> Vec<serde_json::Value> {
+        let set = self.current();
+        let signing = set.signing().kid.clone();
+        set.keys
+            .iter()
+            .map(|key| key_view(key, key.kid == signing))
+            .collect()
+    }
+
+    /// Adds a key to the ring (the given PEM or secret, or a new one of the
+    /// configured algorithm) and makes it the signing key. Older keys keep verifying.
+    pub fn rotate(&self, material: Option<&Secret>) -> Result<serde_json::Value, KeyError> {
+        let _writing = self
+            .ring_writes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let material = match material {
+            Some(given) => given.clone(),
+            None => Secret::new(generate_material(self.algorithm)?),
+        };
+        let created_ms = now_ms();
+        let key = Key::from_material(
+            self.algorithm,
+            material.expose().as_bytes(),
+            KeyOrigin::Rotated,
+            Some(created_ms),
+        )
+        .map_err(KeyError::Unusable)?;
+        let mut ring = Ring::read(&self.data_dir).map_err(KeyError::Unusable)?;
+        if self.current().by_kid(&key.kid).is_some() || ring.retired.contains(&key.kid) {
+            return Err(KeyError::Duplicate(key.kid));
+        }
+        ring.keys.push(RingKey {
+            kid: key.kid.clone(),
+            algorithm: keys::algorithm_name(self.algorithm).into(),
+            created_ms,
+            material: material.expose().to_string(),
+        });
+        let set = self.commit(&ring)?;
+        let signing = set.signing();
+        Ok(key_view(signing, true))
+    }
+
+    /// Stops the key `kid` verifying anything. The signing key cannot be retired.
+    pub fn retire(&self, kid: &str) -> Result<(), KeyError> {
+        let _writing = self
+            .ring_writes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let current = self.current();
+        let key = current
+            .by_kid(kid)
+            .ok_or_else(|| KeyError::NoSuchKey(kid.to_string()))?;
+        if current.signing().kid == kid {
+            return Err(KeyError::Signing(kid.to_string()));
+        }
+        let mut ring = Ring::read(&self.data_dir).map_err(KeyError::Unusable)?;
+        if key.origin == KeyOrigin::Rotated {
+            // Its material is gone for good: nothing can bring it back by mistake.
+            ring.keys.retain(|k| k.kid != kid);
+        } else if !ring.retired.iter().any(|k| k == kid) {
+            ring.retired.push(kid.to_string());
+        }
+        self.commit(&ring)?;
+        Ok(())
+    }
+
+    /// Builds the set `ring` describes, writes `ring` (only when the set is whole),
+    /// then makes the set live.
+    fn commit(&self, ring: &Ring) -> Result<Arc<KeySet>, KeyError> {
+        let set = build_set(&self.config, self.algorithm, &self.data_dir, ring)
+            .map_err(|e| KeyError::Unusable(e.to_string()))?;
+        ring.write(&self.data_dir).map_err(KeyError::Unusable)?;
+        let set = Arc::new(set);
+        *self
+            .set
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = set.clone();
+        Ok(set)
     }
 
     /// Signs a new token of `kind` for `user_id` carrying the user's token `stamp`,
@@ -203,18 +300,193 @@ impl JwtKeys {
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
         };
-        let token = jsonwebtoken::encode(&self.header, &claims, &self.encoding)
+        let set = self.current();
+        let key = set.signing();
+        let token = jsonwebtoken::encode(&key.header, &claims, &key.encoding)
             .expect("signing with a validated key cannot fail");
         Signed { token, claims }
     }
 
     /// The claims of a token whose algorithm and signature are right. Nothing else is
     /// checked here: [`check`] decides whether the token counts.
+    ///
+    /// The header's `kid` picks the key; a token without one (simplejwt's own) is
+    /// tried against the live keys of its algorithm.
     fn decode_signed(&self, token: &str) -> Result<Claims, TokenError> {
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map(|data| data.claims)
-            .map_err(|_| TokenError::Invalid)
+        let set = self.current();
+        let decode = |key: &Key| {
+            jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.validation)
+                .map(|data| data.claims)
+                .map_err(|_| TokenError::Invalid)
+        };
+        // One live key (no rotation under way): it is the only candidate, and the
+        // header need not be read twice on the hot path.
+        if let [only] = set.keys.as_slice() {
+            return decode(only);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid)?;
+        match header.kid.as_deref() {
+            Some(kid) => decode(set.by_kid(kid).ok_or(TokenError::Invalid)?),
+            None => set
+                .keys
+                .iter()
+                .filter(|key| key.algorithm == header.alg)
+                .find_map(|key| decode(key).ok())
+                .ok_or(TokenError::Invalid),
+        }
     }
+}
+
+fn parse_algorithm(cfg: &JwtConfig) -> Result<Algorithm, ConfigError> {
+    Ok(match cfg.algorithm {
+        SigningAlgorithm::HS256 => Algorithm::HS256,
+        SigningAlgorithm::HS384 => Algorithm::HS384,
+        SigningAlgorithm::HS512 => Algorithm::HS512,
+        SigningAlgorithm::RS256 => Algorithm::RS256,
+        SigningAlgorithm::ES256 => Algorithm::ES256,
+        SigningAlgorithm::EdDSA => Algorithm::EdDSA,
+    })
+}
+
+/// What `wxauth keys list` and `rotate` print for a key: never its material.
+fn key_view(key: &Key, signing: bool) -> serde_json::Value {
+    serde_json::json!({
+        "kid": key.kid,
+        "algorithm": keys::algorithm_name(key.algorithm),
+        "origin": key.origin,
+        "signing": signing,
+        "created_at": key.created_ms.map(|ms| crate::users::rfc3339(ms / 1000)),
+        "published": key.jwk.is_some(),
+    })
+}
+
+/// A new key of `algorithm` for the ring.
+fn generate_material(algorithm: Algorithm) -> Result<String, KeyError> {
+    use crate::cli::{generate_key, KeyAlgorithm};
+    Ok(match algorithm {
+        Algorithm::HS512 => crate::random_hex(64),
+        Algorithm::HS256 | Algorithm::HS384 => crate::random_hex(32),
+        Algorithm::ES256 => generate_key(KeyAlgorithm::Es256),
+        Algorithm::EdDSA => generate_key(KeyAlgorithm::EdDsa),
+        _ => return Err(KeyError::CannotGenerate),
+    })
+}
+
+/// The keys of `jwt.previous_key_files`. Each may be of another algorithm than the
+/// configured one (a move from HMAC to a key pair keeps the old tokens): a PEM file
+/// is tried as the configured algorithm first, then RS256, ES256 and EdDSA; anything
+/// else is an HMAC secret (the configured HMAC algorithm, or HS256).
+fn previous_keys(cfg: &JwtConfig, configured: Algorithm) -> Result<Vec<Key>, ConfigError> {
+    let mut keys = Vec::new();
+    for path in &cfg.previous_key_files {
+        let name = "jwt.previous_key_files";
+        let material = crate::config::read_secret_file(name, path)?;
+        let bytes = material.expose().as_bytes();
+        let is_pem = material.expose().trim_start().starts_with("-----BEGIN");
+        let hmac = keys::is_hmac(configured);
+        let candidates: Vec<Algorithm> = match (is_pem, hmac) {
+            (true, false) => vec![
+                configured,
+                Algorithm::RS256,
+                Algorithm::ES256,
+                Algorithm::EdDSA,
+            ],
+            (true, true) => vec![Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA],
+            (false, true) => vec![configured],
+            (false, false) => vec![Algorithm::HS256],
+        };
+        let key = candidates
+            .into_iter()
+            .find_map(|alg| Key::from_material(alg, bytes, KeyOrigin::Previous, None).ok())
+            .ok_or_else(|| {
+                ConfigError::new(
+                    name,
+                    format!(
+                        "{} is neither a PEM private key (RS256, ES256, EdDSA) nor an HMAC \
+                         secret of at least 32 bytes",
+                        path.display()
+                    ),
+                )
+            })?;
+        keys.push(key);
+    }
+    Ok(keys)
+}
+
+/// The live keys, newest ring key first, then the base key and the previous keys,
+/// without the retired ones; the newest ring key of `algorithm` signs, else the
+/// base key.
+fn build_set(
+    cfg: &JwtConfig,
+    algorithm: Algorithm,
+    data_dir: &Path,
+    ring: &Ring,
+) -> Result<KeySet, ConfigError> {
+    let ring_error = |reason: String| ConfigError {
+        key: "storage.path".into(),
+        reason,
+    };
+    let base_material = match &cfg.signing_key_file {
+        Some(path) => (
+            crate::config::read_secret_file("jwt.signing_key_file", path)?,
+            KeyOrigin::Configured,
+        ),
+        None => (
+            load_or_generate_hmac_key(data_dir).map_err(|e| ConfigError {
+                key: "storage.path".into(),
+                reason: format!("cannot create the signing key: {e}"),
+            })?,
+            KeyOrigin::Generated,
+        ),
+    };
+    let base = Key::from_material(
+        algorithm,
+        base_material.0.expose().as_bytes(),
+        base_material.1,
+        None,
+    )
+    .map_err(|reason| ConfigError::new("jwt.signing_key_file", reason))?;
+
+    let mut keys: Vec<Key> = Vec::new();
+    for stored in ring.keys.iter().rev() {
+        let alg: Algorithm = stored.algorithm.parse().map_err(|_| {
+            ring_error(format!(
+                "{KEYRING_FILE}: key {} has an unknown algorithm",
+                stored.kid
+            ))
+        })?;
+        let key = Key::from_material(
+            alg,
+            stored.material.as_bytes(),
+            KeyOrigin::Rotated,
+            Some(stored.created_ms),
+        )
+        .map_err(|e| ring_error(format!("{KEYRING_FILE}: key {}: {e}", stored.kid)))?;
+        if key.kid != stored.kid {
+            return Err(ring_error(format!(
+                "{KEYRING_FILE}: key {} does not match its kid: the file is damaged",
+                stored.kid
+            )));
+        }
+        keys.push(key);
+    }
+    keys.push(base);
+    keys.extend(previous_keys(cfg, algorithm)?);
+    let mut seen = std::collections::HashSet::new();
+    keys.retain(|key| !ring.retired.contains(&key.kid) && seen.insert(key.kid.clone()));
+    let signing = keys
+        .iter()
+        .position(|key| key.algorithm == algorithm && key.origin == KeyOrigin::Rotated)
+        .or_else(|| {
+            keys.iter()
+                .position(|key| matches!(key.origin, KeyOrigin::Configured | KeyOrigin::Generated))
+        })
+        .ok_or_else(|| {
+            ring_error(format!(
+                "every key able to sign is retired ({KEYRING_FILE}): run `wxauth keys rotate`"
+            ))
+        })?;
+    Ok(KeySet::new(keys, signing))
 }
 
 /// The generated key lives in the data directory so that tokens survive restarts.
@@ -225,44 +497,58 @@ fn load_or_generate_hmac_key(data_dir: &Path) -> std::io::Result<crate::secret::
     })
 }
 
-/// Signing and verification keys from a PEM private key (PKCS#8; PKCS#1 for RSA).
-/// ring derives the public half, so one file configures both.
-fn asymmetric_keys(
-    alg: Algorithm,
-    pem_text: &[u8],
-) -> Result<(EncodingKey, DecodingKey, Vec<u8>), String> {
-    use ring::signature::{self, KeyPair};
-    let bad = |e: String| format!("not a usable {alg:?} private key: {e}");
-    let der = pem::parse(pem_text).map_err(|e| bad(e.to_string()))?;
-    let der = der.contents();
-    match alg {
-        Algorithm::RS256 => {
-            let pair = signature::RsaKeyPair::from_pkcs8(der)
-                .or_else(|_| signature::RsaKeyPair::from_der(der))
-                .map_err(|e| bad(e.to_string()))?;
-            let public = pair.public().as_ref().to_vec();
-            let enc = EncodingKey::from_rsa_pem(pem_text).map_err(|e| bad(e.to_string()))?;
-            Ok((enc, DecodingKey::from_rsa_der(&public), public))
-        }
-        Algorithm::ES256 => {
-            let rng = ring::rand::SystemRandom::new();
-            let pair = signature::EcdsaKeyPair::from_pkcs8(
-                &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-                der,
-                &rng,
-            )
-            .map_err(|e| bad(e.to_string()))?;
-            let public = pair.public_key().as_ref().to_vec();
-            let enc = EncodingKey::from_ec_pem(pem_text).map_err(|e| bad(e.to_string()))?;
-            Ok((enc, DecodingKey::from_ec_der(&public), public))
-        }
-        Algorithm::EdDSA => {
-            let pair = signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(der)
-                .map_err(|e| bad(e.to_string()))?;
-            let public = pair.public_key().as_ref().to_vec();
-            let enc = EncodingKey::from_ed_pem(pem_text).map_err(|e| bad(e.to_string()))?;
-            Ok((enc, DecodingKey::from_ed_der(&public), public))
-        }
-        other => Err(format!("{other:?} is not supported")),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims_of(keys: &JwtKeys, token: &str) -> Result<Claims, TokenError> {
+        keys.decode_signed(token)
+    }
+
+    #[test]
+    fn after_a_rotation_tokens_verify_by_kid_and_without_one_by_trying_each_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = JwtKeys::load(&JwtConfig::default(), dir.path()).unwrap();
+        let old = keys.sign(TokenType::Access, 7, 0, now_ms() / 1000);
+        let old_secret = std::fs::read(dir.path().join(GENERATED_KEY_FILE)).unwrap();
+        let first_kid = keys.kid();
+        let made = keys.rotate(None).unwrap();
+        assert_ne!(made["kid"], first_kid.as_str());
+        let new = keys.sign(TokenType::Access, 7, 0, now_ms() / 1000);
+        assert_eq!(claims_of(&keys, &old.token).unwrap().user_id, 7);
+        assert_eq!(claims_of(&keys, &new.token).unwrap().user_id, 7);
+
+        // simplejwt's tokens carry no kid: the old secret still verifies them.
+        let no_kid = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &old.claims,
+            &jsonwebtoken::EncodingKey::from_secret(&old_secret),
+        )
+        .unwrap();
+        assert!(claims_of(&keys, &no_kid).is_ok());
+
+        keys.retire(&first_kid).unwrap();
+        assert!(matches!(
+            claims_of(&keys, &old.token),
+            Err(TokenError::Invalid)
+        ));
+        assert!(matches!(
+            claims_of(&keys, &no_kid),
+            Err(TokenError::Invalid)
+        ));
+        assert!(claims_of(&keys, &new.token).is_ok());
+        assert!(matches!(
+            keys.retire(&keys.kid()),
+            Err(KeyError::Signing(_))
+        ));
+
+        // The next start sees the same set.
+        let again = JwtKeys::load(&JwtConfig::default(), dir.path()).unwrap();
+        assert_eq!(again.kid(), keys.kid());
+        assert!(matches!(
+            claims_of(&again, &old.token),
+            Err(TokenError::Invalid)
+        ));
+        assert!(claims_of(&again, &new.token).is_ok());
     }
 }

@@ -1,0 +1,72 @@
+//! The CLI's side: talk to the running server over its socket, or, with no server
+//! running, open the data directory and run the command directly.
+
+use super::commands::{execute, WriteTarget};
+use super::protocol::{Request, SOCKET_FILE, STATUS_KEY};
+use super::AdminError;
+use crate::actors::registry::UserRegistry;
+use crate::config::Config;
+use crate::storage::{self, StorageError};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+
+/// The CLI's side: send `request` to the running server, or, when none answers on
+/// the socket, run it on the data directory directly. Output goes to `out`.
+pub fn run(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), AdminError> {
+    let data_dir = &cfg.storage.path;
+    if let Ok(stream) = UnixStream::connect(data_dir.join(SOCKET_FILE)) {
+        return remote(stream, request, out);
+    }
+    // A wrong storage.path must not quietly become a new, empty database.
+    if !data_dir.is_dir() {
+        return Err(AdminError::Refused(format!(
+            "no data directory at {}: check storage.path (nothing was created)",
+            data_dir.display()
+        )));
+    }
+    let store = match storage::open(&cfg.storage) {
+        Ok(store) => store,
+        Err(StorageError::Locked(path)) => {
+            return Err(AdminError::Refused(format!(
+                "a wxauth server holds {path} but does not answer on its {SOCKET_FILE}"
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let registry = UserRegistry::new(store.clone(), cfg.wechat.link_by_unionid)?;
+    let mut writes = WriteTarget::Direct {
+        store: store.clone(),
+        registry,
+        jwt: cfg.jwt.clone(),
+    };
+    execute(request, store.as_ref(), data_dir, &mut writes, out)
+}
+
+fn remote(stream: UnixStream, request: &Request, out: &mut dyn Write) -> Result<(), AdminError> {
+    let mut writer = stream.try_clone()?;
+    serde_json::to_writer(&mut writer, request).map_err(std::io::Error::from)?;
+    writer.write_all(b"\n")?;
+    for text in BufReader::new(stream).lines() {
+        let text = text?;
+        if text.contains(STATUS_KEY) {
+            if let Ok(status) = serde_json::from_str::<Value>(&text) {
+                match status[STATUS_KEY].as_str() {
+                    Some("ok") => return Ok(()),
+                    Some(_) => {
+                        let error = status["error"]
+                            .as_str()
+                            .unwrap_or("the server refused the command");
+                        return Err(AdminError::Server(error.to_string()));
+                    }
+                    None => {}
+                }
+            }
+        }
+        out.write_all(text.as_bytes())?;
+        out.write_all(b"\n")?;
+    }
+    Err(AdminError::Server(
+        "the server closed the connection early".into(),
+    ))
+}

@@ -1,0 +1,245 @@
+//! The commands themselves, run the same way by the server and by the CLI on its own.
+
+use super::protocol::{write_line, Request};
+use super::{backup, AdminError};
+use crate::actors::access_token::{self, AccessTokenKeeper, CheckSession};
+use crate::actors::issuer::{RevokeUserFamilies, TokenIssuer};
+use crate::actors::registry::{RevokeTokens, SetDisabled, UserRegistry};
+use crate::config::JwtConfig;
+use crate::storage::{GroupCommit, Store, Tree};
+use crate::tokens::{records, JwtKeys};
+use crate::users::{self, User, UserId};
+use actix::Addr;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The operator's view of a user: everything but the session key.
+pub fn user_view(user: &User) -> Value {
+    json!({
+        "id": user.id,
+        "appid": user.appid,
+        "openid": user.openid,
+        "unionid": user.unionid,
+        "created_at": users::rfc3339(user.created_at),
+        "last_login_at": users::rfc3339(user.last_login_at),
+        "disabled": user.disabled,
+        "phone_number": user.phone.as_ref().map(|p| &p.phone_number),
+        "pure_phone_number": user.phone.as_ref().map(|p| &p.pure_phone_number),
+        "country_code": user.phone.as_ref().map(|p| &p.country_code),
+    })
+}
+
+/// Where a command's writes go.
+pub enum WriteTarget {
+    /// Through the running server's owner actors, then its group commit.
+    Server {
+        registry: Addr<UserRegistry>,
+        issuer: Addr<TokenIssuer>,
+        keeper: Addr<AccessTokenKeeper>,
+        commit: GroupCommit,
+        runtime: tokio::runtime::Handle,
+        keys: Arc<JwtKeys>,
+    },
+    /// Straight into the data directory (no server holds it), flushed at once.
+    Direct {
+        store: Arc<dyn Store>,
+        registry: UserRegistry,
+        /// Keys are loaded only by the `keys` commands: listing users needs no key file.
+        jwt: JwtConfig,
+    },
+}
+
+fn mailbox(e: actix::MailboxError) -> AdminError {
+    AdminError::Server(format!("the server is shutting down ({e})"))
+}
+
+impl WriteTarget {
+    /// The server's live key set, or the data directory's when no server runs.
+    fn keys(&self, data_dir: &Path) -> Result<Arc<JwtKeys>, AdminError> {
+        match self {
+            WriteTarget::Server { keys, .. } => Ok(keys.clone()),
+            WriteTarget::Direct { jwt, .. } => JwtKeys::load(jwt, data_dir)
+                .map(Arc::new)
+                .map_err(|e| AdminError::Refused(e.to_string())),
+        }
+    }
+
+    fn set_disabled(&mut self, id: UserId, disabled: bool) -> Result<Option<User>, AdminError> {
+        match self {
+            WriteTarget::Server {
+                registry,
+                commit,
+                runtime,
+                ..
+            } => runtime.block_on(async {
+                let user = registry
+                    .send(SetDisabled {
+                        user_id: id,
+                        disabled,
+                    })
+                    .await
+                    .map_err(mailbox)??;
+                commit.durable().await?;
+                Ok(user)
+            }),
+            WriteTarget::Direct {
+                store, registry, ..
+            } => {
+                let user = registry.set_disabled(id, disabled)?;
+                store.flush()?;
+                Ok(user)
+            }
+        }
+    }
+
+    /// Asks WeChat (with the server's access token) whether it holds `user`'s
+    /// session key. Only through the running server: a second process fetching a
+    /// token of its own is what the keeper exists to prevent.
+    fn check_session(&mut self, user: &User) -> Result<bool, AdminError> {
+        match self {
+            WriteTarget::Server {
+                keeper, runtime, ..
+            } => runtime.block_on(async {
+                keeper
+                    .send(CheckSession {
+                        appid: user.appid.clone(),
+                        openid: user.openid.clone(),
+                        signature: crate::wechat_crypto::checksession_signature(
+                            user.session_key.expose(),
+                        ),
+                    })
+                    .await
+                    .map_err(mailbox)?
+                    .map_err(|e| AdminError::Server(format!("WeChat: {e}")))
+            }),
+            WriteTarget::Direct { .. } => Err(AdminError::Refused(
+                "check-session needs the running server (it holds WeChat's access token): start it first".into(),
+            )),
+        }
+    }
+
+    /// Sets the user's `tokens_not_before` and revokes its refresh-token families.
+    fn revoke_tokens(&mut self, id: UserId) -> Result<Option<usize>, AdminError> {
+        match self {
+            WriteTarget::Server {
+                registry,
+                issuer,
+                runtime,
+                ..
+            } => runtime.block_on(async {
+                if registry
+                    .send(RevokeTokens { user_id: id })
+                    .await
+                    .map_err(mailbox)??
+                    .is_none()
+                {
+                    return Ok(None);
+                }
+                // Durable on return; its commit also covers the registry's write.
+                let families = issuer
+                    .send(RevokeUserFamilies { user_id: id })
+                    .await
+                    .map_err(mailbox)??;
+                Ok(Some(families))
+            }),
+            WriteTarget::Direct {
+                store, registry, ..
+            } => {
+                if registry.revoke_tokens(id)?.is_none() {
+                    return Ok(None);
+                }
+                let families =
+                    records::revoke_user_families(store.as_ref(), id, crate::now_unix())?;
+                store.flush()?;
+                Ok(Some(families))
+            }
+        }
+    }
+}
+
+/// Runs one request, writing its output as JSON lines to `out`. Reads (and the
+/// backup's snapshot) use `store` directly; writes go through `writes`.
+pub fn execute(
+    request: &Request,
+    store: &dyn Store,
+    data_dir: &Path,
+    writes: &mut WriteTarget,
+    out: &mut dyn Write,
+) -> Result<(), AdminError> {
+    match *request {
+        Request::UsersList => {
+            let mut result = Ok(());
+            store.for_each(Tree::Users, &mut |_, value| {
+                result = users::decode(value)
+                    .map_err(AdminError::from)
+                    .and_then(|user| Ok(write_line(out, &user_view(&user))?));
+                if result.is_ok() {
+                    std::ops::ControlFlow::Continue(())
+                } else {
+                    std::ops::ControlFlow::Break(())
+                }
+            })?;
+            result
+        }
+        Request::UsersShow { id } => {
+            let user = users::load(store, id)?.ok_or(AdminError::NoSuchUser(id))?;
+            Ok(write_line(out, &user_view(&user))?)
+        }
+        Request::UsersSetDisabled { id, disabled } => {
+            let user = writes
+                .set_disabled(id, disabled)?
+                .ok_or(AdminError::NoSuchUser(id))?;
+            Ok(write_line(out, &user_view(&user))?)
+        }
+        Request::TokensRevoke { user } => {
+            let families = writes
+                .revoke_tokens(user)?
+                .ok_or(AdminError::NoSuchUser(user))?;
+            Ok(write_line(
+                out,
+                &json!({ "user_id": user, "families_revoked": families }),
+            )?)
+        }
+        Request::WechatToken { ref appid } => {
+            let appids = match appid {
+                Some(appid) => vec![appid.clone()],
+                None => access_token::stored_appids(store)?,
+            };
+            for appid in appids {
+                let status = access_token::status(store, &appid)?;
+                write_line(out, &json!(status))?;
+            }
+            Ok(())
+        }
+        Request::UsersCheckSession { id } => {
+            let user = users::load(store, id)?.ok_or(AdminError::NoSuchUser(id))?;
+            let held = writes.check_session(&user)?;
+            Ok(write_line(
+                out,
+                &json!({ "user_id": id, "appid": user.appid, "session_key_valid": held }),
+            )?)
+        }
+        Request::Backup => match writes {
+            // The server's writers wait only while the snapshot is written to disk.
+            WriteTarget::Server { .. } => backup::spooled_backup(store, data_dir, out),
+            // No server: nobody waits, and `out` is the operator's file already.
+            WriteTarget::Direct { .. } => backup::backup(store, data_dir, out),
+        },
+        Request::KeysList => {
+            for key in writes.keys(data_dir)?.list() {
+                write_line(out, &key)?;
+            }
+            Ok(())
+        }
+        Request::KeysRotate { ref key } => {
+            let made = writes.keys(data_dir)?.rotate(key.as_ref())?;
+            Ok(write_line(out, &made)?)
+        }
+        Request::KeysRetire { ref kid } => {
+            writes.keys(data_dir)?.retire(kid)?;
+            Ok(write_line(out, &json!({ "retired": kid }))?)
+        }
+    }
+}

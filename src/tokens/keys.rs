@@ -1,0 +1,264 @@
+//! The key set: every key that verifies tokens, the one that signs, and the public
+//! half of each asymmetric key as a JWK (RFC 7517).
+//!
+//! Keys come from three places:
+//! - the base key: `jwt.signing_key_file`, or else the generated HMAC key in
+//!   `storage.path/jwt_signing_key`;
+//! - `jwt.previous_key_files`: older keys, for verification only;
+//! - the key ring, `storage.path/jwt_keys.json` (0600): keys made by
+//!   `wxauth keys rotate`, oldest first, and the kids retired by `wxauth keys retire`.
+//!
+//! The newest ring key of the configured algorithm signs; with none, the base key
+//! does. Every key that is not retired verifies the tokens whose header names its
+//! `kid` (a token without `kid`, like simplejwt's own, is tried against the keys of
+//! its algorithm). A key verifies only its own algorithm, so no HMAC key can be fed
+//! a public key.
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::path::Path;
+
+/// The key ring's file in the data directory.
+pub const KEYRING_FILE: &str = "jwt_keys.json";
+
+/// Where a key came from, as `wxauth keys list` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyOrigin {
+    /// `jwt.signing_key_file`.
+    Configured,
+    /// `jwt.previous_key_files`: verification only.
+    Previous,
+    /// The generated `jwt_signing_key` of the data directory.
+    Generated,
+    /// Made by `wxauth keys rotate` (the key ring).
+    Rotated,
+}
+
+/// One key: what signs and verifies with it, and its public JWK.
+pub struct Key {
+    pub kid: String,
+    pub algorithm: Algorithm,
+    pub origin: KeyOrigin,
+    /// When `wxauth keys rotate` made it (unix ms); `None` for configured keys.
+    pub created_ms: Option<i64>,
+    pub(super) header: Header,
+    pub(super) encoding: EncodingKey,
+    pub(super) decoding: DecodingKey,
+    pub(super) validation: Validation,
+    /// The public key as a JWK; `None` for HMAC keys.
+    pub jwk: Option<Value>,
+}
+
+impl Key {
+    /// A key from its material: an HMAC secret (at least 32 bytes) or a PEM private
+    /// key (PKCS#8; PKCS#1 for RSA). The `kid` is derived from the public half (the
+    /// secret's hash for HMAC), so the same key always has the same `kid`.
+    pub fn from_material(
+        algorithm: Algorithm,
+        material: &[u8],
+        origin: KeyOrigin,
+        created_ms: Option<i64>,
+    ) -> Result<Key, String> {
+        let (encoding, decoding, public, jwk_fields) = match algorithm {
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
+                if material.len() < 32 {
+                    return Err("an HMAC key must be at least 32 bytes".into());
+                }
+                (
+                    EncodingKey::from_secret(material),
+                    DecodingKey::from_secret(material),
+                    material.to_vec(),
+                    None,
+                )
+            }
+            other => {
+                let (enc, dec, public, jwk) = asymmetric_keys(other, material)?;
+                (enc, dec, public, Some(jwk))
+            }
+        };
+        let kid = hex::encode(&ring::digest::digest(&ring::digest::SHA256, &public).as_ref()[..8]);
+        let mut header = Header::new(algorithm);
+        header.kid = Some(kid.clone());
+        // jsonwebtoken checks the algorithm and the signature only: every claim rule
+        // (times in milliseconds, iss/aud, sub, type) is in `check`, in PyJWT's order.
+        let mut validation = Validation::new(algorithm);
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.validate_aud = false;
+        validation.set_required_spec_claims::<&str>(&[]);
+        let jwk = jwk_fields.map(|mut fields: Value| {
+            fields["kid"] = json!(kid);
+            fields["alg"] = json!(algorithm_name(algorithm));
+            fields["use"] = json!("sig");
+            fields
+        });
+        Ok(Key {
+            kid,
+            algorithm,
+            origin,
+            created_ms,
+            header,
+            encoding,
+            decoding,
+            validation,
+            jwk,
+        })
+    }
+}
+
+pub fn is_hmac(algorithm: Algorithm) -> bool {
+    matches!(
+        algorithm,
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
+    )
+}
+
+pub fn algorithm_name(algorithm: Algorithm) -> &'static str {
+    match algorithm {
+        Algorithm::HS256 => "HS256",
+        Algorithm::HS384 => "HS384",
+        Algorithm::HS512 => "HS512",
+        Algorithm::RS256 => "RS256",
+        Algorithm::ES256 => "ES256",
+        Algorithm::EdDSA => "EdDSA",
+        // Never configured: `jwt.algorithm` is one of the six above.
+        _ => "unsupported",
+    }
+}
+
+/// Every live key, and which one signs. Immutable: a rotation builds a new set.
+pub struct KeySet {
+    pub keys: Vec<Key>,
+    /// Index into `keys`.
+    pub signing: usize,
+    /// `{"keys": [...]}` of the asymmetric keys, serialized once.
+    pub jwks: String,
+}
+
+impl KeySet {
+    pub fn new(keys: Vec<Key>, signing: usize) -> KeySet {
+        let jwks: Vec<&Value> = keys.iter().filter_map(|k| k.jwk.as_ref()).collect();
+        let jwks = json!({ "keys": jwks }).to_string();
+        KeySet {
+            keys,
+            signing,
+            jwks,
+        }
+    }
+
+    pub fn signing(&self) -> &Key {
+        &self.keys[self.signing]
+    }
+
+    pub fn by_kid(&self, kid: &str) -> Option<&Key> {
+        self.keys.iter().find(|k| k.kid == kid)
+    }
+}
+
+/// One key made by `wxauth keys rotate`, as the key ring file stores it.
+#[derive(Serialize, Deserialize)]
+pub struct RingKey {
+    pub kid: String,
+    pub algorithm: String,
+    pub created_ms: i64,
+    /// The HMAC secret or the PEM private key.
+    pub material: String,
+}
+
+/// `jwt_keys.json`: rotated keys, oldest first, and the kids that no longer verify.
+#[derive(Default, Serialize, Deserialize)]
+pub struct Ring {
+    #[serde(default)]
+    pub keys: Vec<RingKey>,
+    /// Retired keys that are not in `keys` (the base key, a previous key file):
+    /// their material stays where the operator put it, but they verify nothing.
+    #[serde(default)]
+    pub retired: Vec<String>,
+}
+
+impl Ring {
+    /// The ring in `data_dir`, empty when there is no file yet.
+    pub fn read(data_dir: &Path) -> Result<Ring, String> {
+        let path = data_dir.join(KEYRING_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| format!("{} is damaged: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Ring::default()),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+
+    /// Replaces the file whole (0600), or leaves the old one on any error.
+    pub fn write(&self, data_dir: &Path) -> Result<(), String> {
+        let path = data_dir.join(KEYRING_FILE);
+        let text = serde_json::to_vec_pretty(self).expect("the key ring serializes");
+        crate::fsutil::create_private_dir(data_dir)
+            .and_then(|()| crate::fsutil::write_atomically(&path, &text))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    }
+}
+
+/// Signing and verification keys from a PEM private key (PKCS#8; PKCS#1 for RSA),
+/// the public key's bytes (what the `kid` hashes) and its JWK members.
+/// ring derives the public half, so one file configures both.
+fn asymmetric_keys(
+    alg: Algorithm,
+    pem_text: &[u8],
+) -> Result<(EncodingKey, DecodingKey, Vec<u8>, Value), String> {
+    use base64::Engine;
+    use ring::signature::{self, KeyPair};
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let bad = |e: String| format!("not a usable {alg:?} private key: {e}");
+    let der = pem::parse(pem_text).map_err(|e| bad(e.to_string()))?;
+    let der = der.contents();
+    match alg {
+        Algorithm::RS256 => {
+            let pair = signature::RsaKeyPair::from_pkcs8(der)
+                .or_else(|_| signature::RsaKeyPair::from_der(der))
+                .map_err(|e| bad(e.to_string()))?;
+            let public = pair.public().as_ref().to_vec();
+            let parts = ring::rsa::PublicKeyComponents::<Vec<u8>>::from(pair.public());
+            // RFC 7518 §6.3.1: unsigned big-endian, no leading zero octets.
+            let unsigned = |bytes: &[u8]| {
+                let start = bytes.iter().position(|&b| b != 0).unwrap_or(bytes.len());
+                b64(&bytes[start..])
+            };
+            let jwk = json!({ "kty": "RSA", "n": unsigned(&parts.n), "e": unsigned(&parts.e) });
+            let enc = EncodingKey::from_rsa_pem(pem_text).map_err(|e| bad(e.to_string()))?;
+            Ok((enc, DecodingKey::from_rsa_der(&public), public, jwk))
+        }
+        Algorithm::ES256 => {
+            let rng = ring::rand::SystemRandom::new();
+            let pair = signature::EcdsaKeyPair::from_pkcs8(
+                &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                der,
+                &rng,
+            )
+            .map_err(|e| bad(e.to_string()))?;
+            let public = pair.public_key().as_ref().to_vec();
+            // An uncompressed point: 0x04, then x and y of 32 bytes each.
+            if public.len() != 65 || public[0] != 4 {
+                return Err(bad("not an uncompressed P-256 point".into()));
+            }
+            let jwk = json!({
+                "kty": "EC",
+                "crv": "P-256",
+                "x": b64(&public[1..33]),
+                "y": b64(&public[33..]),
+            });
+            let enc = EncodingKey::from_ec_pem(pem_text).map_err(|e| bad(e.to_string()))?;
+            Ok((enc, DecodingKey::from_ec_der(&public), public, jwk))
+        }
+        Algorithm::EdDSA => {
+            let pair = signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(der)
+                .map_err(|e| bad(e.to_string()))?;
+            let public = pair.public_key().as_ref().to_vec();
+            let jwk = json!({ "kty": "OKP", "crv": "Ed25519", "x": b64(&public) });
+            let enc = EncodingKey::from_ed_pem(pem_text).map_err(|e| bad(e.to_string()))?;
+            Ok((enc, DecodingKey::from_ed_der(&public), public, jwk))
+        }
+        other => Err(format!("{other:?} is not supported")),
+    }
+}
