@@ -30,6 +30,6 @@ fn keys() -> &'static JwtKeys {
 fuzz_target!(|data: &[u8]| {
     if let Ok(claims) = wxauth::fuzzing::fuzz_bearer(keys(), data) {
         // Only a token that verified: an access token, unexpired.
-        assert_eq!(claims.token_type, "access");
+        assert_eq!(claims.token_type, wxauth::tokens::TokenType::Access);
     }
 });
