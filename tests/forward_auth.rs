@@ -337,24 +337,7 @@ fn through(
     } else {
         agent().run(req.body(()).unwrap())
     };
-    let mut response = response.expect("request through nginx");
-    let status = response.status().as_u16();
-    let headers = response
-        .headers()
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().to_ascii_lowercase(),
-                v.to_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
-    let text = response.body_mut().read_to_string().unwrap_or_default();
-    Reply {
-        status,
-        headers,
-        text,
-    }
+    common::collect(Ok(response.expect("request through nginx")))
 }
 
 /// The values of header `name` the upstream received.

@@ -22,29 +22,13 @@ fn limited_server(extra_env: &[(&str, &str)]) -> (MockWeChat, TestServer) {
 /// A login attempt forwarded for `client`. The empty code is refused (400) after
 /// the limit is counted, so no WeChat call is made.
 fn attempt(server: &TestServer, client: &str) -> Reply {
-    let mut response = agent()
-        .post(&server.url("/api/weixin/login/"))
-        .header("Content-Type", "application/json")
-        .header("X-Forwarded-For", client)
-        .send(r#"{"code": ""}"#)
-        .expect("HTTP request failed");
-    let status = response.status().as_u16();
-    let headers = response
-        .headers()
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().to_ascii_lowercase(),
-                v.to_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
-    let text = response.body_mut().read_to_string().unwrap_or_default();
-    Reply {
-        status,
-        headers,
-        text,
-    }
+    common::collect(
+        agent()
+            .post(&server.url("/api/weixin/login/"))
+            .header("Content-Type", "application/json")
+            .header("X-Forwarded-For", client)
+            .send(r#"{"code": ""}"#),
+    )
 }
 
 fn assert_counted(reply: &Reply) {

@@ -265,7 +265,8 @@ pub fn agent() -> ureq::Agent {
     )
 }
 
-fn collect(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {
+/// A ureq result as the tests see it (any status is an answer).
+pub fn collect(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {
     let mut response = result.expect("HTTP request failed");
     let status = response.status().as_u16();
     let headers = response
