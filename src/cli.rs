@@ -131,39 +131,15 @@ pub enum KeyAlgorithm {
     EdDsa,
 }
 
-/// The DER before the 32-byte seed in a PKCS#8 v1 Ed25519 private key (RFC 8410,
-/// section 10.3): SEQUENCE { version 0, AlgorithmIdentifier { id-Ed25519 },
-/// OCTET STRING { OCTET STRING (32 bytes) } }.
-const ED25519_PKCS8_V1_PREFIX: [u8; 16] = [
-    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
-];
-
-/// A new signing key in the form `jwt.signing_key_file` reads: the PEM private keys
-/// are standard PKCS#8, which OpenSSL and Python's `cryptography` read too.
+/// A new signing key in the form `jwt.signing_key_file` reads (generated in
+/// [`crate::tokens::keys`], where rotation makes them too).
 pub fn generate_key(algorithm: KeyAlgorithm) -> String {
-    use ring::rand::SecureRandom;
-    use ring::signature::{EcdsaKeyPair, Ed25519KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
-    let rng = ring::rand::SystemRandom::new();
-    const RNG_FAILED: &str = "the OS random number generator failed";
-    let pkcs8 = match algorithm {
-        KeyAlgorithm::Hs256 => return format!("{}\n", crate::random_hex(32)),
-        KeyAlgorithm::Es256 => EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
-            .expect(RNG_FAILED)
-            .as_ref()
-            .to_vec(),
-        // Not ring's generate_pkcs8: that writes PKCS#8 v2 (the public key included)
-        // in a form OpenSSL 3 and `cryptography` refuse. v1 is the seed alone.
-        KeyAlgorithm::EdDsa => {
-            let mut seed = [0u8; 32];
-            rng.fill(&mut seed).expect(RNG_FAILED);
-            let mut der = ED25519_PKCS8_V1_PREFIX.to_vec();
-            der.extend_from_slice(&seed);
-            Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
-                .expect("a 32-byte seed is always a valid Ed25519 key");
-            der
-        }
-    };
-    pem::encode(&pem::Pem::new("PRIVATE KEY", pkcs8))
+    use crate::tokens::keys;
+    match algorithm {
+        KeyAlgorithm::Hs256 => format!("{}\n", crate::random_hex(32)),
+        KeyAlgorithm::Es256 => keys::generate_es256_pem(),
+        KeyAlgorithm::EdDsa => keys::generate_ed25519_pem(),
+    }
 }
 
 /// GET /healthz on the configured address (a wildcard bind is probed on loopback).

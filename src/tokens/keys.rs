@@ -262,3 +262,37 @@ fn asymmetric_keys(
         other => Err(format!("{other:?} is not supported")),
     }
 }
+
+/// The DER before the 32-byte seed in a PKCS#8 v1 Ed25519 private key (RFC 8410,
+/// section 10.3): SEQUENCE { version 0, AlgorithmIdentifier { id-Ed25519 },
+/// OCTET STRING { OCTET STRING (32 bytes) } }.
+const ED25519_PKCS8_V1_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+const RNG_FAILED: &str = "the OS random number generator failed";
+
+/// A new P-256 private key as standard PKCS#8 PEM (OpenSSL and `cryptography` read it).
+pub fn generate_es256_pem() -> String {
+    use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 =
+        EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).expect(RNG_FAILED);
+    pem::encode(&pem::Pem::new("PRIVATE KEY", pkcs8.as_ref().to_vec()))
+}
+
+/// A new Ed25519 private key as PKCS#8 v1 PEM. Not ring's `generate_pkcs8`: that
+/// writes PKCS#8 v2 (the public key included) in a form OpenSSL 3 and `cryptography`
+/// refuse. v1 is the seed alone.
+pub fn generate_ed25519_pem() -> String {
+    use ring::rand::SecureRandom;
+    let mut seed = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut seed)
+        .expect(RNG_FAILED);
+    let mut der = ED25519_PKCS8_V1_PREFIX.to_vec();
+    der.extend_from_slice(&seed);
+    ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
+        .expect("a 32-byte seed is always a valid Ed25519 key");
+    pem::encode(&pem::Pem::new("PRIVATE KEY", der))
+}

@@ -362,12 +362,11 @@ fn key_view(key: &Key, signing: bool) -> serde_json::Value {
 
 /// A new key of `algorithm` for the ring.
 fn generate_material(algorithm: Algorithm) -> Result<String, KeyError> {
-    use crate::cli::{generate_key, KeyAlgorithm};
     Ok(match algorithm {
         Algorithm::HS512 => crate::random_hex(64),
         Algorithm::HS256 | Algorithm::HS384 => crate::random_hex(32),
-        Algorithm::ES256 => generate_key(KeyAlgorithm::Es256),
-        Algorithm::EdDSA => generate_key(KeyAlgorithm::EdDsa),
+        Algorithm::ES256 => keys::generate_es256_pem(),
+        Algorithm::EdDSA => keys::generate_ed25519_pem(),
         _ => return Err(KeyError::CannotGenerate),
     })
 }
