@@ -252,16 +252,13 @@ impl Metrics {
         for (r, route) in ROUTES.iter().enumerate() {
             self.latency[r].render(o, name, &format!("route=\"{route}\""));
         }
-        header(
+        counter_by_outcome(
             o,
             "wxauth_wechat_calls_total",
-            "counter",
             "Calls to WeChat's jscode2session by outcome.",
+            &WECHAT_OUTCOMES,
+            &self.wechat_calls,
         );
-        for (i, outcome) in WECHAT_OUTCOMES.iter().enumerate() {
-            let n = self.wechat_calls[i].load(Relaxed);
-            let _ = writeln!(o, "wxauth_wechat_calls_total{{outcome=\"{outcome}\"}} {n}");
-        }
         let name = "wxauth_wechat_call_duration_seconds";
         header(
             o,
@@ -270,32 +267,20 @@ impl Metrics {
             "Latency of calls to WeChat's jscode2session.",
         );
         self.wechat_latency.render(o, name, "");
-        header(
+        counter_by_outcome(
             o,
             "wxauth_wechat_token_fetches_total",
-            "counter",
             "Access-token fetches (cgi-bin/stable_token) by outcome.",
+            &TOKEN_FETCH_OUTCOMES,
+            &self.token_fetches,
         );
-        for (i, outcome) in TOKEN_FETCH_OUTCOMES.iter().enumerate() {
-            let n = self.token_fetches[i].load(Relaxed);
-            let _ = writeln!(
-                o,
-                "wxauth_wechat_token_fetches_total{{outcome=\"{outcome}\"}} {n}"
-            );
-        }
-        header(
+        counter_by_outcome(
             o,
             "wxauth_wechat_api_calls_total",
-            "counter",
             "Calls to WeChat APIs that take the access token (phone number, checksession) by outcome.",
+            &WECHAT_API_OUTCOMES,
+            &self.wechat_api_calls,
         );
-        for (i, outcome) in WECHAT_API_OUTCOMES.iter().enumerate() {
-            let n = self.wechat_api_calls[i].load(Relaxed);
-            let _ = writeln!(
-                o,
-                "wxauth_wechat_api_calls_total{{outcome=\"{outcome}\"}} {n}"
-            );
-        }
         header(
             o,
             "wxauth_tokens_issued_total",
@@ -364,6 +349,21 @@ impl Metrics {
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// A counter with one series per `outcome` label; `counts` follows `outcomes`' order.
+fn counter_by_outcome(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    outcomes: &[&str],
+    counts: &[AtomicU64],
+) {
+    header(out, name, "counter", help);
+    for (outcome, count) in outcomes.iter().zip(counts) {
+        let n = count.load(Relaxed);
+        let _ = writeln!(out, "{name}{{outcome=\"{outcome}\"}} {n}");
+    }
 }
 
 #[cfg(test)]
