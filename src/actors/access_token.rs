@@ -323,7 +323,7 @@ pub fn start(
             .user_agent(concat!("wxauth/", env!("CARGO_PKG_VERSION")))
             .build();
         Upstream::Http(HttpApi {
-            agent: ureq::Agent::new_with_config(config),
+            agent: crate::actors::resolver::agent(config),
             api_base: cfg.api_base.trim_end_matches('/').to_string(),
             timeout: cfg.timeout,
         })

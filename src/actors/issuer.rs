@@ -7,7 +7,7 @@ use crate::metrics::Metrics;
 use crate::storage::{GroupCommit, ReadStore, ScannedKeys, StorageError, Store, Tree, WriteBatch};
 use crate::tokens::check::{self, Accept, CheckError, RefreshStanding, Refusal};
 use crate::tokens::records::{self, Family, RefreshRecord};
-use crate::tokens::{JwtKeys, Signed, TokenType};
+use crate::tokens::{issue, JwtKeys, TokenType};
 use crate::users::UserId;
 use actix::prelude::*;
 use std::sync::Arc;
@@ -102,33 +102,6 @@ impl TokenIssuer {
             }
             result
         })
-    }
-
-    /// Signs a refresh token into `family` and queues its record in `batch`.
-    fn add_refresh(
-        &self,
-        batch: &mut WriteBatch,
-        family_id: &str,
-        family: &mut Family,
-        user_id: UserId,
-        stamp: u64,
-        now: i64,
-    ) -> Signed {
-        let refresh = self.keys.sign(TokenType::Refresh, user_id, stamp, now);
-        let record = RefreshRecord {
-            family: family_id.to_string(),
-            user_id,
-            exp: refresh.claims.exp,
-            rotated_at_ms: None,
-        };
-        batch.put(
-            Tree::RefreshTokens,
-            refresh.claims.jti.as_bytes(),
-            records::encode(&record),
-        );
-        family.current = refresh.claims.jti.clone();
-        family.exp = family.exp.max(refresh.claims.exp);
-        refresh
     }
 
     fn mark_rotated(
@@ -242,7 +215,8 @@ impl TokenIssuer {
             let current = family.current.clone();
             self.mark_rotated(&mut batch, &current, now_ms)?;
         }
-        let refresh = self.add_refresh(
+        let refresh = issue::add_refresh(
+            &self.keys,
             &mut batch,
             &record.family,
             &mut family,
@@ -462,68 +436,6 @@ impl Actor for TokenIssuer {
     }
 }
 
-pub struct TokenPair {
-    pub access: Signed,
-    pub refresh: Signed,
-}
-
-/// Start a new login family for `user_id`: an access token and a refresh token.
-/// Durable on return (this is the last write of a login).
-#[derive(Message)]
-#[rtype(result = "Result<TokenPair, StorageError>")]
-pub struct IssuePair {
-    pub user_id: UserId,
-    /// The user's token stamp as the registry's login answer carries it: a revoke that
-    /// lands after that answer makes this pair refused, as it must.
-    pub stamp: u64,
-    /// The request's span (its request id): the handler's log lines carry it.
-    pub span: tracing::Span,
-}
-
-impl Handler<IssuePair> for TokenIssuer {
-    type Result = ResponseFuture<Result<TokenPair, StorageError>>;
-
-    fn handle(&mut self, msg: IssuePair, _: &mut Context<Self>) -> Self::Result {
-        let _request = msg.span.clone().entered();
-        debug_fault();
-        let now = crate::tokens::now_ms() / 1000;
-        let family_id = crate::random_hex(16);
-        let mut family = Family {
-            user_id: msg.user_id,
-            created_at: now,
-            exp: now,
-            current: String::new(),
-            revoked_at: None,
-        };
-        let mut batch = WriteBatch::default();
-        let refresh = self.add_refresh(
-            &mut batch,
-            &family_id,
-            &mut family,
-            msg.user_id,
-            msg.stamp,
-            now,
-        );
-        batch.put(
-            Tree::TokenFamilies,
-            family_id.as_bytes(),
-            records::encode(&family),
-        );
-        let access = self
-            .keys
-            .sign(TokenType::Access, msg.user_id, msg.stamp, now);
-        self.metrics.tokens_issued(1, 1);
-        let applied = self.apply(batch);
-        let commit = self.commit.clone();
-        // Always waits: this commit also covers the user registry's writes for the login.
-        Box::pin(async move {
-            applied?;
-            commit.durable().await?;
-            Ok(TokenPair { access, refresh })
-        })
-    }
-}
-
 pub struct Refreshed {
     pub access: String,
     /// The rotated refresh token; `None` when `jwt.rotate_refresh` is off.
@@ -544,7 +456,7 @@ impl Handler<Refresh> for TokenIssuer {
 
     fn handle(&mut self, msg: Refresh, _: &mut Context<Self>) -> Self::Result {
         let _request = msg.span.clone().entered();
-        debug_fault();
+        issue::debug_fault();
         self.answer_durably(|this| this.refresh(&msg.token))
     }
 }
@@ -593,18 +505,6 @@ impl Handler<Probe> for TokenIssuer {
     type Result = ();
 
     fn handle(&mut self, _: Probe, _: &mut Context<Self>) {}
-}
-
-/// Fault injection for tests, compiled into debug builds only: with
-/// `WXAUTH_DEBUG_FAULT=issuer_panic` the issuer panics on its next IssuePair or
-/// Refresh; with `issuer_stall` it blocks for 30 s on each (a stuck owner actor).
-fn debug_fault() {
-    #[cfg(debug_assertions)]
-    match std::env::var("WXAUTH_DEBUG_FAULT").as_deref() {
-        Ok("issuer_panic") => panic!("debug fault: issuer_panic"),
-        Ok("issuer_stall") => std::thread::sleep(std::time::Duration::from_secs(30)),
-        _ => {}
-    }
 }
 
 #[cfg(test)]
@@ -717,17 +617,8 @@ mod tests {
             }
             store.apply(batch).unwrap();
         });
-        // Logins go on while it runs.
-        let pair = fixture
-            .issuer
-            .send(IssuePair {
-                span: tracing::Span::none(),
-                user_id: 3,
-                stamp: 0,
-            })
-            .await
-            .unwrap();
-        assert!(pair.is_ok());
+        // The issuer goes on answering while it runs.
+        fixture.issuer.send(Probe).await.unwrap();
         let store = fixture.store.clone();
         poll_until("the purge to delete every expired record", || {
             count(store.as_ref(), Tree::RefreshTokens) == 8

@@ -1,12 +1,16 @@
-//! The user registry: the only writer of the user trees.
+//! The user registry: the only writer of the user trees, and where a login is
+//! recorded whole.
 //!
 //! Find-or-create runs inside this actor, one message at a time, so 64 concurrent
-//! logins of one new openid create one user. Writes are applied atomically but
-//! the messages do not wait for the fsync: the request that caused them waits for
+//! logins of one new openid create one user. A login's user writes and its new
+//! token family (`tokens::issue::start_family`) go in one batch, applied atomically.
+//! The messages do not wait for the fsync: the request that caused them waits for
 //! the group commit after its last write (see `storage`).
 
 use crate::actors::wechat::Session;
 use crate::storage::{StorageError, Store, Tree, WriteBatch};
+use crate::tokens::issue::{self, TokenPair};
+use crate::tokens::JwtKeys;
 use crate::users::{self, User, UserId, NEXT_USER_ID_KEY};
 use actix::prelude::*;
 use std::sync::Arc;
@@ -50,7 +54,7 @@ impl UserRegistry {
         Ok(Some((user, by_openid == Some(id))))
     }
 
-    fn login(&mut self, msg: RecordLogin) -> Result<LoginOutcome, StorageError> {
+    fn login(&mut self, msg: Login) -> Result<LoginOutcome, StorageError> {
         let now = crate::now_unix();
         let mut batch = WriteBatch::default();
         let (user, created) = match self.find(&msg.appid, &msg.session)? {
@@ -112,13 +116,20 @@ impl UserRegistry {
             }
         };
         batch.put(Tree::Users, users::id_key(user.id), users::encode(&user));
+        // The stamp read in this turn: a revoke (a message to this actor) lands
+        // wholly before or after the login, never in between.
+        let pair = issue::start_family(&msg.keys, &mut batch, user.id, user.token_stamp, now);
         self.store.apply(batch)?;
         if created {
             // Only after the batch applied: a failed write never burns an id in memory
             // that the store did not record (and a recorded id is never handed out again).
             self.next_id += 1;
         }
-        Ok(LoginOutcome::LoggedIn { user, created })
+        Ok(LoginOutcome::LoggedIn {
+            user,
+            created,
+            pair,
+        })
     }
 }
 
@@ -126,26 +137,33 @@ impl Actor for UserRegistry {
     type Context = Context<Self>;
 }
 
-/// Find or create the user for this WeChat session and record the login.
-/// Not durable on return: the caller waits for the group commit.
+/// Find or create the user for this WeChat session, record the login, and start
+/// its token family: one batch. Not durable on return: the caller waits for the
+/// group commit before it answers.
 #[derive(Message)]
 #[rtype(result = "Result<LoginOutcome, StorageError>")]
-pub struct RecordLogin {
+pub struct Login {
     pub appid: String,
     pub session: Session,
+    /// The keys the login's tokens are signed with (the server's shared set).
+    pub keys: Arc<JwtKeys>,
     /// The request's span (its request id): the handler's log lines carry it.
     pub span: tracing::Span,
 }
 
 pub enum LoginOutcome {
-    LoggedIn { user: User, created: bool },
+    LoggedIn {
+        user: User,
+        created: bool,
+        pair: TokenPair,
+    },
     Disabled,
 }
 
-impl Handler<RecordLogin> for UserRegistry {
+impl Handler<Login> for UserRegistry {
     type Result = Result<LoginOutcome, StorageError>;
 
-    fn handle(&mut self, msg: RecordLogin, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Login, _: &mut Context<Self>) -> Self::Result {
         let _request = msg.span.clone().entered();
         self.login(msg)
     }

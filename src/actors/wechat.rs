@@ -1,9 +1,13 @@
 //! The WeChat client: `sns/jscode2session` over a pooled ureq agent (rustls).
 //!
-//! [`WeChatClient`] is an async actor that keeps the in-flight calls: a second
-//! submission of a code already being exchanged (a double tap) waits for the same
-//! answer instead of spending the code twice. The blocking HTTP call itself runs on
-//! [`WeChatWorker`]s, a `SyncArbiter` pool, never on an async worker thread.
+//! The blocking HTTP call runs on [`WeChatWorker`]s, a `SyncArbiter` pool of actors
+//! that own the upstream (the ureq agent and the secrets), never on an async worker
+//! thread. [`WeChatClient`] is the shared handle the login handler calls: it keeps the
+//! in-flight calls, so that a second submission of a code already being exchanged (a
+//! double tap) waits for the same answer instead of spending the code twice. Its
+//! bookkeeping is a short critical section run on the handler's own thread, and the
+//! call's task is spawned there too: a login crosses to a worker thread and back,
+//! and no other thread in between.
 //!
 //! Bounds: every login has one deadline, `wechat.timeout` from when its handler
 //! started, covering the wait for a call slot, the call and its retries. A call starts
@@ -66,10 +70,7 @@ pub enum WeChatError {
     Unavailable,
 }
 
-/// Exchange a `wx.login()` code for a session. `appid` must be a configured app.
-/// Answered at once with the [`PendingSession`] to wait on.
-#[derive(Message, Clone)]
-#[rtype(result = "PendingSession")]
+/// A `wx.login()` code to exchange for a session. `appid` must be a configured app.
 pub struct Code2Session {
     pub appid: String,
     pub code: String,
@@ -83,7 +84,6 @@ pub struct Code2Session {
 /// A code exchange under way. The login awaits [`PendingSession::answer`]; when the
 /// login is dropped (its client left), so is this, and a call not yet started for
 /// it is never made.
-#[derive(MessageResponse)]
 pub struct PendingSession {
     answer: oneshot::Receiver<Result<Session, WeChatError>>,
     deadline: Instant,
@@ -120,6 +120,8 @@ type Waiter = oneshot::Sender<Result<Session, WeChatError>>;
 /// (appid, code): submissions with the same key share one call.
 type CallKey = (String, String);
 
+/// The handle logins exchange codes through; cheap to clone, shared by the workers.
+#[derive(Clone)]
 pub struct WeChatClient {
     calls: Arc<Calls>,
     login_timeout: Duration,
@@ -134,14 +136,16 @@ struct Calls {
     in_flight: Mutex<HashMap<CallKey, Vec<Waiter>>>,
 }
 
-impl Actor for WeChatClient {
-    type Context = Context<Self>;
-}
+impl WeChatClient {
+    /// Whether the worker pool still runs (readiness).
+    pub fn running(&self) -> bool {
+        self.calls.workers.connected()
+    }
 
-impl Handler<Code2Session> for WeChatClient {
-    type Result = PendingSession;
-
-    fn handle(&mut self, msg: Code2Session, ctx: &mut Context<Self>) -> Self::Result {
+    /// Starts the exchange of `msg.code`, or joins the one already under way for it.
+    /// Must be called inside an actix runtime: the call runs as a task of the caller's
+    /// thread, and outlives the caller (other logins may wait on it).
+    pub fn code2session(&self, msg: Code2Session) -> PendingSession {
         let deadline = msg.started + self.login_timeout;
         let (tx, rx) = oneshot::channel();
         let key = (msg.appid, msg.code);
@@ -160,7 +164,7 @@ impl Handler<Code2Session> for WeChatClient {
         };
         if first {
             let call = self.calls.clone().run(key, deadline, msg.span.clone());
-            ctx.spawn(fut::wrap_future(call.instrument(msg.span)));
+            actix_web::rt::spawn(call.instrument(msg.span));
         }
         PendingSession {
             answer: rx,
@@ -303,8 +307,8 @@ impl Handler<Exchange> for WeChatWorker {
 }
 
 /// Starts the worker pool (`wechat.max_concurrent_calls` blocking calls at once, one
-/// per call slot) and the coalescing client.
-pub fn start(cfg: &WeChatConfig, apps: &[WeChatApp], metrics: Arc<Metrics>) -> Addr<WeChatClient> {
+/// per call slot) and returns the coalescing client.
+pub fn start(cfg: &WeChatConfig, apps: &[WeChatApp], metrics: Arc<Metrics>) -> WeChatClient {
     let threads = cfg.max_concurrent_calls;
     let upstream = Arc::new(if cfg.mock {
         Upstream::Mock
@@ -322,7 +326,7 @@ pub fn start(cfg: &WeChatConfig, apps: &[WeChatApp], metrics: Arc<Metrics>) -> A
             .user_agent(concat!("wxauth/", env!("CARGO_PKG_VERSION")))
             .build();
         Upstream::Http(HttpUpstream {
-            agent: ureq::Agent::new_with_config(config),
+            agent: crate::actors::resolver::agent(config),
             api_base: cfg.api_base.trim_end_matches('/').to_string(),
             secrets: apps
                 .iter()
@@ -344,7 +348,6 @@ pub fn start(cfg: &WeChatConfig, apps: &[WeChatApp], metrics: Arc<Metrics>) -> A
         }),
         login_timeout: cfg.timeout,
     }
-    .start()
 }
 
 /// The built-in mock: `name.anything` logs in the user `name`; anything else is 40029.

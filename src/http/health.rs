@@ -31,9 +31,9 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         tracing::warn!(%cause, "readiness probe: the token issuer does not answer");
         return not_ready("The token issuer does not answer.");
     }
-    // The WeChat client runs no blocking work of its own: alive is enough.
-    if !state.wechat.connected() {
-        tracing::warn!("readiness probe: the WeChat client has stopped");
+    // A WeChat call is bounded by its login's deadline: a running pool is enough.
+    if !state.wechat.running() {
+        tracing::warn!("readiness probe: the WeChat workers have stopped");
         return not_ready("The WeChat client is not running.");
     }
     let storage = match registry {

@@ -1,8 +1,7 @@
 //! POST /api/weixin/login/: a `wx.login()` code in, our token pair out.
 
 use super::{body::Fields, AppState};
-use crate::actors::issuer::IssuePair;
-use crate::actors::registry::{LoginOutcome, RecordLogin};
+use crate::actors::registry::{Login, LoginOutcome};
 use crate::actors::wechat::Code2Session;
 use crate::error::ApiError;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -32,43 +31,39 @@ pub async fn login(
         .resolve_app(fields.optional_str("appid")?)?
         .to_string();
 
-    // The client answers at once with the call to wait on; that wait ends by the
-    // login's deadline. Dropping it (the client left) cancels a call not yet started.
+    // The call to wait on; that wait ends by the login's deadline. Dropping it (the
+    // client left) cancels a call not yet started.
     let session = state
         .wechat
-        .send(Code2Session {
+        .code2session(Code2Session {
             appid: appid.clone(),
             code: code.to_string(),
             started,
             span: tracing::Span::current(),
         })
-        .timeout(super::ACTOR_TIMEOUT)
-        .await?
         .answer()
         .await?;
-    let (user, created) = match state
+    let (user, created, pair) = match state
         .registry
-        .send(RecordLogin {
+        .send(Login {
             appid,
             session,
+            keys: state.keys.clone(),
             span: tracing::Span::current(),
         })
         .timeout(super::ACTOR_TIMEOUT)
         .await??
     {
-        LoginOutcome::LoggedIn { user, created } => (user, created),
+        LoginOutcome::LoggedIn {
+            user,
+            created,
+            pair,
+        } => (user, created, pair),
         LoginOutcome::Disabled => return Err(ApiError::UserDisabled),
     };
-    // The pair is durable on return, and its commit covers the registry's writes above.
-    let pair = state
-        .issuer
-        .send(IssuePair {
-            user_id: user.id,
-            stamp: user.token_stamp,
-            span: tracing::Span::current(),
-        })
-        .timeout(super::ACTOR_TIMEOUT)
-        .await??;
+    // The user's writes and the new family went in one batch: one commit covers both.
+    state.commit.durable().await?;
+    state.metrics.tokens_issued(1, 1);
     if created {
         tracing::info!(user_id = user.id, "new user");
     }

@@ -49,7 +49,7 @@ pub const ACTOR_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything a handler may reach: actor addresses, and the shared read-only parts.
 pub struct AppState {
-    pub wechat: Addr<WeChatClient>,
+    pub wechat: WeChatClient,
     pub registry: Addr<UserRegistry>,
     pub issuer: Addr<TokenIssuer>,
     /// WeChat's access token, and the calls that need it (phone number).

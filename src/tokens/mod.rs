@@ -6,6 +6,7 @@
 //! Whether a presented token counts is decided in one place, [`check`].
 
 pub mod check;
+pub mod issue;
 pub mod keys;
 pub mod records;
 
