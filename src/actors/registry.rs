@@ -8,7 +8,7 @@
 //! the group commit after its last write (see `storage`).
 
 use crate::actors::wechat::Session;
-use crate::storage::{StorageError, Store, Tree, WriteBatch};
+use crate::storage::{GroupCommit, StorageError, Store, Tree, WriteBatch};
 use crate::tokens::issue::{self, TokenPair};
 use crate::tokens::JwtKeys;
 use crate::users::{self, User, UserId, NEXT_USER_ID_KEY};
@@ -138,8 +138,8 @@ impl Actor for UserRegistry {
 }
 
 /// Find or create the user for this WeChat session, record the login, and start
-/// its token family: one batch. Not durable on return: the caller waits for the
-/// group commit before it answers.
+/// its token family: one batch. Durable on return: the answer waits for the group
+/// commit (joined in the same turn), on this actor's thread.
 #[derive(Message)]
 #[rtype(result = "Result<LoginOutcome, StorageError>")]
 pub struct Login {
@@ -147,6 +147,8 @@ pub struct Login {
     pub session: Session,
     /// The keys the login's tokens are signed with (the server's shared set).
     pub keys: Arc<JwtKeys>,
+    /// The group commit the answer waits for.
+    pub commit: GroupCommit,
     /// The request's span (its request id): the handler's log lines carry it.
     pub span: tracing::Span,
 }
@@ -161,11 +163,21 @@ pub enum LoginOutcome {
 }
 
 impl Handler<Login> for UserRegistry {
-    type Result = Result<LoginOutcome, StorageError>;
+    type Result = ResponseFuture<Result<LoginOutcome, StorageError>>;
 
     fn handle(&mut self, msg: Login, _: &mut Context<Self>) -> Self::Result {
         let _request = msg.span.clone().entered();
-        self.login(msg)
+        let commit = msg.commit.clone();
+        let outcome = self.login(msg);
+        // A disabled user's login writes nothing: no commit to wait for.
+        let wrote = matches!(outcome, Ok(LoginOutcome::LoggedIn { .. }));
+        let wait = wrote.then(|| commit.register());
+        Box::pin(async move {
+            if let Some(wait) = wait {
+                wait.wait().await?;
+            }
+            outcome
+        })
     }
 }
 

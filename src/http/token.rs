@@ -6,6 +6,7 @@ use crate::error::ApiError;
 use crate::tokens::check::{self, Accept, CheckError, RefreshStanding};
 use crate::tokens::TokenError;
 use actix_web::{web, HttpResponse};
+use serde::Serialize;
 use serde_json::json;
 
 pub async fn refresh(state: web::Data<AppState>, fields: Fields) -> Result<HttpResponse, ApiError> {
@@ -18,10 +19,18 @@ pub async fn refresh(state: web::Data<AppState>, fields: Fields) -> Result<HttpR
         })
         .timeout(super::ACTOR_TIMEOUT)
         .await??;
-    Ok(HttpResponse::Ok().json(match refreshed.refresh {
-        Some(refresh) => json!({ "access": refreshed.access, "refresh": refresh }),
-        None => json!({ "access": refreshed.access }),
+    Ok(HttpResponse::Ok().json(RefreshAnswer {
+        access: &refreshed.access,
+        refresh: refreshed.refresh.as_deref(),
     }))
+}
+
+/// simplejwt's refresh answer; `refresh` only when tokens rotate.
+#[derive(Serialize)]
+struct RefreshAnswer<'a> {
+    access: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refresh: Option<&'a str>,
 }
 
 /// Any token the one check accepts, access or refresh. A refresh token must also be
