@@ -1,7 +1,8 @@
 //! The access-token extractor: the per-request hot path.
 //!
 //! It asks the one token check ([`crate::tokens::check`]) with the shared, immutable
-//! keys and the shared read handle: one user read, no actor, no queue, no lock.
+//! keys, the shared read handle and the registry's cache of decoded users: no actor,
+//! no queue, and (once the user is cached) no storage read.
 //! Its refusals match simplejwt 5.5's `JWTAuthentication` for the same input.
 
 use super::AppState;
@@ -33,6 +34,7 @@ fn authenticate(req: &HttpRequest) -> Result<Authenticated, ApiError> {
     match check::check(
         &state.keys,
         state.reader.as_ref(),
+        &state.users,
         token,
         Accept::Access,
         crate::tokens::now_ms(),
