@@ -366,6 +366,8 @@ mod tests {
         applied: AtomicUsize,
         flushes: Mutex<Vec<usize>>,
         broken: bool,
+        /// The next `recover` reports a reopen (a failed flush the disk healed).
+        reopened: AtomicBool,
     }
 
     impl ReadStore for FakeStore {
@@ -398,7 +400,7 @@ mod tests {
             Ok(())
         }
         fn recover(&self) -> Result<bool, StorageError> {
-            Ok(false)
+            Ok(self.reopened.swap(false, Ordering::SeqCst))
         }
     }
 
@@ -426,6 +428,26 @@ mod tests {
             flushes < 50,
             "50 concurrent commits took {flushes} flushes: not grouped"
         );
+        commit.shutdown();
+    }
+
+    #[actix_web::test]
+    async fn a_reopened_store_is_announced_once_before_the_next_flush() {
+        let reopens = Arc::new(AtomicUsize::new(0));
+        let seen = reopens.clone();
+        let commit = GroupCommit::start_with(
+            Arc::new(FakeStore {
+                reopened: AtomicBool::new(true),
+                ..FakeStore::default()
+            }),
+            move || {
+                seen.fetch_add(1, Ordering::SeqCst);
+            },
+        );
+        commit.durable().await.unwrap();
+        assert_eq!(reopens.load(Ordering::SeqCst), 1);
+        commit.durable().await.unwrap();
+        assert_eq!(reopens.load(Ordering::SeqCst), 1, "only when it reopened");
         commit.shutdown();
     }
 
