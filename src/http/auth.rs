@@ -13,9 +13,10 @@ use crate::users::User;
 use actix_web::dev::Payload;
 use actix_web::{http::header, web, FromRequest, HttpRequest};
 use std::future::{ready, Ready};
+use std::sync::Arc;
 
 /// The user of a valid access token, enabled and existing.
-pub struct Authenticated(pub User);
+pub struct Authenticated(pub Arc<User>);
 
 impl FromRequest for Authenticated {
     type Error = ApiError;

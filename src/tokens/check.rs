@@ -30,6 +30,7 @@ use jsonwebtoken::Algorithm;
 use serde::de::{IgnoredAny, Visitor};
 use serde::{Deserialize, Deserializer};
 use std::borrow::Cow;
+use std::sync::Arc;
 
 /// Which tokens an endpoint takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +45,8 @@ pub enum Accept {
 #[derive(Debug)]
 pub struct Accepted {
     pub claims: Claims,
-    pub user: User,
+    /// Shared with the users cache.
+    pub user: Arc<User>,
     /// For a refresh token: where it stands in its family. `None` for access tokens.
     pub refresh: Option<RefreshStanding>,
 }

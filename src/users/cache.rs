@@ -139,10 +139,15 @@ impl UserCache {
     }
 
     /// The user `id` as the store has it: from the cache, or read from `store` (and
-    /// kept, under the rule of [`fill`](Self::fill)).
-    pub fn load(&self, store: &dyn ReadStore, id: UserId) -> Result<Option<User>, StorageError> {
+    /// kept, under the rule of [`fill`](Self::fill)). Shared, not copied: a hit
+    /// allocates nothing.
+    pub fn load(
+        &self,
+        store: &dyn ReadStore,
+        id: UserId,
+    ) -> Result<Option<Arc<User>>, StorageError> {
         let ticket = match self.lookup(id) {
-            Lookup::Hit(user) => return Ok(Some(User::clone(&user))),
+            Lookup::Hit(user) => return Ok(Some(user)),
             Lookup::Miss(ticket) => ticket,
         };
         let Some(user) = super::load(store, id)? else {
@@ -150,7 +155,7 @@ impl UserCache {
         };
         let user = Arc::new(user);
         self.fill(ticket, &user);
-        Ok(Some(Arc::unwrap_or_clone(user)))
+        Ok(Some(user))
     }
 }
 
