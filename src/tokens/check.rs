@@ -18,8 +18,9 @@
 //! 10. a refresh token is one we issued, its family is alive, and it is the family's
 //!     current token, or was rotated out at most `jwt.reuse_grace` ago.
 //!
-//! Steps 1 to 7 need no storage; 8 and 9 are one user read (all the data path
-//! does); only refresh tokens read their record and family.
+//! Steps 1 to 7 need no storage (the token is parsed once, in `verified_claims`);
+//! 8 and 9 read the user from the registry's users cache, the store only on a miss
+//! (all the data path does); only refresh tokens read their record and family.
 
 use super::records::{self, Family, RefreshRecord};
 use super::{Claims, JwtKeys, TokenError, TokenType};
