@@ -6,7 +6,9 @@
 //! ```
 //!
 //! - `data/access_token_verify`, `data/user_load`: the two halves of the
-//!   `Authenticated` extractor that `GET /api/weixin/data/` runs on every request.
+//!   `Authenticated` extractor that `GET /api/weixin/data/` runs on every request;
+//!   `data/user_cache_hit`: the user as the extractor reads it once cached (no
+//!   storage read, no JSON decode); `data/check`: the whole token check, cached user.
 //! - `token_pair_issue/sign`: signing an access and a refresh token (CPU only);
 //!   `token_pair_issue/actor_durable`: `IssuePair` through the `TokenIssuer`
 //!   actor, records written and waited for on disk (one login's last step).
@@ -82,8 +84,12 @@ fn data_path(c: &mut Criterion) {
     let fx = fixture();
     let system = actix::System::new();
     let store: Arc<dyn Store> = fx.store.clone();
-    let registry =
-        system.block_on(async move { UserRegistry::new(store, false).expect("registry").start() });
+    let (registry, users) = system.block_on(async move {
+        let registry = UserRegistry::new(store, false).expect("registry");
+        let users = registry.user_cache();
+        (registry.start(), users)
+    });
+    // The login puts the user in the cache, as the server's registry does.
     let user_id = record_login(&system, &registry, "o-data".into());
     let token = fx
         .keys
@@ -107,6 +113,27 @@ fn data_path(c: &mut Criterion) {
             wxauth::users::load(fx.store.as_ref(), black_box(user_id))
                 .expect("read")
                 .expect("exists")
+        })
+    });
+    group.bench_function("user_cache_hit", |b| {
+        b.iter(|| {
+            users
+                .load(fx.store.as_ref(), black_box(user_id))
+                .expect("read")
+                .expect("exists")
+        })
+    });
+    group.bench_function("check", |b| {
+        b.iter(|| {
+            check::check(
+                &fx.keys,
+                fx.store.as_ref(),
+                &users,
+                black_box(&token),
+                Accept::Access,
+                wxauth::tokens::now_ms(),
+            )
+            .expect("valid")
         })
     });
     group.finish();

@@ -184,11 +184,16 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     };
     let store = crate::storage::open(&cfg.storage)?;
     let keys = Arc::new(JwtKeys::load(&cfg.jwt, &cfg.storage.path)?);
-    let commit = GroupCommit::start(store.clone());
+    let registry = UserRegistry::new(store.clone(), cfg.wechat.link_by_unionid)?;
+    // Kept up to date by the registry; read by every token check.
+    let users = registry.user_cache();
+    let commit = GroupCommit::start_with(store.clone(), {
+        let users = users.clone();
+        move || users.clear()
+    });
 
     // Each state-owning actor runs on its own thread (arbiter), off the HTTP workers.
     let registry_arbiter = Arbiter::new();
-    let registry = UserRegistry::new(store.clone(), cfg.wechat.link_by_unionid)?;
     let registry = UserRegistry::start_in_arbiter(&registry_arbiter.handle(), move |_| registry);
     let issuer_arbiter = Arbiter::new();
     let metrics = Arc::new(Metrics::default());
@@ -198,7 +203,8 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         commit.clone(),
         &cfg.jwt,
         metrics.clone(),
-    );
+    )
+    .with_user_cache(users.clone());
     let issuer = TokenIssuer::start_in_arbiter(&issuer_arbiter.handle(), move |_| issuer);
     let wechat = wechat::start(&cfg.wechat, &loaded.apps, metrics.clone());
     // Its own thread: token fetches and the calls that use the token never wait
@@ -231,6 +237,7 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         keeper,
         keys: keys.clone(),
         reader,
+        users,
         commit: commit.clone(),
         apps: loaded.apps.iter().map(|a| a.appid.clone()).collect(),
         limiter: (cfg.limits.login_per_minute > 0)

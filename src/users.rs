@@ -7,6 +7,8 @@
 //! - `users_by_unionid`: `unionid` → id (8 bytes BE)
 //! - `meta`: `next_user_id` → 8 bytes BE (ids are never reused)
 
+pub mod cache;
+
 use crate::secret::SessionKey;
 use crate::storage::{ReadStore, StorageError, Tree};
 use serde::{Deserialize, Serialize};

@@ -8,6 +8,7 @@ use crate::storage::{GroupCommit, ReadStore, ScannedKeys, StorageError, Store, T
 use crate::tokens::check::{self, Accept, CheckError, RefreshStanding, Refusal};
 use crate::tokens::records::{self, Family, RefreshRecord};
 use crate::tokens::{issue, JwtKeys, TokenType};
+use crate::users::cache::UserCache;
 use crate::users::UserId;
 use actix::prelude::*;
 use std::sync::Arc;
@@ -35,6 +36,9 @@ pub struct TokenIssuer {
     purge_interval: Duration,
     /// A purge is under way (it spans many actor turns); the next waits for it.
     purging: bool,
+    /// The registry's cache of decoded users, read by the token check (an empty
+    /// one, reading the store every time, until [`with_user_cache`](Self::with_user_cache)).
+    users: Arc<UserCache>,
     /// Batches applied so far (only counts up). [`answer_durably`](Self::answer_durably)
     /// compares it before and after a message's work to know whether it wrote.
     batches_applied: u64,
@@ -77,8 +81,17 @@ impl TokenIssuer {
             metrics,
             purge_interval: cfg.purge_interval,
             purging: false,
+            users: Arc::new(UserCache::new(0)),
             batches_applied: 0,
         }
+    }
+
+    /// Reads users through `users` (the registry's [`UserRegistry::user_cache`]).
+    ///
+    /// [`UserRegistry::user_cache`]: crate::actors::registry::UserRegistry::user_cache
+    pub fn with_user_cache(mut self, users: Arc<UserCache>) -> Self {
+        self.users = users;
+        self
     }
 
     fn apply(&mut self, batch: WriteBatch) -> Result<(), StorageError> {
@@ -150,6 +163,7 @@ impl TokenIssuer {
         match check::check(
             &self.keys,
             self.store.as_ref(),
+            &self.users,
             token,
             Accept::Refresh,
             now_ms,

@@ -11,6 +11,7 @@ use crate::actors::wechat::Session;
 use crate::storage::{GroupCommit, StorageError, Store, Tree, WriteBatch};
 use crate::tokens::issue::{self, TokenPair};
 use crate::tokens::JwtKeys;
+use crate::users::cache::{self, UserCache};
 use crate::users::{self, User, UserId, NEXT_USER_ID_KEY};
 use actix::prelude::*;
 use std::sync::Arc;
@@ -19,6 +20,9 @@ pub struct UserRegistry {
     store: Arc<dyn Store>,
     link_by_unionid: bool,
     next_id: UserId,
+    /// The token check's decoded users: every user record written here is put
+    /// there once applied (see `users::cache` for why that keeps it exact).
+    users: Arc<UserCache>,
 }
 
 impl UserRegistry {
@@ -31,7 +35,13 @@ impl UserRegistry {
             store,
             link_by_unionid,
             next_id,
+            users: Arc::new(UserCache::new(cache::DEFAULT_CAPACITY)),
         })
+    }
+
+    /// The cache this registry keeps up to date, for the token check to read.
+    pub fn user_cache(&self) -> Arc<UserCache> {
+        self.users.clone()
     }
 
     /// The user this session belongs to, and whether this app's openid already
@@ -120,6 +130,7 @@ impl UserRegistry {
         // wholly before or after the login, never in between.
         let pair = issue::start_family(&msg.keys, &mut batch, user.id, user.token_stamp, now);
         self.store.apply(batch)?;
+        self.users.put(user.clone());
         if created {
             // Only after the batch applied: a failed write never burns an id in memory
             // that the store did not record (and a recorded id is never handed out again).
@@ -215,6 +226,7 @@ impl UserRegistry {
         let mut batch = WriteBatch::default();
         batch.put(Tree::Users, users::id_key(id), users::encode(&user));
         self.store.apply(batch)?;
+        self.users.put(user.clone());
         Ok(Some(user))
     }
 

@@ -92,6 +92,9 @@ pub(super) fn backup(
 /// it wrote is removed again. An existing directory keeps its owner: files restored
 /// by root into the service's directory are handed to the directory's owner, so the
 /// service (systemd's `DynamicUser=` included) can open them.
+///
+/// Offline only (no server holds an empty directory), so no running server's users
+/// cache can hold records from before the restore: a server starts with it empty.
 pub fn restore(file: &Path, storage: &StorageConfig) -> Result<u64, AdminError> {
     let data_dir = storage.path.as_path();
     use std::os::unix::fs::MetadataExt;

@@ -1,7 +1,8 @@
 //! The access-token extractor: the per-request hot path.
 //!
 //! It asks the one token check ([`crate::tokens::check`]) with the shared, immutable
-//! keys and the shared read handle: one user read, no actor, no queue, no lock.
+//! keys, the shared read handle and the registry's cache of decoded users: no actor,
+//! no queue, and (once the user is cached) no storage read.
 //! Its refusals match simplejwt 5.5's `JWTAuthentication` for the same input.
 
 use super::AppState;
@@ -12,9 +13,10 @@ use crate::users::User;
 use actix_web::dev::Payload;
 use actix_web::{http::header, web, FromRequest, HttpRequest};
 use std::future::{ready, Ready};
+use std::sync::Arc;
 
 /// The user of a valid access token, enabled and existing.
-pub struct Authenticated(pub User);
+pub struct Authenticated(pub Arc<User>);
 
 impl FromRequest for Authenticated {
     type Error = ApiError;
@@ -33,6 +35,7 @@ fn authenticate(req: &HttpRequest) -> Result<Authenticated, ApiError> {
     match check::check(
         &state.keys,
         state.reader.as_ref(),
+        &state.users,
         token,
         Accept::Access,
         crate::tokens::now_ms(),

@@ -56,6 +56,8 @@ pub struct AppState {
     pub keeper: Addr<AccessTokenKeeper>,
     pub keys: Arc<JwtKeys>,
     pub reader: Arc<dyn ReadStore>,
+    /// The user registry's cache of decoded users, for the token check.
+    pub users: Arc<crate::users::cache::UserCache>,
     pub commit: GroupCommit,
     /// Configured appids; the first is the default.
     pub apps: Vec<String>,

@@ -40,6 +40,7 @@ pub async fn verify(state: web::Data<AppState>, fields: Fields) -> Result<HttpRe
     let accepted = match check::check(
         &state.keys,
         state.reader.as_ref(),
+        &state.users,
         token,
         Accept::AnyType,
         crate::tokens::now_ms(),

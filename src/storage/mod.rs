@@ -255,6 +255,13 @@ pub struct GroupCommit {
 
 impl GroupCommit {
     pub fn start(store: Arc<dyn Store>) -> Self {
+        Self::start_with(store, || {})
+    }
+
+    /// Like [`start`](Self::start); `on_recovered` runs each time the store has
+    /// reopened from what was durable ([`Store::recover`]): whatever remembers what
+    /// the store held (the users cache) must forget it, as writes may be gone.
+    pub fn start_with(store: Arc<dyn Store>, on_recovered: impl Fn() + Send + 'static) -> Self {
         let shared = Arc::new(CommitShared {
             queue: Mutex::new(CommitQueue {
                 waiters: Vec::new(),
@@ -267,7 +274,7 @@ impl GroupCommit {
         let worker = shared.clone();
         let thread = std::thread::Builder::new()
             .name("wxauth-commit".into())
-            .spawn(move || commit_loop(&worker, store.as_ref()))
+            .spawn(move || commit_loop(&worker, store.as_ref(), &on_recovered))
             .expect("cannot spawn the commit thread");
         GroupCommit {
             shared,
@@ -324,7 +331,7 @@ impl GroupCommit {
 /// How often an idle commit thread checks whether a broken store can be reopened.
 const RECOVERY_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
-fn commit_loop(shared: &CommitShared, store: &dyn Store) {
+fn commit_loop(shared: &CommitShared, store: &dyn Store, on_recovered: &dyn Fn()) {
     loop {
         let (batch, stopping) = {
             let mut queue = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -340,7 +347,10 @@ fn commit_loop(shared: &CommitShared, store: &dyn Store) {
         // A failed write or flush broke the store: reopen it once the disk allows.
         match store.recover() {
             Ok(false) => {}
-            Ok(true) => shared.healthy.store(true, Ordering::Relaxed),
+            Ok(true) => {
+                on_recovered();
+                shared.healthy.store(true, Ordering::Relaxed);
+            }
             Err(e) => {
                 shared.healthy.store(false, Ordering::Relaxed);
                 tracing::debug!(error = %crate::error::cause_chain(&e), "storage still cannot be reopened");
@@ -377,6 +387,8 @@ mod tests {
         applied: AtomicUsize,
         flushes: Mutex<Vec<usize>>,
         broken: bool,
+        /// The next `recover` reports a reopen (a failed flush the disk healed).
+        reopened: AtomicBool,
     }
 
     impl ReadStore for FakeStore {
@@ -409,7 +421,7 @@ mod tests {
             Ok(())
         }
         fn recover(&self) -> Result<bool, StorageError> {
-            Ok(false)
+            Ok(self.reopened.swap(false, Ordering::SeqCst))
         }
     }
 
@@ -437,6 +449,26 @@ mod tests {
             flushes < 50,
             "50 concurrent commits took {flushes} flushes: not grouped"
         );
+        commit.shutdown();
+    }
+
+    #[actix_web::test]
+    async fn a_reopened_store_is_announced_once_before_the_next_flush() {
+        let reopens = Arc::new(AtomicUsize::new(0));
+        let seen = reopens.clone();
+        let commit = GroupCommit::start_with(
+            Arc::new(FakeStore {
+                reopened: AtomicBool::new(true),
+                ..FakeStore::default()
+            }),
+            move || {
+                seen.fetch_add(1, Ordering::SeqCst);
+            },
+        );
+        commit.durable().await.unwrap();
+        assert_eq!(reopens.load(Ordering::SeqCst), 1);
+        commit.durable().await.unwrap();
+        assert_eq!(reopens.load(Ordering::SeqCst), 1, "only when it reopened");
         commit.shutdown();
     }
 

@@ -18,15 +18,20 @@
 //! 10. a refresh token is one we issued, its family is alive, and it is the family's
 //!     current token, or was rotated out at most `jwt.reuse_grace` ago.
 //!
-//! Steps 1 to 7 need no storage; 8 and 9 are one user read (all the data path
-//! does); only refresh tokens read their record and family.
+//! Steps 1 to 7 need no storage (the token is parsed once, in `verified_claims`);
+//! 8 and 9 read the user from the registry's users cache, the store only on a miss
+//! (all the data path does); only refresh tokens read their record and family.
 
 use super::records::{self, Family, RefreshRecord};
 use super::{Claims, JwtKeys, TokenError, TokenType};
 use crate::storage::{ReadStore, StorageError};
-use crate::users::{self, User, UserId};
-use serde::de::IgnoredAny;
+use crate::users::cache::UserCache;
+use crate::users::{User, UserId};
+use jsonwebtoken::Algorithm;
+use serde::de::{IgnoredAny, Visitor};
 use serde::{Deserialize, Deserializer};
+use std::borrow::Cow;
+use std::sync::Arc;
 
 /// Which tokens an endpoint takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +46,8 @@ pub enum Accept {
 #[derive(Debug)]
 pub struct Accepted {
     pub claims: Claims,
-    pub user: User,
+    /// Shared with the users cache.
+    pub user: Arc<User>,
     /// For a refresh token: where it stands in its family. `None` for access tokens.
     pub refresh: Option<RefreshStanding>,
 }
@@ -110,17 +116,20 @@ impl From<TokenError> for CheckError {
 }
 
 /// Is `token` acceptable now (`now_ms`, unix milliseconds) to an endpoint that takes
-/// `accept`, and if not, why not. Reads the user, and a refresh token's record and
-/// family, through `store`; writes nothing.
+/// `accept`, and if not, why not. Reads the user through `users` (the store on a
+/// miss), and a refresh token's record and family through `store`; writes nothing.
 pub fn check(
     keys: &JwtKeys,
     store: &dyn ReadStore,
+    users: &UserCache,
     token: &str,
     accept: Accept,
     now_ms: i64,
 ) -> Result<Accepted, CheckError> {
     let claims = token_claims(keys, token, accept, now_ms)?;
-    let user = users::load(store, claims.user_id)?.ok_or(Refusal::UserNotFound)?;
+    let user = users
+        .load(store, claims.user_id)?
+        .ok_or(Refusal::UserNotFound)?;
     if user.disabled {
         return Err(Refusal::UserInactive.into());
     }
@@ -148,10 +157,7 @@ pub fn token_claims(
     accept: Accept,
     now_ms: i64,
 ) -> Result<Claims, TokenError> {
-    if header_has_crit(token)? {
-        return Err(TokenError::Invalid);
-    }
-    let claims = keys.decode_signed(token)?;
+    let claims = verified_claims(keys, token)?;
     let leeway = keys.leeway_ms;
     let in_future = |secs: i64| secs.saturating_mul(1000) > now_ms.saturating_add(leeway);
     if in_future(claims.iat) || claims.nbf.is_some_and(in_future) {
@@ -235,32 +241,142 @@ fn names_user(sub: &str, user_id: UserId) -> bool {
     sub.as_bytes() == &digits[start..]
 }
 
-/// Whether the JOSE header (the token's first segment) has a `crit` member, whatever
-/// its value. jsonwebtoken's `Header` drops unknown members, so the raw segment is
-/// read here: decoded into a stack buffer (our headers are about 60 bytes) and
-/// scanned by serde without building a map. An unreadable header is invalid (and
-/// never passes as one without `crit`).
-fn header_has_crit(token: &str) -> Result<bool, TokenError> {
+/// Steps 1 and 2, and the claims' types: the token is split once, its header and
+/// its payload are each decoded once (into stack buffers: ours are about 60 and 200
+/// bytes), the signature is checked by jsonwebtoken's own `crypto::verify`, and the
+/// claims are deserialized once. The key is chosen as ever: the one live key, or
+/// the header's `kid`, or else every live key of the header's algorithm.
+pub(super) fn verified_claims(keys: &JwtKeys, token: &str) -> Result<Claims, TokenError> {
+    let mut segments = token.split('.');
+    let (Some(header), Some(payload), Some(signature), None) = (
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+    ) else {
+        return Err(TokenError::Invalid);
+    };
+    // What the signature covers: `header.payload`.
+    let message = &token[..header.len() + 1 + payload.len()];
+
+    let mut header_buf = [0u8; 256];
+    let header_json = decode_segment(header, &mut header_buf)?;
+    let header = JoseHeader::parse(&header_json)?;
+    if header.crit.0 {
+        return Err(TokenError::Invalid);
+    }
+    let kid = header.kid.as_ref().map(|kid| kid.0.as_ref());
+    keys.verify_signature(header.alg, kid, message, signature)?;
+
+    let mut payload_buf = [0u8; 512];
+    let claims_json = decode_segment(payload, &mut payload_buf)?;
+    // PyJWT: "Invalid payload string: must be a json object".
+    if !is_json_object(&claims_json) {
+        return Err(TokenError::Invalid);
+    }
+    serde_json::from_slice(&claims_json).map_err(|_| TokenError::Invalid)
+}
+
+/// A segment's base64url (unpadded, as jsonwebtoken reads it) decoded into `buf`,
+/// or onto the heap when it does not fit.
+fn decode_segment<'b>(segment: &str, buf: &'b mut [u8]) -> Result<Cow<'b, [u8]>, TokenError> {
     use base64::Engine;
-    #[derive(Deserialize)]
-    struct HeaderProbe {
-        #[serde(default)]
-        crit: Present,
-    }
-    let segment = token.split('.').next().unwrap_or_default();
     let engine = &base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let mut buf = [0u8; 256];
-    let probe: HeaderProbe = match engine.decode_slice(segment, &mut buf) {
-        Ok(len) => serde_json::from_slice(&buf[..len]),
-        // A header this long is not one of ours; read it the slow way.
-        Err(base64::DecodeSliceError::OutputSliceTooSmall) => {
-            let bytes = engine.decode(segment).map_err(|_| TokenError::Invalid)?;
-            serde_json::from_slice(&bytes)
-        }
-        Err(_) => return Err(TokenError::Invalid),
+    match engine.decode_slice(segment, buf) {
+        Ok(len) => Ok(Cow::Borrowed(&buf[..len])),
+        Err(base64::DecodeSliceError::OutputSliceTooSmall) => engine
+            .decode(segment)
+            .map(Cow::Owned)
+            .map_err(|_| TokenError::Invalid),
+        Err(_) => Err(TokenError::Invalid),
     }
-    .map_err(|_| TokenError::Invalid)?;
-    Ok(probe.crit.0)
+}
+
+/// serde reads a JSON array as a struct's fields in order: only an object is a
+/// header or a claims set.
+fn is_json_object(json: &[u8]) -> bool {
+    json.iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        .is_some_and(|&b| b == b'{')
+}
+
+/// The JOSE header, read once. It takes exactly what jsonwebtoken's `Header` takes
+/// (the same members, of the same types: a header it refuses is refused here), plus
+/// `crit`, which `Header` drops: RFC 7515 §4.1.11, we implement no extension, so a
+/// header that has one, whatever its value, is refused. Only `alg` and `kid` are kept.
+#[derive(Deserialize)]
+struct JoseHeader<'a> {
+    #[serde(rename = "typ")]
+    _typ: Option<AnyString>,
+    alg: Algorithm,
+    #[serde(rename = "cty")]
+    _cty: Option<AnyString>,
+    #[serde(rename = "jku")]
+    _jku: Option<AnyString>,
+    #[serde(rename = "jwk")]
+    _jwk: Option<jsonwebtoken::jwk::Jwk>,
+    #[serde(borrow)]
+    kid: Option<Text<'a>>,
+    #[serde(rename = "x5u")]
+    _x5u: Option<AnyString>,
+    #[serde(rename = "x5c")]
+    _x5c: Option<Vec<AnyString>>,
+    #[serde(rename = "x5t")]
+    _x5t: Option<AnyString>,
+    #[serde(rename = "x5t#S256")]
+    _x5t_s256: Option<AnyString>,
+    #[serde(default)]
+    crit: Present,
+}
+
+impl<'a> JoseHeader<'a> {
+    fn parse(json: &'a [u8]) -> Result<Self, TokenError> {
+        if !is_json_object(json) {
+            return Err(TokenError::Invalid);
+        }
+        serde_json::from_slice(json).map_err(|_| TokenError::Invalid)
+    }
+}
+
+/// A member that must be a string (as `Header` has it), read without keeping it.
+struct AnyString;
+
+impl<'de> Deserialize<'de> for AnyString {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Expect;
+        impl Visitor<'_> for Expect {
+            type Value = AnyString;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E>(self, _: &str) -> Result<AnyString, E> {
+                Ok(AnyString)
+            }
+        }
+        d.deserialize_string(Expect)
+    }
+}
+
+/// A string member kept as it is in the JSON when it has no escapes (no copy).
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Expect<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Expect<'a> {
+            type Value = Text<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Borrowed(text)))
+            }
+            fn visit_str<E>(self, text: &str) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Owned(text.to_string())))
+            }
+        }
+        d.deserialize_string(Expect(std::marker::PhantomData))
+    }
 }
 
 /// A member that is there, whatever its value (even `null`).
@@ -302,31 +418,129 @@ mod tests {
         }
     }
 
+    /// `Some(has crit)` for a header jsonwebtoken's `Header` would take, else `None`.
+    fn crit(header: &str) -> Option<bool> {
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(segment(header))
+            .unwrap();
+        JoseHeader::parse(&json).ok().map(|h| h.crit.0)
+    }
+
     #[test]
     fn any_crit_member_is_found() {
-        let token = |header: &str| format!("{}.e30.sig", segment(header));
-        assert_eq!(
-            header_has_crit(&token(r#"{"alg":"HS256","typ":"JWT"}"#)),
-            Ok(false)
-        );
+        assert_eq!(crit(r#"{"alg":"HS256","typ":"JWT"}"#), Some(false));
         for header in [
             r#"{"alg":"HS256","crit":["exp"],"exp":1}"#,
             r#"{"alg":"HS256","crit":null}"#,
             r#"{"alg":"HS256","cr\u0069t":[]}"#,
         ] {
-            assert_eq!(header_has_crit(&token(header)), Ok(true), "{header}");
+            assert_eq!(crit(header), Some(true), "{header}");
         }
         let long = format!(
             r#"{{"alg":"HS256","kid":"{}","crit":["x"]}}"#,
             "k".repeat(400)
         );
-        assert_eq!(header_has_crit(&token(&long)), Ok(true));
+        assert_eq!(crit(&long), Some(true));
+        // serde reads an array as a struct's fields in order: refused.
         assert_eq!(
-            header_has_crit("!!!.e30.sig"),
-            Err(TokenError::Invalid),
-            "not base64"
+            crit(r#"["JWT","HS256",null,null,null,null,null,null,null,null,[]]"#),
+            None
         );
-        // serde reads an array as a struct's fields in order: refused either way.
-        assert_ne!(header_has_crit(&token("[1]")), Ok(false), "not an object");
+        assert_eq!(crit("[]"), None);
+    }
+
+    #[test]
+    fn the_header_takes_what_jsonwebtoken_takes() {
+        for header in [
+            r#"{"alg":"HS256"}"#,
+            r#"{"alg":"HS256","typ":"JWT","kid":"k\u0031","cty":"x","x5t#S256":"x","x5c":["a"]}"#,
+            r#" {"alg":"HS256","unknown":{"nested":[1]}} "#,
+        ] {
+            assert_eq!(crit(header), Some(false), "{header}");
+            let json = segment(header);
+            let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(json)
+                .unwrap();
+            assert!(serde_json::from_slice::<jsonwebtoken::Header>(&json).is_ok());
+        }
+        for header in [
+            r#"{"typ":"JWT"}"#,
+            r#"{"alg":"none"}"#,
+            r#"{"alg":"HS256","typ":5}"#,
+            r#"{"alg":"HS256","kid":null,"kid":"a"}"#,
+            r#"{"alg":"HS256","x5c":"a"}"#,
+            r#"{"alg":"HS256","jwk":{}}"#,
+            r#""HS256""#,
+        ] {
+            assert_eq!(crit(header), None, "{header}");
+            let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(segment(header))
+                .unwrap();
+            assert!(
+                serde_json::from_slice::<jsonwebtoken::Header>(&json).is_err()
+                    || header.starts_with('['),
+                "{header}"
+            );
+        }
+        assert_eq!(
+            kid_of(r#"{"alg":"HS256","kid":"k\u0031"}"#),
+            Some("k1".into())
+        );
+        assert_eq!(
+            kid_of(r#"{"alg":"HS256","kid":"plain"}"#),
+            Some("plain".into())
+        );
+    }
+
+    fn kid_of(header: &str) -> Option<String> {
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(segment(header))
+            .unwrap();
+        let header = JoseHeader::parse(&json).unwrap();
+        header.kid.map(|kid| kid.0.into_owned())
+    }
+
+    #[test]
+    fn a_token_is_three_segments_of_base64url() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = JwtKeys::load(&crate::config::JwtConfig::default(), dir.path()).unwrap();
+        let good = keys
+            .sign(TokenType::Access, 7, 0, super::super::now_ms() / 1000)
+            .token;
+        assert!(verified_claims(&keys, &good).is_ok());
+        let mut parts = good.split('.');
+        let (h, p, s) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        );
+        for bad in [
+            format!("{h}.{p}"),
+            format!("{h}.{p}.{s}."),
+            format!("{h}.{p}.{s}.{s}"),
+            format!("{h}=.{p}.{s}"),
+            format!("{h}.{p}=.{s}"),
+            format!("{h}.{p}.x{s}"),
+        ] {
+            assert_eq!(
+                verified_claims(&keys, &bad).err(),
+                Some(TokenError::Invalid),
+                "{bad}"
+            );
+        }
+        // Claims as an array, correctly signed: not a claims set (PyJWT refuses it;
+        // serde alone would read it as the fields in order).
+        let secret = std::fs::read(dir.path().join(super::super::GENERATED_KEY_FILE)).unwrap();
+        let exp = super::super::now_ms() / 1000 + 60;
+        let array = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &serde_json::json!(["access", exp, exp - 60, "jti", 7]),
+            &jsonwebtoken::EncodingKey::from_secret(&secret),
+        )
+        .unwrap();
+        assert_eq!(
+            verified_claims(&keys, &array).err(),
+            Some(TokenError::Invalid)
+        );
     }
 }

@@ -14,7 +14,7 @@
 //! its algorithm). A key verifies only its own algorithm, so no HMAC key can be fed
 //! a public key.
 
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -46,7 +46,6 @@ pub struct Key {
     pub(super) header: Header,
     pub(super) encoding: EncodingKey,
     pub(super) decoding: DecodingKey,
-    pub(super) validation: Validation,
     /// The public key as a JWK; `None` for HMAC keys.
     pub jwk: Option<Value>,
 }
@@ -81,13 +80,6 @@ impl Key {
         let kid = hex::encode(&ring::digest::digest(&ring::digest::SHA256, &public).as_ref()[..8]);
         let mut header = Header::new(algorithm);
         header.kid = Some(kid.clone());
-        // jsonwebtoken checks the algorithm and the signature only: every claim rule
-        // (times in milliseconds, iss/aud, sub, type) is in `check`, in PyJWT's order.
-        let mut validation = Validation::new(algorithm);
-        validation.validate_exp = false;
-        validation.validate_nbf = false;
-        validation.validate_aud = false;
-        validation.set_required_spec_claims::<&str>(&[]);
         let jwk = jwk_fields.map(|mut fields: Value| {
             fields["kid"] = json!(kid);
             fields["alg"] = json!(algorithm_name(algorithm));
@@ -102,7 +94,6 @@ impl Key {
             header,
             encoding,
             decoding,
-            validation,
             jwk,
         })
     }

@@ -308,33 +308,32 @@ impl JwtKeys {
         Signed { token, claims }
     }
 
-    /// The claims of a token whose algorithm and signature are right. Nothing else is
-    /// checked here: [`check`] decides whether the token counts.
+    /// Step 2 of [`check`]: one of the live keys signed `message` (the token's
+    /// `header.payload`) with `signature` under the header's `alg`, checked by
+    /// jsonwebtoken's own `crypto::verify`. A key verifies only its own algorithm.
     ///
-    /// The header's `kid` picks the key; a token without one (simplejwt's own) is
+    /// With one live key (no rotation under way) it is the only candidate. Otherwise
+    /// the header's `kid` picks the key; a token without one (simplejwt's own) is
     /// tried against the live keys of its algorithm.
-    fn decode_signed(&self, token: &str) -> Result<Claims, TokenError> {
+    pub(crate) fn verify_signature(
+        &self,
+        alg: Algorithm,
+        kid: Option<&str>,
+        message: &str,
+        signature: &str,
+    ) -> Result<(), TokenError> {
         let set = self.current();
-        let decode = |key: &Key| {
-            jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.validation)
-                .map(|data| data.claims)
-                .map_err(|_| TokenError::Invalid)
+        let signed_by = |key: &Key| {
+            key.algorithm == alg
+                && jsonwebtoken::crypto::verify(signature, message.as_bytes(), &key.decoding, alg)
+                    .unwrap_or(false)
         };
-        // One live key (no rotation under way): it is the only candidate, and the
-        // header need not be read twice on the hot path.
-        if let [only] = set.keys.as_slice() {
-            return decode(only);
-        }
-        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid)?;
-        match header.kid.as_deref() {
-            Some(kid) => decode(set.by_kid(kid).ok_or(TokenError::Invalid)?),
-            None => set
-                .keys
-                .iter()
-                .filter(|key| key.algorithm == header.alg)
-                .find_map(|key| decode(key).ok())
-                .ok_or(TokenError::Invalid),
-        }
+        let verified = match (set.keys.as_slice(), kid) {
+            ([only], _) => signed_by(only),
+            (_, Some(kid)) => set.by_kid(kid).is_some_and(signed_by),
+            (keys, None) => keys.iter().any(signed_by),
+        };
+        verified.then_some(()).ok_or(TokenError::Invalid)
     }
 }
 
@@ -502,7 +501,7 @@ mod tests {
     use super::*;
 
     fn claims_of(keys: &JwtKeys, token: &str) -> Result<Claims, TokenError> {
-        keys.decode_signed(token)
+        check::verified_claims(keys, token)
     }
 
     #[test]
