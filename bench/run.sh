@@ -29,36 +29,13 @@ THREADS=${BENCH_THREADS:-2}
 SCALE_USERS=${BENCH_SCALE_USERS:-1000000}
 read -r -a SERVER_ENV <<<"${BENCH_SERVER_ENV:-}"
 BASE_USERS=1000
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-HZ=$(getconf CLK_TCK)
 
-log() { echo "bench: $*" >&2; }
-die() {
-    echo "bench: error: $*" >&2
-    exit 1
-}
+LOG_NAME=bench
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
-# ---------------------------------------------------------------- tools
-need_apt=()
-command -v wrk >/dev/null || need_apt+=(wrk)
-command -v curl >/dev/null || need_apt+=(curl)
-if ((${#need_apt[@]})); then
-    log "installing ${need_apt[*]} (Debian packages)"
-    [[ $(id -u) == 0 ]] || die "${need_apt[*]} missing: run as root, or apt-get install ${need_apt[*]}"
-    apt-get update -qq >&2 || die "apt-get update failed"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >&2 ||
-        die "cannot install ${need_apt[*]}"
-fi
-command -v cargo >/dev/null || die "cargo is required"
-
-log "building release (cargo build --release --bin wxauth --examples)"
-(cd "$ROOT" && cargo build --release --bin wxauth --examples >&2) || die "build failed"
-WXAUTH=$TARGET_DIR/release/wxauth
-POPULATE=$TARGET_DIR/release/examples/populate
-MOCK_WECHAT=$TARGET_DIR/release/examples/mock_wechat
-for bin in "$WXAUTH" "$POPULATE" "$MOCK_WECHAT"; do
-    [[ -x $bin ]] || die "$bin was not built"
-done
+bench_tools
+bench_build
 
 COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [[ -n $(git -C "$ROOT" status --porcelain --untracked-files=no -- src Cargo.toml 2>/dev/null) ]]; then
@@ -66,149 +43,13 @@ if [[ -n $(git -C "$ROOT" status --porcelain --untracked-files=no -- src Cargo.t
 fi
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
-# ---------------------------------------------------------------- processes
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/wxauth-bench.XXXXXX")
-: >"$WORK/empty.toml"
-STARTED=()
-
-stop_pid() { # SIGTERM, then SIGKILL after 30 s; reaps the child.
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for ((i = 0; i < 300; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local status=$?
-    local pid
-    for pid in "${STARTED[@]}"; do stop_pid "$pid"; done
-    if [[ ${BENCH_KEEP:-0} == 1 ]]; then
-        log "kept $WORK"
-    else
-        rm -rf "$WORK"
-    fi
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# Waits (60 s at most) for "listening address=127.0.0.1:PORT" in LOG from PID.
-# Sets LISTEN_PORT and LISTEN_TS (the log line's timestamp, if it has one).
-wait_listening() {
-    local name=$1 pid=$2 logf=$3 deadline=$((SECONDS + 60)) line
-    until line=$(grep -m1 'listening address=' "$logf" 2>/dev/null); do
-        kill -0 "$pid" 2>/dev/null || {
-            cat "$logf" >&2
-            die "$name exited during start-up"
-        }
-        ((SECONDS < deadline)) || die "$name did not listen within 60 s (log: $logf)"
-        sleep 0.01
-    done
-    LISTEN_PORT=$(sed -n 's/.*address=127\.0\.0\.1:\([0-9][0-9]*\).*/\1/p' <<<"$line")
-    [[ -n $LISTEN_PORT ]] || die "$name: cannot read the port from: $line"
-    LISTEN_TS=${line%% *}
-}
-
-# start_server NAME DATA_DIR [VAR=VALUE...]: wxauth on a free loopback port.
-# Sets SERVER_PID, SERVER_PORT, SERVER_STARTUP_MS (exec → the "listening" line).
-start_server() {
-    local name=$1 dir=$2
-    shift 2
-    local logf=$WORK/$name.log t0 t1
-    t0=$(date +%s%N)
-    (cd "$WORK" && exec env \
-        WXAUTH_SERVER__BIND=127.0.0.1:0 \
-        WXAUTH_STORAGE__PATH="$dir" \
-        WXAUTH_LIMITS__LOGIN_PER_MINUTE=0 \
-        WXAUTH_METRICS__BIND=off \
-        WXAUTH_LOG__LEVEL=warn \
-        WXAUTH_JWT__ACCESS_TTL=1h \
-        RUST_LOG=warn,wxauth::startup=info \
-        "$@" ${SERVER_ENV[@]+"${SERVER_ENV[@]}"} \
-        "$WXAUTH" --config "$WORK/empty.toml" serve) >"$logf" 2>&1 &
-    SERVER_PID=$!
-    STARTED+=("$SERVER_PID")
-    wait_listening "$name" "$SERVER_PID" "$logf"
-    SERVER_PORT=$LISTEN_PORT
-    # The log line's own timestamp: independent of how often we polled.
-    if t1=$(date -d "$LISTEN_TS" +%s%N 2>/dev/null); then :; else t1=$(date +%s%N); fi
-    SERVER_STARTUP_MS=$(((t1 - t0) / 1000000))
-    log "$name listening on 127.0.0.1:$SERVER_PORT (pid $SERVER_PID, start-up ${SERVER_STARTUP_MS} ms)"
-}
-
-cpu_ticks() { # user+system clock ticks of a process (all its threads)
-    [[ -n ${1:-} && -r /proc/$1/stat ]] || {
-        echo 0
-        return
-    }
-    sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'
-}
-
-rss_kib() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/status"; }
+bench_workdir
 
 post_json() { # PORT PATH JSON
     curl -sS --max-time 10 -X POST "http://127.0.0.1:$1$2" \
         -H 'Content-Type: application/json' -d "$3"
 }
 json_str() { sed -n "s/.*\"$1\":\"\([^\"]*\)\".*/\1/p"; }
-
-lua() { # concatenated scenario script + the shared report
-    local out=$WORK/$1.lua
-    if [[ $1 == report ]]; then cp "$ROOT/bench/lua/report.lua" "$out"; else
-        cat "$ROOT/bench/lua/$1.lua" "$ROOT/bench/lua/report.lua" >"$out"
-    fi
-    echo "$out"
-}
-
-# ---------------------------------------------------------------- scenarios
-declare -A RPS P50 P99 ERRS SCPU WCPU MCPU
-ORDER=()
-MOCK_PID=""
-
-# run_wrk NAME SERVER_PID WRK_ARGS...: one wrk run; sets the result arrays.
-run_wrk() {
-    local name=$1 spid=$2
-    shift 2
-    local out=$WORK/${name//[^a-zA-Z0-9_.@-]/_}.out
-    local s0 m0 s1 m1 line wall
-    s0=$(cpu_ticks "$spid")
-    m0=$(cpu_ticks "$MOCK_PID")
-    # `times` in the inner shell reports its children's CPU: wrk's alone.
-    bash -c 'wrk "$@" || exit $?; times' wrk "$@" >"$out" 2>&1 ||
-        die "wrk failed for $name: $(tail -5 "$out")"
-    s1=$(cpu_ticks "$spid")
-    m1=$(cpu_ticks "$MOCK_PID")
-    line=$(grep -m1 '^WRK_RESULT ' "$out") || die "no result from wrk for $name: $(tail -5 "$out")"
-    eval "local ${line#WRK_RESULT }" # requests= duration_us= p50_us= ...
-    wall=$(awk -v d="$duration_us" 'BEGIN {print d / 1e6}')
-    RPS[$name]=$(awk -v r="$requests" -v w="$wall" 'BEGIN {printf "%.0f", r / w}')
-    P50[$name]=$p50_us
-    P99[$name]=$p99_us
-    ERRS[$name]=$((status_errors + socket_errors))
-    SCPU[$name]=$(awk -v a="$s0" -v b="$s1" -v hz="$HZ" -v w="$wall" 'BEGIN {printf "%.2f", (b - a) / hz / w}')
-    MCPU[$name]=$(awk -v a="$m0" -v b="$m1" -v hz="$HZ" -v w="$wall" 'BEGIN {printf "%.2f", (b - a) / hz / w}')
-    WCPU[$name]=$(tail -1 "$out" | awk -v w="$wall" '{
-        split($1, u, /[ms]/); split($2, s, /[ms]/);
-        printf "%.2f", (u[1] * 60 + u[2] + s[1] * 60 + s[2]) / w }')
-}
-
-# scenario NAME SERVER_PID WRK_ARGS...: warm-up (results dropped), then the measured run.
-scenario() {
-    local name=$1 spid=$2
-    shift 2
-    if [[ $WARMUP != 0 && $WARMUP != 0s ]]; then
-        log "$name: warm-up $WARMUP"
-        run_wrk "$name (warm-up)" "$spid" -d "$WARMUP" "${@//@TAG@/w$RANDOM}"
-    fi
-    log "$name: $DURATION"
-    run_wrk "$name" "$spid" -d "$DURATION" "${@//@TAG@/m$RANDOM}"
-    ORDER+=("$name")
-    log "$name: ${RPS[$name]} req/s, p50 ${P50[$name]} us, p99 ${P99[$name]} us, errors ${ERRS[$name]}"
-}
 
 WRK=(--latency --timeout 5s)
 LOGIN=/api/weixin/login/
@@ -301,8 +142,6 @@ if ((SCALE_USERS > 0)); then
 fi
 
 # ---------------------------------------------------------------- the table
-ms() { awk -v u="$1" 'BEGIN {printf "%.2f ms", u / 1000}'; }
-mib() { awk -v k="$1" 'BEGIN {printf "%.0f MiB", k / 1024}'; }
 HEALTHZ=${RPS[healthz]}
 TOTAL_ERRORS=0
 {
@@ -312,21 +151,22 @@ TOTAL_ERRORS=0
     echo "${DURATION} per scenario after a ${WARMUP} warm-up, $CONNS connections ($THREADS wrk threads; refresh: $CONNS)"
     [[ -z ${BENCH_SERVER_ENV:-} ]] || echo "server settings: $BENCH_SERVER_ENV"
     echo
-    printf '| %-24s | %8s | %9s | %9s | %6s | %9s | %10s | %8s | %9s |\n' \
+    # "server µs/req" is written out: printf pads by bytes, and µ takes two.
+    printf '| %-24s | %8s | %9s | %9s | %6s | %9s | %10s | server µs/req | %8s | %9s |\n' \
         scenario "req/s" p50 p99 errors "/healthz" "server CPU" "wrk CPU" "mock CPU"
-    printf '|%s|%s:|%s:|%s:|%s:|%s:|%s:|%s:|%s:|\n' \
+    printf '|%s|%s:|%s:|%s:|%s:|%s:|%s:|%s:|%s:|%s:|\n' \
         "$(printf -- '-%.0s' {1..26})" "$(printf -- '-%.0s' {1..9})" \
         "$(printf -- '-%.0s' {1..10})" "$(printf -- '-%.0s' {1..10})" \
         "$(printf -- '-%.0s' {1..7})" "$(printf -- '-%.0s' {1..10})" \
-        "$(printf -- '-%.0s' {1..11})" "$(printf -- '-%.0s' {1..9})" \
-        "$(printf -- '-%.0s' {1..10})"
+        "$(printf -- '-%.0s' {1..11})" "$(printf -- '-%.0s' {1..14})" \
+        "$(printf -- '-%.0s' {1..9})" "$(printf -- '-%.0s' {1..10})"
     for name in "${ORDER[@]}"; do
         ratio=$(awk -v a="${RPS[$name]}" -v b="$HEALTHZ" 'BEGIN {printf "%.2f", a / b}')
         mock=${MCPU[$name]}
         [[ $name == *"(http)"* ]] || mock="-"
-        printf '| %-24s | %8s | %9s | %9s | %6s | %9s | %10s | %8s | %9s |\n' \
+        printf '| %-24s | %8s | %9s | %9s | %6s | %9s | %10s | %13s | %8s | %9s |\n' \
             "$name" "${RPS[$name]}" "$(ms "${P50[$name]}")" "$(ms "${P99[$name]}")" \
-            "${ERRS[$name]}" "$ratio" "${SCPU[$name]}" "${WCPU[$name]}" "$mock"
+            "${ERRS[$name]}" "$ratio" "${SCPU[$name]}" "$(us1 "${SUS[$name]}")" "${WCPU[$name]}" "$mock"
         errors=${ERRS[$name]}
         TOTAL_ERRORS=$((TOTAL_ERRORS + errors))
     done
@@ -342,13 +182,21 @@ TOTAL_ERRORS=0
     echo "targets:"
     check() { # LABEL VALUE OP LIMIT
         local ok
-        ok=$(awk -v v="$2" -v l="$4" -v op="$3" 'BEGIN {print (op == ">=" ? v >= l : v < l) ? "met" : "MISSED"}')
+        ok=$(awk -v v="$2" -v l="$4" -v op="$3" 'BEGIN {
+            print (op == ">=" ? v >= l : op == "<=" ? v <= l : v < l) ? "met" : "MISSED" }')
         printf '  %-50s %10s  (%s %s)  %s\n' "$1" "$2" "$3" "$4" "$ok"
     }
     check "data / healthz (same run)" "$(awk -v a="${RPS[data]}" -v b="$HEALTHZ" 'BEGIN {printf "%.2f", a / b}')" ">=" 0.75
     check "login-new (http) req/s, every creation fsync'd" "${RPS[login-new (http)]}" ">=" 10000
     check "login-returning (http) > login-new (http)" "${RPS[login-returning (http)]}" ">=" "${RPS[login-new (http)]}"
     check "refresh req/s, durable rotation" "${RPS[refresh]}" ">=" 8000
+    # Server CPU per request (issue 13): steadier than req/s on a shared machine.
+    check "login-new (http) server CPU us/req" "$(us1 "${SUS[login-new (http)]}")" "<=" 120
+    check "login-returning (http) server CPU us/req" "$(us1 "${SUS[login-returning (http)]}")" "<=" 90
+    check "refresh server CPU us/req, durable rotation" "$(us1 "${SUS[refresh]}")" "<=" 60
+    check "data server CPU us/req" "$(us1 "${SUS[data]}")" "<=" 9
+    check "data / healthz server CPU us/req (same run)" \
+        "$(awk -v a="${SUS[data]}" -v b="${SUS[healthz]}" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}')" "<=" 1.5
     worst=0
     for name in "${ORDER[@]}"; do
         p99=${P99[$name]}
