@@ -9,11 +9,10 @@
 //!   `Authenticated` extractor that `GET /api/weixin/data/` runs on every request;
 //!   `data/user_cache_hit`: the user as the extractor reads it once cached (no
 //!   storage read, no JSON decode); `data/check`: the whole token check, cached user.
-//! - `token_pair_issue/sign`: signing an access and a refresh token (CPU only);
-//!   `token_pair_issue/actor_durable`: `IssuePair` through the `TokenIssuer`
-//!   actor, records written and waited for on disk (one login's last step).
-//! - `registry/find_existing`, `registry/create`: find-or-create (`RecordLogin`)
-//!   through the `UserRegistry` actor, writes applied (not waited for).
+//! - `token_pair_issue/sign`: signing an access and a refresh token (CPU only).
+//! - `registry/find_existing`, `registry/create`: one login's storage work (`Login`
+//!   through the `UserRegistry` actor: find-or-create, the new token family, one
+//!   batch, answered once the group commit flushed it), one login at a time.
 //! - `group_commit/N`: N concurrent writers each apply a batch and wait for
 //!   `GroupCommit::durable`; reported per writer, so the grouping shows.
 //! - `storage/*`: what writes cost in sled 0.34: the store's multi-tree
@@ -29,11 +28,9 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use wxauth::actors::issuer::{IssuePair, TokenIssuer};
-use wxauth::actors::registry::{LoginOutcome, RecordLogin, UserRegistry};
+use wxauth::actors::registry::{Login, LoginOutcome, UserRegistry};
 use wxauth::actors::wechat::Session;
 use wxauth::config::JwtConfig;
-use wxauth::metrics::Metrics;
 use wxauth::secret::SessionKey;
 use wxauth::storage::{GroupCommit, SledStore, Store, Tree, WriteBatch};
 use wxauth::tokens::check::{self, Accept};
@@ -68,15 +65,26 @@ fn session(openid: String) -> Session {
     }
 }
 
-fn record_login(system: &SystemRunner, registry: &Addr<UserRegistry>, openid: String) -> u64 {
-    let msg = RecordLogin {
-        span: tracing::Span::none(),
-        appid: APPID.into(),
-        session: session(openid),
-    };
-    match system.block_on(registry.send(msg)) {
-        Ok(Ok(LoginOutcome::LoggedIn { user, .. })) => user.id,
-        _ => panic!("RecordLogin failed"),
+/// A registry on `fx`'s store, and the group commit its logins wait for.
+struct Registry {
+    addr: Addr<UserRegistry>,
+    keys: Arc<JwtKeys>,
+    commit: GroupCommit,
+}
+
+impl Registry {
+    fn login(&self, system: &SystemRunner, openid: String) -> u64 {
+        let msg = Login {
+            span: tracing::Span::none(),
+            appid: APPID.into(),
+            session: session(openid),
+            keys: self.keys.clone(),
+            commit: self.commit.clone(),
+        };
+        match system.block_on(self.addr.send(msg)) {
+            Ok(Ok(LoginOutcome::LoggedIn { user, .. })) => user.id,
+            _ => panic!("Login failed"),
+        }
     }
 }
 
@@ -84,13 +92,19 @@ fn data_path(c: &mut Criterion) {
     let fx = fixture();
     let system = actix::System::new();
     let store: Arc<dyn Store> = fx.store.clone();
-    let (registry, users) = system.block_on(async move {
+    let commit = GroupCommit::start(store.clone());
+    let (addr, users) = system.block_on(async move {
         let registry = UserRegistry::new(store, false).expect("registry");
         let users = registry.user_cache();
         (registry.start(), users)
     });
+    let registry = Registry {
+        addr,
+        keys: fx.keys.clone(),
+        commit,
+    };
     // The login puts the user in the cache, as the server's registry does.
-    let user_id = record_login(&system, &registry, "o-data".into());
+    let user_id = registry.login(&system, "o-data".into());
     let token = fx
         .keys
         .sign(TokenType::Access, user_id, 0, wxauth::now_unix())
@@ -152,38 +166,7 @@ fn token_pair_issue(c: &mut Criterion) {
         })
     });
 
-    let system = actix::System::new();
-    let store: Arc<dyn Store> = fx.store.clone();
-    let commit = GroupCommit::start(store.clone());
-    let keys = fx.keys.clone();
-    let issuer = {
-        let commit = commit.clone();
-        system.block_on(async move {
-            TokenIssuer::new(
-                store,
-                keys,
-                commit,
-                &JwtConfig::default(),
-                Arc::new(Metrics::default()),
-            )
-            .start()
-        })
-    };
-    group.bench_function("actor_durable", |b| {
-        b.iter(|| {
-            system
-                .block_on(issuer.send(IssuePair {
-                    span: tracing::Span::none(),
-                    user_id: 7,
-                    stamp: 0,
-                }))
-                .expect("delivered")
-                .expect("issued")
-        })
-    });
     group.finish();
-    commit.shutdown();
-    keep_running(system);
 }
 
 /// The actors' runtime lives until the process exits: dropping a runtime under a
@@ -196,11 +179,17 @@ fn registry(c: &mut Criterion) {
     let fx = fixture();
     let system = actix::System::new();
     let store: Arc<dyn Store> = fx.store.clone();
-    let registry =
+    let commit = GroupCommit::start(store.clone());
+    let addr =
         system.block_on(async move { UserRegistry::new(store, false).expect("registry").start() });
+    let registry = Registry {
+        addr,
+        keys: fx.keys.clone(),
+        commit,
+    };
     // A registry that already holds some users, as a running server would.
     for i in 0..1000 {
-        record_login(&system, &registry, format!("o-existing{i}"));
+        registry.login(&system, format!("o-existing{i}"));
     }
 
     let mut group = c.benchmark_group("registry");
@@ -208,14 +197,14 @@ fn registry(c: &mut Criterion) {
     group.bench_function("find_existing", |b| {
         b.iter(|| {
             i += 1;
-            record_login(&system, &registry, format!("o-existing{}", i % 1000))
+            registry.login(&system, format!("o-existing{}", i % 1000))
         })
     });
     let mut n = 0u64;
     group.bench_function("create", |b| {
         b.iter(|| {
             n += 1;
-            record_login(&system, &registry, format!("o-new{n}"))
+            registry.login(&system, format!("o-new{n}"))
         })
     });
     group.finish();

@@ -24,15 +24,21 @@ fn a_panicking_issuer_ends_the_process_with_code_70_and_the_log_names_the_panic(
     let mut server = TestServer::start(
         TestConfig::against(&mock).with_env("WXAUTH_DEBUG_FAULT", "issuer_panic"),
     );
-    // The login reaches the issuer, which panics: the client may see a 503 or a
-    // closed connection, but never a 200.
-    let reply = try_post_json(
+    // A login does not reach the issuer (the registry starts the token family);
+    // a refresh does, and the issuer panics: the client may see a 503 or a closed
+    // connection, but never a 200.
+    let login = post_json(
         &server.url("/api/weixin/login/"),
         &json!({ "code": "ok:pat.1" }),
     );
+    assert_eq!(login.status, 200, "{}", login.text);
+    let reply = try_post_json(
+        &server.url("/api/token/refresh/"),
+        &json!({ "refresh": login.json()["refresh"] }),
+    );
     assert!(
         reply.as_ref().is_none_or(|r| r.status != 200),
-        "a login answered 200 through a panicking issuer"
+        "a refresh answered 200 through a panicking issuer"
     );
 
     let status = server.wait_exit(Duration::from_secs(20));
@@ -66,9 +72,15 @@ fn readyz_is_unready_while_the_token_issuer_does_not_answer() {
     let ready = get(&server.url("/readyz"), None);
     assert_eq!(ready.status, 200, "{}", ready.text);
 
-    // A login wedges the issuer (30 s); the handler gives up after its timeout.
-    let url = server.url("/api/weixin/login/");
-    let login = std::thread::spawn(move || try_post_json(&url, &json!({ "code": "ok:sam.1" })));
+    // A refresh wedges the issuer (30 s); the handler gives up after its timeout.
+    let login = post_json(
+        &server.url("/api/weixin/login/"),
+        &json!({ "code": "ok:sam.1" }),
+    );
+    assert_eq!(login.status, 200, "{}", login.text);
+    let refresh = json!({ "refresh": login.json()["refresh"] });
+    let url = server.url("/api/token/refresh/");
+    let stuck = std::thread::spawn(move || try_post_json(&url, &refresh));
 
     let started = Instant::now();
     let reply = wait_for(Duration::from_secs(20), "/readyz to turn 503", || {
@@ -86,7 +98,7 @@ fn readyz_is_unready_while_the_token_issuer_does_not_answer() {
         started.elapsed() < Duration::from_secs(15),
         "the probe waited for the stuck issuer instead of timing out"
     );
-    if let Some(reply) = login.join().unwrap() {
+    if let Some(reply) = stuck.join().unwrap() {
         assert_eq!(reply.status, 503, "{}", reply.text);
     }
 }

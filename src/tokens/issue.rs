@@ -55,7 +55,6 @@ pub fn start_family(
     stamp: u64,
     now: i64,
 ) -> TokenPair {
-    debug_fault();
     let family_id = crate::random_hex(16);
     let mut family = Family {
         user_id,
@@ -72,17 +71,4 @@ pub fn start_family(
     );
     let access = keys.sign(TokenType::Access, user_id, stamp, now);
     TokenPair { access, refresh }
-}
-
-/// Fault injection for tests, compiled into debug builds only: with
-/// `WXAUTH_DEBUG_FAULT=issuer_panic` the owner actor that issues tokens panics (at a
-/// login the user registry, which starts the family; at a refresh the token issuer);
-/// with `issuer_stall` it blocks for 30 s instead (a stuck owner actor).
-pub(crate) fn debug_fault() {
-    #[cfg(debug_assertions)]
-    match std::env::var("WXAUTH_DEBUG_FAULT").as_deref() {
-        Ok("issuer_panic") => panic!("debug fault: issuer_panic"),
-        Ok("issuer_stall") => std::thread::sleep(std::time::Duration::from_secs(30)),
-        _ => {}
-    }
 }
