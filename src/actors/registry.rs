@@ -139,7 +139,7 @@ impl UserRegistry {
         Ok(LoginOutcome::LoggedIn {
             user,
             created,
-            pair,
+            pair: Box::new(pair),
         })
     }
 }
@@ -168,7 +168,8 @@ pub enum LoginOutcome {
     LoggedIn {
         user: User,
         created: bool,
-        pair: TokenPair,
+        /// Boxed: the signed tokens and their claims make this variant large.
+        pair: Box<TokenPair>,
     },
     Disabled,
 }
