@@ -193,3 +193,13 @@ scenario() {
 ms() { awk -v u="$1" 'BEGIN {printf "%.2f ms", u / 1000}'; }
 us1() { awk -v v="$1" 'BEGIN {printf "%.1f", v}'; }
 mib() { awk -v k="$1" 'BEGIN {printf "%.0f MiB", k / 1024}'; }
+
+# Sets COMMIT (the short hash, "+changes" when src/ or Cargo.toml differ from it)
+# and LOAD_AT_START (the load averages as the run begins), for the table's header.
+bench_describe() {
+    COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+    if [[ -n $(git -C "$ROOT" status --porcelain --untracked-files=no -- src Cargo.toml 2>/dev/null) ]]; then
+        COMMIT="$COMMIT+changes"
+    fi
+    LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
+}

@@ -37,11 +37,7 @@ source "$ROOT/bench/lib.sh"
 bench_tools
 bench_build
 
-COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [[ -n $(git -C "$ROOT" status --porcelain --untracked-files=no -- src Cargo.toml 2>/dev/null) ]]; then
-    COMMIT="$COMMIT+changes"
-fi
-LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
+bench_describe
 
 bench_workdir
 
