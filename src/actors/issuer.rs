@@ -1,6 +1,8 @@
-//! The token issuer: signs token pairs and is the only writer of the refresh-token
-//! trees. Rotation, logout (blacklist) and reuse detection are decided here, one
-//! message at a time, so two racing refreshes of one token cannot both rotate it.
+//! The token issuer: the only writer of existing refresh records and families
+//! (a login's new family is written by the user registry, in the login's batch; see
+//! `tokens::issue`). Rotation, logout (blacklist), reuse detection and the purge are
+//! decided here, one message at a time, so two racing refreshes of one token cannot
+//! both rotate it.
 
 use crate::config::JwtConfig;
 use crate::metrics::Metrics;

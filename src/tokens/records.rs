@@ -1,5 +1,6 @@
 //! Refresh-token bookkeeping: every issued refresh token and the family (login)
-//! it belongs to. Written only by the token issuer actor; read anywhere.
+//! it belongs to. Created at login by the user registry (`tokens::issue`), changed
+//! only by the token issuer actor; read anywhere.
 //!
 //! Layout (keys are the 32-hex-char ids as bytes, values JSON):
 //! - `refresh_tokens`: jti → [`RefreshRecord`]
