@@ -3,12 +3,16 @@
 # The caller sets, before calling these functions:
 #   ROOT      the repository
 #   LOG_NAME  prefix of log lines (default "bench")
-#   DURATION, WARMUP            used by `scenario`
 #   SERVER_ENV (array)          extra VAR=VALUE settings for every wxauth started
 # and calls bench_tools, bench_build and bench_workdir, which set the rest
 # (WXAUTH, POPULATE, MOCK_WECHAT, WORK) and install the cleanup trap.
-# BENCH_KEEP=1 keeps the temporary directory.
+# The knobs both scripts take (see docs/BENCHMARKS.md) are read here; BENCH_KEEP=1
+# keeps the temporary directory.
 
+DURATION=${BENCH_DURATION:-10s}
+WARMUP=${BENCH_WARMUP:-2s}
+CONNS=${BENCH_CONNECTIONS:-64}
+THREADS=${BENCH_THREADS:-2}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 HZ=$(getconf CLK_TCK)
 STARTED=()   # pids stopped by cleanup

@@ -21,6 +21,7 @@
 //! Login never goes through here: `jscode2session` needs no access token.
 //! The blocking HTTP calls run on tokio's blocking pool, never on this actor's thread.
 
+use crate::actors::resolver;
 use crate::actors::wechat::{self as wx, WeChatError};
 use crate::config::{WeChatApp, WeChatConfig};
 use crate::metrics::Metrics;
@@ -315,15 +316,9 @@ pub fn start(
     let upstream = Arc::new(if cfg.mock {
         Upstream::Mock
     } else {
-        let config = ureq::Agent::config_builder()
-            .timeout_global(Some(cfg.timeout))
-            .http_status_as_error(false)
-            // Never followed: the URL carries the token.
-            .max_redirects(0)
-            .user_agent(concat!("wxauth/", env!("CARGO_PKG_VERSION")))
-            .build();
+        let config = resolver::wechat_config(cfg.timeout).build();
         Upstream::Http(HttpApi {
-            agent: crate::actors::resolver::agent(config),
+            agent: resolver::agent(config),
             api_base: cfg.api_base.trim_end_matches('/').to_string(),
             timeout: cfg.timeout,
         })

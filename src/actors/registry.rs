@@ -3,9 +3,10 @@
 //!
 //! Find-or-create runs inside this actor, one message at a time, so 64 concurrent
 //! logins of one new openid create one user. A login's user writes and its new
-//! token family (`tokens::issue::start_family`) go in one batch, applied atomically.
-//! The messages do not wait for the fsync: the request that caused them waits for
-//! the group commit after its last write (see `storage`).
+//! token family (`tokens::issue::start_family`) go in one batch, applied atomically,
+//! and `Login` answers once the group commit has made it durable. The operator's
+//! messages and `SetPhone` do not wait for the fsync: whoever sent them waits for the
+//! group commit after its last write (see `storage`).
 
 use crate::actors::wechat::Session;
 use crate::storage::{GroupCommit, StorageError, Store, Tree, WriteBatch};

@@ -1,4 +1,5 @@
-//! Name resolution for the WeChat clients: ureq's own resolver, remembered.
+//! The HTTP agent of the WeChat clients (login's `jscode2session`, the access-token
+//! keeper), and its name resolution: ureq's own resolver, remembered.
 //!
 //! ureq resolves the host before every call, pooled connection or not, and with a
 //! timeout set it does so on a new thread each time. Under logins that was a thread
@@ -10,14 +11,26 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use ureq::config::Config;
+use ureq::config::{Config, ConfigBuilder};
 use ureq::http::Uri;
+use ureq::typestate::AgentScope;
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::NextTimeout;
 
 /// How long a looked-up address is used before the name is looked up again: short
 /// enough to follow a DNS change within a minute.
 pub const REMEMBER_FOR: Duration = Duration::from_secs(60);
+
+/// The settings both WeChat clients share: `timeout` for a whole call, any HTTP
+/// status read as an answer, and redirects never followed (the URLs carry the
+/// AppSecret or the access token, which a `Location` could send anywhere).
+pub fn wechat_config(timeout: Duration) -> ConfigBuilder<AgentScope> {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .user_agent(concat!("wxauth/", env!("CARGO_PKG_VERSION")))
+}
 
 /// A ureq agent with `config` that resolves through a [`CachingResolver`].
 pub fn agent(config: Config) -> ureq::Agent {

@@ -17,6 +17,7 @@
 //! clients have all gone by the time its slot comes up is never sent: the code stays
 //! unspent.
 
+use crate::actors::resolver;
 use crate::config::{WeChatApp, WeChatConfig};
 use crate::metrics::Metrics;
 use crate::secret::{Secret, SessionKey};
@@ -313,20 +314,14 @@ pub fn start(cfg: &WeChatConfig, apps: &[WeChatApp], metrics: Arc<Metrics>) -> W
     let upstream = Arc::new(if cfg.mock {
         Upstream::Mock
     } else {
-        let config = ureq::Agent::config_builder()
-            // Each call also gets the time left of its login's deadline (see `call`).
-            .timeout_global(Some(cfg.timeout))
-            .http_status_as_error(false)
-            // A redirect is answered, never followed: it would carry the AppSecret in
-            // the query string to whatever host the Location names.
-            .max_redirects(0)
+        // Each call also gets the time left of its login's deadline (see `call`).
+        let config = resolver::wechat_config(cfg.timeout)
             // One pooled connection per worker thread (the total defaults to 10).
             .max_idle_connections(threads)
             .max_idle_connections_per_host(threads)
-            .user_agent(concat!("wxauth/", env!("CARGO_PKG_VERSION")))
             .build();
         Upstream::Http(HttpUpstream {
-            agent: crate::actors::resolver::agent(config),
+            agent: resolver::agent(config),
             api_base: cfg.api_base.trim_end_matches('/').to_string(),
             secrets: apps
                 .iter()
