@@ -1,7 +1,7 @@
 //! GET /openapi.json: the OpenAPI 3.1 document of this API.
 //!
 //! `docs/openapi.yaml` is the source people edit; `docs/openapi.json` is the same
-//! document as JSON (`docs/openapi-json.sh` writes it, and tests/openapi.rs fails
+//! document as JSON (`docs/openapi-json.sh` writes it, and tests/it/openapi.rs fails
 //! when the two differ), built in, so the binary carries no YAML parser. The served
 //! copy describes this server: the login's `appid` lists the configured
 //! mini-programs (any other is a 400 `unknown_app`). It is made once, on first use.

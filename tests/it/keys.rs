@@ -1,7 +1,7 @@
 //! Published public keys (`GET /.well-known/jwks.json`) and key rotation without
 //! logging anyone out (`wxauth keys list|rotate|retire`, `jwt.previous_key_files`).
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::{json, Value};

@@ -1,6 +1,6 @@
 //! POST /api/weixin/login/ through the real binary against a mock WeChat.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::json;

@@ -1,7 +1,7 @@
 //! GET /api/auth/check: forward-auth, on its own and behind a real nginx
 //! (`auth_request`) in front of an upstream that echoes the headers it got.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::{json, Value};

@@ -1,6 +1,6 @@
 //! The access-token check on GET /api/weixin/data/, and simplejwt's token endpoints.
 
-mod common;
+use crate::common;
 
 use common::*;
 use jsonwebtoken::Algorithm;

@@ -2,7 +2,7 @@
 //! network (`limits.ipv6_prefix`, default /64), and an IPv4-mapped IPv6 address is
 //! its IPv4 address, also when a trusted proxy reports it in X-Forwarded-For.
 
-mod common;
+use crate::common;
 
 use common::*;
 

@@ -2,7 +2,7 @@
 //! queries, and every label value it selects exactly, is in a real /metrics scrape
 //! taken after a few logins, a refresh and a forward-auth check.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::{json, Value};

@@ -2,7 +2,7 @@
 //! no call for a client that left), redirects are never followed, and what WeChat
 //! sends is checked before anything is stored.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::json;

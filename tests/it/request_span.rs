@@ -1,7 +1,7 @@
 //! One request id from the handler to the actors: every line a request causes
 //! carries the id of its access line.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::{json, Value};

@@ -2,7 +2,7 @@
 //! answered (408 `request_timeout`) and closed once `server.request_timeout` has
 //! passed, and `/healthz` keeps answering meanwhile.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::io::{ErrorKind, Read, Write};

@@ -1,7 +1,7 @@
 //! Beyond login (issue 11): the access-token keeper, the phone number, encrypted
 //! data and the session-key check, through the real binary against the mock WeChat.
 
-mod common;
+use crate::common;
 
 use common::mock_wechat::phone_for;
 use common::*;

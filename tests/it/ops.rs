@@ -2,7 +2,7 @@
 //! and restore, metrics, request ids, keys, health checks, and one process per
 //! data directory.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::json;

@@ -1,7 +1,7 @@
 //! Files: everything under `storage.path` private (0600/0700), the generated signing
 //! key whole or refused by name, empty variables unset, and keys other tools read.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::json;

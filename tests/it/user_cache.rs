@@ -1,7 +1,7 @@
 //! The token check's cache of decoded users (issue 13): every write of the user
 //! registry shows from the very next request, however warm the cache is.
 
-mod common;
+use crate::common;
 
 use common::mock_wechat::phone_for;
 use common::*;

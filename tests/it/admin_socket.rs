@@ -3,7 +3,7 @@
 //! oversized, non-UTF-8 or malformed request line gets an error status line (never
 //! an echo of the input, never a silent close), and the socket is private.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::{json, Value};

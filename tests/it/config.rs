@@ -1,6 +1,6 @@
 //! Configuration through the real binary: `wxauth check-config` and `wxauth serve`.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::process::{Command, Output};

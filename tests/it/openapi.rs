@@ -6,7 +6,7 @@
 //! else `target/venv` (`.ci/run` makes it). Outside CI without it, the tests that need
 //! it skip with a loud message; under `CI=true` a missing tool fails them.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::Value;

@@ -1,7 +1,7 @@
 //! The HTTP surface: paths with and without the slash, JSON for every error,
 //! body limits and content types, health and readiness.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::json;

@@ -5,7 +5,7 @@
 //! The faults come from a hook compiled into debug builds only
 //! (`WXAUTH_DEBUG_FAULT`), so these tests are skipped in release builds.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::json;

@@ -4,7 +4,7 @@
 //! Needs root to mount a small tmpfs as the data directory. Without it the test
 //! says so and passes, except in CI (CI=true), where it must run.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::json;

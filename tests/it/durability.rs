@@ -1,6 +1,6 @@
 //! Restarts, SIGTERM, kill -9, and what the logs may never show.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::json;

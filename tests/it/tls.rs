@@ -2,7 +2,7 @@
 //! certificate for 127.0.0.1/localhost are made here with rcgen, and clients trust
 //! only that CA.
 
-mod common;
+use crate::common;
 
 use common::*;
 use rcgen::{

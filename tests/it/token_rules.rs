@@ -2,7 +2,7 @@
 //! valid token on every endpoint, exact reuse-grace times, a revoke that covers the
 //! same second, claims as strict as PyJWT and RFC 7515, bounded durations.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::{json, Value};

@@ -1,0 +1,27 @@
+//! The integration tests: one crate, so that the test suite links once. Each module
+//! drives the real `wxauth` binary (built by cargo for this crate) through `common`.
+
+mod common;
+
+mod admin_socket;
+mod config;
+mod crash;
+mod durability;
+mod faults;
+mod files;
+mod forward_auth;
+mod grafana;
+mod http;
+mod keys;
+mod login;
+mod openapi;
+mod ops;
+mod ratelimit;
+mod request_span;
+mod slow_clients;
+mod tls;
+mod token_rules;
+mod tokens;
+mod user_cache;
+mod wechat_bounds;
+mod wxapi;
