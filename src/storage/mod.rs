@@ -16,7 +16,7 @@ pub mod upgrade;
 /// For tests, benches and examples that fill a directory by hand; the binary and
 /// the CLI open storage only through [`open`].
 pub use self::sled::SledStore;
-pub use self::sled_model::{load_family, user_families, SledModel};
+pub use self::sled_model::{encode_family, load_family, user_families, SledModel};
 
 use crate::config::StorageConfig;
 

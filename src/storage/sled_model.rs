@@ -48,7 +48,8 @@ struct StoredFamily {
     revoked_ms: Option<i64>,
 }
 
-pub(super) fn encode_family(family: &FamilyRecord) -> Vec<u8> {
+/// A family's stored value (for tools that fill a directory by hand).
+pub fn encode_family(family: &FamilyRecord) -> Vec<u8> {
     serde_json::to_vec(&StoredFamily {
         gen: family.generation,
         created_ms: family.created_ms,
