@@ -7,8 +7,8 @@ use crate::http::{self, AppState, LoginLimiter};
 use crate::metrics::Metrics;
 use crate::storage::model::AuthStore;
 use crate::storage::{GroupCommit, ReadStore, SledModel, StorageError};
-use crate::users::cache::UserCache;
 use crate::tokens::JwtKeys;
+use crate::users::cache::UserCache;
 use actix::{Actor, Arbiter};
 use actix_web::dev::Service;
 use actix_web::{middleware, web, App, HttpServer};
@@ -192,8 +192,11 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         let users = users.clone();
         move || users.clear()
     });
-    let model: Arc<dyn AuthStore> =
-        Arc::new(SledModel::new(store.clone(), commit.clone(), users.clone())?);
+    let model: Arc<dyn AuthStore> = Arc::new(SledModel::new(
+        store.clone(),
+        commit.clone(),
+        users.clone(),
+    )?);
     let registry = UserRegistry::new(model.clone(), store.clone(), cfg.wechat.link_by_unionid);
 
     // Each state-owning actor runs on its own thread (arbiter), off the HTTP workers.

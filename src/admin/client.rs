@@ -7,10 +7,10 @@ use super::AdminError;
 use crate::config::Config;
 use crate::storage::{self, GroupCommit, SledModel, StorageError};
 use crate::users::cache::UserCache;
-use std::sync::Arc;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 
 /// The CLI's side: send `request` to the running server, or, when none answers on
 /// the socket, run it on the data directory directly. Output goes to `out`.

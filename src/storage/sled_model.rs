@@ -291,7 +291,11 @@ impl SledModel {
         Ok(Some(user))
     }
 
-    fn update_durably(&self, id: UserId, change: impl FnOnce(&mut User)) -> StoreFuture<Option<User>> {
+    fn update_durably(
+        &self,
+        id: UserId,
+        change: impl FnOnce(&mut User),
+    ) -> StoreFuture<Option<User>> {
         let result = self.update(id, change);
         let wrote = matches!(result, Ok(Some(_)));
         self.durable(wrote, result)
@@ -446,14 +450,16 @@ impl AuthStore for SledModel {
         let Some(&tree) = PURGED.get(index) else {
             return ready(Ok(PurgeProgress::default()));
         };
-        let result = self.purge_tree(tree, key, cutoff, limit).map(|(deleted, next)| {
-            let next = match next {
-                Some(key) => Some([&[index as u8][..], &key].concat()),
-                None if index + 1 < PURGED.len() => Some(vec![index as u8 + 1]),
-                None => None,
-            };
-            PurgeProgress { deleted, next }
-        });
+        let result = self
+            .purge_tree(tree, key, cutoff, limit)
+            .map(|(deleted, next)| {
+                let next = match next {
+                    Some(key) => Some([&[index as u8][..], &key].concat()),
+                    None if index + 1 < PURGED.len() => Some(vec![index as u8 + 1]),
+                    None => None,
+                };
+                PurgeProgress { deleted, next }
+            });
         ready(result)
     }
 
@@ -487,7 +493,12 @@ mod tests {
         (dir, store, model)
     }
 
-    fn rotate(family: &FamilyRecord, presented: Generation, now_ms: i64, grace_ms: i64) -> RotateRequest {
+    fn rotate(
+        family: &FamilyRecord,
+        presented: Generation,
+        now_ms: i64,
+        grace_ms: i64,
+    ) -> RotateRequest {
         RotateRequest {
             user_id: family.user_id,
             family: family.id,
@@ -535,25 +546,44 @@ mod tests {
         assert_eq!(user_families(store.as_ref(), 1).unwrap().len(), 2);
 
         assert_eq!(
-            model.rotate(rotate(&family, 1, 20_000, 1_000)).await.unwrap(),
+            model
+                .rotate(rotate(&family, 1, 20_000, 1_000))
+                .await
+                .unwrap(),
             RotateOutcome::Rotated { generation: 2 }
         );
         let before = load_family(store.as_ref(), 1, family.id).unwrap();
         assert_eq!(
-            model.rotate(rotate(&family, 1, 20_500, 1_000)).await.unwrap(),
+            model
+                .rotate(rotate(&family, 1, 20_500, 1_000))
+                .await
+                .unwrap(),
             RotateOutcome::Retry { generation: 2 }
         );
-        assert_eq!(load_family(store.as_ref(), 1, family.id).unwrap(), before, "nothing written");
         assert_eq!(
-            model.rotate(rotate(&family, 3, 20_500, 1_000)).await.unwrap(),
+            load_family(store.as_ref(), 1, family.id).unwrap(),
+            before,
+            "nothing written"
+        );
+        assert_eq!(
+            model
+                .rotate(rotate(&family, 3, 20_500, 1_000))
+                .await
+                .unwrap(),
             RotateOutcome::Ahead
         );
         assert_eq!(
-            model.rotate(rotate(&family, 1, 21_001, 1_000)).await.unwrap(),
+            model
+                .rotate(rotate(&family, 1, 21_001, 1_000))
+                .await
+                .unwrap(),
             RotateOutcome::Reused
         );
         assert_eq!(
-            model.rotate(rotate(&family, 2, 21_002, 1_000)).await.unwrap(),
+            model
+                .rotate(rotate(&family, 2, 21_002, 1_000))
+                .await
+                .unwrap(),
             RotateOutcome::Revoked
         );
         let other = FamilyRecord {
@@ -564,7 +594,131 @@ mod tests {
             model.rotate(rotate(&other, 1, 0, 0)).await.unwrap(),
             RotateOutcome::Missing
         );
-        assert!(!model.revoke_family(1, family.id, 1).await.unwrap(), "revoked already");
+        assert!(
+            !model.revoke_family(1, family.id, 1).await.unwrap(),
+            "revoked already"
+        );
+    }
+
+    /// Counts the writes that reach the store.
+    struct Counting {
+        inner: Arc<SledStore>,
+        writes: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ReadStore for Counting {
+        fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+            self.inner.get(tree, key)
+        }
+        fn for_each(
+            &self,
+            tree: Tree,
+            visit: &mut crate::storage::Visitor<'_>,
+        ) -> Result<(), StorageError> {
+            self.inner.for_each(tree, visit)
+        }
+        fn size_on_disk(&self) -> Result<u64, StorageError> {
+            self.inner.size_on_disk()
+        }
+    }
+
+    impl Store for Counting {
+        fn apply(&self, batch: WriteBatch) -> Result<(), StorageError> {
+            self.writes
+                .fetch_add(batch.len(), std::sync::atomic::Ordering::SeqCst);
+            self.inner.apply(batch)
+        }
+        fn apply_in_order(&self, batch: WriteBatch) -> Result<(), StorageError> {
+            self.writes
+                .fetch_add(batch.len(), std::sync::atomic::Ordering::SeqCst);
+            self.inner.apply_in_order(batch)
+        }
+        fn flush(&self) -> Result<(), StorageError> {
+            self.inner.flush()
+        }
+        fn snapshot(
+            &self,
+            visit: &mut crate::storage::SnapshotVisitor<'_>,
+        ) -> Result<(), StorageError> {
+            self.inner.snapshot(visit)
+        }
+        fn recover(&self) -> Result<bool, StorageError> {
+            self.inner.recover()
+        }
+    }
+
+    #[actix_web::test]
+    async fn a_new_login_is_three_writes_a_returning_one_two_and_a_rotation_one() {
+        let (_dir, inner, _) = model();
+        let store = Arc::new(Counting {
+            inner,
+            writes: Default::default(),
+        });
+        let commit = GroupCommit::start(store.clone());
+        let model = SledModel::new(store.clone(), commit, Arc::new(UserCache::new(0))).unwrap();
+        let writes = || store.writes.swap(0, std::sync::atomic::Ordering::SeqCst);
+        let (_, _, family) = login(&model, "new", 0).await;
+        assert_eq!(writes(), 3, "family, user, openid index");
+        login(&model, "new", 0).await;
+        assert_eq!(writes(), 2, "family, user");
+        model.rotate(rotate(&family, 1, 10, 1_000)).await.unwrap();
+        assert_eq!(writes(), 1, "the family");
+        model.rotate(rotate(&family, 1, 20, 1_000)).await.unwrap();
+        assert_eq!(writes(), 0, "a retry inside the grace");
+    }
+
+    #[actix_web::test]
+    async fn the_purge_deletes_expired_families_and_legacy_records_over_many_chunks() {
+        let (_dir, store, model) = model();
+        let mut batch = WriteBatch::default();
+        for i in 0..600u32 {
+            let family = FamilyRecord {
+                user_id: u64::from(i % 7),
+                id: FamilyId(u128::from(i).to_be_bytes()),
+                generation: 1,
+                created_ms: 0,
+                rotated_ms: 0,
+                // Every third one live.
+                exp: if i % 3 == 0 { 2_000 } else { 500 },
+                revoked_ms: None,
+            };
+            batch.put(
+                Tree::Families,
+                family_key(family.user_id, family.id),
+                encode_family(&family),
+            );
+            batch.put(
+                Tree::RefreshTokens,
+                format!("{i:032}"),
+                format!(
+                    r#"{{"family":"f","user_id":1,"exp":{}}}"#,
+                    if i % 3 == 0 { 2_000 } else { 500 }
+                ),
+            );
+        }
+        store.apply(batch).unwrap();
+        let (mut from, mut deleted, mut steps) = (None, 0, 0);
+        loop {
+            let step = model.purge_expired(1_000, from, 100).await.unwrap();
+            deleted += step.deleted;
+            steps += 1;
+            match step.next {
+                Some(next) => from = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(deleted, 800);
+        assert!(steps >= 12, "{steps} steps");
+        let mut left = 0;
+        for tree in [Tree::Families, Tree::RefreshTokens] {
+            store
+                .for_each(tree, &mut |_, _| {
+                    left += 1;
+                    ControlFlow::Continue(())
+                })
+                .unwrap();
+        }
+        assert_eq!(left, 400);
     }
 
     #[actix_web::test]
