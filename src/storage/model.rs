@@ -141,8 +141,10 @@ pub struct LoginRequest {
     pub now_ms: i64,
 }
 
-/// What [`AuthStore::login`] did.
+/// What [`AuthStore::login`] did. (Not boxed: it lives for one answer, and the
+/// common case is the large variant.)
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum LoginResult {
     /// The user (found or created) with its last login, session key and indexes
     /// updated, and the new family at generation 1. `created`: the user is new.
