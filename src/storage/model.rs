@@ -224,7 +224,7 @@ pub fn standing(
         Standing::Current
     } else if presented > family.generation {
         Standing::Ahead
-    } else if presented + 1 == family.generation
+    } else if presented.checked_add(1) == Some(family.generation)
         && crate::tokens::check::within_grace(family.rotated_ms, now_ms, grace_ms)
     {
         Standing::InGrace

@@ -318,7 +318,8 @@ impl SledModel {
         Ok(
             match standing(&family, req.presented, req.now_ms, req.grace_ms) {
                 Standing::Current => {
-                    family.generation += 1;
+                    // 2^64 rotations do not happen; saturating all the same.
+                    family.generation = family.generation.saturating_add(1);
                     family.rotated_ms = req.now_ms;
                     family.exp = family.exp.max(req.exp);
                     self.put_family(&family)?;
