@@ -252,9 +252,12 @@ pub trait AuthStore: Send + Sync {
 
     /// Find-or-create the user of `(appid, openid)` (or, when linking, of its
     /// unionid), record the login (last login, session key, a missing index or
-    /// unionid added) and start a new family at generation 1: one atomic, durable
-    /// unit. Two concurrent logins of one new openid create ONE user (the unique
-    /// key decides). A disabled user: nothing written.
+    /// unionid added) and start a new family at generation 1: one durable unit.
+    /// Resolves only once all of it is durable; a crash before leaves none of it or
+    /// a part no login or token can reach (never an index without its user, never
+    /// a token for a family that is not there). Two concurrent logins of one new
+    /// openid create ONE user (the unique key decides). A disabled user: nothing
+    /// written.
     fn login(&self, request: LoginRequest) -> StoreFuture<LoginResult>;
 
     /// One user by id.
