@@ -28,6 +28,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub web_login: WebLoginConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -215,6 +216,45 @@ impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             bind: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+        }
+    }
+}
+
+/// `web_login`: log in on the web by scanning a mini-program code (docs/API.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct WebLoginConfig {
+    pub enabled: bool,
+    /// How long a ticket (and its code) lives.
+    #[serde(deserialize_with = "de_duration")]
+    pub ticket_ttl: Duration,
+    /// Open tickets at most, the whole server.
+    pub max_tickets: usize,
+    /// The mini-program page the code opens (getwxacodeunlimit's `page`).
+    pub page: String,
+    /// `release`, `trial` or `develop`.
+    pub env_version: String,
+    /// WeChat checks that `page` is published (turn off for an unpublished page).
+    pub check_path: bool,
+    /// The code's width in pixels (280–1280).
+    pub width: u32,
+    /// The origin of the site that embeds `/web-login/` (an iframe or a popup):
+    /// the page posts the tokens to it, and only it may frame the page. `None`:
+    /// the page keeps the tokens (the demo).
+    pub embedder_origin: Option<String>,
+}
+
+impl Default for WebLoginConfig {
+    fn default() -> Self {
+        WebLoginConfig {
+            enabled: false,
+            ticket_ttl: Duration::from_secs(120),
+            max_tickets: 10_000,
+            page: "pages/web-login/index".into(),
+            env_version: "release".into(),
+            check_path: true,
+            width: 430,
+            embedder_origin: None,
         }
     }
 }
@@ -551,6 +591,7 @@ impl Config {
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(ConfigError::new("log.format", "must be text or json"));
         }
+        self.web_login.validate()?;
         Ok(apps)
     }
 
@@ -581,6 +622,64 @@ impl Config {
             ));
         }
         Ok(Some(secret))
+    }
+}
+
+impl WebLoginConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let w = self;
+        if w.ticket_ttl < Duration::from_secs(10) || w.ticket_ttl > Duration::from_secs(600) {
+            return Err(ConfigError::new(
+                "web_login.ticket_ttl",
+                "must be between 10s and 10m",
+            ));
+        }
+        if w.max_tickets == 0 || w.max_tickets > 1_000_000 {
+            return Err(ConfigError::new(
+                "web_login.max_tickets",
+                "must be between 1 and 1000000",
+            ));
+        }
+        let page_char = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-' | b'.');
+        if w.page.is_empty()
+            || w.page.len() > 128
+            || w.page.starts_with('/')
+            || !w.page.bytes().all(page_char)
+        {
+            return Err(ConfigError::new(
+                "web_login.page",
+                "must be a mini-program page path like pages/web-login/index (no leading /)",
+            ));
+        }
+        if !matches!(w.env_version.as_str(), "release" | "trial" | "develop") {
+            return Err(ConfigError::new(
+                "web_login.env_version",
+                "must be release, trial or develop",
+            ));
+        }
+        if !(280..=1280).contains(&w.width) {
+            return Err(ConfigError::new(
+                "web_login.width",
+                "must be between 280 and 1280",
+            ));
+        }
+        if let Some(origin) = &w.embedder_origin {
+            let rest = origin
+                .strip_prefix("https://")
+                .or_else(|| origin.strip_prefix("http://"));
+            let host_ok = rest.is_some_and(|r| {
+                !r.is_empty()
+                    && r.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+            });
+            if !host_ok {
+                return Err(ConfigError::new(
+                    "web_login.embedder_origin",
+                    "must be an origin like https://admin.example.com (scheme and host, optional port, no path)",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -6,6 +6,7 @@ use crate::actors::wechat::WeChatError;
 use crate::storage::StorageError;
 use crate::tokens::check::Refusal;
 use crate::tokens::TokenError;
+use crate::web_login::WebLoginError;
 use crate::wechat_crypto::DecryptError;
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
@@ -62,6 +63,8 @@ pub enum ApiError {
     /// POST /api/weixin/decrypt/.
     #[error(transparent)]
     Decrypt(#[from] DecryptError),
+    #[error(transparent)]
+    WebLogin(#[from] WebLoginError),
     #[error(transparent)]
     Auth(#[from] AuthError),
     /// Token endpoints (refresh, verify, blacklist): simplejwt's `{"detail", "code"}`.
@@ -126,12 +129,21 @@ impl ApiError {
                 WxApiError::ForcedRefreshLimited { .. } => "access_token_unavailable",
                 WxApiError::TokenRejected => "upstream_error",
                 WxApiError::UnknownApp(_) => "unknown_app",
+                WxApiError::CodePageInvalid => "wechat_config_error",
                 WxApiError::WeChat(e) => ApiError::WeChat(e.clone()).code(),
             },
             ApiError::Decrypt(e) => match e {
                 DecryptError::BadInput(_) => "invalid_request",
                 DecryptError::Failed => "decrypt_failed",
                 DecryptError::WatermarkMismatch => "watermark_mismatch",
+            },
+            ApiError::WebLogin(e) => match e {
+                WebLoginError::TooManyTickets => "too_many_tickets",
+                WebLoginError::TooManyWaiters => "service_unavailable",
+                WebLoginError::PollSecret => "poll_secret_invalid",
+                WebLoginError::Expired => "ticket_expired",
+                WebLoginError::Closed => "ticket_closed",
+                WebLoginError::Taken => "ticket_taken",
             },
             ApiError::Auth(e) => match e {
                 AuthError::NotAuthenticated => "not_authenticated",
@@ -166,6 +178,8 @@ impl ApiError {
                 Some(*retry_after_secs)
             }
             ApiError::WxApi(WxApiError::WeChat(e)) => ApiError::WeChat(e.clone()).retry_after(),
+            ApiError::WebLogin(WebLoginError::TooManyTickets) => Some(5),
+            ApiError::WebLogin(WebLoginError::TooManyWaiters) => Some(1),
             ApiError::Storage(StorageError::Corrupt { .. }) => None,
             ApiError::Storage(_) => Some(5),
             ApiError::Unavailable(_) => Some(1),
@@ -201,10 +215,18 @@ impl ResponseError for ApiError {
             ApiError::WxApi(e) => match e {
                 WxApiError::PhoneCodeInvalid | WxApiError::UnknownApp(_) => StatusCode::BAD_REQUEST,
                 WxApiError::ForcedRefreshLimited { .. } => StatusCode::SERVICE_UNAVAILABLE,
-                WxApiError::TokenRejected => StatusCode::BAD_GATEWAY,
+                WxApiError::TokenRejected | WxApiError::CodePageInvalid => StatusCode::BAD_GATEWAY,
                 WxApiError::WeChat(e) => ApiError::WeChat(e.clone()).status_code(),
             },
             ApiError::Decrypt(_) => StatusCode::BAD_REQUEST,
+            ApiError::WebLogin(e) => match e {
+                WebLoginError::TooManyTickets | WebLoginError::TooManyWaiters => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                WebLoginError::PollSecret => StatusCode::UNAUTHORIZED,
+                WebLoginError::Expired => StatusCode::GONE,
+                WebLoginError::Closed | WebLoginError::Taken => StatusCode::CONFLICT,
+            },
             ApiError::Auth(_) | ApiError::Token(_) | ApiError::NoActiveAccount => {
                 StatusCode::UNAUTHORIZED
             }
@@ -226,6 +248,9 @@ impl ResponseError for ApiError {
                 }
                 ApiError::Unavailable(e) => {
                     tracing::error!(error = %cause_chain(e), "an owner actor did not answer")
+                }
+                ApiError::WxApi(e @ WxApiError::CodePageInvalid) => {
+                    tracing::error!(error = %e, "getwxacodeunlimit refused the configured page")
                 }
                 _ => {}
             }

@@ -23,6 +23,7 @@ pub mod telemetry;
 pub mod tls;
 pub mod tokens;
 pub mod users;
+pub mod web_login;
 pub mod wechat_crypto;
 
 /// Entry points for the fuzz targets in `fuzz/`: not an API.

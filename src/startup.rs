@@ -257,6 +257,15 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
             .map(http::canonical_ip)
             .collect(),
         metrics,
+        web_login: cfg.web_login.enabled.then(|| http::WebLoginState {
+            tickets: Arc::new(crate::web_login::WebLogins::new(
+                cfg.web_login.ticket_ttl,
+                cfg.web_login.max_tickets,
+            )),
+            config: cfg.web_login.clone(),
+            limiter: (cfg.limits.login_per_minute > 0)
+                .then(|| LoginLimiter::new(cfg.limits.login_per_minute, cfg.limits.ipv6_prefix)),
+        }),
     });
     let api_state = state.clone();
 

@@ -1,6 +1,6 @@
 //! The access-token keeper: the one holder of each configured app's WeChat
 //! `access_token`, and the caller of the WeChat APIs that need it
-//! (`getuserphonenumber`, `checksession`).
+//! (`getuserphonenumber`, `checksession`, `getwxacodeunlimit`).
 //!
 //! WeChat's advice is one central holder: a second process fetching a token can
 //! invalidate the first one's. So:
@@ -65,6 +65,10 @@ pub enum WxApiError {
     TokenRejected,
     #[error("No mini-program with appid {0:?} is configured.")]
     UnknownApp(String),
+    /// getwxacodeunlimit's 41030: `web_login.page` is not a published page of the
+    /// mini-program (or `check_path` is on for an unpublished one).
+    #[error("WeChat refused web_login.page: it is not a published page of the mini-program (errcode 41030).")]
+    CodePageInvalid,
     /// Everything login's calls can meet too (busy, timeout, config, HTTP, …).
     #[error(transparent)]
     WeChat(#[from] WeChatError),
@@ -229,6 +233,58 @@ pub struct CheckSession {
     pub appid: String,
     pub openid: String,
     pub signature: String,
+}
+
+/// `wxa/getwxacodeunlimit`: a mini-program code (an image) that opens `page`
+/// with `scene`.
+#[derive(Message)]
+#[rtype(result = "Result<WxaCode, WxApiError>")]
+pub struct GetWxaCode {
+    pub appid: String,
+    pub scene: String,
+    pub page: String,
+    pub env_version: String,
+    pub check_path: bool,
+    pub width: u32,
+}
+
+/// WeChat's image, as it sent it (never re-encoded).
+#[derive(Clone)]
+pub struct WxaCode {
+    /// `image/png` or `image/jpeg`, from the image's own signature.
+    pub content_type: &'static str,
+    pub bytes: Vec<u8>,
+}
+
+impl std::fmt::Debug for WxaCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WxaCode({}, {} bytes)", self.content_type, self.bytes.len())
+    }
+}
+
+impl Handler<GetWxaCode> for AccessTokenKeeper {
+    type Result = ResponseFuture<Result<WxaCode, WxApiError>>;
+
+    fn handle(&mut self, msg: GetWxaCode, _: &mut Context<Self>) -> Self::Result {
+        let keeper = self.keeper.clone();
+        Box::pin(async move {
+            let deadline = keeper.deadline;
+            let body = json!({
+                "scene": msg.scene,
+                "page": msg.page,
+                "env_version": msg.env_version,
+                "check_path": msg.check_path,
+                "width": msg.width,
+            });
+            within(
+                deadline,
+                keeper.call_with_token(&msg.appid, move |upstream, token| {
+                    upstream.wxa_code(token, &body)
+                }),
+            )
+            .await
+        })
+    }
 }
 
 impl Handler<GetToken> for AccessTokenKeeper {
@@ -643,7 +699,7 @@ fn error_label(e: &WxApiError) -> &'static str {
         WxApiError::PhoneCodeInvalid => "code_invalid",
         WxApiError::ForcedRefreshLimited { .. } => "forced_refused",
         WxApiError::TokenRejected => "token_invalid",
-        WxApiError::UnknownApp(_) => "config_error",
+        WxApiError::UnknownApp(_) | WxApiError::CodePageInvalid => "config_error",
         WxApiError::WeChat(e) => match e {
             WeChatError::RateLimited => "rate_limited",
             WeChatError::Config(_) => "config_error",
@@ -804,6 +860,106 @@ impl Upstream {
     }
 }
 
+/// The longest image accepted from getwxacodeunlimit (a 1280-pixel code is far
+/// smaller).
+const MAX_IMAGE_BYTES: u64 = 2 * 1024 * 1024;
+
+impl Upstream {
+    /// WeChat answers the image's bytes on success and a JSON errcode on failure.
+    fn wxa_code(&self, token: &str, body: &Value) -> Result<ApiReply<WxaCode>, WxApiError> {
+        let bytes = match self {
+            Upstream::Mock => {
+                let scene = body["scene"].as_str().unwrap_or("");
+                let width = body["width"].as_u64().unwrap_or(430) as u32;
+                return Ok(ApiReply::Ok(WxaCode {
+                    content_type: "image/png",
+                    bytes: mock_code_png(scene, width),
+                }));
+            }
+            Upstream::Http(http) => http.post_for_bytes(
+                "/wxa/getwxacodeunlimit",
+                &format!("access_token={}", encode(token)),
+                body,
+            )?,
+        };
+        if let Some(content_type) = image_type(&bytes) {
+            return Ok(ApiReply::Ok(WxaCode {
+                content_type,
+                bytes,
+            }));
+        }
+        let reply: Value = match serde_json::from_slice(&bytes) {
+            Ok(value @ Value::Object(_)) => value,
+            _ => {
+                return Err(WeChatError::Malformed(
+                    "getwxacodeunlimit: neither a PNG or JPEG image nor a JSON object".into(),
+                )
+                .into())
+            }
+        };
+        match errcode_of(&reply) {
+            // An errcode-less object is not an image either.
+            0 => Err(WeChatError::Malformed("getwxacodeunlimit: JSON without errcode".into()).into()),
+            // The daily quota of codes: WeChat's frequency limit, as 45011 is.
+            45009 => Err(WeChatError::RateLimited.into()),
+            41030 => Err(WxApiError::CodePageInvalid),
+            code if TOKEN_ERRCODES.contains(&code) => Ok(ApiReply::TokenInvalid),
+            code => Err(common_error(code).unwrap_or(WeChatError::Unknown(code).into())),
+        }
+    }
+}
+
+/// An image's type from its signature: PNG or JPEG, the two WeChat sends.
+fn image_type(bytes: &[u8]) -> Option<&'static str> {
+    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Some("image/png")
+    } else if bytes.starts_with(&[0xff, 0xd8, 0xff]) {
+        Some("image/jpeg")
+    } else {
+        None
+    }
+}
+
+/// The built-in mock's mini-program code: a grayscale PNG of about `width` pixels
+/// holding `scene` as a QR code (a real WeChat code is a round "sun" code that
+/// only WeChat reads; a QR code lets a browser test and a person check it).
+pub fn mock_code_png(scene: &str, width: u32) -> Vec<u8> {
+    let code = qrcode::QrCode::new(scene.as_bytes())
+        .or_else(|_| qrcode::QrCode::new(b"wxauth"))
+        .expect("a short text always fits a QR code");
+    let modules = code.width();
+    let quiet = 4;
+    let side = modules + 2 * quiet;
+    let scale = (width as usize / side).clamp(1, 32);
+    let pixels = side * scale;
+    let colors = code.to_colors();
+    let mut image = vec![255u8; pixels * pixels];
+    for y in 0..modules {
+        for x in 0..modules {
+            if colors[y * modules + x] == qrcode::Color::Dark {
+                for dy in 0..scale {
+                    let row = (y + quiet) * scale + dy;
+                    let start = row * pixels + (x + quiet) * scale;
+                    image[start..start + scale].fill(0);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut out, pixels as u32, pixels as u32);
+        encoder.set_color(png::ColorType::Grayscale);
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder
+            .write_header()
+            .expect("writing a PNG to memory cannot fail");
+        writer
+            .write_image_data(&image)
+            .expect("writing a PNG to memory cannot fail");
+    }
+    out
+}
+
 fn encode(text: &str) -> String {
     percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
@@ -862,30 +1018,53 @@ impl HttpApi {
     }
 }
 
+impl HttpApi {
+    /// A POST whose successful answer is not JSON (an image): the raw body.
+    fn post_for_bytes(&self, path: &str, query: &str, body: &Value) -> Result<Vec<u8>, WxApiError> {
+        let response = self
+            .agent
+            .post(&self.url(path, query))
+            .config()
+            .timeout_global(Some(self.timeout))
+            .build()
+            .header("Content-Type", "application/json")
+            .send(body.to_string());
+        read_body(response, MAX_IMAGE_BYTES)
+    }
+}
+
 /// WeChat answers HTTP 200 with JSON, labelled text/plain or not.
 fn read_reply(
     response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
 ) -> Result<Value, WxApiError> {
+    let body = read_body(response, MAX_REPLY_BYTES)?;
+    match serde_json::from_slice(&body) {
+        Ok(value @ Value::Object(_)) => Ok(value),
+        _ => Err(WeChatError::Malformed("not a JSON object".into()).into()),
+    }
+}
+
+/// A 200 answer's body, at most `limit` bytes.
+fn read_body(
+    response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    limit: u64,
+) -> Result<Vec<u8>, WxApiError> {
     let mut response = response.map_err(wx::transport_error)?;
     let status = response.status().as_u16();
     if status != 200 {
         return Err(WeChatError::Http(status).into());
     }
-    let body = response
+    Ok(response
         .body_mut()
         .with_config()
-        .limit(MAX_REPLY_BYTES)
+        .limit(limit)
         .read_to_vec()
         .map_err(|e| match e {
             ureq::Error::Timeout(_) => WeChatError::Timeout,
             other => {
                 WeChatError::Malformed(format!("reading the body: {}", wx::error_kind(&other)))
             }
-        })?;
-    match serde_json::from_slice(&body) {
-        Ok(value @ Value::Object(_)) => Ok(value),
-        _ => Err(WeChatError::Malformed("not a JSON object".into()).into()),
-    }
+        })?)
 }
 
 #[cfg(test)]
@@ -929,6 +1108,16 @@ mod tests {
             country_code: "86".into(),
         };
         assert!(!format!("{phone:?}").contains("138"));
+    }
+
+    #[test]
+    fn the_mock_code_is_a_png_of_about_the_width_asked() {
+        let png = mock_code_png("0123456789abcdef0123456789abcdef", 430);
+        assert_eq!(image_type(&png), Some("image/png"));
+        let decoder = png::Decoder::new(std::io::Cursor::new(png));
+        let info = decoder.read_info().unwrap().info().clone();
+        assert_eq!(info.width, info.height);
+        assert!((300..=430).contains(&info.width), "{}", info.width);
     }
 
     #[test]

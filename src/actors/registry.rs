@@ -8,7 +8,9 @@
 //! operator's messages and `SetPhone` answer once their write is durable too.
 
 use crate::actors::wechat::Session;
-use crate::storage::model::{AuthStore, FamilyId, LoginRequest, LoginResult};
+use crate::storage::model::{
+    AuthStore, FamilyId, LoginRequest, LoginResult, StartFamilyRequest, StartFamilyResult,
+};
 use crate::storage::{StorageError, Store, Tree, WriteBatch};
 use crate::tokens::issue::{self, TokenPair};
 use crate::tokens::JwtKeys;
@@ -93,6 +95,53 @@ impl Handler<Login> for UserRegistry {
                     }
                 }
                 LoginResult::Disabled => LoginOutcome::Disabled,
+            })
+        })
+    }
+}
+
+/// A new session (family and token pair) for an existing, enabled user: the web
+/// login's confirm. Answered once the family is durable; the tokens are signed
+/// after that.
+#[derive(Message)]
+#[rtype(result = "Result<SessionOutcome, StorageError>")]
+pub struct StartSession {
+    pub user_id: UserId,
+    pub keys: Arc<JwtKeys>,
+    pub span: tracing::Span,
+}
+
+pub enum SessionOutcome {
+    Started { user: User, pair: Box<TokenPair> },
+    Disabled,
+    Missing,
+}
+
+impl Handler<StartSession> for UserRegistry {
+    type Result = ResponseFuture<Result<SessionOutcome, StorageError>>;
+
+    fn handle(&mut self, msg: StartSession, _: &mut Context<Self>) -> Self::Result {
+        let _request = msg.span.clone().entered();
+        let now_ms = crate::tokens::now_ms();
+        let now = now_ms.div_euclid(1000);
+        let keys = msg.keys;
+        let started = self.model.start_family(StartFamilyRequest {
+            user_id: msg.user_id,
+            family: FamilyId::random(),
+            family_exp: now.saturating_add(keys.refresh_ttl),
+            now_ms,
+        });
+        Box::pin(async move {
+            Ok(match started.await? {
+                StartFamilyResult::Started { user, family } => {
+                    let pair = issue::pair(&keys, &user, &family, now);
+                    SessionOutcome::Started {
+                        user,
+                        pair: Box::new(pair),
+                    }
+                }
+                StartFamilyResult::Disabled => SessionOutcome::Disabled,
+                StartFamilyResult::Missing => SessionOutcome::Missing,
             })
         })
     }

@@ -16,8 +16,10 @@ mod openapi;
 mod phone;
 mod ratelimit;
 mod token;
+mod web_login;
 
 pub use access_token::EndpointSecret;
+pub use web_login::WebLoginState;
 pub use body::MAX_BODY_BYTES;
 pub use observe::{finish as finish_request, request_id};
 pub use ratelimit::{canonical_ip, LoginLimiter};
@@ -64,6 +66,8 @@ pub struct AppState {
     pub limiter: Option<LoginLimiter>,
     pub trusted_proxies: Vec<IpAddr>,
     pub metrics: Arc<Metrics>,
+    /// `None` unless `web_login.enabled`: its routes then answer 404.
+    pub web_login: Option<WebLoginState>,
 }
 
 impl AppState {
@@ -131,6 +135,15 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     endpoint(cfg, "/healthz", "GET", health::healthz);
     endpoint(cfg, "/readyz", "GET", health::readyz);
     endpoint(cfg, "/.well-known/jwks.json", "GET", jwks::jwks);
+    endpoint(cfg, "/api/weixin/web-login/", "POST", web_login::create);
+    endpoint(cfg, "/api/weixin/web-login/{ticket}/", "GET", web_login::poll);
+    endpoint(cfg, "/api/weixin/web-login/{ticket}/scan", "POST", web_login::scan);
+    endpoint(cfg, "/api/weixin/web-login/{ticket}/confirm", "POST", web_login::confirm);
+    endpoint(cfg, "/api/weixin/web-login/{ticket}/deny", "POST", web_login::deny);
+    endpoint(cfg, "/web-login/", "GET", web_login::page);
+    endpoint(cfg, "/web-login/page.js", "GET", web_login::page_js);
+    endpoint(cfg, "/web-login/page.css", "GET", web_login::page_css);
+    endpoint(cfg, "/web-login/wxauth-web.js", "GET", web_login::client_js);
     cfg.default_service(web::to(not_found));
 }
 

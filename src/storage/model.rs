@@ -158,6 +158,31 @@ pub enum LoginResult {
     Disabled,
 }
 
+/// [`AuthStore::start_family`]'s input.
+#[derive(Debug, Clone, Copy)]
+pub struct StartFamilyRequest {
+    pub user_id: UserId,
+    /// The new family's id (the caller's random [`FamilyId::random`]).
+    pub family: FamilyId,
+    /// The first refresh token's `exp` (unix seconds): the family's expiry.
+    pub family_exp: i64,
+    /// Unix milliseconds: the family's `created_ms`/`rotated_ms`.
+    pub now_ms: i64,
+}
+
+/// What [`AuthStore::start_family`] did.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum StartFamilyResult {
+    /// The user as read in the same unit (its `token_stamp` signs the tokens), and
+    /// the new family at generation 1.
+    Started { user: User, family: FamilyRecord },
+    /// The user exists and is disabled: nothing was written.
+    Disabled,
+    /// No such user: nothing was written.
+    Missing,
+}
+
 /// [`AuthStore::rotate`]'s input: a refresh token of `family` carrying `presented`.
 #[derive(Debug, Clone, Copy)]
 pub struct RotateRequest {
@@ -259,6 +284,18 @@ pub trait AuthStore: Send + Sync {
     /// openid create ONE user (the unique key decides). A disabled user: nothing
     /// written.
     fn login(&self, request: LoginRequest) -> StoreFuture<LoginResult>;
+
+    /// Starts a new family (generation 1) for an EXISTING, enabled user, with no
+    /// WeChat session (the web login: a second device of a user who is logged in
+    /// on the phone). Reads the user and writes the family as one unit: the user's
+    /// disabled flag and `token_stamp` are read in it, so a disable or a revoke
+    /// lands wholly before it (then `Disabled`, or tokens signed with the new stamp)
+    /// or wholly after it (then it covers the new family too). Resolves `Started`
+    /// only once the family is durable, before any token for it is handed out; a
+    /// crash before leaves no family or one no token names. The user record is not
+    /// written. `Disabled` / `Missing`: nothing written. The family id is the
+    /// caller's fresh random value, so nothing can race its creation.
+    fn start_family(&self, request: StartFamilyRequest) -> StoreFuture<StartFamilyResult>;
 
     /// One user by id.
     fn user(&self, id: UserId) -> StoreFuture<Option<User>>;

@@ -14,7 +14,8 @@
 //!   record without its index is not found by the next login, which writes it
 //!   again (a returning user) or gives the id to the next user created (a new one).
 //!   The user is answered only once all of it is durable.
-//! - a rotation, a revocation, an operator change: one write each.
+//! - a rotation, a revocation, an operator change, a web login's new family: one
+//!   write each.
 //!
 //! User ids: the next is one more than the greatest in `users` (or than older
 //! releases' `meta` counter, when that is greater). A created user is its record;
@@ -274,6 +275,31 @@ impl SledModel {
         })
     }
 
+    /// The user read and the family written in one turn of the registry (its
+    /// only caller): a disable or revoke is another message, before or after.
+    fn start_family_now(
+        &self,
+        req: StartFamilyRequest,
+    ) -> Result<StartFamilyResult, StorageError> {
+        let Some(user) = users::load(self.store.as_ref(), req.user_id)? else {
+            return Ok(StartFamilyResult::Missing);
+        };
+        if user.disabled {
+            return Ok(StartFamilyResult::Disabled);
+        }
+        let family = FamilyRecord {
+            user_id: user.id,
+            id: req.family,
+            generation: 1,
+            created_ms: req.now_ms,
+            rotated_ms: req.now_ms,
+            exp: req.family_exp,
+            revoked_ms: None,
+        };
+        self.put_family(&family)?;
+        Ok(StartFamilyResult::Started { user, family })
+    }
+
     /// Reads a user, lets `change` edit it, and writes it back. `None`: no such user.
     fn update(
         &self,
@@ -393,6 +419,12 @@ impl AuthStore for SledModel {
         let result = self.login_now(request);
         // A disabled user's login writes nothing: no commit to wait for.
         let wrote = matches!(result, Ok(LoginResult::LoggedIn { .. }));
+        self.durable(wrote, result)
+    }
+
+    fn start_family(&self, request: StartFamilyRequest) -> StoreFuture<StartFamilyResult> {
+        let result = self.start_family_now(request);
+        let wrote = matches!(result, Ok(StartFamilyResult::Started { .. }));
         self.durable(wrote, result)
     }
 
