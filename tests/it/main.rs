@@ -24,5 +24,6 @@ mod token_rules;
 mod tokens;
 mod upgrade;
 mod user_cache;
+mod web_login;
 mod wechat_bounds;
 mod wxapi;

@@ -34,6 +34,11 @@
 //!   (or no longer) valid (see [`MockWeChat::revoke_tokens`]); the code chooses:
 //!   `ok:<name>` a number (countryCode a number, as in WeChat's example), `str:<name>`
 //!   countryCode as a string, `busyN:` -1 for the first N calls, `errN:` errcode N.
+//! - `POST /wxa/getwxacodeunlimit?access_token=`: the image's bytes on success
+//!   (`Content-Type: image/jpeg`, as WeChat labels its codes: a JPEG signature, then
+//!   `scene=<scene>;page=<page>;…` so a test can see what was asked); errors as JSON
+//!   (`application/json`): 40001 for a token not valid, 40169 for a scene over 32
+//!   characters, [`MockWeChat::fail_wxacode`]'s errcode while set.
 //! - `GET /wxa/checksession`: 0 when the HMAC-SHA256 signature matches the session key
 //!   last handed to that openid, else 87009.
 
@@ -79,6 +84,9 @@ pub struct MockState {
     pub keys_by_openid: HashMap<String, String>,
     /// checksession calls.
     pub checksession_calls: usize,
+    /// getwxacodeunlimit answers this errcode while set; its request bodies.
+    pub wxacode_errcode: Option<i64>,
+    pub wxacode_bodies: Vec<serde_json::Value>,
 }
 
 pub struct MockWeChat {
@@ -159,6 +167,16 @@ impl MockWeChat {
         self.state.lock().unwrap().valid_tokens.clear();
     }
 
+    /// getwxacodeunlimit answers `errcode` from now on (`None`: images again).
+    pub fn fail_wxacode(&self, errcode: Option<i64>) {
+        self.state.lock().unwrap().wxacode_errcode = errcode;
+    }
+
+    /// The JSON bodies getwxacodeunlimit received.
+    pub fn wxacode_bodies(&self) -> Vec<serde_json::Value> {
+        self.state.lock().unwrap().wxacode_bodies.clone()
+    }
+
     pub fn phone_calls(&self) -> usize {
         self.state.lock().unwrap().phone_calls.values().sum()
     }
@@ -224,6 +242,17 @@ fn serve_connection(stream: TcpStream, state: &Mutex<MockState>, holds: &Condvar
             .unwrap_or("/")
             .to_string();
         state.lock().unwrap().requests += 1;
+        if target.starts_with("/wxa/getwxacodeunlimit") {
+            let (content_type, body) = wxa_code(&target, &request_body, state);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            if writer.write_all(&[head.as_bytes(), &body].concat()).is_err() {
+                return;
+            }
+            continue;
+        }
         let (status, content_type, body) =
             match target.split_once('?').map_or(target.as_str(), |(p, _)| p) {
                 "/cgi-bin/stable_token" => stable_token(&request_body, state),
@@ -532,6 +561,38 @@ fn phone_number(target: &str, body: &[u8], state: &Mutex<MockState>) -> Answer {
         }
         _ => reply(200, "text/plain", errcode(40029, "invalid code")),
     }
+}
+
+/// `wxa/getwxacodeunlimit`: an image's bytes, or JSON with an errcode.
+fn wxa_code(target: &str, body: &[u8], state: &Mutex<MockState>) -> (&'static str, Vec<u8>) {
+    let request: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let token = query_param(target, "access_token");
+    let mut st = state.lock().unwrap();
+    st.wxacode_bodies.push(request.clone());
+    let json = |code: i64, msg: &str| ("application/json; encoding=utf-8", errcode(code, msg).into_bytes());
+    if !st.valid_tokens.contains(&token) {
+        return json(40001, "invalid credential, access_token is invalid or not latest");
+    }
+    if let Some(code) = st.wxacode_errcode {
+        return json(code, "error");
+    }
+    let scene = request["scene"].as_str().unwrap_or("");
+    if scene.is_empty() || scene.len() > 32 {
+        return json(40169, "invalid length for scene, or the data is not json string");
+    }
+    let mut image = vec![0xff, 0xd8, 0xff, 0xe0];
+    image.extend_from_slice(
+        format!(
+            "scene={scene};page={};env_version={};check_path={};width={}",
+            request["page"].as_str().unwrap_or(""),
+            request["env_version"].as_str().unwrap_or(""),
+            request["check_path"],
+            request["width"],
+        )
+        .as_bytes(),
+    );
+    image.extend_from_slice(&[0x80, 0xff, 0x00, 0xff, 0xd9]);
+    ("image/jpeg", image)
 }
 
 /// The phone number the mock gives for the code `ok:<name>`.
