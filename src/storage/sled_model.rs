@@ -570,6 +570,41 @@ mod tests {
     }
 
     #[actix_web::test]
+    async fn a_web_session_is_a_new_family_of_an_enabled_user_only() {
+        let (_dir, store, model) = model();
+        let (user, _, phone) = login(&model, "o1", 10_000).await;
+        let start = |user_id| StartFamilyRequest {
+            user_id,
+            family: FamilyId::random(),
+            family_exp: 99_999,
+            now_ms: 12_000,
+        };
+        let request = start(user.id);
+        match model.start_family(request).await.unwrap() {
+            StartFamilyResult::Started { user: read, family } => {
+                assert_eq!(read.id, user.id);
+                assert_eq!((family.id, family.generation), (request.family, 1));
+                assert_ne!(family.id, phone.id);
+                assert_eq!(
+                    load_family(store.as_ref(), user.id, family.id).unwrap(),
+                    Some(family)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            model.start_family(start(99)).await.unwrap(),
+            StartFamilyResult::Missing
+        ));
+        model.set_disabled(user.id, true).await.unwrap();
+        assert!(matches!(
+            model.start_family(start(user.id)).await.unwrap(),
+            StartFamilyResult::Disabled
+        ));
+        assert_eq!(user_families(store.as_ref(), user.id).unwrap().len(), 2);
+    }
+
+    #[actix_web::test]
     async fn a_rotation_is_a_compare_and_swap_and_a_retry_writes_nothing() {
         let (_dir, store, model) = model();
         let (user, created, family) = login(&model, "o1", 10_000).await;

@@ -245,6 +245,7 @@ fn open_tickets_are_capped_and_a_restart_forgets_them() {
     full.assert_error(503, "too_many_tickets");
     assert!(full.header("retry-after").is_some());
 
+    server.terminate();
     server.restart();
     assert_eq!(status(&server, &first, &secret), "expired");
     // ...and the cap counts this process's tickets only.
