@@ -39,6 +39,11 @@ export interface User {
   [field: string]: unknown;
 }
 
+/** What the web login calls resolve with. */
+export interface WebLoginAnswer {
+  status: 'scanned' | 'confirmed' | 'denied';
+}
+
 /** What `phone(code)` resolves with: the answer of `POST /api/weixin/phone/`. */
 export interface PhoneAnswer {
   phone_number?: string;
@@ -73,6 +78,15 @@ export interface Client {
   user(): Promise<User>;
   /** Sends a `getPhoneNumber` code to `POST /api/weixin/phone/`. */
   phone(code: string): Promise<PhoneAnswer>;
+  /**
+   * Web login: the code's `scene` (the page's `options.scene`) was scanned; the
+   * browser shows "confirm on your phone". Resolves with `{status: "scanned"}`.
+   */
+  scanWebLogin(scene: string): Promise<WebLoginAnswer>;
+  /** Logs the browser in as this user (a new session of its own). */
+  confirmWebLogin(scene: string): Promise<WebLoginAnswer>;
+  /** Refuses the browser's login. */
+  denyWebLogin(scene: string): Promise<WebLoginAnswer>;
 }
 
 /**

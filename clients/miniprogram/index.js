@@ -363,6 +363,33 @@ function createClient(options) {
     });
   }
 
+  // Web login (wxauth's "log in on this computer"): the page that a scanned code opens
+  // gets the ticket as its `scene` (onLoad's options.scene, URL-encoded by WeChat).
+  function webLogin(action, scene) {
+    const ticket = typeof scene === 'string' ? decodeURIComponent(scene) : '';
+    if (!/^[0-9a-f]{32}$/.test(ticket)) {
+      return Promise.reject(new TypeError('wxauth-miniprogram: ' + action + 'WebLogin needs the scene of the code (32 hex characters)'));
+    }
+    return request({ url: '/api/weixin/web-login/' + ticket + '/' + action, method: 'POST', data: {} }).then(function (res) {
+      return res.data;
+    });
+  }
+
+  // Tells the browser the code was scanned (it shows "confirm on your phone").
+  function scanWebLogin(scene) {
+    return webLogin('scan', scene);
+  }
+
+  // Logs the browser in as this user: a new session of the user's own.
+  function confirmWebLogin(scene) {
+    return webLogin('confirm', scene);
+  }
+
+  // Refuses the browser's login.
+  function denyWebLogin(scene) {
+    return webLogin('deny', scene);
+  }
+
   // Waits until no login or renewal is in flight, so that logout revokes the newest
   // refresh token rather than one a refresh is about to rotate out.
   function idle() {
@@ -387,7 +414,16 @@ function createClient(options) {
     });
   }
 
-  return { login: login, request: request, logout: logout, user: user, phone: phone };
+  return {
+    login: login,
+    request: request,
+    logout: logout,
+    user: user,
+    phone: phone,
+    scanWebLogin: scanWebLogin,
+    confirmWebLogin: confirmWebLogin,
+    denyWebLogin: denyWebLogin,
+  };
 }
 
 module.exports = { createClient: createClient, WxAuthError: WxAuthError };

@@ -49,6 +49,8 @@ function serverEnv() {
  * @param {string} [options.reuseGrace] jwt.reuse_grace; "0s" (the default here) makes any
  *   reuse of a rotated-out refresh token revoke the login at once, so a client that reuses
  *   one cannot go unnoticed
+ * @param {boolean|{embedderOrigin?: string}} [options.webLogin] turns web_login on
+ *   (with that embedder origin)
  */
 async function startServer(options = {}) {
   const bin = binary();
@@ -69,6 +71,7 @@ async function startServer(options = {}) {
       'login_per_minute = 0',
       '[metrics]',
       'bind = ""',
+      ...(options.webLogin ? ['[web_login]', 'enabled = true', ...(options.webLogin.embedderOrigin ? [`embedder_origin = "${options.webLogin.embedderOrigin}"`] : [])] : []),
       '[log]',
       'level = "info"',
       'format = "text"',
