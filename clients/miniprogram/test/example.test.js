@@ -18,7 +18,7 @@ const EXAMPLE = path.resolve(__dirname, '..', '..', '..', 'examples', 'miniprogr
 
 // Loads the example with this package in place of the installed one; the client it
 // creates talks to `baseUrl` through `wx` instead of the placeholder domain.
-function loadExample(baseUrl, wx) {
+function loadExample(baseUrl, wx, pageName = 'index') {
   const stand = { ...pkg, createClient: (options) => pkg.createClient({ ...options, baseUrl, wx }) };
   const load = Module._load;
   let app;
@@ -32,7 +32,7 @@ function loadExample(baseUrl, wx) {
     Page: (def) => (pageDef = def),
   });
   try {
-    for (const file of ['app.js', path.join('pages', 'index', 'index.js')]) {
+    for (const file of ['app.js', path.join('pages', pageName, 'index.js')]) {
       const full = path.join(EXAMPLE, file);
       delete require.cache[full];
       require(full);
@@ -75,4 +75,37 @@ test('the example page: signs in on load, calls the data endpoint, logs out, sho
   await server.stop();
   await page.callData();
   assert.match(page.data.error, /^0 network_error: request:fail/);
+});
+
+test('the web login page: scanned on load, then confirm or deny at a tap', async (t) => {
+  const server = await startServer({ webLogin: true });
+  t.after(() => server.stop());
+  const ticket = async () => (await fetch(`${server.base}/api/weixin/web-login/`, { method: 'POST' })).json();
+  const status = async (tk) =>
+    (
+      await (
+        await fetch(`${server.base}/api/weixin/web-login/${tk.ticket}/`, {
+          headers: { Authorization: `Bearer ${tk.poll_secret}` },
+        })
+      ).json()
+    ).status;
+
+  const first = await ticket();
+  const page = loadExample(server.base, createFakeWx({ user: 'quinn' }), 'web-login');
+  await page.onLoad({ scene: first.ticket });
+  assert.equal(page.data.state, 'asking');
+  assert.equal(await status(first), 'scanned');
+  await page.confirm();
+  assert.equal(page.data.state, 'confirmed');
+  assert.equal(await status(first), 'confirmed');
+
+  const second = await ticket();
+  const other = loadExample(server.base, createFakeWx({ user: 'quinn' }), 'web-login');
+  await other.onLoad({ scene: second.ticket });
+  await other.deny();
+  assert.equal(other.data.state, 'denied');
+  assert.equal(await status(second), 'denied');
+  await other.confirm();
+  assert.equal(other.data.state, 'failed');
+  assert.match(other.data.error, /^409 ticket_closed/);
 });
