@@ -66,6 +66,9 @@ login_per_minute = 0
 
 [metrics]
 bind = "127.0.0.1:0"
+
+[web_login]
+enabled = true
 "#
         .into(),
         env: Vec::new(),
@@ -152,6 +155,15 @@ fn the_document_covers_every_route() {
         .collect();
     // Served, but not counted under a route label of the API listener.
     served.extend(["/metrics", "/.well-known/jwks.json"]);
+    // Web login: counted under `other`.
+    served.extend([
+        "/api/weixin/web-login/",
+        "/api/weixin/web-login/{ticket}/",
+        "/api/weixin/web-login/{ticket}/scan",
+        "/api/weixin/web-login/{ticket}/confirm",
+        "/api/weixin/web-login/{ticket}/deny",
+        "/web-login/",
+    ]);
     assert_eq!(documented, served);
     let schemes = &document["components"]["securitySchemes"]["bearerAuth"];
     assert_eq!(schemes["scheme"], "bearer");
@@ -240,6 +252,18 @@ checks.positive_data_acceptance.expected-statuses = ["2XX", 400, 401, 429, "5XX"
 [[operations]]
 include-path = "/api/weixin/decrypt/"
 checks.positive_data_acceptance.expected-statuses = ["2XX", 400, 401]
+
+# Web login: a schema-valid ticket is most likely one never issued (410), and the
+# bearer these runs send is an access token, not a poll secret (200 `expired`).
+[[operations]]
+include-path-regex = "^/api/weixin/web-login/\\{ticket\\}/(scan|confirm|deny)$"
+checks.positive_data_acceptance.expected-statuses = ["2XX", 401, 409, 410]
+
+# A ticket this process never issued (or forgot in a restart) has no poll secret to
+# check: it answers `expired` to any bearer, by design (docs/API.md#web-login).
+[[operations]]
+include-path = "/api/weixin/web-login/{ticket}/"
+checks.ignored_auth.enabled = false
 "#,
     )
     .unwrap();
