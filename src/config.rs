@@ -669,8 +669,9 @@ impl WebLoginConfig {
                 .or_else(|| origin.strip_prefix("http://"));
             let host_ok = rest.is_some_and(|r| {
                 !r.is_empty()
-                    && r.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+                    && r.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']')
+                    })
             });
             if !host_ok {
                 return Err(ConfigError::new(

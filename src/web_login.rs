@@ -86,7 +86,9 @@ pub enum WebLoginError {
 
 enum State {
     Pending,
-    Scanned { user_id: UserId },
+    Scanned {
+        user_id: UserId,
+    },
     /// A confirm is writing the session: another confirm or a deny is refused; a
     /// poll sees "scanned".
     Confirming,
@@ -133,6 +135,9 @@ fn digest(secret: &str) -> [u8; 32] {
 pub fn is_ticket(text: &str) -> bool {
     text.len() == 32 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
+
+/// What a poll of an unsettled ticket waits on: its changes, until its expiry.
+type Wait = (watch::Receiver<u64>, Instant);
 
 /// One waiting poll, counted while it lives.
 struct Waiter<'a>(&'a AtomicUsize);
@@ -192,11 +197,7 @@ impl WebLogins {
 
     /// The ticket's status now, for the holder of its poll secret; a confirmed
     /// ticket's tokens are taken (once). Also what a poll waits on, and until when.
-    fn look(
-        &self,
-        ticket: &str,
-        secret: &str,
-    ) -> Result<(Status, Option<(watch::Receiver<u64>, Instant)>), WebLoginError> {
+    fn look(&self, ticket: &str, secret: &str) -> Result<(Status, Option<Wait>), WebLoginError> {
         let now = Instant::now();
         let mut tickets = self.lock();
         let Some(entry) = tickets.get_mut(ticket) else {
@@ -382,7 +383,10 @@ mod tests {
         assert!(matches!(poll(&t.poll_secret), Ok(Status::Pending)));
         assert!(matches!(poll("wrong"), Err(WebLoginError::PollSecret)));
         logins.scan(&t.ticket, 7).unwrap();
-        assert!(matches!(logins.scan(&t.ticket, 8), Err(WebLoginError::Taken)));
+        assert!(matches!(
+            logins.scan(&t.ticket, 8),
+            Err(WebLoginError::Taken)
+        ));
         assert!(matches!(poll(&t.poll_secret), Ok(Status::Scanned)));
         logins.begin_confirm(&t.ticket, 7).unwrap();
         assert!(matches!(
@@ -392,7 +396,10 @@ mod tests {
         logins.finish_confirm(&t.ticket, tokens()).unwrap();
         assert!(matches!(poll(&t.poll_secret), Ok(Status::Confirmed(_))));
         assert!(matches!(poll(&t.poll_secret), Ok(Status::Expired)));
-        assert!(matches!(logins.deny(&t.ticket, 7), Err(WebLoginError::Closed)));
+        assert!(matches!(
+            logins.deny(&t.ticket, 7),
+            Err(WebLoginError::Closed)
+        ));
     }
 
     #[test]
@@ -404,6 +411,9 @@ mod tests {
         logins.create().unwrap();
         let logins = WebLogins::new(Duration::from_secs(60), 1);
         logins.create().unwrap();
-        assert!(matches!(logins.create(), Err(WebLoginError::TooManyTickets)));
+        assert!(matches!(
+            logins.create(),
+            Err(WebLoginError::TooManyTickets)
+        ));
     }
 }

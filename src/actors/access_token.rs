@@ -258,7 +258,12 @@ pub struct WxaCode {
 
 impl std::fmt::Debug for WxaCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "WxaCode({}, {} bytes)", self.content_type, self.bytes.len())
+        write!(
+            f,
+            "WxaCode({}, {} bytes)",
+            self.content_type,
+            self.bytes.len()
+        )
     }
 }
 
@@ -899,7 +904,9 @@ impl Upstream {
         };
         match errcode_of(&reply) {
             // An errcode-less object is not an image either.
-            0 => Err(WeChatError::Malformed("getwxacodeunlimit: JSON without errcode".into()).into()),
+            0 => {
+                Err(WeChatError::Malformed("getwxacodeunlimit: JSON without errcode".into()).into())
+            }
             // The daily quota of codes: WeChat's frequency limit, as 45011 is.
             45009 => Err(WeChatError::RateLimited.into()),
             41030 => Err(WxApiError::CodePageInvalid),

@@ -19,10 +19,10 @@ mod token;
 mod web_login;
 
 pub use access_token::EndpointSecret;
-pub use web_login::WebLoginState;
 pub use body::MAX_BODY_BYTES;
 pub use observe::{finish as finish_request, request_id};
 pub use ratelimit::{canonical_ip, LoginLimiter};
+pub use web_login::WebLoginState;
 #[doc(hidden)]
 pub use {auth::fuzz_bearer, body::fuzz_decode};
 
@@ -136,10 +136,30 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     endpoint(cfg, "/readyz", "GET", health::readyz);
     endpoint(cfg, "/.well-known/jwks.json", "GET", jwks::jwks);
     endpoint(cfg, "/api/weixin/web-login/", "POST", web_login::create);
-    endpoint(cfg, "/api/weixin/web-login/{ticket}/", "GET", web_login::poll);
-    endpoint(cfg, "/api/weixin/web-login/{ticket}/scan", "POST", web_login::scan);
-    endpoint(cfg, "/api/weixin/web-login/{ticket}/confirm", "POST", web_login::confirm);
-    endpoint(cfg, "/api/weixin/web-login/{ticket}/deny", "POST", web_login::deny);
+    endpoint(
+        cfg,
+        "/api/weixin/web-login/{ticket}/",
+        "GET",
+        web_login::poll,
+    );
+    endpoint(
+        cfg,
+        "/api/weixin/web-login/{ticket}/scan",
+        "POST",
+        web_login::scan,
+    );
+    endpoint(
+        cfg,
+        "/api/weixin/web-login/{ticket}/confirm",
+        "POST",
+        web_login::confirm,
+    );
+    endpoint(
+        cfg,
+        "/api/weixin/web-login/{ticket}/deny",
+        "POST",
+        web_login::deny,
+    );
     endpoint(cfg, "/web-login/", "GET", web_login::page);
     endpoint(cfg, "/web-login/page.js", "GET", web_login::page_js);
     endpoint(cfg, "/web-login/page.css", "GET", web_login::page_css);

@@ -45,9 +45,14 @@ fn ticket_of(path: &str) -> Result<&str, ApiError> {
     }
 }
 
-pub async fn create(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn create(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let web = web_state(&state)?;
-    if let (Some(limiter), Some(ip)) = (&web.limiter, super::client_ip(&req, &state.trusted_proxies)) {
+    if let (Some(limiter), Some(ip)) =
+        (&web.limiter, super::client_ip(&req, &state.trusted_proxies))
+    {
         limiter.check(ip)?;
     }
     let appid = state.resolve_app(None)?.to_string();

@@ -277,10 +277,7 @@ impl SledModel {
 
     /// The user read and the family written in one turn of the registry (its
     /// only caller): a disable or revoke is another message, before or after.
-    fn start_family_now(
-        &self,
-        req: StartFamilyRequest,
-    ) -> Result<StartFamilyResult, StorageError> {
+    fn start_family_now(&self, req: StartFamilyRequest) -> Result<StartFamilyResult, StorageError> {
         let Some(user) = users::load(self.store.as_ref(), req.user_id)? else {
             return Ok(StartFamilyResult::Missing);
         };

@@ -97,7 +97,10 @@ fn a_scan_and_a_confirm_log_the_browser_in_as_a_new_session_of_the_same_user() {
         std::thread::spawn(move || get(&url, Some(&bearer(&secret))))
     };
     let scanned = phone(&server, &ticket, "scan", &access);
-    assert_eq!((scanned.status, scanned.json()), (200, json!({"status": "scanned"})));
+    assert_eq!(
+        (scanned.status, scanned.json()),
+        (200, json!({"status": "scanned"}))
+    );
     let woken = waiting.join().unwrap();
     assert_eq!(woken.json(), json!({"status": "scanned"}));
     // Scanning again (the same user) changes nothing.
@@ -121,7 +124,10 @@ fn a_scan_and_a_confirm_log_the_browser_in_as_a_new_session_of_the_same_user() {
     let web_access = answer["access"].as_str().unwrap();
     let web_refresh = answer["refresh"].as_str().unwrap();
     for _ in 0..2 {
-        assert_eq!(poll(&server, &ticket, &secret, 0).json(), json!({"status": "expired"}));
+        assert_eq!(
+            poll(&server, &ticket, &secret, 0).json(),
+            json!({"status": "expired"})
+        );
     }
 
     // The web session is the same user, a new family of its own.
@@ -133,6 +139,18 @@ fn a_scan_and_a_confirm_log_the_browser_in_as_a_new_session_of_the_same_user() {
     assert_ne!(web_claims["fam"], phone_claims["fam"]);
     let sessions = json_lines(&server.cli(&["users", "sessions", &user_id.to_string()]));
     assert_eq!(sessions.len(), 2, "{sessions:?}");
+
+    // Durable before it was handed out: a kill -9 and a restart keep the session.
+    let mut server = server;
+    server.kill9();
+    server.restart();
+    let rotated = post_json(
+        &server.url("/api/token/refresh/"),
+        &json!({ "refresh": web_refresh }),
+    );
+    assert_eq!(rotated.status, 200, "{}", rotated.text);
+    let web_refresh = rotated.json()["refresh"].as_str().unwrap().to_string();
+    let web_refresh = web_refresh.as_str();
 
     // Logging the web session out leaves the phone logged in.
     let out = post_json(
@@ -189,14 +207,20 @@ fn a_deny_settles_the_ticket_and_every_refusal_is_clear() {
     phone(&server, &ticket, "deny", &bob).assert_error(409, "ticket_taken");
 
     let denied = phone(&server, &ticket, "deny", &alice);
-    assert_eq!((denied.status, denied.json()), (200, json!({"status": "denied"})));
+    assert_eq!(
+        (denied.status, denied.json()),
+        (200, json!({"status": "denied"}))
+    );
     for _ in 0..2 {
         assert_eq!(status(&server, &ticket, &secret), "denied");
         phone(&server, &ticket, "confirm", &alice).assert_error(409, "ticket_closed");
         phone(&server, &ticket, "deny", &alice).assert_error(409, "ticket_closed");
     }
     // A long poll on a settled ticket answers at once.
-    assert_eq!(poll(&server, &ticket, &secret, 25).json()["status"], "denied");
+    assert_eq!(
+        poll(&server, &ticket, &secret, 25).json()["status"],
+        "denied"
+    );
 
     // A confirm straight from pending (no scan) works too.
     let (ticket, secret, _) = self::ticket(&server);
@@ -228,7 +252,10 @@ fn a_disabled_user_cannot_confirm() {
     let dave = login(&server, "ok:dave");
     let id = dave["user"]["id"].to_string();
     let (ticket, secret, _) = ticket(&server);
-    assert_eq!(phone(&server, &ticket, "scan", &access_of(&dave)).status, 200);
+    assert_eq!(
+        phone(&server, &ticket, "scan", &access_of(&dave)).status,
+        200
+    );
     json_lines(&server.cli(&["users", "disable", &id]));
     phone(&server, &ticket, "confirm", &access_of(&dave)).assert_error(401, "user_inactive");
     assert_eq!(status(&server, &ticket, &secret), "scanned");
@@ -261,7 +288,9 @@ fn wechat_errors_of_the_code_are_mapped_and_leave_no_ticket() {
     assert!(limited.header("retry-after").is_some());
     mock.fail_wxacode(Some(41030));
     create(&server).assert_error(502, "wechat_config_error");
-    assert!(server.logs().contains("getwxacodeunlimit refused the configured page"));
+    assert!(server
+        .logs()
+        .contains("getwxacodeunlimit refused the configured page"));
     mock.fail_wxacode(Some(-1));
     create(&server).assert_error(503, "upstream_busy");
     mock.fail_wxacode(Some(99999));
@@ -332,11 +361,17 @@ fn the_page_is_self_contained_under_a_strict_policy() {
     for path in ["/web-login/", "/web-login"] {
         let page = get(&server.url(path), None);
         assert_eq!(page.status, 200);
-        assert!(page.header("content-type").unwrap().starts_with("text/html"));
+        assert!(page
+            .header("content-type")
+            .unwrap()
+            .starts_with("text/html"));
         let csp = page.header("content-security-policy").unwrap();
         assert!(csp.contains("default-src 'none'"), "{csp}");
         assert!(csp.contains("script-src 'self'"), "{csp}");
-        assert!(csp.contains("frame-ancestors https://admin.example.com"), "{csp}");
+        assert!(
+            csp.contains("frame-ancestors https://admin.example.com"),
+            "{csp}"
+        );
         assert!(!page.text.contains("<script>"), "no inline script");
         assert!(page.text.contains(r#"content="https://admin.example.com""#));
     }
@@ -347,9 +382,15 @@ fn the_page_is_self_contained_under_a_strict_policy() {
     ] {
         let asset = get(&server.url(path), None);
         assert_eq!(asset.status, 200, "{path}");
-        assert!(asset.header("content-type").unwrap().starts_with(kind), "{path}");
+        assert!(
+            asset.header("content-type").unwrap().starts_with(kind),
+            "{path}"
+        );
         // No external asset: nothing is fetched from another origin.
-        assert!(!asset.text.contains("http://") && !asset.text.contains("https://"), "{path}");
+        assert!(
+            !asset.text.contains("http://") && !asset.text.contains("https://"),
+            "{path}"
+        );
     }
 }
 

@@ -248,7 +248,10 @@ fn serve_connection(stream: TcpStream, state: &Mutex<MockState>, holds: &Condvar
                 "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
                 body.len()
             );
-            if writer.write_all(&[head.as_bytes(), &body].concat()).is_err() {
+            if writer
+                .write_all(&[head.as_bytes(), &body].concat())
+                .is_err()
+            {
                 return;
             }
             continue;
@@ -569,16 +572,27 @@ fn wxa_code(target: &str, body: &[u8], state: &Mutex<MockState>) -> (&'static st
     let token = query_param(target, "access_token");
     let mut st = state.lock().unwrap();
     st.wxacode_bodies.push(request.clone());
-    let json = |code: i64, msg: &str| ("application/json; encoding=utf-8", errcode(code, msg).into_bytes());
+    let json = |code: i64, msg: &str| {
+        (
+            "application/json; encoding=utf-8",
+            errcode(code, msg).into_bytes(),
+        )
+    };
     if !st.valid_tokens.contains(&token) {
-        return json(40001, "invalid credential, access_token is invalid or not latest");
+        return json(
+            40001,
+            "invalid credential, access_token is invalid or not latest",
+        );
     }
     if let Some(code) = st.wxacode_errcode {
         return json(code, "error");
     }
     let scene = request["scene"].as_str().unwrap_or("");
     if scene.is_empty() || scene.len() > 32 {
-        return json(40169, "invalid length for scene, or the data is not json string");
+        return json(
+            40169,
+            "invalid length for scene, or the data is not json string",
+        );
     }
     let mut image = vec![0xff, 0xd8, 0xff, 0xe0];
     image.extend_from_slice(
