@@ -1001,16 +1001,28 @@ impl HttpApi {
         }
     }
 
-    fn post(&self, path: &str, query: &str, body: &Value) -> Result<Value, WxApiError> {
-        let response = self
-            .agent
+    fn send_post(
+        &self,
+        path: &str,
+        query: &str,
+        body: &Value,
+    ) -> Result<ureq::http::Response<ureq::Body>, ureq::Error> {
+        self.agent
             .post(&self.url(path, query))
             .config()
             .timeout_global(Some(self.timeout))
             .build()
             .header("Content-Type", "application/json")
-            .send(body.to_string());
-        read_reply(response)
+            .send(body.to_string())
+    }
+
+    fn post(&self, path: &str, query: &str, body: &Value) -> Result<Value, WxApiError> {
+        read_reply(self.send_post(path, query, body))
+    }
+
+    /// A POST whose successful answer is not JSON (an image): the raw body.
+    fn post_for_bytes(&self, path: &str, query: &str, body: &Value) -> Result<Vec<u8>, WxApiError> {
+        read_body(self.send_post(path, query, body), MAX_IMAGE_BYTES)
     }
 
     fn get(&self, path: &str, query: &str) -> Result<Value, WxApiError> {
@@ -1022,21 +1034,6 @@ impl HttpApi {
             .build()
             .call();
         read_reply(response)
-    }
-}
-
-impl HttpApi {
-    /// A POST whose successful answer is not JSON (an image): the raw body.
-    fn post_for_bytes(&self, path: &str, query: &str, body: &Value) -> Result<Vec<u8>, WxApiError> {
-        let response = self
-            .agent
-            .post(&self.url(path, query))
-            .config()
-            .timeout_global(Some(self.timeout))
-            .build()
-            .header("Content-Type", "application/json")
-            .send(body.to_string());
-        read_body(response, MAX_IMAGE_BYTES)
     }
 }
 

@@ -120,6 +120,19 @@ pub struct FamilyRecord {
 }
 
 impl FamilyRecord {
+    /// A new family at generation 1, started (and last rotated) at `now_ms`.
+    pub fn first(user_id: UserId, id: FamilyId, exp: i64, now_ms: i64) -> Self {
+        FamilyRecord {
+            user_id,
+            id,
+            generation: 1,
+            created_ms: now_ms,
+            rotated_ms: now_ms,
+            exp,
+            revoked_ms: None,
+        }
+    }
+
     pub fn is_revoked(&self) -> bool {
         self.revoked_ms.is_some()
     }

@@ -284,15 +284,7 @@ impl SledModel {
         if user.disabled {
             return Ok(StartFamilyResult::Disabled);
         }
-        let family = FamilyRecord {
-            user_id: user.id,
-            id: req.family,
-            generation: 1,
-            created_ms: req.now_ms,
-            rotated_ms: req.now_ms,
-            exp: req.family_exp,
-            revoked_ms: None,
-        };
+        let family = FamilyRecord::first(user.id, req.family, req.family_exp, req.now_ms);
         self.put_family(&family)?;
         Ok(StartFamilyResult::Started { user, family })
     }
