@@ -200,6 +200,12 @@ fn a_deny_settles_the_ticket_and_every_refusal_is_clear() {
     no_token.assert_error(401, "not_authenticated");
     phone(&server, &ticket, "scan", "junk").assert_error(401, "token_not_valid");
 
+    // Nothing happens: a long poll answers when its wait is over.
+    assert_eq!(
+        poll(&server, &ticket, &secret, 1).json(),
+        json!({"status": "pending"})
+    );
+
     // Scanned by alice: the ticket is hers.
     assert_eq!(phone(&server, &ticket, "scan", &alice).status, 200);
     phone(&server, &ticket, "scan", &bob).assert_error(409, "ticket_taken");
