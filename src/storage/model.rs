@@ -125,11 +125,13 @@ pub struct FamilyRecord {
 }
 
 impl FamilyRecord {
-    /// A new family at generation 1, started (and last rotated) at `now_ms`.
-    pub fn first(user_id: UserId, id: FamilyId, exp: i64, now_ms: i64) -> Self {
+    /// A new family at generation 1 of a user whose token stamp is `stamp`, started
+    /// (and last rotated) at `now_ms`.
+    pub fn first(user_id: UserId, id: FamilyId, stamp: u64, exp: i64, now_ms: i64) -> Self {
         FamilyRecord {
             user_id,
             id,
+            stamp,
             generation: 1,
             created_ms: now_ms,
             rotated_ms: now_ms,
@@ -313,7 +315,8 @@ pub trait AuthStore: Send + Sync {
     /// Starts a new family (generation 1) for an EXISTING, enabled user, with no
     /// WeChat session (the web login: a second device of a user who is logged in
     /// on the phone). Reads the user and writes the family as one unit: the user's
-    /// disabled flag and `token_stamp` are read in it, so a disable or a revoke
+    /// disabled flag and `token_stamp` are read in it (the family records that
+    /// stamp, as a login's does), so a disable or a revoke
     /// lands wholly before it (then `Disabled`, or tokens signed with the new stamp)
     /// or wholly after it (then it covers the new family too). Resolves `Started`
     /// only once the family is durable, before any token for it is handed out; a

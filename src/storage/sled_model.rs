@@ -290,7 +290,13 @@ impl SledModel {
         if user.disabled {
             return Ok(StartFamilyResult::Disabled);
         }
-        let family = FamilyRecord::first(user.id, req.family, req.family_exp, req.now_ms);
+        let family = FamilyRecord::first(
+            user.id,
+            req.family,
+            user.token_stamp,
+            req.family_exp,
+            req.now_ms,
+        );
         self.put_family(&family)?;
         Ok(StartFamilyResult::Started { user, family })
     }
