@@ -49,7 +49,8 @@ pub struct TokenIssuer {
     family_limit: Option<KeyedLimiter<String>>,
 }
 
-/// Why refresh or logout did not succeed: the check's refusal, or storage.
+/// Why refresh or logout did not succeed: the check's refusal, storage, or (refresh)
+/// the family's rate limit.
 #[derive(Debug, thiserror::Error)]
 pub enum RefreshError {
     #[error(transparent)]
