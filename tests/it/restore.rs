@@ -1,6 +1,7 @@
-//! `wxauth restore` at scale: what it journals stays far below sled's blob size
-//! (blob files are not fsynced by sled's flush), and handing the restored files to
-//! the data directory's owner never follows a symbolic link planted in it.
+//! Large writes: what `wxauth restore` and a revocation journal stays far below
+//! sled's blob size (blob files are not fsynced by sled's flush), and handing the
+//! restored files to the data directory's owner never follows a symbolic link
+//! planted in it.
 
 use crate::common;
 
@@ -151,4 +152,30 @@ fn restore_hands_files_to_the_owner_without_following_a_planted_symlink() {
 
 fn chown_to(path: &Path, id: u32) {
     std::os::unix::fs::chown(path, Some(id), Some(id)).unwrap();
+}
+
+#[test]
+fn revoking_a_user_with_a_thousand_families_writes_no_blob_files() {
+    let (_mock, server) = start_with_mock();
+    // One user, a thousand logins: a thousand live refresh-token families.
+    std::thread::scope(|scope| {
+        for t in 0..8 {
+            let server = &server;
+            scope.spawn(move || {
+                for n in (t..1000).step_by(8) {
+                    login(server, &format!("ok:many.{n}"));
+                }
+            });
+        }
+    });
+    let out = server.cli(&["tokens", "revoke", "--user", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let blobs: Vec<_> = std::fs::read_dir(server.data_dir().join("blobs"))
+        .map(|entries| entries.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(blobs.is_empty(), "sled wrote blob files: {blobs:?}");
 }
