@@ -203,9 +203,12 @@ fn a_private_directory_that_cannot_be_read_is_not_called_open_to_others() {
     let config = dir.path().join("config.toml");
     std::fs::write(&config, VALID_CONFIG).unwrap();
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // A copy the other user can reach, wherever the build directory is.
+    let binary = dir.path().join("wxauth");
+    std::fs::copy(env!("CARGO_BIN_EXE_wxauth"), &binary).unwrap();
     let out = std::process::Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(env!("CARGO_BIN_EXE_wxauth"))
+        .arg(&binary)
         .arg("--config")
         .arg(&config)
         .arg("serve")
