@@ -114,21 +114,7 @@ fn duplicate_authorization_headers_are_refused_with_400() {
 #[test]
 fn wrong_secrets_on_the_access_token_endpoint_are_logged_once_a_minute() {
     let mock = MockWeChat::start();
-    let dir = tempfile::tempdir().unwrap();
-    let secret_file = dir.path().join("token-endpoint-secret");
-    std::fs::write(&secret_file, "a-long-enough-bearer-secret\n").unwrap();
-    let server = TestServer::start(
-        TestConfig::against(&mock)
-            .with_env("WXAUTH_WECHAT__TOKEN_ENDPOINT_BIND", "127.0.0.1:0")
-            .with_env(
-                "WXAUTH_WECHAT__TOKEN_ENDPOINT_SECRET_FILE",
-                secret_file.to_str().unwrap(),
-            ),
-    );
-    let addr = wait_for(Duration::from_secs(10), "the token listener", || {
-        server.log_field("serving the access token endpoint", "address")
-    });
-    let url = format!("http://{addr}/api/weixin/access_token/");
+    let (server, url, _dir) = start_with_token_endpoint(&mock);
     for wrong in [
         "Bearer x",
         "Bearer a-long-enough-bearer-secreT",
