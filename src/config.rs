@@ -192,6 +192,13 @@ pub struct LimitsConfig {
     /// IPv6 clients are counted per network of this prefix length (a /64 is
     /// what one subscriber usually gets).
     pub ipv6_prefix: u8,
+    /// Refreshes per client address per minute; 0 turns the limit off.
+    pub refresh_per_minute: u32,
+    /// Refreshes per refresh-token family (one login's tokens) per minute; 0 turns
+    /// the limit off.
+    pub refresh_per_family_per_minute: u32,
+    /// Phone-number requests per user per minute; 0 turns the limit off.
+    pub phone_per_user_per_minute: u32,
 }
 
 impl Default for LimitsConfig {
@@ -199,6 +206,9 @@ impl Default for LimitsConfig {
         LimitsConfig {
             login_per_minute: 60,
             ipv6_prefix: 64,
+            refresh_per_minute: 600,
+            refresh_per_family_per_minute: 10,
+            phone_per_user_per_minute: 5,
         }
     }
 }

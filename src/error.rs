@@ -50,7 +50,7 @@ pub enum ApiError {
     MethodNotAllowed { allow: &'static str },
     #[error("This user has been disabled.")]
     UserDisabled,
-    #[error("Too many login attempts; try again later.")]
+    #[error("Too many requests; try again later.")]
     RateLimited { retry_after_secs: u64 },
     /// The API's sentence is [`wechat_detail`]'s; this Display is for logs.
     #[error("WeChat login failed: {0}")]
@@ -78,6 +78,14 @@ pub enum ApiError {
     Internal(String),
 }
 
+impl From<crate::ratelimit::Limited> for ApiError {
+    fn from(e: crate::ratelimit::Limited) -> Self {
+        ApiError::RateLimited {
+            retry_after_secs: e.retry_after_secs,
+        }
+    }
+}
+
 impl From<actix::MailboxError> for ApiError {
     fn from(e: actix::MailboxError) -> Self {
         ApiError::Unavailable(e)
@@ -88,6 +96,7 @@ impl From<WxApiError> for ApiError {
     fn from(e: WxApiError) -> Self {
         match e {
             WxApiError::WeChat(e) => ApiError::WeChat(e),
+            WxApiError::Storage(e) => ApiError::Storage(e),
             other => ApiError::WxApi(other),
         }
     }
@@ -126,6 +135,7 @@ impl ApiError {
                 WxApiError::ForcedRefreshLimited { .. } => "access_token_unavailable",
                 WxApiError::TokenRejected => "upstream_error",
                 WxApiError::UnknownApp(_) => "unknown_app",
+                WxApiError::Storage(e) => ApiError::Storage(e.clone()).code(),
                 WxApiError::WeChat(e) => ApiError::WeChat(e.clone()).code(),
             },
             ApiError::Decrypt(e) => match e {
@@ -202,6 +212,7 @@ impl ResponseError for ApiError {
                 WxApiError::PhoneCodeInvalid | WxApiError::UnknownApp(_) => StatusCode::BAD_REQUEST,
                 WxApiError::ForcedRefreshLimited { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 WxApiError::TokenRejected => StatusCode::BAD_GATEWAY,
+                WxApiError::Storage(e) => ApiError::Storage(e.clone()).status_code(),
                 WxApiError::WeChat(e) => ApiError::WeChat(e.clone()).status_code(),
             },
             ApiError::Decrypt(_) => StatusCode::BAD_REQUEST,
@@ -263,7 +274,7 @@ fn wechat_detail(e: &WeChatError) -> String {
             return format!("WeChat rejected this server's appid or secret (errcode {errcode}).")
         }
         WeChatError::Busy => "WeChat is busy; try again shortly.",
-        WeChatError::NoCallSlot => "Too many logins are waiting for WeChat; try again shortly.",
+        WeChatError::NoCallSlot => "Too many requests are waiting for WeChat; try again shortly.",
         WeChatError::Timeout => "WeChat did not answer in time.",
         WeChatError::Http(status) => return format!("WeChat answered with HTTP status {status}."),
         WeChatError::Malformed(_) => "WeChat's answer could not be understood.",
@@ -313,6 +324,7 @@ impl From<crate::actors::issuer::RefreshError> for ApiError {
         match e {
             RefreshError::Refused(refusal) => refusal.into(),
             RefreshError::Storage(s) => ApiError::Storage(s),
+            RefreshError::RateLimited(limited) => limited.into(),
         }
     }
 }

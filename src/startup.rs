@@ -204,7 +204,8 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         &cfg.jwt,
         metrics.clone(),
     )
-    .with_user_cache(users.clone());
+    .with_user_cache(users.clone())
+    .with_family_limit(cfg.limits.refresh_per_family_per_minute);
     let issuer = TokenIssuer::start_in_arbiter(&issuer_arbiter.handle(), move |_| issuer);
     let wechat = wechat::start(&cfg.wechat, &loaded.apps, metrics.clone());
     // Its own thread: token fetches and the calls that use the token never wait
@@ -218,7 +219,8 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         metrics.clone(),
         &keeper_arbiter.handle(),
     );
-    let admin_socket = admin::serve(admin::ServerContext {
+    // Removed on every way out from here on, a listener that cannot bind included.
+    let admin_socket = RemovedOnDrop(admin::serve(admin::ServerContext {
         store: store.clone(),
         data_dir: cfg.storage.path.clone(),
         registry: registry.clone(),
@@ -227,7 +229,7 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         commit: commit.clone(),
         runtime: tokio::runtime::Handle::current(),
         keys: keys.clone(),
-    })?;
+    })?);
 
     let reader: Arc<dyn ReadStore> = store.clone();
     let state = web::Data::new(AppState {
@@ -242,6 +244,10 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         apps: loaded.apps.iter().map(|a| a.appid.clone()).collect(),
         limiter: (cfg.limits.login_per_minute > 0)
             .then(|| LoginLimiter::new(cfg.limits.login_per_minute, cfg.limits.ipv6_prefix)),
+        refresh_limiter: (cfg.limits.refresh_per_minute > 0)
+            .then(|| LoginLimiter::new(cfg.limits.refresh_per_minute, cfg.limits.ipv6_prefix)),
+        phone_limiter: (cfg.limits.phone_per_user_per_minute > 0)
+            .then(|| crate::ratelimit::KeyedLimiter::new(cfg.limits.phone_per_user_per_minute)),
         trusted_proxies: cfg
             .server
             .trusted_proxies
@@ -250,6 +256,7 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
             .map(http::canonical_ip)
             .collect(),
         metrics,
+        readiness: Default::default(),
     });
     let api_state = state.clone();
 
@@ -361,7 +368,7 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         actix_web::rt::spawn(token_server);
     }
     let served = server.await;
-    let _ = std::fs::remove_file(&admin_socket);
+    drop(admin_socket);
 
     // Every answered request already waited for its commit; this flushes the rest.
     commit.shutdown();
@@ -374,6 +381,15 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     flushed?;
     tracing::info!("stopped: storage flushed");
     Ok(())
+}
+
+/// A file removed when this is dropped (the admin socket).
+struct RemovedOnDrop(std::path::PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 #[cfg(test)]

@@ -65,6 +65,9 @@ pub enum WxApiError {
     TokenRejected,
     #[error("No mini-program with appid {0:?} is configured.")]
     UnknownApp(String),
+    /// The stored token could not be read: our fault, not WeChat's.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
     /// Everything login's calls can meet too (busy, timeout, config, HTTP, …).
     #[error(transparent)]
     WeChat(#[from] WeChatError),
@@ -115,7 +118,7 @@ fn load_record(store: &dyn ReadStore, appid: &str) -> Result<Option<TokenRecord>
         .map(|bytes| {
             serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
                 tree: Tree::Meta.name(),
-                reason: format!("access token record: {e}"),
+                reason: format!("access token record: {}", wx::json_error_kind(&e)),
             })
         })
         .transpose()
@@ -194,6 +197,9 @@ struct Keeper {
     /// API calls in flight at once (`wechat.max_concurrent_calls`, like login's): the
     /// rest wait, within their deadline, instead of taking a blocking thread each.
     call_slots: tokio::sync::Semaphore,
+    /// The longest a call waits for one of them (`wechat.queue_timeout`, like
+    /// login's), then 503 `upstream_busy` and no call.
+    queue_timeout: Duration,
     /// The whole of one request's work here (token, call, forced refresh, retry).
     deadline: Duration,
 }
@@ -339,6 +345,7 @@ pub fn start(
         refresh_ahead: cfg.token_refresh_ahead,
         retries: cfg.retries,
         call_slots: tokio::sync::Semaphore::new(cfg.max_concurrent_calls),
+        queue_timeout: cfg.queue_timeout,
         // A token fetch, a call, a forced fetch and a retry, each with its retries.
         deadline: cfg.timeout * 4,
     };
@@ -359,7 +366,7 @@ impl Keeper {
         let slot = self.slot(appid)?;
         let mut slot = slot.lock().await;
         if !slot.loaded {
-            slot.record = load_record(self.store.as_ref(), appid).map_err(storage_failure)?;
+            slot.record = load_record(self.store.as_ref(), appid)?;
             slot.loaded = true;
         }
         let now = now_ms();
@@ -435,26 +442,24 @@ impl Keeper {
                 retry_after_secs: (wait_ms as u64).div_ceil(1000).max(1),
             });
         }
-        // Counted when asked for: WeChat counts the call, whatever it answers.
+        // Counted, and stored, before it is asked for: WeChat counts the call whatever
+        // it answers, and this request may be cancelled (its deadline) while the call
+        // still goes out.
         forced_ms.push(now);
         tracing::info!(
             appid,
             forced_last_24h = forced_ms.len(),
             "WeChat refused the access token: one forced refresh"
         );
-        match self.fetch(appid, true).await {
-            Ok((token, expires_in)) => Ok(self
-                .keep(appid, &mut slot, token, expires_in, forced_ms)
-                .await),
-            Err(e) => {
-                if let Some(record) = &mut slot.record {
-                    record.forced_ms = forced_ms;
-                    let record = record.clone();
-                    self.store_record(appid, &record).await;
-                }
-                Err(e)
-            }
+        if let Some(record) = &mut slot.record {
+            record.forced_ms = forced_ms.clone();
+            let record = record.clone();
+            self.store_record(appid, &record).await;
         }
+        let (token, expires_in) = self.fetch(appid, true).await?;
+        Ok(self
+            .keep(appid, &mut slot, token, expires_in, forced_ms)
+            .await)
     }
 
     /// Caches and stores a fetched token; returns its record.
@@ -561,11 +566,17 @@ impl Keeper {
         T: Send + 'static,
         F: Fn(&Upstream, &str) -> Result<ApiReply<T>, WxApiError> + Send + Sync + 'static,
     {
-        let _slot = self
-            .call_slots
-            .acquire()
-            .await
-            .map_err(|_closed| WxApiError::WeChat(WeChatError::Unavailable))?;
+        let _slot = match tokio::time::timeout(self.queue_timeout, self.call_slots.acquire()).await
+        {
+            Ok(slot) => slot.map_err(|_closed| WxApiError::WeChat(WeChatError::Unavailable))?,
+            Err(_) => {
+                tracing::warn!(
+                    waited_ms = self.queue_timeout.as_millis() as u64,
+                    "every WeChat call slot is busy: refused with upstream_busy"
+                );
+                return Err(WeChatError::NoCallSlot.into());
+            }
+        };
         let upstream = self.upstream.clone();
         let retries = self.retries;
         let metrics = self.metrics.clone();
@@ -605,11 +616,6 @@ fn forced_refresh_wait_ms(forced_ms: &[i64], now: i64) -> i64 {
     daily.max(spacing).max(0)
 }
 
-fn storage_failure(e: StorageError) -> WxApiError {
-    tracing::error!(error = %e, "cannot read the stored access token");
-    WxApiError::WeChat(WeChatError::Unavailable)
-}
-
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, WxApiError> + Send + 'static,
 ) -> Result<T, WxApiError> {
@@ -644,6 +650,7 @@ fn error_label(e: &WxApiError) -> &'static str {
         WxApiError::ForcedRefreshLimited { .. } => "forced_refused",
         WxApiError::TokenRejected => "token_invalid",
         WxApiError::UnknownApp(_) => "config_error",
+        WxApiError::Storage(_) => "unavailable",
         WxApiError::WeChat(e) => match e {
             WeChatError::RateLimited => "rate_limited",
             WeChatError::Config(_) => "config_error",

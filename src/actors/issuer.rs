@@ -6,6 +6,7 @@
 
 use crate::config::JwtConfig;
 use crate::metrics::Metrics;
+use crate::ratelimit::KeyedLimiter;
 use crate::storage::{GroupCommit, ReadStore, ScannedKeys, StorageError, Store, Tree, WriteBatch};
 use crate::tokens::check::{self, Accept, CheckError, RefreshStanding, Refusal};
 use crate::tokens::records::{self, Family, RefreshRecord};
@@ -44,15 +45,22 @@ pub struct TokenIssuer {
     /// Batches applied so far (only counts up). [`answer_durably`](Self::answer_durably)
     /// compares it before and after a message's work to know whether it wrote.
     batches_applied: u64,
+    /// Refreshes per family (`limits.refresh_per_family_per_minute`).
+    family_limit: Option<KeyedLimiter<String>>,
 }
 
-/// Why refresh or logout did not succeed: the check's refusal, or storage.
+/// Why refresh or logout did not succeed: the check's refusal, storage, or (refresh)
+/// the family's rate limit.
 #[derive(Debug, thiserror::Error)]
 pub enum RefreshError {
     #[error(transparent)]
     Refused(#[from] Refusal),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The token's family was refreshed `limits.refresh_per_family_per_minute` times
+    /// this minute.
+    #[error(transparent)]
+    RateLimited(#[from] crate::ratelimit::Limited),
 }
 
 impl From<CheckError> for RefreshError {
@@ -85,7 +93,15 @@ impl TokenIssuer {
             purging: false,
             users: Arc::new(UserCache::new(0)),
             batches_applied: 0,
+            family_limit: None,
         }
+    }
+
+    /// At most `per_minute` refreshes per family (0: no limit), counted before
+    /// anything is written.
+    pub fn with_family_limit(mut self, per_minute: u32) -> Self {
+        self.family_limit = (per_minute > 0).then(|| KeyedLimiter::new(per_minute));
+        self
     }
 
     /// Reads users through `users` (the registry's [`UserRegistry::user_cache`]).
@@ -195,6 +211,11 @@ impl TokenIssuer {
         let now_ms = crate::tokens::now_ms();
         let now = now_ms / 1000;
         let (accepted, standing) = self.accepted_refresh(token, now_ms)?;
+        if let Some(limit) = &self.family_limit {
+            let (RefreshStanding::Current { record, .. } | RefreshStanding::InGrace { record, .. }) =
+                &standing;
+            limit.check(record.family.clone())?;
+        }
         let (claims, stamp) = (accepted.claims, accepted.user.token_stamp);
         let access = self
             .keys

@@ -18,7 +18,10 @@ use std::path::Path;
 
 const BACKUP_FORMAT: &str = "wxauth-backup";
 const BACKUP_VERSION: u64 = 1;
-const RESTORE_BATCH: usize = 10_000;
+/// A restore batch ends once its keys and values reach this many bytes. A batch
+/// is journaled as one record, and sled stores a record over about 128 KiB as a
+/// separate blob file that its flush does not fsync: every record stays far below.
+const RESTORE_BATCH_BYTES: usize = 32 * 1024;
 
 /// A backup for a client that may read slowly or not at all: the snapshot goes to
 /// a private scratch file in the data directory first (writes wait only for that),
@@ -133,6 +136,7 @@ fn restore_into(input: impl BufRead, storage: &StorageConfig) -> Result<u64, Adm
         return Err(bad(1, "not a wxauth backup of version 1"));
     }
     let mut batch = WriteBatch::default();
+    let mut batch_bytes = 0;
     let mut restored: u64 = 0;
     for (i, text) in lines {
         let n = i + 1;
@@ -174,10 +178,12 @@ fn restore_into(input: impl BufRead, storage: &StorageConfig) -> Result<u64, Adm
             (_, Some(h)) => hex::decode(h).map_err(|_| bad(n, "bad value_hex"))?,
             _ => return Err(bad(n, "no value")),
         };
+        batch_bytes += key.len() + value.len();
         batch.put(tree, key, value);
         restored += 1;
-        if batch.len() >= RESTORE_BATCH {
+        if batch_bytes >= RESTORE_BATCH_BYTES {
             store.apply(std::mem::take(&mut batch))?;
+            batch_bytes = 0;
         }
     }
     Err(AdminError::Refused(

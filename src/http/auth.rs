@@ -31,6 +31,7 @@ fn authenticate(req: &HttpRequest) -> Result<Authenticated, ApiError> {
     let state = req
         .app_data::<web::Data<AppState>>()
         .ok_or_else(|| ApiError::Internal("AppState is not registered".into()))?;
+    single_authorization(req)?;
     let token = bearer_token(req)?;
     match check::check(
         &state.keys,
@@ -44,6 +45,22 @@ fn authenticate(req: &HttpRequest) -> Result<Authenticated, ApiError> {
         Err(CheckError::Refused(refusal)) => Err(AuthError::from(refusal).into()),
         Err(CheckError::Storage(e)) => Err(e.into()),
     }
+}
+
+/// Two or more `Authorization` headers are refused with 400, as nginx refuses them:
+/// which one a proxy and a back end each read is anyone's guess.
+pub(super) fn single_authorization(req: &HttpRequest) -> Result<(), ApiError> {
+    if req
+        .headers()
+        .get_all(header::AUTHORIZATION)
+        .nth(1)
+        .is_some()
+    {
+        return Err(ApiError::InvalidRequest(
+            "The request has more than one Authorization header.".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// simplejwt's `get_raw_token`: split the header on whitespace; a first word other

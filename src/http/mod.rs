@@ -62,8 +62,14 @@ pub struct AppState {
     /// Configured appids; the first is the default.
     pub apps: Vec<String>,
     pub limiter: Option<LoginLimiter>,
+    /// Refreshes per client address (`limits.refresh_per_minute`).
+    pub refresh_limiter: Option<LoginLimiter>,
+    /// Phone-number requests per user (`limits.phone_per_user_per_minute`).
+    pub phone_limiter: Option<crate::ratelimit::KeyedLimiter<crate::users::UserId>>,
     pub trusted_proxies: Vec<IpAddr>,
     pub metrics: Arc<Metrics>,
+    /// `/readyz`'s last verdict, shared for a second.
+    pub readiness: health::Readiness,
 }
 
 impl AppState {
@@ -80,7 +86,19 @@ impl AppState {
     }
 
     fn limit_login(&self, req: &HttpRequest) -> Result<(), ApiError> {
-        let Some(limiter) = &self.limiter else {
+        self.limit_address(self.limiter.as_ref(), req)
+    }
+
+    fn limit_refresh(&self, req: &HttpRequest) -> Result<(), ApiError> {
+        self.limit_address(self.refresh_limiter.as_ref(), req)
+    }
+
+    fn limit_address(
+        &self,
+        limiter: Option<&LoginLimiter>,
+        req: &HttpRequest,
+    ) -> Result<(), ApiError> {
+        let Some(limiter) = limiter else {
             return Ok(());
         };
         match client_ip(req, &self.trusted_proxies) {

@@ -17,6 +17,9 @@ pub async fn phone(
     state: web::Data<AppState>,
     fields: Fields,
 ) -> Result<HttpResponse, ApiError> {
+    if let Some(limiter) = &state.phone_limiter {
+        limiter.check(user.id).map_err(ApiError::from)?;
+    }
     let code = fields.required_str("code")?;
     if code.is_empty()
         || code.len() > MAX_CODE_LEN

@@ -116,8 +116,9 @@ pub struct JwtKeys {
 /// Why `wxauth keys rotate` or `retire` refused.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("no live key has kid {0:?} (`wxauth keys list` shows them)")]
-    NoSuchKey(String),
+    /// The kid asked for is not echoed: it is whatever was typed or pasted.
+    #[error("no live key has that kid (`wxauth keys list` shows them)")]
+    NoSuchKey,
     #[error("key {0} signs new tokens: rotate first, then retire it")]
     Signing(String),
     #[error(
@@ -251,9 +252,7 @@ impl JwtKeys {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let current = self.current();
-        let key = current
-            .by_kid(kid)
-            .ok_or_else(|| KeyError::NoSuchKey(kid.to_string()))?;
+        let key = current.by_kid(kid).ok_or(KeyError::NoSuchKey)?;
         if current.signing().kid == kid {
             return Err(KeyError::Signing(kid.to_string()));
         }
@@ -328,10 +327,11 @@ impl JwtKeys {
                 && jsonwebtoken::crypto::verify(signature, message.as_bytes(), &key.decoding, alg)
                     .unwrap_or(false)
         };
-        let verified = match (set.keys.as_slice(), kid) {
-            ([only], _) => signed_by(only),
-            (_, Some(kid)) => set.by_kid(kid).is_some_and(signed_by),
-            (keys, None) => keys.iter().any(signed_by),
+        // A `kid` names the one key to try, also when only one key is live: an
+        // unknown kid is refused.
+        let verified = match kid {
+            Some(kid) => set.by_kid(kid).is_some_and(signed_by),
+            None => set.keys.iter().any(signed_by),
         };
         verified.then_some(()).ok_or(TokenError::Invalid)
     }
