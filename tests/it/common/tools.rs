@@ -67,3 +67,60 @@ pub fn node_tools() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_file("target/node-tools"))
 }
+
+/// `node_tools()/NAME` with the npm `packages` installed (by `.ci/run`, or here once
+/// when npm is reachable), or `None` (after `skip`) when node or npm is missing or the
+/// install failed.
+pub fn npm_packages(test: &str, name: &str, packages: &[&str]) -> Option<PathBuf> {
+    // One install at a time: two npm runs in one directory corrupt it.
+    static INSTALLS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = INSTALLS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if find_binary("node", &[]).is_none() || find_binary("npm", &[]).is_none() {
+        skip(
+            test,
+            "node and npm are not installed (apt-get install nodejs npm)",
+        );
+        return None;
+    }
+    let dir = node_tools().join(name);
+    let installed = |dir: &Path| {
+        packages.iter().all(|p| {
+            let bare = p
+                .rsplit_once('@')
+                .filter(|(n, _)| !n.is_empty())
+                .map_or(*p, |(n, _)| n);
+            dir.join("node_modules")
+                .join(bare)
+                .join("package.json")
+                .is_file()
+        })
+    };
+    if installed(&dir) {
+        return Some(dir);
+    }
+    std::fs::create_dir_all(&dir).expect("create the npm tools directory");
+    if !dir.join("package.json").exists() {
+        std::fs::write(dir.join("package.json"), "{\"private\": true}\n").unwrap();
+    }
+    let out = Command::new("npm")
+        .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
+        .args(packages)
+        .current_dir(&dir)
+        .output()
+        .expect("run npm");
+    if !out.status.success() || !installed(&dir) {
+        skip(
+            test,
+            &format!(
+                "npm install {} failed in {}: {}",
+                packages.join(" "),
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        );
+        return None;
+    }
+    Some(dir)
+}
