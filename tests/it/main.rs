@@ -14,6 +14,7 @@ mod grafana;
 mod http;
 mod keys;
 mod login;
+mod miniprogram_npm;
 mod openapi;
 mod ops;
 mod ratelimit;
