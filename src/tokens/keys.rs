@@ -171,7 +171,7 @@ impl KeySet {
             .filter(ring)
             .find(|k| k.signs_from_ms.is_some_and(|from| from <= now_ms))
             .or_else(|| self.base.map(|i| &self.keys[i]))
-            .or_else(|| self.keys.iter().filter(ring).last())
+            .or_else(|| self.keys.iter().rev().find(ring))
             .expect("a key set has a key that can sign")
     }
 

@@ -4,11 +4,11 @@
 
 use crate::common;
 
+use common::tools;
 use common::*;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::time::Duration;
 
 /// Series Prometheus makes itself for every scrape target; never exported by wxauth.
 const PROMETHEUS_OWN: [&str; 1] = ["up"];
@@ -145,14 +145,23 @@ fn read_matchers(chars: &[char], mut i: usize, out: &mut Vec<(String, String, St
     }
 }
 
-/// Every PromQL expression of the dashboard: panel targets and variable queries.
-fn dashboard_queries(dashboard: &Value) -> Vec<String> {
-    let mut queries = Vec::new();
+/// Every panel of the dashboard, those inside collapsed rows included.
+fn all_panels(dashboard: &Value) -> Vec<&Value> {
+    let mut found = Vec::new();
     let mut panels: Vec<&Value> = dashboard["panels"].as_array().unwrap().iter().collect();
     while let Some(panel) = panels.pop() {
         if let Some(inner) = panel["panels"].as_array() {
             panels.extend(inner);
         }
+        found.push(panel);
+    }
+    found
+}
+
+/// Every PromQL expression of the dashboard: panel targets and variable queries.
+fn dashboard_queries(dashboard: &Value) -> Vec<String> {
+    let mut queries = Vec::new();
+    for panel in all_panels(dashboard) {
         if panel["type"] == "row" {
             continue;
         }
@@ -228,15 +237,7 @@ fn every_metric_the_dashboard_queries_is_in_a_real_scrape() {
         serde_json::from_str(&std::fs::read_to_string(path).expect("the dashboard")).unwrap();
     assert_eq!(dashboard["uid"], "wxauth");
 
-    let mock = MockWeChat::start();
-    let server = TestServer::start(
-        TestConfig::against(&mock).with_env("WXAUTH_METRICS__BIND", "127.0.0.1:0"),
-    );
-    let metrics_addr = wait_for(
-        Duration::from_secs(10),
-        "the metrics address in the log",
-        || server.log_field("serving metrics", "address"),
-    );
+    let (_mock, server, metrics_addr) = start_with_metrics();
     // New users, a returning one, a refused code, a refresh, a logout, and the
     // authenticated reads.
     let first = login(&server, "ok:ann.1");
@@ -331,15 +332,7 @@ fn every_metric_the_dashboard_queries_is_in_a_real_scrape() {
 
 /// A server with its metrics listener, after a few requests that all succeed.
 fn healthy_server_scrape() -> (MockWeChat, TestServer, String) {
-    let mock = MockWeChat::start();
-    let server = TestServer::start(
-        TestConfig::against(&mock).with_env("WXAUTH_METRICS__BIND", "127.0.0.1:0"),
-    );
-    let metrics_addr = wait_for(
-        Duration::from_secs(10),
-        "the metrics address in the log",
-        || server.log_field("serving metrics", "address"),
-    );
+    let (mock, server, metrics_addr) = start_with_metrics();
     let pair = login(&server, "ok:healthy.1");
     let access = bearer(pair["access"].as_str().unwrap());
     assert_eq!(
@@ -384,11 +377,7 @@ fn promtool_accepts_a_real_scrape() {
         stdin.write_all(text.as_bytes()).unwrap();
     }
     let out = child.wait_with_output().unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = tools::output_text(&out);
     assert!(
         out.status.success() && said.trim().is_empty(),
         "promtool check metrics ({}): {said}",
@@ -430,11 +419,7 @@ fn the_health_stats_show_a_number_on_a_healthy_server() {
         ));
     }
     let mut stats = Vec::new();
-    let mut panels: Vec<&Value> = dashboard["panels"].as_array().unwrap().iter().collect();
-    while let Some(panel) = panels.pop() {
-        if let Some(inner) = panel["panels"].as_array() {
-            panels.extend(inner);
-        }
+    for panel in all_panels(&dashboard) {
         if panel["type"] == "stat" {
             let expr = panel["targets"][0]["expr"].as_str().unwrap();
             let expr = expr
@@ -463,11 +448,7 @@ fn the_health_stats_show_a_number_on_a_healthy_server() {
             .arg(&file)
             .output()
             .expect("run promtool");
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let said = tools::output_text(&out);
         // Expecting nothing fails exactly when the query answers something.
         assert!(
             !out.status.success() && said.contains("got:"),

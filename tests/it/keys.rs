@@ -436,16 +436,25 @@ fn previous_key_files_verify_but_never_sign() {
     );
 }
 
-#[test]
-fn jwks_is_cached_for_less_than_an_access_token_lives() {
+/// A server signing with a new ES256 key of its own (and its key's directory), with
+/// `env` on top.
+fn es256_server(env: &[(&str, &str)]) -> (tempfile::TempDir, MockWeChat, TestServer) {
     let keys_dir = tempfile::tempdir().unwrap();
     let key = key_file(keys_dir.path(), "ES256", "es.pem").unwrap();
     let mock = MockWeChat::start();
-    let server = TestServer::start(
-        TestConfig::against(&mock)
-            .with_env("WXAUTH_JWT__ALGORITHM", "ES256")
-            .with_env("WXAUTH_JWT__SIGNING_KEY_FILE", key.to_str().unwrap()),
-    );
+    let mut config = TestConfig::against(&mock)
+        .with_env("WXAUTH_JWT__ALGORITHM", "ES256")
+        .with_env("WXAUTH_JWT__SIGNING_KEY_FILE", key.to_str().unwrap());
+    for (name, value) in env {
+        config = config.with_env(name, value);
+    }
+    let server = TestServer::start(config);
+    (keys_dir, mock, server)
+}
+
+#[test]
+fn jwks_is_cached_for_less_than_an_access_token_lives() {
+    let (_keys_dir, _mock, server) = es256_server(&[]);
     let reply = get(&server.url("/.well-known/jwks.json"), None);
     assert_eq!(reply.status, 200);
     assert!(reply
@@ -660,15 +669,7 @@ for await (const line of lines) {
 #[test]
 fn clients_that_fetched_the_jwks_before_a_rotation_verify_every_token_after_it() {
     let test = "clients_that_fetched_the_jwks_before_a_rotation_verify_every_token_after_it";
-    let keys_dir = tempfile::tempdir().unwrap();
-    let key = key_file(keys_dir.path(), "ES256", "es.pem").unwrap();
-    let mock = MockWeChat::start();
-    let server = TestServer::start(
-        TestConfig::against(&mock)
-            .with_env("WXAUTH_JWT__ALGORITHM", "ES256")
-            .with_env("WXAUTH_JWT__SIGNING_KEY_FILE", key.to_str().unwrap())
-            .with_env("WXAUTH_JWT__JWKS_MAX_AGE", "32s"),
-    );
+    let (_keys_dir, _mock, server) = es256_server(&[("WXAUTH_JWT__JWKS_MAX_AGE", "32s")]);
     let url = server.url("/.well-known/jwks.json");
     let first = login(&server, "ok:jwks.client");
     let k1 = kid_of(first["access"].as_str().unwrap());

@@ -44,11 +44,7 @@ fn run(dir: &Path, program: &str, args: &[&str]) -> String {
         .current_dir(dir)
         .output()
         .unwrap_or_else(|e| panic!("{program}: {e}"));
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = tools::output_text(&out);
     assert!(
         out.status.success(),
         "{program} {args:?} in {} failed:\n{said}",

@@ -158,15 +158,11 @@ fn the_document_covers_every_route() {
     assert_eq!(schemes["scheme"], "bearer");
 }
 
-#[test]
-fn docs_openapi_json_is_docs_openapi_yaml() {
-    let Some(venv) = venv() else {
-        return;
-    };
+/// What the venv's python prints as JSON running `script` with `args`.
+fn python_json(venv: &Path, script: &str, args: &[std::ffi::OsString]) -> Value {
     let out = Command::new(venv.join("bin/python"))
-        .arg("-c")
-        .arg("import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1], encoding='utf-8'))))")
-        .arg(repo_file("docs/openapi.yaml"))
+        .args(["-c", script])
+        .args(args)
         .output()
         .expect("run python");
     assert!(
@@ -174,7 +170,19 @@ fn docs_openapi_json_is_docs_openapi_yaml() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let from_yaml: Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).expect("JSON from python")
+}
+
+#[test]
+fn docs_openapi_json_is_docs_openapi_yaml() {
+    let Some(venv) = venv() else {
+        return;
+    };
+    let from_yaml = python_json(
+        &venv,
+        "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1], encoding='utf-8'))))",
+        &[repo_file("docs/openapi.yaml").into_os_string()],
+    );
     assert!(
         from_yaml == built_in_document(),
         "docs/openapi.json is not docs/openapi.yaml: run docs/openapi-json.sh"
@@ -371,11 +379,7 @@ fn a_generated_python_client_runs_against_the_server() {
         .env("PATH", &path)
         .output()
         .expect("run openapi-python-client");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = tools::output_text(&out);
     assert!(out.status.success(), "the generator failed:\n{said}");
     // Every schema became a type: nothing was dropped.
     assert!(
@@ -484,18 +488,14 @@ for name, body in json.loads(sys.argv[2]):
         valid.append([name, body])
 print(json.dumps(valid))
 "#;
-    let out = Command::new(venv.join("bin/python"))
-        .args(["-c", script])
-        .arg(repo_file("docs/openapi.json"))
-        .arg(Value::Array(checks).to_string())
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let valid = python_json(
+        &venv,
+        script,
+        &[
+            repo_file("docs/openapi.json").into_os_string(),
+            Value::Array(checks).to_string().into(),
+        ],
     );
-    let valid: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         valid,
         serde_json::json!([]),

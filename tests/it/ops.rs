@@ -268,16 +268,7 @@ fn a_truncated_backup_is_refused_and_leaves_nothing_behind() {
 
 #[test]
 fn metrics_are_served_on_their_own_listener() {
-    let mock = MockWeChat::start();
-    let server = TestServer::start(
-        TestConfig::against(&mock).with_env("WXAUTH_METRICS__BIND", "127.0.0.1:0"),
-    );
-    // Logged just after "listening" (where the harness stops waiting): poll for it.
-    let metrics_addr = wait_for(
-        Duration::from_secs(10),
-        "the metrics address in the log",
-        || server.log_field("serving metrics", "address"),
-    );
+    let (_mock, server, metrics_addr) = start_with_metrics();
     let body = login(&server, "ok:kim.1");
     get(
         &server.url("/api/weixin/data/"),

@@ -473,6 +473,22 @@ pub fn run_with_config(
     cmd.output().unwrap()
 }
 
+/// A mock WeChat and a server using it with its metrics listener on, and that
+/// listener's address.
+pub fn start_with_metrics() -> (MockWeChat, TestServer, String) {
+    let mock = MockWeChat::start();
+    let server = TestServer::start(
+        TestConfig::against(&mock).with_env("WXAUTH_METRICS__BIND", "127.0.0.1:0"),
+    );
+    // Logged just after "listening" (where the harness stops waiting): poll for it.
+    let metrics_addr = wait_for(
+        Duration::from_secs(10),
+        "the metrics address in the log",
+        || server.log_field("serving metrics", "address"),
+    );
+    (mock, server, metrics_addr)
+}
+
 /// A mock WeChat and a server using it with the default test config.
 pub fn start_with_mock() -> (MockWeChat, TestServer) {
     let mock = MockWeChat::start();

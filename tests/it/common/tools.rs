@@ -31,6 +31,15 @@ pub fn find_binary(name: &str, candidates: &[&Path]) -> Option<PathBuf> {
     })
 }
 
+/// A finished command's stdout and stderr, as text, one after the other.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// The repository's own file `path`.
 pub fn repo_file(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
