@@ -592,6 +592,28 @@ mod tests {
     }
 
     #[test]
+    fn a_rotated_key_signs_once_jwks_max_age_has_passed_and_not_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = JwtConfig {
+            jwks_max_age: std::time::Duration::from_secs(3600),
+            ..JwtConfig::default()
+        };
+        let keys = JwtKeys::load(&cfg, dir.path()).unwrap();
+        let old = keys.kid();
+        let made = keys.rotate(None).unwrap();
+        let new = made["kid"].as_str().unwrap();
+        assert_eq!(made["state"], "published");
+        let set = keys.current();
+        let at = set.by_kid(new).unwrap().signs_from_ms.unwrap();
+        assert_eq!(set.signing_at(at - 1).kid, old);
+        assert_eq!(set.signing_at(at).kid, new);
+        // The next start reads the same time from the ring.
+        let again = JwtKeys::load(&cfg, dir.path()).unwrap().current();
+        assert_eq!(again.signing_at(at - 1).kid, old);
+        assert_eq!(again.signing_at(at).kid, new);
+    }
+
+    #[test]
     fn after_a_rotation_tokens_verify_by_kid_and_without_one_by_trying_each_key() {
         let dir = tempfile::tempdir().unwrap();
         let keys = JwtKeys::load(&JwtConfig::default(), dir.path()).unwrap();
