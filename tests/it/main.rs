@@ -12,6 +12,7 @@ mod files;
 mod forward_auth;
 mod grafana;
 mod http;
+mod https_front;
 mod keys;
 mod login;
 mod miniprogram_npm;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod mock_wechat;
+pub mod proxy;
 pub mod tools;
 
 use serde_json::Value;
@@ -262,6 +263,17 @@ pub fn agent() -> ureq::Agent {
         ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(30)))
+            .build(),
+    )
+}
+
+/// The test agent with `tls` for HTTPS.
+pub fn agent_with_tls(tls: ureq::tls::TlsConfig) -> ureq::Agent {
+    ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .tls_config(tls)
             .build(),
     )
 }
