@@ -49,8 +49,8 @@ pub enum Command {
     /// WeChat's side: the access token this server holds.
     #[command(subcommand)]
     Wechat(WechatCommand),
-    /// List, rotate and retire the signing keys (JSON lines on stdout). Works with the
-    /// server running (it switches keys at once) and without.
+    /// List, rotate, activate and retire the signing keys (JSON lines on stdout). Works with the
+    /// server running (it applies the change at once) and without.
     #[command(subcommand)]
     Keys(KeysCommand),
     /// Write a consistent JSON-lines snapshot of the whole database (users, token
@@ -104,10 +104,12 @@ pub enum TokensCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
-    /// Every key that verifies tokens, newest first; `signing` marks the one that signs.
+    /// Every key, newest first, with its state: `active` (signs), `published`
+    /// (verifies; a new key signs from `signs_from`), `retired`.
     List,
-    /// Make a new key the signing key. Tokens signed with older keys keep working
-    /// until they expire or their key is retired.
+    /// Add a new signing key: published at once, signing once `jwt.jwks_max_age` has
+    /// passed. Tokens signed with older keys keep working until they expire or their
+    /// key is retired.
     Rotate {
         /// Sign with this key (PEM private key, or HMAC secret) instead of a generated
         /// one. Required for RS256: ring cannot generate RSA keys.
@@ -116,6 +118,8 @@ pub enum KeysCommand {
     },
     /// Stop the key KID verifying: tokens it signed stop working at once.
     Retire { kid: String },
+    /// Make the rotated-in key KID sign now, before `jwt.jwks_max_age` has passed.
+    Activate { kid: String },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

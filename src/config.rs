@@ -164,6 +164,10 @@ pub struct JwtConfig {
     /// How often expired refresh-token records are purged.
     #[serde(deserialize_with = "de_duration")]
     pub purge_interval: Duration,
+    /// The JWKS's `Cache-Control: max-age`, and how long a rotated-in key is
+    /// published before it signs.
+    #[serde(deserialize_with = "de_duration")]
+    pub jwks_max_age: Duration,
 }
 
 impl Default for JwtConfig {
@@ -180,6 +184,7 @@ impl Default for JwtConfig {
             audience: None,
             leeway: Duration::ZERO,
             purge_interval: Duration::from_secs(600),
+            jwks_max_age: Duration::from_secs(300),
         }
     }
 }
@@ -519,6 +524,12 @@ impl Config {
                     "must be whole milliseconds, like \"500ms\"",
                 ));
             }
+        }
+        if j.jwks_max_age > Duration::from_secs(24 * 3600) || j.jwks_max_age.subsec_nanos() != 0 {
+            return Err(ConfigError::new(
+                "jwt.jwks_max_age",
+                "must be whole seconds, at most 1 day (\"1d\")",
+            ));
         }
         if j.access_ttl < Duration::from_secs(1) {
             return Err(ConfigError::new("jwt.access_ttl", "must be at least 1s"));

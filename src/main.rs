@@ -56,6 +56,7 @@ fn main() -> ExitCode {
             let request = match keys {
                 KeysCommand::List => Request::KeysList,
                 KeysCommand::Retire { kid } => Request::KeysRetire { kid },
+                KeysCommand::Activate { kid } => Request::KeysActivate { kid },
                 KeysCommand::Rotate { key_file: None } => Request::KeysRotate { key: None },
                 KeysCommand::Rotate {
                     key_file: Some(path),

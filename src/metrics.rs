@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 /// The routes requests are counted under (trailing slash folded); the last is the rest.
-pub const ROUTES: [&str; 12] = [
+pub const ROUTES: [&str; 13] = [
     "/api/weixin/login/",
     "/api/weixin/data/",
     "/api/weixin/phone/",
@@ -20,6 +20,7 @@ pub const ROUTES: [&str; 12] = [
     "/openapi.json",
     "/healthz",
     "/readyz",
+    "/.well-known/jwks.json",
     "other",
 ];
 
@@ -310,12 +311,12 @@ impl Metrics {
         );
         header(
             o,
-            "wxauth_users_total",
+            "wxauth_users",
             "gauge",
             "Users ever created (ids are never reused).",
         );
         let users = crate::users::count(store).unwrap_or(0);
-        let _ = writeln!(o, "wxauth_users_total {users}");
+        let _ = writeln!(o, "wxauth_users {users}");
         header(
             o,
             "wxauth_storage_size_bytes",
@@ -376,6 +377,10 @@ mod tests {
         assert_eq!(route_label(Some("/healthz/")), "/healthz");
         assert_eq!(route_label(None), "other");
         assert_eq!(route_label(Some("/x")), "other");
+        assert_eq!(
+            route_label(Some("/.well-known/jwks.json")),
+            "/.well-known/jwks.json"
+        );
     }
 
     #[test]

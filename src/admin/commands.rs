@@ -237,6 +237,10 @@ pub fn execute(
             let made = writes.keys(data_dir)?.rotate(key.as_ref())?;
             Ok(write_line(out, &made)?)
         }
+        Request::KeysActivate { ref kid } => {
+            let active = writes.keys(data_dir)?.activate(kid)?;
+            Ok(write_line(out, &active)?)
+        }
         Request::KeysRetire { ref kid } => {
             writes.keys(data_dir)?.retire(kid)?;
             Ok(write_line(out, &json!({ "retired": kid }))?)

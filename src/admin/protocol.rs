@@ -42,6 +42,10 @@ pub enum Request {
     KeysRetire {
         kid: String,
     },
+    /// Sign with the rotated-in key `kid` from now on, before `jwt.jwks_max_age`.
+    KeysActivate {
+        kid: String,
+    },
     /// The stored access token's status (one app, or every app with a stored token).
     WechatToken {
         appid: Option<String>,

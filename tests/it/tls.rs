@@ -88,15 +88,9 @@ fn start_https(mock: &MockWeChat, pki: &TestPki) -> (TestServer, tempfile::TempD
 /// A ureq agent that trusts only the test CA.
 fn trusting_agent(pki: &TestPki) -> ureq::Agent {
     let ca = ureq::tls::Certificate::from_der(&pki.ca_der()).to_owned();
-    ureq::Agent::new_with_config(
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .tls_config(
-                ureq::tls::TlsConfig::builder()
-                    .root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![ca])))
-                    .build(),
-            )
+    agent_with_tls(
+        ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![ca])))
             .build(),
     )
 }

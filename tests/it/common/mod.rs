@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod mock_wechat;
+pub mod proxy;
+pub mod tools;
 
 use serde_json::Value;
 use std::collections::HashMap;
@@ -268,6 +270,17 @@ pub fn agent() -> ureq::Agent {
     )
 }
 
+/// The test agent with `tls` for HTTPS.
+pub fn agent_with_tls(tls: ureq::tls::TlsConfig) -> ureq::Agent {
+    ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .tls_config(tls)
+            .build(),
+    )
+}
+
 /// A ureq result as the tests see it (any status is an answer).
 pub fn collect(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {
     let mut response = result.expect("HTTP request failed");
@@ -473,6 +486,22 @@ pub fn run_with_config(
         cmd.env(k, v);
     }
     cmd.output().unwrap()
+}
+
+/// A mock WeChat and a server using it with its metrics listener on, and that
+/// listener's address.
+pub fn start_with_metrics() -> (MockWeChat, TestServer, String) {
+    let mock = MockWeChat::start();
+    let server = TestServer::start(
+        TestConfig::against(&mock).with_env("WXAUTH_METRICS__BIND", "127.0.0.1:0"),
+    );
+    // Logged just after "listening" (where the harness stops waiting): poll for it.
+    let metrics_addr = wait_for(
+        Duration::from_secs(10),
+        "the metrics address in the log",
+        || server.log_field("serving metrics", "address"),
+    );
+    (mock, server, metrics_addr)
 }
 
 /// A mock WeChat and a server using it with the default test config.
