@@ -335,11 +335,11 @@ impl AsyncWrite for GuardedStream {
 
 impl ActixStream for GuardedStream {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<Ready>> {
-        self.io.poll_read_ready(cx)
+        ActixStream::poll_read_ready(&self.io, cx)
     }
 
     fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<Ready>> {
-        self.io.poll_write_ready(cx)
+        ActixStream::poll_write_ready(&self.io, cx)
     }
 }
 
