@@ -273,6 +273,6 @@ fn stalled_metrics_connections_leave_the_api_its_descriptors() {
     for _ in 0..5 {
         assert_eq!(healthz_from("127.0.0.1", addr), "HTTP/1.1 200 OK");
     }
-    login(&server, "metrics-siege");
+    login(&server, "ok:metrics-siege");
     drop(stalled);
 }
