@@ -198,6 +198,19 @@ fn a_trusted_proxy_is_not_held_to_the_per_address_limit() {
     }
 }
 
+/// Whether `data` holds a whole answer (head and `Content-Length` body).
+fn answer_complete(data: &[u8]) -> bool {
+    let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap_or(0));
+    data.len() >= end + 4 + length
+}
+
 /// Reads one answer (head and `Content-Length` body) from a kept-alive connection.
 fn read_answer(stream: &mut TcpStream) -> Option<String> {
     let mut data = Vec::new();
@@ -242,7 +255,8 @@ fn a_connection_past_its_lifetime_is_closed_after_its_next_answer() {
 }
 
 /// Stalled connections to the metrics listener wait in its backlog past its own
-/// small cap: under a 128-descriptor limit, 150 of them leave the API serving.
+/// small cap and are closed by its deadlines: under a 128-descriptor limit, 150 of
+/// them leave the API serving.
 #[test]
 fn stalled_metrics_connections_leave_the_api_its_descriptors() {
     if Command::new("prlimit").arg("--version").output().is_err() {
@@ -266,9 +280,32 @@ fn stalled_metrics_connections_leave_the_api_its_descriptors() {
         .status()
         .expect("prlimit");
     assert!(limited.success(), "prlimit failed");
-    let stalled: Vec<TcpStream> = (0..150)
-        .map(|_| TcpStream::connect(metrics).expect("connect to metrics"))
+    // For two seconds, each connection the listener takes asks once, reads the
+    // answer, then stalls in its next head (a kept-alive connection that no
+    // first-head deadline covers). The others wait in the listen backlog.
+    let mut stalled: Vec<(TcpStream, Vec<u8>, bool)> = (0..150)
+        .map(|_| {
+            let mut stream = TcpStream::connect(metrics).expect("connect to metrics");
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+                .expect("send to metrics");
+            stream.set_nonblocking(true).unwrap();
+            (stream, Vec::new(), false)
+        })
         .collect();
+    let attack = std::time::Instant::now();
+    let mut buf = [0u8; 16384];
+    while attack.elapsed() < Duration::from_secs(2) {
+        for (stream, received, stalling) in stalled.iter_mut().filter(|c| !c.2) {
+            if let Ok(n) = stream.read(&mut buf) {
+                received.extend_from_slice(&buf[..n]);
+            }
+            if answer_complete(received) {
+                *stalling = stream.write_all(b"GET /met").is_ok();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // The listener accepts what it will; then the API must still answer at once.
     for _ in 0..5 {
         assert_eq!(healthz_from("127.0.0.1", addr), "HTTP/1.1 200 OK");
