@@ -10,7 +10,7 @@ MODE:
                      and go silent. Against TARGET (the API, over TLS when TLS=1,
                      or the metrics listener).
   trickle            N connections from 127.0.0.1 each complete one request every
-                     ~16 s, trickling the head a few bytes at a time.
+                     ~14 s, trickling the head a few bytes at a time over ~9 s.
 Meanwhile /healthz is asked on the API, one request at a time, from 127.0.0.2 (over
 TLS when TLS=1), each with a 10 s timeout. Prints each probe's latency, then the
 count, the failures, p50 and max, and how many attack connections the server closed.
@@ -22,6 +22,7 @@ import selectors
 import socket
 import ssl
 import sys
+import threading
 import time
 
 CTX = ssl.create_default_context()
@@ -89,6 +90,45 @@ def closed(s):
         return True
 
 
+class Trickler:
+    """One connection completing a trickled request every ~14 s: the head four bytes
+    at a time over ~9 s, the answer read, ~4.5 s idle (under every deadline); never
+    blocking."""
+
+    HEAD = b"GET /healthz HTTP/1.1\r\nHost: bench\r\nX-Pad: aaaaaaaaaaaaaaaa\r\n\r\n"
+
+    def __init__(self, target, start):
+        self.s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.s.setblocking(False)
+        self.s.connect_ex(target)
+        self.sent, self.received, self.at, self.dead, self.answers = 0, b"", start, False, 0
+
+    def step(self, now):
+        if self.dead:
+            return
+        try:
+            if self.sent < len(self.HEAD):
+                if now >= self.at:
+                    self.sent += self.s.send(self.HEAD[self.sent:self.sent + 4])
+                    self.at = now + 9 / (len(self.HEAD) / 4)
+                return
+            try:
+                chunk = self.s.recv(65536)
+                if not chunk:
+                    self.dead = True
+                    return
+                self.received += chunk
+            except BlockingIOError:
+                pass
+            if b"\r\n\r\n" in self.received and self.received.endswith(b"}"):
+                self.answers += 1
+                self.received, self.sent, self.at = b"", 0, now + 4.5
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.dead = True
+
+
 def main():
     mode, api, target, n, seconds = sys.argv[1], addr(sys.argv[2]), addr(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
     tls = len(sys.argv) > 6 and sys.argv[6] == "1"
@@ -97,66 +137,60 @@ def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     t0 = time.monotonic()
     conns, failed_open = [], 0
-    next_step = []
-    for i in range(n):
-        try:
-            s = connect(target, target_tls)
-            if mode == "stalled-keepalive":
+    if mode == "trickle":
+        conns = [Trickler(target, t0 + (i % 16) * 0.05) for i in range(n)]
+    else:
+        for _ in range(n):
+            try:
+                s = connect(target, target_tls)
                 s.sendall(b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n")
                 if read_answer(s) is None:
                     raise OSError("no answer")
                 s.sendall(b"GET /healthz HTTP/1.1\r\nHo")
-            conns.append(s)
-            next_step.append(time.monotonic() + (i % 16))
-        except OSError:
-            failed_open += 1
-        if time.monotonic() - t0 > seconds / 2:
-            break
-    print(f"{mode}: {len(conns)} connections held, {failed_open} failed to open/answer, in {time.monotonic() - t0:.1f}s")
+                conns.append(s)
+            except OSError:
+                failed_open += 1
+            if time.monotonic() - t0 > seconds / 2:
+                break
+    print(f"{mode}: {len(conns)} connections, {failed_open} failed to open or get an answer, in {time.monotonic() - t0:.1f}s")
 
-    trickle = b"GET /healthz HTTP/1.1\r\nHost: bench\r\nX-Pad: aaaaaaaaaaaaaaaa\r\n\r\n"
-    progress = [0] * len(conns)
-    dead = set()
-    latencies, failures = [], 0
+    # The probe runs on its own thread: a slow answer must not pause the attack.
+    latencies, failures = [], []
     end = time.monotonic() + seconds
-    last_probe = 0
-    while time.monotonic() < end:
-        now = time.monotonic()
-        if mode == "trickle":
-            for i, s in enumerate(conns):
-                if i in dead or now < next_step[i]:
-                    continue
-                try:
-                    s.settimeout(10)
-                    if progress[i] < len(trickle):
-                        s.sendall(trickle[progress[i]:progress[i] + 4])
-                        progress[i] += 4
-                        # The whole head over ~11 s, then the answer, then ~5 s idle.
-                        next_step[i] = now + 11 / (len(trickle) / 4)
-                    else:
-                        if read_answer(s) is None:
-                            dead.add(i)
-                        progress[i] = 0
-                        next_step[i] = now + 4.5
-                except OSError:
-                    dead.add(i)
-        if now - last_probe >= 0.5:
-            last_probe = now
+
+    def probe():
+        while time.monotonic() < end:
+            started = time.monotonic()
             took = healthz(api, tls)
             if took is None:
-                failures += 1
-                print(f"  t={now - t0:5.1f}s /healthz FAILED")
+                failures.append(started - t0)
+                print(f"  t={started - t0:5.1f}s /healthz FAILED")
             else:
                 latencies.append(took)
+            time.sleep(max(0.0, 0.5 - (time.monotonic() - started)))
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    while time.monotonic() < end:
+        if mode == "trickle":
+            now = time.monotonic()
+            for c in conns:
+                c.step(now)
         time.sleep(0.01)
-    if mode != "trickle":
-        dead = {i for i, s in enumerate(conns) if closed(s)}
+    prober.join()
+    failures = len(failures)
+    if mode == "trickle":
+        closed_count = sum(1 for c in conns if c.dead)
+        answers = sum(c.answers for c in conns)
+        print(f"trickled requests answered: {answers}")
+    else:
+        closed_count = sum(1 for s in conns if closed(s))
     latencies.sort()
     p50 = latencies[len(latencies) // 2] * 1000 if latencies else 0
     print(
         f"healthz: {len(latencies)} answered 200, {failures} failed; p50 {p50:.0f} ms, "
         f"max {max(latencies, default=0) * 1000:.0f} ms; attack connections closed by the server: "
-        f"{len(dead)} of {len(conns)}"
+        f"{closed_count} of {len(conns)}"
     )
     return 0
 

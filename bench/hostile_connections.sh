@@ -7,7 +7,7 @@
 #   tls-keepalive      N (default 300) stalled kept-alive HTTPS connections to the API
 #                      (a self-signed certificate made with openssl), max_connections 300
 #   trickle            N (default 320) connections from one address, each completing a
-#                      trickled request every ~16 s, max_connections 300
+#                      trickled request every ~14 s, max_connections 300
 #   metrics            N (default 1000) stalled kept-alive connections to the metrics
 #                      listener, the server under `ulimit -n 1024`
 # Starts target/debug/wxauth (or $WXAUTH) with the built-in mock and a temporary data
