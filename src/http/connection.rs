@@ -475,3 +475,48 @@ where
         .h1(map_config(app, |_| AppConfig::default()))
         .map_err(|_| ())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::PerIpLimit;
+    use std::net::IpAddr;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn an_address_gets_its_limit_and_its_slots_back() {
+        let limit = PerIpLimit::new(2, 64, Vec::new());
+        let first = limit.admit(ip("192.0.2.1")).unwrap();
+        let _second = limit.admit(ip("192.0.2.1")).unwrap();
+        assert_eq!(limit.admit(ip("192.0.2.1")).err(), Some(ip("192.0.2.1")));
+        // Another address has its own count.
+        assert!(limit.admit(ip("192.0.2.2")).is_ok());
+        drop(first);
+        assert!(limit.admit(ip("192.0.2.1")).is_ok());
+    }
+
+    #[test]
+    fn ipv6_is_counted_per_prefix_and_mapped_ipv4_as_ipv4() {
+        let limit = PerIpLimit::new(1, 64, Vec::new());
+        let _slot = limit.admit(ip("2001:db8:1:2::1")).unwrap();
+        assert!(limit.admit(ip("2001:db8:1:2::ffff")).is_err());
+        assert!(limit.admit(ip("2001:db8:1:3::1")).is_ok());
+        let _v4 = limit.admit(ip("192.0.2.9")).unwrap();
+        assert!(limit.admit(ip("::ffff:192.0.2.9")).is_err());
+    }
+
+    #[test]
+    fn trusted_proxies_are_exempt_and_the_table_empties() {
+        let limit = PerIpLimit::new(1, 64, vec![ip("127.0.0.1")]);
+        let slots: Vec<_> = (0..5).map(|_| limit.admit(ip("127.0.0.1")).unwrap()).collect();
+        assert!(slots.iter().all(Option::is_none), "an exempt peer is not counted");
+        assert!(limit.admit(ip("::ffff:127.0.0.1")).unwrap().is_none());
+        let slot = limit.admit(ip("192.0.2.1")).unwrap();
+        assert_eq!(limit.open(ip("192.0.2.1")), 1);
+        drop(slot);
+        assert_eq!(limit.open(ip("192.0.2.1")), 0);
+        assert!(limit.0.open.lock().unwrap().is_empty());
+    }
+}
