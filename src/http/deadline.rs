@@ -28,10 +28,10 @@ use tokio::time::Sleep;
 
 /// Set when a request's body did not arrive in time.
 #[derive(Clone, Default)]
-pub struct BodyTimedOut(Rc<Cell<bool>>);
+struct BodyTimedOut(Rc<Cell<bool>>);
 
 /// Puts the body of `req` (if it has one) under a deadline of `timeout` from now.
-pub fn limit_body(req: &mut ServiceRequest, timeout: Duration) -> BodyTimedOut {
+fn limit_body(req: &mut ServiceRequest, timeout: Duration) -> BodyTimedOut {
     let timed_out = BodyTimedOut::default();
     match req.take_payload() {
         Payload::None => {}
@@ -51,7 +51,7 @@ pub fn limit_body(req: &mut ServiceRequest, timeout: Duration) -> BodyTimedOut {
 
 /// The response to send: the handler's, or a JSON 408 that closes the connection
 /// when the body missed its deadline (whatever the handler made of the failed read).
-pub fn answer<B: actix_web::body::MessageBody + 'static>(
+fn answer<B: actix_web::body::MessageBody + 'static>(
     response: ServiceResponse<B>,
     timed_out: &BodyTimedOut,
 ) -> ServiceResponse<actix_web::body::BoxBody> {
