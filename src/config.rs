@@ -390,8 +390,7 @@ impl Config {
                 "must be between 1 and 1000000",
             ));
         }
-        if self.server.max_connections_per_ip == 0
-            || self.server.max_connections_per_ip > 1_000_000
+        if self.server.max_connections_per_ip == 0 || self.server.max_connections_per_ip > 1_000_000
         {
             return Err(ConfigError::new(
                 "server.max_connections_per_ip",

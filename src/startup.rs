@@ -3,13 +3,13 @@
 use crate::actors::{access_token, issuer::TokenIssuer, registry::UserRegistry, wechat};
 use crate::admin;
 use crate::config::{ConfigError, Loaded};
+use crate::http::connection::{ListenerLimits, PerIpLimit};
 use crate::http::{self, AppState, LoginLimiter};
 use crate::metrics::Metrics;
 use crate::storage::{GroupCommit, ReadStore, StorageError};
 use crate::tokens::JwtKeys;
 use actix::{Actor, Arbiter};
 use actix_web::dev::Service;
-use crate::http::connection::{ListenerLimits, PerIpLimit};
 use actix_web::{middleware, web, App};
 use sd_notify::NotifyState;
 use std::net::SocketAddr;

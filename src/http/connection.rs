@@ -19,7 +19,9 @@
 
 use actix_http::body::MessageBody;
 use actix_http::{HttpService, Request, Response};
-use actix_service::{fn_service, map_config, IntoServiceFactory, ServiceFactory, ServiceFactoryExt};
+use actix_service::{
+    fn_service, map_config, IntoServiceFactory, ServiceFactory, ServiceFactoryExt,
+};
 use actix_tls::accept::rustls_0_23::{Acceptor, TlsStream};
 use actix_web::dev::{AppConfig, Extensions};
 use actix_web::rt::net::{ActixStream, Ready, TcpStream};
@@ -412,12 +414,10 @@ where
         })?,
         Some(tls) => builder.listen(name, listener, move || {
             let limits = limits.clone();
-            let http = h1::<TlsStream<GuardedStream>, _, _, _, _>(
-                &factory,
-                &signal,
-                &limits,
-                |s| s.get_ref().0,
-            );
+            let http =
+                h1::<TlsStream<GuardedStream>, _, _, _, _>(&factory, &signal, &limits, |s| {
+                    s.get_ref().0
+                });
             fn_service(move |io: TcpStream| ready(GuardedStream::accept(io, &limits).ok_or(())))
                 .and_then(Acceptor::new(tls.clone()).map_err(|_| ()))
                 .map(|stream: TlsStream<GuardedStream>| {
@@ -436,13 +436,7 @@ fn h1<T, F, I, S, B>(
     signal: &actix_server::GracefulShutdownSignal,
     limits: &ListenerLimits,
     guarded: fn(&T) -> &GuardedStream,
-) -> impl ServiceFactory<
-    (T, Option<SocketAddr>),
-    Config = (),
-    Response = (),
-    Error = (),
-    InitError = (),
->
+) -> impl ServiceFactory<(T, Option<SocketAddr>), Config = (), Response = (), Error = (), InitError = ()>
 where
     T: AsyncRead + AsyncWrite + Unpin + 'static,
     F: Fn() -> I,
@@ -510,8 +504,13 @@ mod tests {
     #[test]
     fn trusted_proxies_are_exempt_and_the_table_empties() {
         let limit = PerIpLimit::new(1, 64, vec![ip("127.0.0.1")]);
-        let slots: Vec<_> = (0..5).map(|_| limit.admit(ip("127.0.0.1")).unwrap()).collect();
-        assert!(slots.iter().all(Option::is_none), "an exempt peer is not counted");
+        let slots: Vec<_> = (0..5)
+            .map(|_| limit.admit(ip("127.0.0.1")).unwrap())
+            .collect();
+        assert!(
+            slots.iter().all(Option::is_none),
+            "an exempt peer is not counted"
+        );
         assert!(limit.admit(ip("::ffff:127.0.0.1")).unwrap().is_none());
         let slot = limit.admit(ip("192.0.2.1")).unwrap();
         assert_eq!(limit.open(ip("192.0.2.1")), 1);

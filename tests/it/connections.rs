@@ -69,7 +69,9 @@ fn connect_from(source: &str, server: SocketAddr) -> TcpStream {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
     let source: SocketAddr = format!("{source}:0").parse().unwrap();
-    socket.bind(&source.into()).expect("bind the client address");
+    socket
+        .bind(&source.into())
+        .expect("bind the client address");
     socket.connect(&server.into()).expect("connect");
     socket.into()
 }
@@ -249,7 +251,10 @@ fn a_connection_past_its_lifetime_is_closed_after_its_next_answer() {
         answers += 1;
         head.contains("connection: close").then_some(())
     });
-    assert!(answers > 1, "the first answer already closed the connection");
+    assert!(
+        answers > 1,
+        "the first answer already closed the connection"
+    );
     let mut rest = Vec::new();
     assert_eq!(stream.read_to_end(&mut rest).ok(), Some(0), "still open");
 }

@@ -436,7 +436,10 @@ fn the_key_may_come_from_the_credentials_directory() {
 }
 
 /// A rustls client connection to `addr` trusting the test CA, handshake done.
-fn tls_client(addr: &str, pki: &TestPki) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+fn tls_client(
+    addr: &str,
+    pki: &TestPki,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(rustls::pki_types::CertificateDer::from(pki.ca_der()))
@@ -497,7 +500,14 @@ fn a_stalled_second_head_over_tls_is_closed() {
         || match tls.read(&mut buf) {
             Ok(0) => Some(()),
             Ok(_) => None,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => None,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                None
+            }
             // A reset, or a close without close_notify: closed too.
             Err(_) => Some(()),
         },
