@@ -6,7 +6,8 @@
 # Starts target/debug/wxauth (or $WXAUTH) with `ulimit -n ${SLOW_ULIMIT:-1024}` (soft and hard, so
 # wxauth cannot raise it), the built-in mock, a temporary data directory, and the
 # default server.request_timeout (10s) unless WXAUTH_SERVER__REQUEST_TIMEOUT is set;
-# runs bench/slow_clients.py against it, then stops it. Not part of CI.
+# runs bench/slow_clients.py against it, then stops it. Every client is 127.0.0.1,
+# so server.max_connections_per_ip is lifted (SLOW_PER_IP sets it). Not part of CI.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WXAUTH=${WXAUTH:-$ROOT/target/debug/wxauth}
@@ -21,6 +22,7 @@ cleanup() {
 trap cleanup EXIT
 (cd "$WORK" && exec env WXAUTH_SERVER__BIND=127.0.0.1:0 WXAUTH_STORAGE__PATH="$WORK/data" \
     WXAUTH_WECHAT__MOCK=true WXAUTH_METRICS__BIND= RUST_LOG=warn,wxauth::startup=debug \
+    WXAUTH_SERVER__MAX_CONNECTIONS_PER_IP=${SLOW_PER_IP:-1000000} \
     bash -c 'ulimit -n "$2"; exec "$0" --config "$1" serve' "$WXAUTH" "$WORK/empty.toml" "${SLOW_ULIMIT:-1024}") \
     >"$WORK/server.log" 2>&1 &
 PID=$!
