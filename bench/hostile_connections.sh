@@ -13,27 +13,16 @@
 # Starts target/debug/wxauth (or $WXAUTH) with the built-in mock and a temporary data
 # directory, runs the attack for SECONDS (default 40), then stops it. Not part of CI.
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-WXAUTH=${WXAUTH:-$ROOT/target/debug/wxauth}
-[[ -x $WXAUTH ]] || { echo "no binary at $WXAUTH: cargo build first" >&2; exit 1; }
+# shellcheck source=bench/local_server.sh
+source "$(dirname "${BASH_SOURCE[0]}")/local_server.sh"
 MODE=${1:?usage: bench/hostile_connections.sh tls-keepalive|trickle|metrics [N] [SECONDS]}
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/wxauth-hostile.XXXXXX")
-: >"$WORK/empty.toml"
-PID=""
-cleanup() {
-    [[ -n $PID ]] && kill -TERM "$PID" 2>/dev/null && wait "$PID" 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-ENV=(WXAUTH_SERVER__BIND=127.0.0.1:0 WXAUTH_STORAGE__PATH="$WORK/data" WXAUTH_WECHAT__MOCK=true
-    WXAUTH_METRICS__BIND= RUST_LOG=warn,wxauth::startup=info)
-ULIMIT=8192 TLS=0
+ENV=() ULIMIT=8192 TLS=0 CERTS=$(mktemp -d "${TMPDIR:-/tmp}/wxauth-certs.XXXXXX")
 case $MODE in
 tls-keepalive)
     N=${2:-300}
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
-        -subj /CN=localhost -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
-    ENV+=(WXAUTH_SERVER__TLS__CERT="$WORK/cert.pem" WXAUTH_SERVER__TLS__KEY="$WORK/key.pem"
+        -subj /CN=localhost -keyout "$CERTS/key.pem" -out "$CERTS/cert.pem" 2>/dev/null
+    ENV+=(WXAUTH_SERVER__TLS__CERT="$CERTS/cert.pem" WXAUTH_SERVER__TLS__KEY="$CERTS/key.pem"
         WXAUTH_SERVER__MAX_CONNECTIONS=300)
     TLS=1 ;;
 trickle)
@@ -45,16 +34,9 @@ metrics)
     ULIMIT=1024 ;;
 *) echo "unknown mode $MODE" >&2; exit 2 ;;
 esac
-(cd "$WORK" && exec env "${ENV[@]}" \
-    bash -c 'ulimit -n "$2"; exec "$0" --config "$1" serve' "$WXAUTH" "$WORK/empty.toml" "$ULIMIT") \
-    >"$WORK/server.log" 2>&1 &
-PID=$!
-until line=$(grep -m1 'listening address=' "$WORK/server.log" 2>/dev/null); do
-    kill -0 "$PID" 2>/dev/null || { cat "$WORK/server.log" >&2; exit 1; }
-    sleep 0.05
-done
-API=$(sed -n 's/.*address=\(127\.0\.0\.1:[0-9]*\).*/\1/p' <<<"$line")
-TARGET=$API
+local_server hostile "$ULIMIT" "${ENV[@]}"
+rm -rf "$CERTS" # read at start
+API=$ADDR TARGET=$ADDR
 if [[ $MODE == metrics ]]; then
     until m=$(grep -m1 'serving metrics address=' "$WORK/server.log" 2>/dev/null); do sleep 0.05; done
     TARGET=$(sed -n 's/.*address=\(127\.0\.0\.1:[0-9]*\).*/\1/p' <<<"$m")

@@ -108,6 +108,46 @@ fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, StartError> {
     })
 }
 
+/// A loopback listener beside the API (metrics, the access-token endpoint): one
+/// worker, `routes` only, its own connection cap in `limits`, answers `no-store`.
+/// `secret`: the access-token endpoint's bearer secret, for its routes.
+fn start_local_listener(
+    name: &'static str,
+    bind_to: SocketAddr,
+    state: web::Data<AppState>,
+    secret: Option<web::Data<http::EndpointSecret>>,
+    limits: ListenerLimits,
+    routes: fn(&mut web::ServiceConfig),
+) -> Result<actix_server::Server, StartError> {
+    let listener = bind(bind_to)?;
+    let addr = listener.local_addr()?;
+    let request_timeout = limits.request_timeout;
+    let server = http::connection::serve(
+        name,
+        listener,
+        None,
+        1,
+        SHUTDOWN_GRACE_SECS,
+        limits,
+        move || {
+            let secret = secret.clone();
+            App::new()
+                .app_data(state.clone())
+                .configure(move |config| {
+                    if let Some(secret) = secret {
+                        config.app_data(secret);
+                    }
+                })
+                .wrap_fn(move |req, srv| http::deadline::guard(req, srv, request_timeout))
+                .wrap(http::json_errors())
+                .wrap(middleware::DefaultHeaders::new().add(("Cache-Control", "no-store")))
+                .configure(routes)
+        },
+    )?;
+    tracing::info!(address = %addr, "serving {name}");
+    Ok(server)
+}
+
 /// The Prometheus listener on `metrics.bind` (none when it is empty): its own
 /// socket, so that a reverse proxy in front of the API never exposes it.
 fn start_metrics_listener(
@@ -115,29 +155,11 @@ fn start_metrics_listener(
     state: web::Data<AppState>,
     limits: ListenerLimits,
 ) -> Result<Option<actix_server::Server>, StartError> {
-    let Some(bind_to) = bind_to else {
-        return Ok(None);
-    };
-    let listener = bind(bind_to)?;
-    let addr = listener.local_addr()?;
-    let request_timeout = limits.request_timeout;
-    let server = http::connection::serve(
-        "metrics",
-        listener,
-        None,
-        1,
-        SHUTDOWN_GRACE_SECS,
-        limits,
-        move || {
-            App::new()
-                .app_data(state.clone())
-                .wrap_fn(move |req, srv| http::deadline::guard(req, srv, request_timeout))
-                .wrap(http::json_errors())
-                .configure(http::metrics_routes)
-        },
-    )?;
-    tracing::info!(address = %addr, "serving metrics");
-    Ok(Some(server))
+    bind_to
+        .map(|addr| {
+            start_local_listener("metrics", addr, state, None, limits, http::metrics_routes)
+        })
+        .transpose()
 }
 
 /// The access-token listener on `wechat.token_endpoint_bind` (none when empty).
@@ -153,29 +175,16 @@ fn start_token_listener(
     let (Some(bind_to), Some(secret)) = (bind_to, secret) else {
         return Ok(None);
     };
-    let listener = bind(bind_to)?;
-    let addr = listener.local_addr()?;
     let secret = web::Data::new(http::EndpointSecret(secret));
-    let request_timeout = limits.request_timeout;
-    let server = http::connection::serve(
-        "access-token",
-        listener,
-        None,
-        1,
-        SHUTDOWN_GRACE_SECS,
+    start_local_listener(
+        "the access token endpoint",
+        bind_to,
+        state,
+        Some(secret),
         limits,
-        move || {
-            App::new()
-                .app_data(state.clone())
-                .app_data(secret.clone())
-                .wrap_fn(move |req, srv| http::deadline::guard(req, srv, request_timeout))
-                .wrap(http::json_errors())
-                .wrap(middleware::DefaultHeaders::new().add(("Cache-Control", "no-store")))
-                .configure(http::access_token_routes)
-        },
-    )?;
-    tracing::info!(address = %addr, "serving the access token endpoint");
-    Ok(Some(server))
+        http::access_token_routes,
+    )
+    .map(Some)
 }
 
 /// SIGTERM (systemd, kill) or SIGINT (Ctrl-C).

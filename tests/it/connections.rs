@@ -135,6 +135,19 @@ fn stalled_heads(source: &str, addr: SocketAddr, n: usize) -> Vec<TcpStream> {
         .collect()
 }
 
+/// Completes a head from [`stalled_heads`] and reads the whole answer.
+fn finish_head(mut stream: &TcpStream) -> String {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(b"Host: test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer
+}
+
 #[test]
 fn one_address_holds_at_most_max_connections_per_ip() {
     let (_mock, server) = server_with(&[
@@ -158,15 +171,8 @@ fn one_address_holds_at_most_max_connections_per_ip() {
     // Another address is served meanwhile.
     assert_eq!(healthz_from("127.0.0.2", addr), "HTTP/1.1 200 OK");
     // The four admitted connections are served.
-    for mut stream in open {
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        stream
-            .write_all(b"Host: test\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut answer = String::new();
-        let _ = stream.read_to_string(&mut answer);
+    for stream in open {
+        let answer = finish_head(stream);
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
     }
     // Slots come back when connections close.
@@ -184,15 +190,8 @@ fn a_trusted_proxy_is_not_held_to_the_per_address_limit() {
     ]);
     let addr = api_addr(&server);
     let connections = stalled_heads("127.0.0.1", addr, 6);
-    for mut stream in connections {
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        stream
-            .write_all(b"Host: test\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut answer = String::new();
-        let _ = stream.read_to_string(&mut answer);
+    for stream in &connections {
+        let answer = finish_head(stream);
         assert!(
             answer.starts_with("HTTP/1.1 200"),
             "a trusted proxy's connection was refused: {answer:?}"
@@ -200,37 +199,39 @@ fn a_trusted_proxy_is_not_held_to_the_per_address_limit() {
     }
 }
 
-/// Whether `data` holds a whole answer (head and `Content-Length` body).
-fn answer_complete(data: &[u8]) -> bool {
-    let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return false;
-    };
+/// Where the head in `data` ends, and the whole answer's length (head and
+/// `Content-Length` body), once the head is complete.
+fn answer_length(data: &[u8]) -> Option<(usize, usize)> {
+    let end = data.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
     let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
     let length: usize = head
         .lines()
         .find_map(|l| l.strip_prefix("content-length:"))
         .map_or(0, |v| v.trim().parse().unwrap_or(0));
-    data.len() >= end + 4 + length
+    Some((end, end + length))
 }
 
-/// Reads one answer (head and `Content-Length` body) from a kept-alive connection.
+/// Whether `data` holds a whole answer.
+fn answer_complete(data: &[u8]) -> bool {
+    answer_length(data).is_some_and(|(_, whole)| data.len() >= whole)
+}
+
+/// Reads one answer from a kept-alive connection; returns its head, lower-cased.
 fn read_answer(stream: &mut TcpStream) -> Option<String> {
     let mut data = Vec::new();
     let mut byte = [0u8; 1];
-    while !data.ends_with(b"\r\n\r\n") {
+    let (end, whole) = loop {
         match stream.read(&mut byte) {
             Ok(1) => data.push(byte[0]),
             _ => return None,
         }
-    }
-    let head = String::from_utf8_lossy(&data).to_ascii_lowercase();
-    let length: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .map_or(0, |v| v.trim().parse().unwrap_or(0));
-    let mut body = vec![0u8; length];
+        if let Some(lengths) = answer_length(&data) {
+            break lengths;
+        }
+    };
+    let mut body = vec![0u8; whole - end];
     stream.read_exact(&mut body).ok()?;
-    Some(head)
+    Some(String::from_utf8_lossy(&data[..end]).to_ascii_lowercase())
 }
 
 #[test]
