@@ -39,9 +39,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-/// Bytes read from one connection per turn (between two flushes of its answers).
-/// A request head and a login or refresh body fit in one or two turns; a client that
-/// pipelines small requests gets a few dozen decoded at a time, not thousands.
+/// Bytes read from one connection per turn (one run of reads, after which actix-http
+/// handles what it read before it reads again; TLS handshakes too). A request head
+/// and a login or refresh body fit in one or two turns; a client that pipelines small
+/// requests gets a few dozen decoded at a time, not thousands.
 pub const READ_BUDGET: usize = 1024;
 /// Connections waiting in the kernel's queue once a listener is at its cap.
 const BACKLOG: u32 = 2048;
@@ -181,7 +182,11 @@ pub struct GuardedStream {
     idle_timer: Pin<Box<Sleep>>,
     /// Armed while a write is blocked.
     write_deadline: Option<Pin<Box<Sleep>>>,
+    /// What this turn may still read: a turn is one run of reads, which ends when
+    /// the socket has nothing more or the budget is spent.
     read_budget: usize,
+    /// The last read stopped for the budget; the next one starts a new turn.
+    paused: bool,
     write_blocked: bool,
     _slot: Option<IpSlot>,
 }
@@ -216,6 +221,7 @@ impl GuardedStream {
             idle_timer: Box::pin(tokio::time::sleep_until(now + idle_limit)),
             write_deadline: None,
             read_budget: READ_BUDGET,
+            paused: false,
             write_blocked: false,
             _slot: slot,
         })
@@ -276,9 +282,15 @@ impl AsyncRead for GuardedStream {
             )));
         }
         if this.read_budget == 0 {
-            // This turn's share is read: let the connection answer it first.
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
+            if !this.paused {
+                // This turn's share is read: let the connection handle it first (it
+                // comes back at once, and the next read starts a new turn).
+                this.paused = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            this.paused = false;
+            this.read_budget = READ_BUDGET;
         }
         let before = buf.filled().len();
         let polled = if buf.remaining() <= this.read_budget {
@@ -291,7 +303,12 @@ impl AsyncRead for GuardedStream {
             polled
         };
         let read = buf.filled().len() - before;
-        this.read_budget = this.read_budget.saturating_sub(read);
+        this.read_budget = if polled.is_pending() {
+            // Nothing more to read: the turn ends here.
+            READ_BUDGET
+        } else {
+            this.read_budget.saturating_sub(read)
+        };
         polled
     }
 }
@@ -320,8 +337,7 @@ impl AsyncWrite for GuardedStream {
         let this = self.get_mut();
         let flushed = Pin::new(&mut this.io).poll_flush(cx);
         if flushed.is_ready() {
-            // Everything answered so far has reached the kernel: a new turn.
-            this.read_budget = READ_BUDGET;
+            // Everything answered so far has reached the kernel: read again.
             if this.write_blocked {
                 this.write_blocked = false;
                 cx.waker().wake_by_ref();

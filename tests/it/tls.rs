@@ -440,16 +440,26 @@ fn tls_client(
     addr: &str,
     pki: &TestPki,
 ) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    tls_client_offering(addr, pki, vec![b"http/1.1".to_vec()])
+}
+
+/// The same, offering `alpn`.
+fn tls_client_offering(
+    addr: &str,
+    pki: &TestPki,
+    alpn: Vec<Vec<u8>>,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(rustls::pki_types::CertificateDer::from(pki.ca_der()))
         .expect("add CA");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("protocol versions")
         .with_root_certificates(roots)
         .with_no_client_auth();
+    config.alpn_protocols = alpn;
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
     let mut sock = TcpStream::connect(addr).expect("connect");
@@ -540,4 +550,24 @@ fn a_tls_client_that_reads_no_answers_is_disconnected() {
         "the server to drop a TLS client that reads nothing",
         || crate::connections::closed_by_server(&tls.sock, server_addr).then_some(()),
     );
+}
+
+/// A ClientHello of several KB (browsers with post-quantum key shares send about 2 KB)
+/// is read in as many turns as it needs: the handshake completes and is served.
+#[test]
+fn a_large_client_hello_completes_the_handshake() {
+    let mock = MockWeChat::start();
+    let pki = TestPki::new();
+    let (server, _files, _https) = start_https(&mock, &pki);
+    let addr = host_port(&server.base);
+    let mut alpn: Vec<Vec<u8>> = (0..150)
+        .map(|i| format!("x-padding-protocol-{i:04}").into_bytes())
+        .collect();
+    alpn.push(b"http/1.1".to_vec());
+    let mut tls = tls_client_offering(&addr, &pki, alpn);
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut first = [0u8; 12];
+    tls.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
 }
