@@ -27,7 +27,7 @@ local_server() {
     trap local_server_cleanup EXIT
     : >"$WORK/empty.toml"
     (cd "$WORK" && exec env WXAUTH_SERVER__BIND=127.0.0.1:0 WXAUTH_STORAGE__PATH="$WORK/data" \
-        WXAUTH_WECHAT__MOCK=true WXAUTH_METRICS__BIND= RUST_LOG=warn,wxauth::startup=debug "$@" \
+        WXAUTH_WECHAT__MOCK=true WXAUTH_METRICS__BIND=off RUST_LOG=warn,wxauth::startup=debug "$@" \
         bash -c 'ulimit -n "$2"; exec "$0" --config "$1" serve' "$WXAUTH" "$WORK/empty.toml" "$nofile") \
         >"$WORK/server.log" 2>&1 &
     PID=$!
