@@ -45,6 +45,12 @@ pub struct ServerConfig {
     /// Open client connections, the whole server (not per worker); the excess waits
     /// in the kernel's listen backlog until one closes.
     pub max_connections: usize,
+    /// Open API connections per client address (IPv6 per `limits.ipv6_prefix`);
+    /// trusted proxies are exempt. The excess is closed at once.
+    pub max_connections_per_ip: usize,
+    /// A connection past this age is closed after its next answer.
+    #[serde(deserialize_with = "de_duration")]
+    pub max_connection_lifetime: Duration,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +62,8 @@ impl Default for ServerConfig {
             trusted_proxies: Vec::new(),
             request_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            max_connections_per_ip: 256,
+            max_connection_lifetime: Duration::from_secs(600),
         }
     }
 }
@@ -395,6 +403,21 @@ impl Config {
             return Err(ConfigError::new(
                 "server.max_connections",
                 "must be between 1 and 1000000",
+            ));
+        }
+        if self.server.max_connections_per_ip == 0 || self.server.max_connections_per_ip > 1_000_000
+        {
+            return Err(ConfigError::new(
+                "server.max_connections_per_ip",
+                "must be between 1 and 1000000",
+            ));
+        }
+        if self.server.max_connection_lifetime < Duration::from_secs(1)
+            || self.server.max_connection_lifetime > Duration::from_secs(24 * 3600)
+        {
+            return Err(ConfigError::new(
+                "server.max_connection_lifetime",
+                "must be between 1s and 24h",
             ));
         }
         if self.storage.path.as_os_str().is_empty() {

@@ -9,6 +9,11 @@ use wxauth::config::{Config, ConfigError};
 use wxauth::error::cause_chain;
 use wxauth::startup::StartError;
 
+/// jemalloc: see Cargo.toml. Its background thread (turned on first thing in `main`)
+/// returns freed pages to the system after a few seconds.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Exit code for a configuration that cannot be used.
 const EXIT_CONFIG: u8 = 2;
 /// Exit code after a panic while serving (EX_SOFTWARE): the service manager
@@ -19,6 +24,8 @@ fn main() -> ExitCode {
     // Before anything is created: every file and directory this process makes (the
     // data directory, sled's files, the admin socket, a backup) is owner-only.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    // Without it, freed pages wait for the next allocations in the same arena.
+    let _ = tikv_jemalloc_ctl::background_thread::write(true);
     let mut cli = Cli::parse();
     let command = cli.command.take();
     let config = cli.config_file();

@@ -4,6 +4,7 @@
 mod access_token;
 mod auth;
 mod body;
+pub mod connection;
 mod data;
 pub mod deadline;
 mod decrypt;

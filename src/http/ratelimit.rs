@@ -24,7 +24,7 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 }
 
 /// What a client is counted as: its IPv4 address, or its IPv6 network.
-fn client_key(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
+pub(crate) fn client_key(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
     match canonical_ip(ip) {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => {

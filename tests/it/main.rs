@@ -5,6 +5,7 @@ mod common;
 
 mod admin_socket;
 mod config;
+mod connections;
 mod crash;
 mod durability;
 mod edges;
