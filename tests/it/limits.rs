@@ -36,13 +36,15 @@ fn refreshes_are_limited_per_token_family() {
     );
     let first = login(&server, "ok:fam.1");
     let mut token = first["refresh"].as_str().unwrap().to_string();
-    let before_rotation = token.clone();
+    let mut before_rotation = token.clone();
     for _ in 0..2 {
         let reply = refresh(&server, &token, "192.0.2.1");
         assert_eq!(reply.status, 200, "{}", reply.text);
+        before_rotation = token;
         token = reply.json()["refresh"].as_str().unwrap().to_string();
     }
-    // A retry inside the grace counts against the same family.
+    // A retry inside the grace (the token one generation behind) counts against the
+    // same family.
     let retry = refresh(&server, &before_rotation, "192.0.2.1");
     assert_eq!(retry.status, 200, "{}", retry.text);
     token = retry.json()["refresh"].as_str().unwrap().to_string();
