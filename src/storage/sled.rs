@@ -133,8 +133,48 @@ fn prepare_private_dir(path: &Path) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// sled opens its files by name and follows symbolic links: one planted in the data
+/// directory (by whoever owns it) would have a root-run command (`restore`, an offline
+/// admin command) write wherever it points. sled's own names must be plain files
+/// and directories; anything else stops the open, naming it.
+fn refuse_linked_files(path: &Path) -> Result<(), StorageError> {
+    let entries = match std::fs::read_dir(path) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(StorageError::io(
+                format!("cannot read {}", path.display()),
+                e,
+            ))
+        }
+    };
+    let blobs = path.join("blobs");
+    let blob_entries = std::fs::symlink_metadata(&blobs)
+        .is_ok_and(|meta| meta.is_dir())
+        .then(|| std::fs::read_dir(&blobs).ok())
+        .flatten();
+    for entry in entries.chain(blob_entries.into_iter().flatten()) {
+        let entry =
+            entry.map_err(|e| StorageError::io(format!("cannot read {}", path.display()), e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let sleds = entry.path().parent() == Some(blobs.as_path())
+            || matches!(name.as_ref(), "db" | "conf" | "blobs")
+            || name.starts_with("snap.");
+        let linked = entry.file_type().is_ok_and(|t| t.is_symlink());
+        if sleds && linked {
+            return Err(StorageError::unavailable(format!(
+                "{} is a symbolic link: the database's files must be plain files in the data directory",
+                entry.path().display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Opens sled in `path` with every tree, the journal, and the data file for fdatasync.
 fn open_database(path: &Path, cache_capacity: u64) -> Result<Database, StorageError> {
+    refuse_linked_files(path)?;
     if held_elsewhere(&path.join(DATA_FILE))
         .map_err(|e| StorageError::io(format!("cannot lock {}", path.display()), e))?
     {

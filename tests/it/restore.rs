@@ -1,7 +1,7 @@
 //! Large writes: what `wxauth restore` and a revocation journal stays far below
 //! sled's blob size (blob files are not fsynced by sled's flush), and handing the
 //! restored files to the data directory's owner never follows a symbolic link
-//! planted in it.
+//! planted in it, and no command opens a database whose files are links.
 
 use crate::common;
 
@@ -179,4 +179,45 @@ fn revoking_a_user_with_a_thousand_families_writes_no_blob_files() {
         .map(|entries| entries.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(blobs.is_empty(), "sled wrote blob files: {blobs:?}");
+}
+
+#[test]
+fn a_symbolic_link_among_the_databases_files_stops_the_open_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_for(dir.path());
+    let list = |config: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_wxauth"))
+            .arg("--config")
+            .arg(config)
+            .args(["users", "list"])
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    };
+    // A restore creates the database; an offline command opens it.
+    let backup = dir.path().join("backup.jsonl");
+    write_backup(&backup, 1);
+    let out = restore_command(&config, &backup).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = list(&config);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Whoever owns the directory swaps sled's `conf` for a link to someone else's file.
+    let data = dir.path().join("data");
+    let target = dir.path().join("not-the-services.txt");
+    std::fs::write(&target, "keep me\n").unwrap();
+    std::fs::remove_file(data.join("conf")).unwrap();
+    std::os::unix::fs::symlink(&target, data.join("conf")).unwrap();
+    let out = list(&config);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("conf is a symbolic link"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep me\n");
 }
