@@ -8,6 +8,7 @@
 //! [`GroupCommit::durable`] resolves, which waits for one fsync that began after
 //! its writes. Concurrent requests share that fsync.
 
+pub mod model;
 mod sled;
 
 /// For tests, benches and examples that fill a directory by hand; the binary and

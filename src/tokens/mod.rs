@@ -64,6 +64,15 @@ pub struct Claims {
     /// stamps existed have none, which counts as 0 (a user's stamp until a revoke).
     #[serde(default)]
     pub stamp: u64,
+    /// Refresh tokens: the family (one login) the token belongs to, as 32 hex
+    /// characters (`storage::model::FamilyId`). Refresh tokens from before families
+    /// were records of their own have none: their `jti` names a legacy record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fam: Option<String>,
+    /// Refresh tokens: the family's generation when the token was issued. A refresh
+    /// is a compare-and-swap of this against the family's (`storage::model`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gen: Option<u64>,
     /// Never issued by us; honoured (PyJWT's rule) when someone else's token has it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<i64>,
@@ -285,6 +294,32 @@ impl JwtKeys {
     /// Signs a new token of `kind` for `user_id` carrying the user's token `stamp`,
     /// with a fresh jti, issued at `now` (unix seconds).
     pub fn sign(&self, kind: TokenType, user_id: UserId, stamp: u64, now: i64) -> Signed {
+        self.sign_with(kind, user_id, stamp, now, None)
+    }
+
+    /// Signs a refresh token of `family` at `generation` (claims `fam` and `gen`)
+    /// for `user_id` carrying the user's token `stamp`, issued at `now`.
+    pub fn sign_refresh(
+        &self,
+        user_id: UserId,
+        stamp: u64,
+        family: crate::storage::model::FamilyId,
+        generation: u64,
+        now: i64,
+    ) -> Signed {
+        let family = Some((family.to_hex(), generation));
+        self.sign_with(TokenType::Refresh, user_id, stamp, now, family)
+    }
+
+    fn sign_with(
+        &self,
+        kind: TokenType,
+        user_id: UserId,
+        stamp: u64,
+        now: i64,
+        family: Option<(String, u64)>,
+    ) -> Signed {
+        let (fam, gen) = family.unzip();
         let ttl = match kind {
             TokenType::Access => self.access_ttl,
             TokenType::Refresh => self.refresh_ttl,
@@ -297,6 +332,8 @@ impl JwtKeys {
             user_id,
             sub: Some(user_id.to_string()),
             stamp,
+            fam,
+            gen,
             nbf: None,
             iss: self.issuer.clone(),
             aud: self.audience.clone(),

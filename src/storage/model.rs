@@ -1,0 +1,357 @@
+//! The storage model the owner actors call: operations with conditional results.
+//!
+//! Every backend implements [`AuthStore`]. Each operation states what must hold
+//! (find-or-create on a unique key, compare-and-swap on a family's generation), not
+//! which keys to write, so that an engine with one process (sled: the owner actors
+//! serialize the callers) and an engine with many (PostgreSQL: unique constraints and
+//! conditional `UPDATE ... WHERE ... RETURNING` decide) give the same answers.
+//!
+//! # Records
+//!
+//! - A **user**: [`User`] (`users.rs`), found by the unique `(appid, openid)` key
+//!   and, when apps are linked, by the unique `unionid`.
+//! - A **family** ([`FamilyRecord`]): one per login, keyed `user_id ‖ family_id`
+//!   ([`family_key`]), so a user's families are a prefix scan. It holds a generation
+//!   counter, when it last rotated (ms), its expiry and whether it is revoked.
+//! - No per-token record: a refresh token carries, signed, its family (claim `fam`)
+//!   and its generation (claim `gen`) (see [`crate::tokens::Claims`]).
+//!
+//! # Durability and concurrency
+//!
+//! Every operation's future resolves once its change is **durable** (sled: applied
+//! in the caller's turn, then the group commit awaited inside the returned future;
+//! PostgreSQL: its transaction's `COMMIT` returned). An operation that changes
+//! nothing resolves without waiting for the disk. A failed future means the change
+//! may or may not have happened; it is never answered as success.
+//!
+//! The sled implementation does its read-check-write **eagerly**, synchronously,
+//! before it returns the future, and is correct only when its callers are
+//! serialized: each operation has ONE owner actor that calls it inside its turn and
+//! hands the future back as its `ResponseFuture` (user operations: `UserRegistry`;
+//! family operations: `TokenIssuer`). A backend that decides in the database (SQL)
+//! must not rely on that serialization: the same actors call it, but any number of
+//! processes may run the same operations at once.
+//!
+//! Signing stays in `tokens`: the store says what happened, the caller signs.
+
+use crate::actors::wechat::Session;
+use crate::storage::StorageError;
+use crate::users::{PhoneNumber, User, UserId};
+use std::future::Future;
+use std::pin::Pin;
+
+/// What every operation returns: resolves once the change is durable. `'static`,
+/// so that an actor can hand it back as its answer without holding its turn.
+pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StorageError>> + Send + 'static>>;
+
+/// A family's generation: 1 for the login's first refresh token, one more at each
+/// rotation.
+pub type Generation = u64;
+
+/// 16 random bytes naming one login's family; in tokens (claim `fam`) as 32
+/// lowercase hex characters.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FamilyId(pub [u8; 16]);
+
+impl FamilyId {
+    pub fn random() -> Self {
+        use ring::rand::SecureRandom;
+        let mut id = [0u8; 16];
+        ring::rand::SystemRandom::new()
+            .fill(&mut id)
+            .expect("the OS random number generator failed");
+        FamilyId(id)
+    }
+
+    /// As claim `fam` carries it.
+    pub fn to_hex(self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// The claim's text: exactly 32 hex characters (either case), else `None`.
+    pub fn from_hex(text: &str) -> Option<Self> {
+        let mut id = [0u8; 16];
+        (text.len() == 32).then_some(())?;
+        hex::decode_to_slice(text, &mut id).ok()?;
+        Some(FamilyId(id))
+    }
+}
+
+impl std::fmt::Debug for FamilyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FamilyId({})", self.to_hex())
+    }
+}
+
+/// The key of a family: the user id (8 bytes big-endian) then the family id (16
+/// bytes). A user's families are the keys starting with the user id.
+pub fn family_key(user_id: UserId, family: FamilyId) -> [u8; 24] {
+    let mut key = [0u8; 24];
+    key[..8].copy_from_slice(&user_id.to_be_bytes());
+    key[8..].copy_from_slice(&family.0);
+    key
+}
+
+/// The inverse of [`family_key`] (`None`: not 24 bytes).
+pub fn split_family_key(key: &[u8]) -> Option<(UserId, FamilyId)> {
+    let key: &[u8; 24] = key.try_into().ok()?;
+    let user = UserId::from_be_bytes(key[..8].try_into().ok()?);
+    Some((user, FamilyId(key[8..].try_into().ok()?)))
+}
+
+/// One login's refresh family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FamilyRecord {
+    pub user_id: UserId,
+    pub id: FamilyId,
+    /// The generation the family's newest refresh token carries.
+    pub generation: Generation,
+    /// When the login started it (unix milliseconds).
+    pub created_ms: i64,
+    /// When it last rotated (unix milliseconds; `created_ms` until the first
+    /// rotation): the reuse grace of the generation before counts from here.
+    pub rotated_ms: i64,
+    /// The latest `exp` of any refresh token it issued (unix seconds): after it (and
+    /// the leeway and the grace), the family can be purged.
+    pub exp: i64,
+    /// When it was revoked (unix milliseconds): logout, a reuse, or the operator.
+    /// A revoked family refuses every token it issued; only its presence is read.
+    pub revoked_ms: Option<i64>,
+}
+
+impl FamilyRecord {
+    pub fn is_revoked(&self) -> bool {
+        self.revoked_ms.is_some()
+    }
+}
+
+/// [`AuthStore::login`]'s input.
+#[derive(Debug, Clone)]
+pub struct LoginRequest {
+    pub appid: String,
+    pub session: Session,
+    /// `wechat.link_by_unionid`: find the user by unionid first, and index it.
+    pub link_by_unionid: bool,
+    /// The new family's id (the caller's random [`FamilyId::random`]).
+    pub family: FamilyId,
+    /// The first refresh token's `exp` (unix seconds): the family's expiry.
+    pub family_exp: i64,
+    /// Unix milliseconds: the user's `last_login_at` (seconds) and the family's
+    /// `created_ms`/`rotated_ms`.
+    pub now_ms: i64,
+}
+
+/// What [`AuthStore::login`] did.
+#[derive(Debug)]
+pub enum LoginResult {
+    /// The user (found or created) with its last login, session key and indexes
+    /// updated, and the new family at generation 1. `created`: the user is new.
+    /// The tokens are signed with `user.token_stamp` as read in the same unit.
+    LoggedIn {
+        user: User,
+        created: bool,
+        family: FamilyRecord,
+    },
+    /// The user exists and is disabled: nothing was written.
+    Disabled,
+}
+
+/// [`AuthStore::rotate`]'s input: a refresh token of `family` carrying `presented`.
+#[derive(Debug, Clone, Copy)]
+pub struct RotateRequest {
+    pub user_id: UserId,
+    pub family: FamilyId,
+    /// The generation the presented token carries (claim `gen`).
+    pub presented: Generation,
+    /// Unix milliseconds.
+    pub now_ms: i64,
+    /// `jwt.reuse_grace` in milliseconds; 0 turns the grace off.
+    pub grace_ms: i64,
+    /// The new refresh token's `exp` (unix seconds): the family's expiry becomes
+    /// the later of this and its own.
+    pub exp: i64,
+}
+
+/// What [`AuthStore::rotate`] decided, all from the one family record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RotateOutcome {
+    /// `presented` was the family's generation: it is now `generation`
+    /// (`presented + 1`) and `rotated_ms` is now. One write. Exactly one of any
+    /// number of concurrent rotations of one generation gets this.
+    Rotated { generation: Generation },
+    /// `presented` is one behind and the family rotated at most `grace_ms` ago (the
+    /// grace on): a retry of a rotation whose answer was lost. Answered with a pair
+    /// for the current `generation`; NOTHING is written.
+    Retry { generation: Generation },
+    /// One behind after the grace (or with the grace off), or older: a reuse. The
+    /// family is revoked now (durably, before this resolves).
+    Reused,
+    /// The family was revoked already (logout, reuse, operator): nothing written.
+    Revoked,
+    /// No such family for this user (never issued here, or purged).
+    Missing,
+    /// `presented` is ahead of the family (a restore from an older backup): the
+    /// token is invalid; nothing written.
+    Ahead,
+}
+
+/// Where a presented generation stands in its family, read without writing
+/// ([`standing`]): the token check (`/api/token/verify/`, logout) and the
+/// backends' [`AuthStore::rotate`] share this one rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    Current,
+    /// One behind, within the grace.
+    InGrace,
+    /// One behind after the grace, or older.
+    Reused,
+    Revoked,
+    Ahead,
+}
+
+/// The rule of [`AuthStore::rotate`], on a family as read.
+pub fn standing(
+    family: &FamilyRecord,
+    presented: Generation,
+    now_ms: i64,
+    grace_ms: i64,
+) -> Standing {
+    if family.is_revoked() {
+        Standing::Revoked
+    } else if presented == family.generation {
+        Standing::Current
+    } else if presented > family.generation {
+        Standing::Ahead
+    } else if presented + 1 == family.generation
+        && crate::tokens::check::within_grace(family.rotated_ms, now_ms, grace_ms)
+    {
+        Standing::InGrace
+    } else {
+        Standing::Reused
+    }
+}
+
+/// One bounded step of [`AuthStore::purge_expired`].
+#[derive(Debug, Default)]
+pub struct PurgeProgress {
+    /// Records deleted in this step.
+    pub deleted: usize,
+    /// Where the next step starts (opaque to the caller); `None`: done.
+    pub next: Option<Vec<u8>>,
+}
+
+/// The storage operations the actors call. Object-safe: `Arc<dyn AuthStore>`.
+///
+/// Callers: user operations from `UserRegistry`, family operations from
+/// `TokenIssuer`, each inside its turn (see the module docs for why sled needs
+/// that and SQL does not).
+pub trait AuthStore: Send + Sync {
+    // ---- users (owner: UserRegistry) ----
+
+    /// Find-or-create the user of `(appid, openid)` (or, when linking, of its
+    /// unionid), record the login (last login, session key, a missing index or
+    /// unionid added) and start a new family at generation 1: one atomic, durable
+    /// unit. Two concurrent logins of one new openid create ONE user (the unique
+    /// key decides). A disabled user: nothing written.
+    fn login(&self, request: LoginRequest) -> StoreFuture<LoginResult>;
+
+    /// One user by id.
+    fn user(&self, id: UserId) -> StoreFuture<Option<User>>;
+
+    /// Disables (or enables) a user; `None`: no such user. Every token check after
+    /// this resolves reads the new state.
+    fn set_disabled(&self, id: UserId, disabled: bool) -> StoreFuture<Option<User>>;
+
+    /// Bumps the user's token stamp (`wxauth tokens revoke`): every token issued
+    /// before carries the old stamp and is refused on every path. No family is
+    /// touched. `None`: no such user.
+    fn revoke_tokens(&self, id: UserId) -> StoreFuture<Option<User>>;
+
+    /// Records the phone number WeChat gave for the user; `None`: no such user.
+    fn set_phone(&self, id: UserId, phone: PhoneNumber) -> StoreFuture<Option<User>>;
+
+    // ---- families (owner: TokenIssuer) ----
+
+    /// The compare-and-swap of a refresh: see [`RotateOutcome`] for each answer.
+    /// Decided from the family record alone, read and written as one unit.
+    fn rotate(&self, request: RotateRequest) -> StoreFuture<RotateOutcome>;
+
+    /// Revokes the family (logout, or the issuer after a reuse it found itself).
+    /// `true`: it was live and is revoked now; `false`: revoked already, or missing.
+    fn revoke_family(&self, user_id: UserId, family: FamilyId, now_ms: i64) -> StoreFuture<bool>;
+
+    /// One family (the token check of a refresh token reads it).
+    fn family(&self, user_id: UserId, family: FamilyId) -> StoreFuture<Option<FamilyRecord>>;
+
+    /// Every family of a user, live or not, in family-id order (a prefix scan).
+    fn families(&self, user_id: UserId) -> StoreFuture<Vec<FamilyRecord>>;
+
+    /// One bounded step of the purge: deletes at most about `limit` records whose
+    /// every token expired before `cutoff` (unix seconds; the caller subtracts the
+    /// leeway and the grace), from `from` on (`None`: the start). Losing a step in a
+    /// crash only means purging again: its future need not wait for the disk.
+    fn purge_expired(
+        &self,
+        cutoff: i64,
+        from: Option<Vec<u8>>,
+        limit: usize,
+    ) -> StoreFuture<PurgeProgress>;
+
+    // ---- meta (owner: the access-token keeper) ----
+
+    /// The WeChat access-token record of `appid` (its JSON, as the keeper encodes it).
+    fn access_token(&self, appid: &str) -> StoreFuture<Option<Vec<u8>>>;
+
+    /// Replaces the access-token record of `appid`. Durable on resolve.
+    fn put_access_token(&self, appid: &str, record: Vec<u8>) -> StoreFuture<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn family(generation: Generation, rotated_ms: i64) -> FamilyRecord {
+        FamilyRecord {
+            user_id: 7,
+            id: FamilyId([1; 16]),
+            generation,
+            created_ms: 0,
+            rotated_ms,
+            exp: 0,
+            revoked_ms: None,
+        }
+    }
+
+    #[test]
+    fn the_standing_of_a_generation() {
+        let f = family(5, 1_000);
+        assert_eq!(standing(&f, 5, 9_999, 0), Standing::Current);
+        assert_eq!(standing(&f, 6, 1_000, 0), Standing::Ahead);
+        assert_eq!(standing(&f, 4, 2_000, 1_000), Standing::InGrace);
+        assert_eq!(standing(&f, 4, 2_001, 1_000), Standing::Reused);
+        assert_eq!(standing(&f, 4, 1_000, 0), Standing::Reused, "grace off");
+        assert_eq!(
+            standing(&f, 3, 1_000, 1_000),
+            Standing::Reused,
+            "two behind"
+        );
+        let revoked = FamilyRecord {
+            revoked_ms: Some(1),
+            ..f
+        };
+        assert_eq!(standing(&revoked, 5, 1_000, 0), Standing::Revoked);
+    }
+
+    #[test]
+    fn keys_sort_by_user_then_family_and_split_back() {
+        let a = family_key(1, FamilyId([0xff; 16]));
+        let b = family_key(2, FamilyId([0; 16]));
+        assert!(a < b, "a user's families are one prefix");
+        assert_eq!(split_family_key(&b), Some((2, FamilyId([0; 16]))));
+        assert_eq!(split_family_key(&b[..23]), None);
+        let id = FamilyId::random();
+        assert_eq!(FamilyId::from_hex(&id.to_hex()), Some(id));
+        assert_eq!(FamilyId::from_hex("00"), None);
+        assert_eq!(FamilyId::from_hex(&"g".repeat(32)), None);
+    }
+}
