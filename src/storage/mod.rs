@@ -9,6 +9,7 @@
 //! its writes. Concurrent requests share that fsync.
 
 pub mod model;
+pub mod postgres;
 mod sled;
 
 /// For tests, benches and examples that fill a directory by hand; the binary and
