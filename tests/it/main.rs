@@ -15,6 +15,7 @@ mod http;
 mod keys;
 mod login;
 mod openapi;
+mod postgres;
 mod ops;
 mod ratelimit;
 mod request_span;

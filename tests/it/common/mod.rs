@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod mock_wechat;
+pub mod postgres;
 
 use serde_json::Value;
 use std::collections::HashMap;

@@ -1,0 +1,323 @@
+//! `storage.backend = "postgres"` against a real PostgreSQL (common::postgres): the
+//! schema's migrations, TLS to the database, and the storage operations' rules when
+//! two nodes (two stores, each with its own pool) race on one database.
+
+use crate::common::postgres::{cluster, PgCluster};
+use std::sync::{Arc, Barrier};
+use wxauth::actors::wechat::Session;
+use wxauth::config::{StorageBackend, StorageConfig};
+use wxauth::secret::SessionKey;
+use wxauth::storage::model::{
+    AuthStore, FamilyId, LoginRequest, LoginResult, RotateOutcome, RotateRequest,
+};
+use wxauth::storage::postgres::PgStore;
+
+fn storage_config(url: &str) -> StorageConfig {
+    StorageConfig {
+        backend: StorageBackend::Postgres,
+        postgres: Some(wxauth::postgres_url::parse(url).expect("a test URL")),
+        ..StorageConfig::default()
+    }
+}
+
+fn open(url: &str) -> PgStore {
+    PgStore::open(&storage_config(url)).expect("open the PostgreSQL store")
+}
+
+/// Runs futures to completion on a runtime of the test's own (the store's futures
+/// run on the store's runtime; this one only waits).
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn login_request(openid: &str) -> LoginRequest {
+    LoginRequest {
+        appid: "wxapp".into(),
+        session: Session {
+            openid: openid.into(),
+            unionid: None,
+            session_key: SessionKey::new("c2Vzc2lvbmtleQ=="),
+        },
+        link_by_unionid: false,
+        family: FamilyId::random(),
+        family_exp: now_ms() / 1000 + 86_400,
+        now_ms: now_ms(),
+    }
+}
+
+#[test]
+fn two_nodes_starting_at_once_migrate_once() {
+    let Some(pg) = cluster("two_nodes_starting_at_once_migrate_once") else {
+        return;
+    };
+    let url = pg.create_database();
+    let barrier = Arc::new(Barrier::new(4));
+    let nodes: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, barrier) = (url.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                PgStore::open(&storage_config(&url)).map(|_| ())
+            })
+        })
+        .collect();
+    for node in nodes {
+        node.join().unwrap().expect("every node starts");
+    }
+    let db = PgCluster::database_of(&url);
+    let applied = pg.psql(db, "SELECT string_agg(version::text, ',' ORDER BY version) FROM wxauth_schema_migrations");
+    let expected: Vec<String> = (1..=wxauth::storage::postgres::latest_schema())
+        .map(|v| v.to_string())
+        .collect();
+    assert_eq!(applied, expected.join(","), "each migration recorded once");
+}
+
+#[test]
+fn a_database_newer_than_the_binary_is_refused_with_a_reason() {
+    let Some(pg) = cluster("a_database_newer_than_the_binary_is_refused_with_a_reason") else {
+        return;
+    };
+    let url = pg.create_database();
+    drop(open(&url));
+    let db = PgCluster::database_of(&url);
+    pg.psql(
+        db,
+        "INSERT INTO wxauth_schema_migrations (version, name) VALUES (999, 'from the future')",
+    );
+    let err = PgStore::open(&storage_config(&url))
+        .err()
+        .expect("a newer schema is refused");
+    let text = wxauth::error::cause_chain(&err);
+    assert!(
+        text.contains("version 999") && text.contains("newer than this wxauth"),
+        "{text}"
+    );
+}
+
+/// The wxauth connections the server sees, and whether each uses TLS.
+fn wxauth_connections_tls(pg: &PgCluster, db: &str) -> Vec<bool> {
+    pg.psql(
+        "postgres",
+        &format!(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = 'wxauth' AND a.datname = '{db}'"
+        ),
+    )
+    .lines()
+    .map(|l| l == "t")
+    .collect()
+}
+
+#[test]
+fn tls_require_and_verify_full_connect_and_a_wrong_ca_is_refused() {
+    let Some(pg) = cluster("tls_require_and_verify_full_connect_and_a_wrong_ca_is_refused")
+    else {
+        return;
+    };
+    let db_url = pg.create_database();
+    let db = PgCluster::database_of(&db_url).to_string();
+    let ca = pg.ca_file().display().to_string();
+    for params in [
+        "sslmode=require".to_string(),
+        format!("sslmode=verify-ca&sslrootcert={ca}"),
+        format!("sslmode=verify-full&sslrootcert={ca}"),
+    ] {
+        let store = open(&pg.url(&db, &params));
+        store.wait(store.probe()).expect(&params);
+        let tls = wxauth_connections_tls(pg, &db);
+        assert!(!tls.is_empty() && tls.iter().all(|&t| t), "{params}: {tls:?}");
+        drop(store);
+    }
+    // verify-full checks the name: "localhost" is in the certificate too.
+    let by_name = format!(
+        "postgres://postgres@localhost:{}/{db}?sslmode=verify-full&sslrootcert={ca}",
+        pg.port
+    );
+    let store = open(&by_name);
+    store.wait(store.probe()).expect("verify-full by name");
+    drop(store);
+    // The Mozilla roots do not lead to the test CA: refused, and the error says why.
+    let err = PgStore::open(&storage_config(
+        &pg.url(&db, "sslmode=verify-full&sslrootcert=system"),
+    ))
+    .err()
+    .expect("an unknown CA is refused");
+    let text = wxauth::error::cause_chain(&err);
+    assert!(
+        text.to_lowercase().contains("certificate") || text.contains("UnknownIssuer"),
+        "{text}"
+    );
+}
+
+#[test]
+fn sixty_four_concurrent_first_logins_of_one_openid_on_two_nodes_make_one_user() {
+    let Some(pg) =
+        cluster("sixty_four_concurrent_first_logins_of_one_openid_on_two_nodes_make_one_user")
+    else {
+        return;
+    };
+    let url = pg.create_database();
+    let nodes = [open(&url), open(&url)];
+    let results = block_on(futures_util::future::join_all((0..64).map(|i| {
+        nodes[i % 2].login(login_request("o_race"))
+    })));
+    let mut ids = std::collections::BTreeSet::new();
+    let mut created = 0;
+    for result in results {
+        match result.expect("every login succeeds") {
+            LoginResult::LoggedIn { user, created: c, family } => {
+                ids.insert(user.id);
+                created += usize::from(c);
+                assert_eq!(family.generation, 1);
+            }
+            LoginResult::Disabled => panic!("not disabled"),
+        }
+    }
+    assert_eq!(ids.len(), 1, "one user: {ids:?}");
+    assert_eq!(created, 1, "created once");
+    let db = PgCluster::database_of(&url);
+    assert_eq!(pg.psql(db, "SELECT count(*) FROM wxauth_users"), "1");
+    assert_eq!(pg.psql(db, "SELECT count(*) FROM wxauth_families"), "64");
+}
+
+fn logged_in(result: LoginResult) -> (wxauth::users::User, wxauth::storage::model::FamilyRecord) {
+    match result {
+        LoginResult::LoggedIn { user, family, .. } => (user, family),
+        LoginResult::Disabled => panic!("disabled"),
+    }
+}
+
+#[test]
+fn one_of_twenty_concurrent_rotations_on_two_nodes_wins_and_the_rest_follow_the_grace_rule() {
+    let Some(pg) = cluster(
+        "one_of_twenty_concurrent_rotations_on_two_nodes_wins_and_the_rest_follow_the_grace_rule",
+    ) else {
+        return;
+    };
+    let url = pg.create_database();
+    let nodes = [open(&url), open(&url)];
+    for grace_ms in [0, 60_000] {
+        let (user, family) =
+            logged_in(block_on(nodes[0].login(login_request("o_rotate"))).unwrap());
+        let request = RotateRequest {
+            user_id: user.id,
+            family: family.id,
+            presented: 1,
+            now_ms: now_ms(),
+            grace_ms,
+            exp: family.exp + 10,
+        };
+        let outcomes: Vec<RotateOutcome> = block_on(futures_util::future::join_all(
+            (0..20).map(|i| nodes[i % 2].rotate(request)),
+        ))
+        .into_iter()
+        .map(|r| r.expect("every rotation answers"))
+        .collect();
+        let rotated = outcomes
+            .iter()
+            .filter(|o| **o == RotateOutcome::Rotated { generation: 2 })
+            .count();
+        assert_eq!(rotated, 1, "grace {grace_ms}: {outcomes:?}");
+        // Without the grace the others are reuses: the first to see one revokes the
+        // family, the later ones find it revoked. With it, each is a retry.
+        let others: &[RotateOutcome] = if grace_ms == 0 {
+            &[RotateOutcome::Reused, RotateOutcome::Revoked]
+        } else {
+            &[RotateOutcome::Retry { generation: 2 }]
+        };
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| *o == RotateOutcome::Rotated { generation: 2 } || others.contains(o)),
+            "grace {grace_ms}: {outcomes:?}"
+        );
+        let stored = block_on(nodes[1].family(user.id, family.id))
+            .unwrap()
+            .expect("the family");
+        assert_eq!(stored.generation, 2);
+        assert_eq!(stored.exp, family.exp + 10, "the expiry follows the rotation");
+        assert_eq!(stored.is_revoked(), grace_ms == 0, "a reuse revokes");
+    }
+}
+
+#[test]
+fn the_other_rotation_answers_and_the_user_operations() {
+    let Some(pg) = cluster("the_other_rotation_answers_and_the_user_operations") else {
+        return;
+    };
+    let url = pg.create_database();
+    let store = open(&url);
+    let (user, family) = logged_in(block_on(store.login(login_request("o_ops"))).unwrap());
+    let rotate = |presented, now_ms| {
+        block_on(store.rotate(RotateRequest {
+            user_id: user.id,
+            family: family.id,
+            presented,
+            now_ms,
+            grace_ms: 1_000,
+            exp: family.exp,
+        }))
+        .unwrap()
+    };
+    let t = now_ms();
+    assert_eq!(rotate(3, t), RotateOutcome::Ahead);
+    assert_eq!(rotate(1, t), RotateOutcome::Rotated { generation: 2 });
+    assert_eq!(rotate(1, t + 1_000), RotateOutcome::Retry { generation: 2 });
+    assert_eq!(rotate(1, t + 1_001), RotateOutcome::Reused, "after the grace");
+    assert_eq!(rotate(2, t + 1_002), RotateOutcome::Revoked);
+    let missing = block_on(store.rotate(RotateRequest {
+        user_id: user.id,
+        family: FamilyId::random(),
+        presented: 1,
+        now_ms: t,
+        grace_ms: 0,
+        exp: 0,
+    }))
+    .unwrap();
+    assert_eq!(missing, RotateOutcome::Missing);
+
+    // Logout revokes once; the user's families are listed in family-id order.
+    let (_, second) = logged_in(block_on(store.login(login_request("o_ops"))).unwrap());
+    assert!(block_on(store.revoke_family(user.id, second.id, t)).unwrap());
+    assert!(!block_on(store.revoke_family(user.id, second.id, t)).unwrap());
+    let families = block_on(store.families(user.id)).unwrap();
+    let mut ids: Vec<FamilyId> = vec![family.id, second.id];
+    ids.sort();
+    assert_eq!(families.iter().map(|f| f.id).collect::<Vec<_>>(), ids);
+
+    // Revoke bumps the stamp; a disabled user cannot log in and nothing is written.
+    let revoked = block_on(store.revoke_tokens(user.id)).unwrap().unwrap();
+    assert_eq!(revoked.token_stamp, user.token_stamp + 1);
+    assert!(block_on(store.set_disabled(user.id, true)).unwrap().unwrap().disabled);
+    assert!(matches!(
+        block_on(store.login(login_request("o_ops"))).unwrap(),
+        LoginResult::Disabled
+    ));
+    assert_eq!(block_on(store.families(user.id)).unwrap().len(), 2);
+    assert!(block_on(store.set_disabled(9_999_999, true)).unwrap().is_none());
+
+    // The purge deletes expired families only.
+    let purged = block_on(store.purge_expired(family.exp + 1, None, 1_000)).unwrap();
+    assert_eq!(purged.deleted, 2);
+    assert!(purged.next.is_none());
+    assert!(block_on(store.families(user.id)).unwrap().is_empty());
+
+    // The access-token record round-trips.
+    block_on(store.put_access_token("wxapp", b"{\"token\":1}".to_vec())).unwrap();
+    block_on(store.put_access_token("wxapp", b"{\"token\":2}".to_vec())).unwrap();
+    assert_eq!(
+        block_on(store.access_token("wxapp")).unwrap().as_deref(),
+        Some(b"{\"token\":2}".as_slice())
+    );
+}
