@@ -11,8 +11,8 @@
 //!   storage read, no JSON decode); `data/check`: the whole token check, cached user.
 //! - `token_pair_issue/sign`: signing an access and a refresh token (CPU only).
 //! - `registry/find_existing`, `registry/create`: one login's storage work (`Login`
-//!   through the `UserRegistry` actor: find-or-create, the new token family, one
-//!   batch, answered once the group commit flushed it), one login at a time.
+//!   through the `UserRegistry` actor: find-or-create and the new family, written in
+//!   order, answered once the group commit flushed them), one login at a time.
 //! - `group_commit/N`: N concurrent writers each apply a batch and wait for
 //!   `GroupCommit::durable`; reported per writer, so the grouping shows.
 //! - `storage/*`: what writes cost in sled 0.34: the store's multi-tree
@@ -32,7 +32,8 @@ use wxauth::actors::registry::{Login, LoginOutcome, UserRegistry};
 use wxauth::actors::wechat::Session;
 use wxauth::config::JwtConfig;
 use wxauth::secret::SessionKey;
-use wxauth::storage::{GroupCommit, SledStore, Store, Tree, WriteBatch};
+use wxauth::storage::{GroupCommit, SledModel, SledStore, Store, Tree, WriteBatch};
+use wxauth::users::cache::UserCache;
 use wxauth::tokens::check::{self, Accept};
 use wxauth::tokens::{JwtKeys, TokenType};
 
@@ -65,11 +66,19 @@ fn session(openid: String) -> Session {
     }
 }
 
-/// A registry on `fx`'s store, and the group commit its logins wait for.
+/// A registry on `fx`'s store (its model waits for its own group commit).
 struct Registry {
     addr: Addr<UserRegistry>,
     keys: Arc<JwtKeys>,
-    commit: GroupCommit,
+}
+
+/// Starts a registry on `store`, with a users cache of the server's size.
+fn start_registry(system: &SystemRunner, store: Arc<dyn Store>) -> (Addr<UserRegistry>, Arc<UserCache>) {
+    let users = Arc::new(UserCache::new(wxauth::users::cache::DEFAULT_CAPACITY));
+    let commit = GroupCommit::start(store.clone());
+    let model = SledModel::new(store.clone(), commit, users.clone()).expect("model");
+    let addr = system.block_on(async move { UserRegistry::new(Arc::new(model), store, false).start() });
+    (addr, users)
 }
 
 impl Registry {
@@ -79,7 +88,6 @@ impl Registry {
             appid: APPID.into(),
             session: session(openid),
             keys: self.keys.clone(),
-            commit: self.commit.clone(),
         };
         match system.block_on(self.addr.send(msg)) {
             Ok(Ok(LoginOutcome::LoggedIn { user, .. })) => user.id,
@@ -91,17 +99,10 @@ impl Registry {
 fn data_path(c: &mut Criterion) {
     let fx = fixture();
     let system = actix::System::new();
-    let store: Arc<dyn Store> = fx.store.clone();
-    let commit = GroupCommit::start(store.clone());
-    let (addr, users) = system.block_on(async move {
-        let registry = UserRegistry::new(store, false).expect("registry");
-        let users = registry.user_cache();
-        (registry.start(), users)
-    });
+    let (addr, users) = start_registry(&system, fx.store.clone());
     let registry = Registry {
         addr,
         keys: fx.keys.clone(),
-        commit,
     };
     // The login puts the user in the cache, as the server's registry does.
     let user_id = registry.login(&system, "o-data".into());
@@ -178,14 +179,10 @@ fn keep_running(system: SystemRunner) {
 fn registry(c: &mut Criterion) {
     let fx = fixture();
     let system = actix::System::new();
-    let store: Arc<dyn Store> = fx.store.clone();
-    let commit = GroupCommit::start(store.clone());
-    let addr =
-        system.block_on(async move { UserRegistry::new(store, false).expect("registry").start() });
+    let (addr, _) = start_registry(&system, fx.store.clone());
     let registry = Registry {
         addr,
         keys: fx.keys.clone(),
-        commit,
     };
     // A registry that already holds some users, as a running server would.
     for i in 0..1000 {
@@ -211,19 +208,15 @@ fn registry(c: &mut Criterion) {
     keep_running(system);
 }
 
-/// A write of the shape a refresh rotation makes: two trees, small JSON values.
+/// A write of the shape a refresh rotation makes: one family record.
 fn small_batch(n: u64) -> WriteBatch {
     let mut batch = WriteBatch::default();
-    let key = format!("{n:032x}");
+    let mut key = 7u64.to_be_bytes().to_vec();
+    key.extend_from_slice(&u128::from(n).to_be_bytes());
     batch.put(
-        Tree::RefreshTokens,
-        key.as_bytes(),
-        br#"{"family":"f","user_id":7,"exp":1}"#.as_slice(),
-    );
-    batch.put(
-        Tree::TokenFamilies,
-        key.as_bytes(),
-        br#"{"user_id":7,"created_at":1,"exp":1,"current":"c"}"#.as_slice(),
+        Tree::Families,
+        key,
+        br#"{"gen":2,"created_ms":1,"rotated_ms":1,"exp":1}"#.as_slice(),
     );
     batch
 }

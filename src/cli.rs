@@ -74,6 +74,9 @@ pub enum UsersCommand {
     List,
     /// One user.
     Show { id: u64 },
+    /// The user's sessions (one per login: created, last rotated, expiry), one
+    /// JSON object per line.
+    Sessions { id: u64 },
     /// Refuse the user's logins, refreshes and access tokens from now on.
     Disable { id: u64 },
     /// Undo `disable`.

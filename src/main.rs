@@ -33,6 +33,7 @@ fn main() -> ExitCode {
             let request = match users {
                 UsersCommand::List => Request::UsersList,
                 UsersCommand::Show { id } => Request::UsersShow { id },
+                UsersCommand::Sessions { id } => Request::UsersSessions { id },
                 UsersCommand::Disable { id } => Request::UsersSetDisabled { id, disabled: true },
                 UsersCommand::Enable { id } => Request::UsersSetDisabled {
                     id,

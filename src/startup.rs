@@ -5,7 +5,9 @@ use crate::admin;
 use crate::config::{ConfigError, Loaded};
 use crate::http::{self, AppState, LoginLimiter};
 use crate::metrics::Metrics;
-use crate::storage::{GroupCommit, ReadStore, StorageError};
+use crate::storage::model::AuthStore;
+use crate::storage::{GroupCommit, ReadStore, SledModel, StorageError};
+use crate::users::cache::UserCache;
 use crate::tokens::JwtKeys;
 use actix::{Actor, Arbiter};
 use actix_web::dev::Service;
@@ -184,13 +186,15 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     };
     let store = crate::storage::open(&cfg.storage)?;
     let keys = Arc::new(JwtKeys::load(&cfg.jwt, &cfg.storage.path)?);
-    let registry = UserRegistry::new(store.clone(), cfg.wechat.link_by_unionid)?;
-    // Kept up to date by the registry; read by every token check.
-    let users = registry.user_cache();
+    // Kept up to date by the store's user operations; read by every token check.
+    let users = Arc::new(UserCache::new(crate::users::cache::DEFAULT_CAPACITY));
     let commit = GroupCommit::start_with(store.clone(), {
         let users = users.clone();
         move || users.clear()
     });
+    let model: Arc<dyn AuthStore> =
+        Arc::new(SledModel::new(store.clone(), commit.clone(), users.clone())?);
+    let registry = UserRegistry::new(model.clone(), store.clone(), cfg.wechat.link_by_unionid);
 
     // Each state-owning actor runs on its own thread (arbiter), off the HTTP workers.
     let registry_arbiter = Arbiter::new();
@@ -198,9 +202,9 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     let issuer_arbiter = Arbiter::new();
     let metrics = Arc::new(Metrics::default());
     let issuer = TokenIssuer::new(
+        model.clone(),
         store.clone(),
         keys.clone(),
-        commit.clone(),
         &cfg.jwt,
         metrics.clone(),
     )

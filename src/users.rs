@@ -5,7 +5,8 @@
 //! - `users`: id as 8 bytes big-endian → JSON [`User`]
 //! - `users_by_openid`: `appid 0x00 openid` → id (8 bytes BE)
 //! - `users_by_unionid`: `unionid` → id (8 bytes BE)
-//! - `meta`: `next_user_id` → 8 bytes BE (ids are never reused)
+//! - `meta`: `next_user_id` → 8 bytes BE: older releases' counter, read only (ids
+//!   are never reused: the next is one more than the greatest, see [`first_free_id`])
 
 pub mod cache;
 
@@ -196,11 +197,21 @@ pub fn lookup(
 /// How many users were ever created: ids are handed out in order and never reused,
 /// so this is one read, not a scan (it matters at a million users).
 pub fn count(store: &dyn ReadStore) -> Result<u64, StorageError> {
-    Ok(store
-        .get(Tree::Meta, NEXT_USER_ID_KEY)?
-        .map(|b| decode_id(Tree::Meta, &b))
-        .transpose()?
-        .map_or(0, |next| next - 1))
+    Ok(first_free_id(store)? - 1)
+}
+
+/// The first user id never handed out: one more than the greatest in `users`, or
+/// older releases' `meta` counter when that is greater (two reads).
+pub fn first_free_id(store: &dyn ReadStore) -> Result<UserId, StorageError> {
+    let counter = match store.get(Tree::Meta, NEXT_USER_ID_KEY)? {
+        Some(bytes) => decode_id(Tree::Meta, &bytes)?,
+        None => 1,
+    };
+    let after_last = match store.last(Tree::Users)? {
+        Some((key, _)) => decode_id(Tree::Users, &key)? + 1,
+        None => 1,
+    };
+    Ok(counter.max(after_last))
 }
 
 /// RFC 3339 text for a unix timestamp, as the API shows it.

@@ -146,6 +146,9 @@ fn restore_into(input: impl BufRead, storage: &StorageConfig) -> Result<u64, Adm
             }
             store.apply(std::mem::take(&mut batch))?;
             store.flush()?;
+            // A backup of an older release is upgraded now (a newer one refused),
+            // as a data directory of one is when it opens.
+            storage::upgrade::run(store.as_ref())?;
             return Ok(restored);
         }
         if let Some(name) = entry["file"].as_str() {

@@ -4,9 +4,10 @@
 use super::commands::{execute, WriteTarget};
 use super::protocol::{Request, SOCKET_FILE, STATUS_KEY};
 use super::AdminError;
-use crate::actors::registry::UserRegistry;
 use crate::config::Config;
-use crate::storage::{self, StorageError};
+use crate::storage::{self, GroupCommit, SledModel, StorageError};
+use crate::users::cache::UserCache;
+use std::sync::Arc;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -34,13 +35,19 @@ pub fn run(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), A
         }
         Err(e) => return Err(e.into()),
     };
-    let registry = UserRegistry::new(store.clone(), cfg.wechat.link_by_unionid)?;
+    let commit = GroupCommit::start(store.clone());
+    let model = SledModel::new(store.clone(), commit.clone(), Arc::new(UserCache::new(0)))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(AdminError::from)?;
     let mut writes = WriteTarget::Direct {
-        store: store.clone(),
-        registry,
+        model: Arc::new(model),
+        runtime,
         jwt: cfg.jwt.clone(),
     };
-    execute(request, store.as_ref(), data_dir, &mut writes, out)
+    let result = execute(request, store.as_ref(), data_dir, &mut writes, out);
+    commit.shutdown();
+    result
 }
 
 fn remote(stream: UnixStream, request: &Request, out: &mut dyn Write) -> Result<(), AdminError> {

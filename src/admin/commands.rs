@@ -3,11 +3,12 @@
 use super::protocol::{write_line, Request};
 use super::{backup, AdminError};
 use crate::actors::access_token::{self, AccessTokenKeeper, CheckSession};
-use crate::actors::issuer::{RevokeUserFamilies, TokenIssuer};
+use crate::actors::issuer::TokenIssuer;
 use crate::actors::registry::{RevokeTokens, SetDisabled, UserRegistry};
 use crate::config::JwtConfig;
-use crate::storage::{GroupCommit, Store, Tree};
-use crate::tokens::{records, JwtKeys};
+use crate::storage::model::{AuthStore, FamilyRecord};
+use crate::storage::{GroupCommit, ReadStore, Store, Tree};
+use crate::tokens::JwtKeys;
 use crate::users::{self, User, UserId};
 use actix::Addr;
 use serde_json::{json, Value};
@@ -42,10 +43,11 @@ pub enum WriteTarget {
         runtime: tokio::runtime::Handle,
         keys: Arc<JwtKeys>,
     },
-    /// Straight into the data directory (no server holds it), flushed at once.
+    /// Straight into the data directory (no server holds it), durable at once.
     Direct {
-        store: Arc<dyn Store>,
-        registry: UserRegistry,
+        model: Arc<dyn AuthStore>,
+        /// Waits for the model's futures (they resolve once durable).
+        runtime: tokio::runtime::Runtime,
         /// Keys are loaded only by the `keys` commands: listing users needs no key file.
         jwt: JwtConfig,
     },
@@ -84,12 +86,8 @@ impl WriteTarget {
                 commit.durable().await?;
                 Ok(user)
             }),
-            WriteTarget::Direct {
-                store, registry, ..
-            } => {
-                let user = registry.set_disabled(id, disabled)?;
-                store.flush()?;
-                Ok(user)
+            WriteTarget::Direct { model, runtime, .. } => {
+                Ok(runtime.block_on(model.set_disabled(id, disabled))?)
             }
         }
     }
@@ -120,43 +118,45 @@ impl WriteTarget {
         }
     }
 
-    /// Sets the user's `tokens_not_before` and revokes its refresh-token families.
-    fn revoke_tokens(&mut self, id: UserId) -> Result<Option<usize>, AdminError> {
+    /// Bumps the user's token stamp: every token issued so far, on every path, is
+    /// refused (no family is written: the stamp already refuses their tokens).
+    fn revoke_tokens(&mut self, id: UserId) -> Result<Option<User>, AdminError> {
         match self {
             WriteTarget::Server {
-                registry,
-                issuer,
-                runtime,
-                ..
+                registry, runtime, ..
             } => runtime.block_on(async {
-                if registry
+                Ok(registry
                     .send(RevokeTokens { user_id: id })
                     .await
-                    .map_err(mailbox)??
-                    .is_none()
-                {
-                    return Ok(None);
-                }
-                // Durable on return; its commit also covers the registry's write.
-                let families = issuer
-                    .send(RevokeUserFamilies { user_id: id })
-                    .await
-                    .map_err(mailbox)??;
-                Ok(Some(families))
+                    .map_err(mailbox)??)
             }),
-            WriteTarget::Direct {
-                store, registry, ..
-            } => {
-                if registry.revoke_tokens(id)?.is_none() {
-                    return Ok(None);
-                }
-                let families =
-                    records::revoke_user_families(store.as_ref(), id, crate::now_unix())?;
-                store.flush()?;
-                Ok(Some(families))
+            WriteTarget::Direct { model, runtime, .. } => {
+                Ok(runtime.block_on(model.revoke_tokens(id))?)
             }
         }
     }
+}
+
+/// The operator's view of one family (a login's session).
+fn session_view(family: &FamilyRecord, now: i64) -> Value {
+    json!({
+        "family": family.id.to_hex(),
+        "created_at": users::rfc3339(family.created_ms.div_euclid(1000)),
+        "last_rotated_at": users::rfc3339(family.rotated_ms.div_euclid(1000)),
+        "expires_at": users::rfc3339(family.exp),
+        "generation": family.generation,
+        "revoked": family.is_revoked(),
+        "active": !family.is_revoked() && family.exp >= now,
+    })
+}
+
+/// The user's families that could still refresh (neither revoked nor expired).
+fn live_families(store: &dyn ReadStore, id: UserId) -> Result<usize, AdminError> {
+    let now = crate::now_unix();
+    Ok(crate::storage::user_families(store, id)?
+        .iter()
+        .filter(|family| !family.is_revoked() && family.exp >= now)
+        .count())
 }
 
 /// Runs one request, writing its output as JSON lines to `out`. Reads (and the
@@ -183,6 +183,14 @@ pub fn execute(
             })?;
             result
         }
+        Request::UsersSessions { id } => {
+            users::load(store, id)?.ok_or(AdminError::NoSuchUser(id))?;
+            let now = crate::now_unix();
+            for family in crate::storage::user_families(store, id)? {
+                write_line(out, &session_view(&family, now))?;
+            }
+            Ok(())
+        }
         Request::UsersShow { id } => {
             let user = users::load(store, id)?.ok_or(AdminError::NoSuchUser(id))?;
             Ok(write_line(out, &user_view(&user))?)
@@ -194,7 +202,9 @@ pub fn execute(
             Ok(write_line(out, &user_view(&user))?)
         }
         Request::TokensRevoke { user } => {
-            let families = writes
+            // What the new stamp ends: the sessions that could still refresh.
+            let families = live_families(store, user)?;
+            writes
                 .revoke_tokens(user)?
                 .ok_or(AdminError::NoSuchUser(user))?;
             Ok(write_line(

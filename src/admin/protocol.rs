@@ -24,6 +24,10 @@ pub enum Request {
     UsersShow {
         id: UserId,
     },
+    /// The user's families (sessions), one line each.
+    UsersSessions {
+        id: UserId,
+    },
     UsersSetDisabled {
         id: UserId,
         disabled: bool,

@@ -50,7 +50,6 @@ pub async fn login(
             appid,
             session,
             keys: state.keys.clone(),
-            commit: state.commit.clone(),
             span: tracing::Span::current(),
         })
         .timeout(super::ACTOR_TIMEOUT)

@@ -44,10 +44,10 @@ pub async fn phone(
         })
         .timeout(super::ACTOR_TIMEOUT)
         .await??;
+    // Durable here: the registry answers once the write is.
     if stored.is_none() {
         return Err(AuthError::UserNotFound.into());
     }
-    state.commit.durable().await?;
     Ok(HttpResponse::Ok().json(json!({
         "code": "success",
         "phone_number": phone.phone_number,

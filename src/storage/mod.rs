@@ -11,17 +11,23 @@
 pub mod model;
 pub mod postgres;
 mod sled;
+mod sled_model;
+pub mod upgrade;
 
 /// For tests, benches and examples that fill a directory by hand; the binary and
 /// the CLI open storage only through [`open`].
 pub use self::sled::SledStore;
+pub use self::sled_model::{encode_family, load_family, user_families, SledModel};
 
 use crate::config::StorageConfig;
 
 /// Opens (creating it if missing) the data directory `config.path`: the one place
 /// the binary and the CLI get a store from, so only `sled.rs` names the engine.
+/// Its storage format is checked and, when an older release wrote it, upgraded
+/// ([`upgrade`]) before anything else reads it.
 pub fn open(config: &StorageConfig) -> Result<Arc<dyn Store>, StorageError> {
     let store = SledStore::open(&config.path, config.cache_capacity.bytes())?;
+    upgrade::run(&store)?;
     Ok(Arc::new(store))
 }
 
@@ -31,10 +37,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use tokio::sync::oneshot;
 
 /// The named key spaces. Their key and value layouts are documented where they
-/// are encoded: `users.rs` and `tokens/records.rs`.
+/// are encoded: `users.rs`, `storage/sled_model.rs` and (the legacy trees, read
+/// only to upgrade) `storage/upgrade.rs`. The order of [`Tree::ALL`] is part of
+/// the journal's format: new trees go at the end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Tree {
-    /// Counters: `next_user_id`.
+    /// `format_version` (the storage format, [`upgrade::FORMAT_VERSION`]),
+    /// `next_user_id` (older releases' counter, read only), WeChat access tokens.
     Meta,
     /// user id (u64 BE) → user record.
     Users,
@@ -42,20 +51,25 @@ pub enum Tree {
     UsersByOpenid,
     /// unionid → user id (only when apps are linked by unionid).
     UsersByUnionid,
-    /// refresh-token jti → refresh record (family, state, expiry).
+    /// Legacy (read only, to upgrade): refresh-token jti → refresh record. Kept
+    /// until the tokens it names expire, so that they refresh into the new form.
     RefreshTokens,
-    /// family id → family record (one per login; revoked as a whole).
+    /// Legacy (read only, to upgrade): family id → family record. Emptied by the
+    /// upgrade into [`Tree::Families`].
     TokenFamilies,
+    /// `user_id ‖ family_id` → family record (one per login; see `model`).
+    Families,
 }
 
 impl Tree {
-    pub const ALL: [Tree; 6] = [
+    pub const ALL: [Tree; 7] = [
         Tree::Meta,
         Tree::Users,
         Tree::UsersByOpenid,
         Tree::UsersByUnionid,
         Tree::RefreshTokens,
         Tree::TokenFamilies,
+        Tree::Families,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,6 +80,7 @@ impl Tree {
             Tree::UsersByUnionid => "users_by_unionid",
             Tree::RefreshTokens => "refresh_tokens",
             Tree::TokenFamilies => "token_families",
+            Tree::Families => "families",
         }
     }
 }
@@ -83,6 +98,12 @@ pub enum StorageError {
     },
     #[error("corrupt record in tree {tree}: {reason}")]
     Corrupt { tree: &'static str, reason: String },
+    /// The data directory's `format_version` is newer than this binary knows.
+    #[error(
+        "the data directory was written by a newer wxauth (storage format {found}; this \
+         binary knows formats up to {known}): run that release or a newer one"
+    )]
+    NewerFormat { found: u64, known: u64 },
 }
 
 impl StorageError {
@@ -161,6 +182,16 @@ pub trait ReadStore: Send + Sync {
         })
     }
     fn size_on_disk(&self) -> Result<u64, StorageError>;
+    /// The entry with the greatest key of `tree`. The default scans the tree;
+    /// engines override it.
+    fn last(&self, tree: Tree) -> Result<Option<(Vec<u8>, Vec<u8>)>, StorageError> {
+        let mut last = None;
+        self.for_each(tree, &mut |key, value| {
+            last = Some((key.to_vec(), value.to_vec()));
+            ControlFlow::Continue(())
+        })?;
+        Ok(last)
+    }
 }
 
 /// What one step of a chunked scan found: the keys it picked, and the key the
@@ -207,7 +238,19 @@ pub type SnapshotVisitor<'a> = dyn FnMut(Tree, &[u8], &[u8]) -> Result<(), Stora
 
 /// Writes: only the owner actors (user registry, token issuer) hold this.
 pub trait Store: ReadStore {
+    /// Applies `batch` atomically: all of it or, after a crash, none of it (sled
+    /// journals a batch of more than one write for this; see `sled.rs`).
     fn apply(&self, batch: WriteBatch) -> Result<(), StorageError>;
+    /// Applies `batch`'s writes one by one, in order, without the journal: after a
+    /// crash, a prefix of them is there (sled recovers a prefix of its log). For
+    /// write sequences whose every prefix is harmless (a login: the family first,
+    /// the user's index last). The default applies each write as a batch of one.
+    fn apply_in_order(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        for op in batch.ops {
+            self.apply(WriteBatch { ops: vec![op] })?;
+        }
+        Ok(())
+    }
     /// Makes every write applied so far durable (fsync).
     fn flush(&self) -> Result<(), StorageError>;
     /// Visits every entry of every tree as of one instant: writes wait meanwhile

@@ -8,7 +8,8 @@
 //! then the record is removed. sled recovers a prefix of its log, so after a crash a
 //! batch is either absent (its record was not recovered, nor anything after it) or
 //! its record is there and [`SledStore::open`] replays it (puts and deletes are
-//! idempotent).
+//! idempotent). Sequences whose every prefix is harmless skip the journal
+//! ([`Store::apply_in_order`]): the same prefix recovery makes them safe.
 //!
 //! Durability. sled's `flush` pushes its buffers with `sync_file_range`, which does
 //! not flush the disk's write cache: [`Store::flush`] follows it with an fdatasync
@@ -324,6 +325,14 @@ impl ReadStore for SledStore {
     fn size_on_disk(&self) -> Result<u64, StorageError> {
         with_db!(self, db => db.db.size_on_disk().map_err(io))
     }
+
+    fn last(&self, tree: Tree) -> Result<Option<(Vec<u8>, Vec<u8>)>, StorageError> {
+        with_db!(self, db => Ok(db
+            .tree(tree)
+            .last()
+            .map_err(io)?
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))))
+    }
 }
 
 impl Store for SledStore {
@@ -345,6 +354,18 @@ impl Store for SledStore {
                 }
                 db.journal.remove(seq).map_err(io).map(|_| ())
             })();
+            if result.is_err() {
+                self.failed.store(true, Ordering::SeqCst);
+            }
+            result
+        })
+    }
+
+    fn apply_in_order(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        // One hold of the gate: a snapshot sees all of the sequence or none of it.
+        let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        with_db!(self, db => {
+            let result = batch.ops.iter().try_for_each(|op| db.write(op));
             if result.is_err() {
                 self.failed.store(true, Ordering::SeqCst);
             }

@@ -15,15 +15,17 @@
 //! 8. the user exists and is enabled;
 //! 9. the token carries the user's current token stamp (not revoked by
 //!    `wxauth tokens revoke`);
-//! 10. a refresh token is one we issued, its family is alive, and it is the family's
-//!     current token, or was rotated out at most `jwt.reuse_grace` ago.
+//! 10. a refresh token names a family we issued (claims `fam`, `gen`; or, for a token
+//!     from before families were one record, its legacy record), the family is
+//!     alive, and the token carries its generation, or the one before within
+//!     `jwt.reuse_grace` of the last rotation (`storage::model::standing`).
 //!
 //! Steps 1 to 7 need no storage (the token is parsed once, in `verified_claims`);
 //! 8 and 9 read the user from the registry's users cache, the store only on a miss
-//! (all the data path does); only refresh tokens read their record and family.
+//! (all the data path does); only refresh tokens read their family.
 
-use super::records::{self, Family, RefreshRecord};
 use super::{Claims, JwtKeys, TokenError, TokenType};
+use crate::storage::model::{self, FamilyId, FamilyRecord, Generation, Standing};
 use crate::storage::{ReadStore, StorageError};
 use crate::users::cache::UserCache;
 use crate::users::{User, UserId};
@@ -54,17 +56,12 @@ pub struct Accepted {
 
 #[derive(Debug)]
 pub enum RefreshStanding {
-    /// The family's current token.
-    Current {
-        record: RefreshRecord,
-        family: Family,
-    },
-    /// Rotated out at most `jwt.reuse_grace` ago: a client retrying a refresh whose
-    /// answer it lost. Refresh answers it; verify calls it blacklisted.
-    InGrace {
-        record: RefreshRecord,
-        family: Family,
-    },
+    /// It carries its family's generation.
+    Current { family: FamilyRecord },
+    /// One generation behind, within `jwt.reuse_grace` of the rotation: a client
+    /// retrying a refresh whose answer it lost. Refresh answers it; verify calls it
+    /// blacklisted.
+    InGrace { family: FamilyRecord },
 }
 
 /// Why a token does not count.
@@ -80,19 +77,16 @@ pub enum Refusal {
     /// Issued before the user's last `wxauth tokens revoke`.
     #[error("the token was revoked with its user's tokens")]
     Revoked,
-    /// Well signed, but no refresh record has its jti (never issued here, or purged).
+    /// Well signed, but it names no family we have (never issued here, or purged).
     #[error("no such refresh token was issued")]
     NotIssued,
     /// Its family was logged out, revoked as reused, or revoked by the operator.
     #[error("the token's family is revoked")]
     FamilyRevoked,
-    /// Rotated out longer than `jwt.reuse_grace` ago (or the grace is off): a reuse.
-    /// The issuer revokes the family; the record and family are here for that.
+    /// Rotated out longer than `jwt.reuse_grace` ago (or the grace is off), or more
+    /// than one generation behind: a reuse. The family is (or is to be) revoked.
     #[error("a rotated-out refresh token was presented again")]
-    Reused {
-        record: RefreshRecord,
-        family: Family,
-    },
+    Reused { user_id: UserId, family: FamilyId },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +111,7 @@ impl From<TokenError> for CheckError {
 
 /// Is `token` acceptable now (`now_ms`, unix milliseconds) to an endpoint that takes
 /// `accept`, and if not, why not. Reads the user through `users` (the store on a
-/// miss), and a refresh token's record and family through `store`; writes nothing.
+/// miss), and a refresh token's family through `store`; writes nothing.
 pub fn check(
     keys: &JwtKeys,
     store: &dyn ReadStore,
@@ -126,6 +120,29 @@ pub fn check(
     accept: Accept,
     now_ms: i64,
 ) -> Result<Accepted, CheckError> {
+    let (claims, user) = check_user(keys, store, users, token, accept, now_ms)?;
+    let refresh = match claims.token_type {
+        TokenType::Access => None,
+        TokenType::Refresh => Some(refresh_standing(keys, store, &claims, now_ms)?),
+    };
+    Ok(Accepted {
+        claims,
+        user,
+        refresh,
+    })
+}
+
+/// Steps 1 to 9: the token, its user and the user's token stamp; not the family.
+/// The issuer's refresh calls this, then lets the store decide the family's step
+/// (`storage::model::AuthStore::rotate`).
+pub fn check_user(
+    keys: &JwtKeys,
+    store: &dyn ReadStore,
+    users: &UserCache,
+    token: &str,
+    accept: Accept,
+    now_ms: i64,
+) -> Result<(Claims, Arc<User>), CheckError> {
     let claims = token_claims(keys, token, accept, now_ms)?;
     let user = users
         .load(store, claims.user_id)?
@@ -138,15 +155,25 @@ pub fn check(
     if claims.stamp != user.token_stamp || claims.iat < user.tokens_not_before {
         return Err(Refusal::Revoked.into());
     }
-    let refresh = match claims.token_type {
-        TokenType::Access => None,
-        TokenType::Refresh => Some(refresh_standing(keys, store, &claims, now_ms)?),
-    };
-    Ok(Accepted {
-        claims,
-        user,
-        refresh,
-    })
+    Ok((claims, user))
+}
+
+/// The family and generation a refresh token carries: its claims `fam` and `gen`,
+/// or, for a token from before them, what its legacy record says
+/// (`storage::upgrade::legacy_refresh`). A token with one claim and not the other,
+/// or a malformed `fam`, is invalid.
+pub fn refresh_family(
+    store: &dyn ReadStore,
+    claims: &Claims,
+) -> Result<(FamilyId, Generation), CheckError> {
+    match (&claims.fam, claims.gen) {
+        (Some(fam), Some(gen)) => FamilyId::from_hex(fam)
+            .map(|family| (family, gen))
+            .ok_or_else(|| TokenError::Invalid.into()),
+        (None, None) => crate::storage::upgrade::legacy_refresh(store, &claims.jti, claims.user_id)?
+            .ok_or_else(|| Refusal::NotIssued.into()),
+        _ => Err(TokenError::Invalid.into()),
+    }
 }
 
 /// Steps 1 to 7: the token on its own, no storage. Public for the micro-benchmarks;
@@ -201,21 +228,24 @@ fn refresh_standing(
     claims: &Claims,
     now_ms: i64,
 ) -> Result<RefreshStanding, CheckError> {
-    let record = match records::load_refresh(store, &claims.jti)? {
-        Some(record) if record.user_id == claims.user_id => record,
-        _ => return Err(Refusal::NotIssued.into()),
-    };
-    let family = match records::load_family(store, &record.family)? {
-        Some(family) if family.revoked_at.is_none() => family,
-        _ => return Err(Refusal::FamilyRevoked.into()),
-    };
-    Ok(match record.rotated_at_ms {
-        None => RefreshStanding::Current { record, family },
-        Some(at) if within_grace(at, now_ms, keys.reuse_grace_ms) => {
-            RefreshStanding::InGrace { record, family }
-        }
-        Some(_) => return Err(Refusal::Reused { record, family }.into()),
-    })
+    let (id, generation) = refresh_family(store, claims)?;
+    let family =
+        crate::storage::load_family(store, claims.user_id, id)?.ok_or(Refusal::NotIssued)?;
+    Ok(
+        match model::standing(&family, generation, now_ms, keys.reuse_grace_ms) {
+            Standing::Current => RefreshStanding::Current { family },
+            Standing::InGrace => RefreshStanding::InGrace { family },
+            Standing::Reused => {
+                return Err(Refusal::Reused {
+                    user_id: claims.user_id,
+                    family: id,
+                }
+                .into())
+            }
+            Standing::Revoked => return Err(Refusal::FamilyRevoked.into()),
+            Standing::Ahead => return Err(TokenError::Invalid.into()),
+        },
+    )
 }
 
 /// A token rotated out at `rotated_at_ms` may still be presented at `now_ms` when the

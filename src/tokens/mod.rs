@@ -8,7 +8,6 @@
 pub mod check;
 pub mod issue;
 pub mod keys;
-pub mod records;
 
 use crate::config::{ConfigError, JwtConfig, SigningAlgorithm};
 use crate::secret::Secret;

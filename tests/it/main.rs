@@ -23,6 +23,7 @@ mod slow_clients;
 mod tls;
 mod token_rules;
 mod tokens;
+mod upgrade;
 mod user_cache;
 mod wechat_bounds;
 mod wxapi;

@@ -84,10 +84,18 @@ pub struct TestServer {
     child: Option<Child>,
     pub base: String,
     starts: usize,
+    /// The wxauth binary this server (and its `cli`) runs.
+    bin: PathBuf,
 }
 
 impl TestServer {
     pub fn start(config: TestConfig) -> Self {
+        Self::start_with(config, Path::new(env!("CARGO_BIN_EXE_wxauth")), |_| {})
+    }
+
+    /// Like [`start`](Self::start), running `bin` (another release's binary, say),
+    /// after `prepare` has filled the data directory (its path, not yet created).
+    pub fn start_with(config: TestConfig, bin: &Path, prepare: impl FnOnce(&Path)) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("config.toml");
         let data = dir.path().join("data");
@@ -104,7 +112,9 @@ impl TestServer {
             child: None,
             base: String::new(),
             starts: 0,
+            bin: bin.to_path_buf(),
         };
+        prepare(&server.data_dir());
         server.spawn();
         server
     }
@@ -120,7 +130,7 @@ impl TestServer {
     fn spawn(&mut self) {
         self.starts += 1;
         let log = self.log_path(self.starts);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wxauth"));
+        let mut cmd = Command::new(&self.bin);
         cmd.arg("--config")
             .arg(&self.config)
             .arg("serve")
@@ -386,7 +396,7 @@ pub fn try_post_json(url: &str, body: &Value) -> Option<Reply> {
 impl TestServer {
     /// Runs `wxauth --config <this server's config> ARGS…` (the admin CLI).
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_wxauth"))
+        Command::new(&self.bin)
             .arg("--config")
             .arg(&self.config)
             .args(args)
