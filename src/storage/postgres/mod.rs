@@ -20,6 +20,7 @@
 //! does not answer therefore fails an operation within that time, with a
 //! [`StorageError`] (503 to a client), never a hang.
 
+mod kv;
 mod migrate;
 
 pub use migrate::{latest as latest_schema, Migrated};
@@ -30,7 +31,7 @@ use crate::storage::model::{
     standing, AuthStore, FamilyId, FamilyRecord, Generation, LoginRequest, LoginResult,
     PurgeProgress, RotateOutcome, RotateRequest, Standing, StoreFuture,
 };
-use crate::storage::StorageError;
+use crate::storage::{StorageError, Tree};
 use crate::users::{PhoneNumber, User, UserId};
 use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
 use std::future::Future;
@@ -229,6 +230,10 @@ impl PgStore {
                 ))),
             }
         })
+    }
+
+    fn io_handle(&self) -> &tokio::runtime::Handle {
+        &self.io.handle
     }
 
     /// Blocks on an operation: for the offline CLI and the start.
@@ -753,33 +758,18 @@ impl AuthStore for PgStore {
     }
 
     fn access_token(&self, appid: &str) -> StoreFuture<Option<Vec<u8>>> {
-        let appid = appid.to_string();
+        let key = crate::actors::access_token::token_key(appid);
         self.run("read an access token", move |shared| async move {
             let client = shared.client().await?;
-            Ok(client
-                .query_opt(
-                    "SELECT record FROM wxauth_access_tokens WHERE appid = $1",
-                    &[&appid],
-                )
-                .await
-                .map_err(|e| pg_error("read an access token", e))?
-                .map(|row| row.get(0)))
+            kv::get(&client, Tree::Meta, &key).await
         })
     }
 
     fn put_access_token(&self, appid: &str, record: Vec<u8>) -> StoreFuture<()> {
-        let appid = appid.to_string();
+        let key = crate::actors::access_token::token_key(appid);
         self.run("store an access token", move |shared| async move {
             let client = shared.client().await?;
-            client
-                .execute(
-                    "INSERT INTO wxauth_access_tokens (appid, record) VALUES ($1, $2) \
-                     ON CONFLICT (appid) DO UPDATE SET record = EXCLUDED.record",
-                    &[&appid, &record],
-                )
-                .await
-                .map_err(|e| pg_error("store an access token", e))?;
-            Ok(())
+            kv::put(&client, Tree::Meta, &key, &record).await
         })
     }
 }

@@ -25,14 +25,14 @@ CREATE TABLE wxauth_users (
 CREATE TABLE wxauth_user_openids (
     appid   text   NOT NULL,
     openid  text   NOT NULL,
-    user_id bigint NOT NULL REFERENCES wxauth_users (id),
+    user_id bigint NOT NULL REFERENCES wxauth_users (id) DEFERRABLE INITIALLY DEFERRED,
     PRIMARY KEY (appid, openid)
 );
 
 -- With wechat.link_by_unionid: one user per unionid.
 CREATE TABLE wxauth_user_unionids (
     unionid text   PRIMARY KEY,
-    user_id bigint NOT NULL REFERENCES wxauth_users (id)
+    user_id bigint NOT NULL REFERENCES wxauth_users (id) DEFERRABLE INITIALLY DEFERRED
 );
 
 -- One row per login; a user's families are one index range.
@@ -48,8 +48,12 @@ CREATE TABLE wxauth_families (
 );
 CREATE INDEX wxauth_families_exp ON wxauth_families (exp);
 
--- Each app's WeChat access token, as the keeper encodes it.
-CREATE TABLE wxauth_access_tokens (
-    appid  text  PRIMARY KEY,
-    record bytea NOT NULL
+-- The rest of the embedded store's key spaces, as they are there: `meta` (the
+-- storage format, each app's WeChat access token) and, from a restored backup of an
+-- older release, the per-token refresh records read only to upgrade them.
+CREATE TABLE wxauth_kv (
+    tree  text  NOT NULL,
+    key   bytea NOT NULL,
+    value bytea NOT NULL,
+    PRIMARY KEY (tree, key)
 );
