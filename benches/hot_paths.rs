@@ -33,9 +33,9 @@ use wxauth::actors::wechat::Session;
 use wxauth::config::JwtConfig;
 use wxauth::secret::SessionKey;
 use wxauth::storage::{GroupCommit, SledModel, SledStore, Store, Tree, WriteBatch};
-use wxauth::users::cache::UserCache;
 use wxauth::tokens::check::{self, Accept};
 use wxauth::tokens::{JwtKeys, TokenType};
+use wxauth::users::cache::UserCache;
 
 /// The server's default `storage.cache_capacity`.
 const CACHE: u64 = 64 * 1024 * 1024;
@@ -73,11 +73,15 @@ struct Registry {
 }
 
 /// Starts a registry on `store`, with a users cache of the server's size.
-fn start_registry(system: &SystemRunner, store: Arc<dyn Store>) -> (Addr<UserRegistry>, Arc<UserCache>) {
+fn start_registry(
+    system: &SystemRunner,
+    store: Arc<dyn Store>,
+) -> (Addr<UserRegistry>, Arc<UserCache>) {
     let users = Arc::new(UserCache::new(wxauth::users::cache::DEFAULT_CAPACITY));
     let commit = GroupCommit::start(store.clone());
     let model = SledModel::new(store.clone(), commit, users.clone()).expect("model");
-    let addr = system.block_on(async move { UserRegistry::new(Arc::new(model), store, false).start() });
+    let addr =
+        system.block_on(async move { UserRegistry::new(Arc::new(model), store, false).start() });
     (addr, users)
 }
 

@@ -68,11 +68,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         store.apply(batch)?;
         done += n;
         if done % 100_000 == 0 {
-            eprintln!(
-                "fill_expired: {} records, {:.1?}",
-                done,
-                started.elapsed()
-            );
+            eprintln!("fill_expired: {} records, {:.1?}", done, started.elapsed());
         }
     }
     store.flush()?;

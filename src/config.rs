@@ -155,15 +155,13 @@ impl StorageConfig {
                 "storage.postgres_url_file",
                 read_secret_file("storage.postgres_url_file", path)?,
             ),
-            (None, None) => {
-                return Err(ConfigError::new(
-                    "storage.postgres_url",
-                    "is required (or storage.postgres_url_file) when storage.backend = \"postgres\"",
-                ))
-            }
+            (None, None) => return Err(ConfigError::new(
+                "storage.postgres_url",
+                "is required (or storage.postgres_url_file) when storage.backend = \"postgres\"",
+            )),
         };
-        let mut parsed =
-            crate::postgres_url::parse(url.expose()).map_err(|reason| ConfigError::new(key, reason))?;
+        let mut parsed = crate::postgres_url::parse(url.expose())
+            .map_err(|reason| ConfigError::new(key, reason))?;
         // sslrootcert, like every file the config names, may be a systemd credential.
         use crate::postgres_url::{RootCerts, TlsCheck};
         if let TlsCheck::Chain(RootCerts::File(path)) | TlsCheck::Full(RootCerts::File(path)) =

@@ -251,25 +251,24 @@ pub fn parse(text: &str) -> Result<PostgresUrl, String> {
         path => RootCerts::File(PathBuf::from(path)),
     });
     use tokio_postgres::config::SslMode;
-    let (mode, tls) = match (sslmode.as_deref().unwrap_or("prefer"), roots) {
-        ("disable", _) => (SslMode::Disable, TlsCheck::None),
-        ("allow" | "prefer", _) => (SslMode::Prefer, TlsCheck::None),
-        ("require", None) => (SslMode::Require, TlsCheck::None),
-        ("require" | "verify-ca", Some(roots)) => (SslMode::Require, TlsCheck::Chain(roots)),
-        ("verify-full", Some(roots)) => (SslMode::Require, TlsCheck::Full(roots)),
-        ("verify-ca" | "verify-full", None) => {
-            return Err(
-                "sslmode=verify-ca and verify-full need sslrootcert (a CA file, or \"system\")"
-                    .into(),
-            )
-        }
-        _ => {
-            return Err(
+    let (mode, tls) =
+        match (sslmode.as_deref().unwrap_or("prefer"), roots) {
+            ("disable", _) => (SslMode::Disable, TlsCheck::None),
+            ("allow" | "prefer", _) => (SslMode::Prefer, TlsCheck::None),
+            ("require", None) => (SslMode::Require, TlsCheck::None),
+            ("require" | "verify-ca", Some(roots)) => (SslMode::Require, TlsCheck::Chain(roots)),
+            ("verify-full", Some(roots)) => (SslMode::Require, TlsCheck::Full(roots)),
+            ("verify-ca" | "verify-full", None) => {
+                return Err(
+                    "sslmode=verify-ca and verify-full need sslrootcert (a CA file, or \"system\")"
+                        .into(),
+                )
+            }
+            _ => return Err(
                 "sslmode must be one of disable, allow, prefer, require, verify-ca, verify-full"
                     .into(),
-            )
-        }
-    };
+            ),
+        };
     let rest = if kept.is_empty() {
         base.to_string()
     } else {
@@ -306,7 +305,8 @@ mod tests {
         let require = url("?sslmode=require").unwrap();
         assert_eq!(require.client.get_ssl_mode(), SslMode::Require);
         assert_eq!(require.tls, TlsCheck::None);
-        let full = url("?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&connect_timeout=3").unwrap();
+        let full =
+            url("?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&connect_timeout=3").unwrap();
         assert_eq!(full.client.get_ssl_mode(), SslMode::Require);
         assert_eq!(
             full.tls,

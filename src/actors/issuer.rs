@@ -95,7 +95,8 @@ impl TokenIssuer {
             reader,
             keys,
             rotate: cfg.rotate_refresh,
-            purge_margin: secs_rounded_up(cfg.leeway).saturating_add(secs_rounded_up(cfg.reuse_grace)),
+            purge_margin: secs_rounded_up(cfg.leeway)
+                .saturating_add(secs_rounded_up(cfg.reuse_grace)),
             metrics,
             purge_interval: cfg.purge_interval,
             purging: false,
@@ -148,7 +149,10 @@ impl TokenIssuer {
                 Err(e) => return refused(e),
             };
             let (claims, stamp) = (accepted.claims, accepted.user.token_stamp);
-            let access = self.keys.sign(TokenType::Access, claims.user_id, stamp, now).token;
+            let access = self
+                .keys
+                .sign(TokenType::Access, claims.user_id, stamp, now)
+                .token;
             self.metrics.tokens_issued(1, 0);
             return Box::pin(async move {
                 Ok(Refreshed {
@@ -375,4 +379,3 @@ fn debug_fault() {
         _ => {}
     }
 }
-

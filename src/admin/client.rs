@@ -4,18 +4,21 @@
 use super::commands::{execute, WriteTarget};
 use super::protocol::{Request, SOCKET_FILE, STATUS_KEY};
 use super::AdminError;
-use crate::config::Config;
+use crate::config::{Config, StorageBackend};
 use crate::storage::{self, GroupCommit, SledModel, StorageError};
 use crate::users::cache::UserCache;
-use std::sync::Arc;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 
 /// The CLI's side: send `request` to the running server, or, when none answers on
 /// the socket, run it on the data directory directly. Output goes to `out`.
 pub fn run(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), AdminError> {
     let data_dir = &cfg.storage.path;
+    if cfg.storage.backend == StorageBackend::Postgres {
+        return direct_postgres(request, cfg, out);
+    }
     if let Ok(stream) = UnixStream::connect(data_dir.join(SOCKET_FILE)) {
         return remote(stream, request, out);
     }
@@ -48,6 +51,22 @@ pub fn run(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), A
     let result = execute(request, store.as_ref(), data_dir, &mut writes, out);
     commit.shutdown();
     result
+}
+
+/// With `storage.backend = "postgres"` the database is the one truth every node
+/// reads: the command runs on it directly, whether nodes run or not. The users it
+/// changes are announced to every node's cache (`storage::postgres`).
+fn direct_postgres(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), AdminError> {
+    let store = Arc::new(storage::postgres::PgStore::open(&cfg.storage)?);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(AdminError::from)?;
+    let mut writes = WriteTarget::Direct {
+        model: store.clone(),
+        runtime,
+        jwt: cfg.jwt.clone(),
+    };
+    execute(request, store.as_ref(), &cfg.storage.path, &mut writes, out)
 }
 
 fn remote(stream: UnixStream, request: &Request, out: &mut dyn Write) -> Result<(), AdminError> {

@@ -291,7 +291,11 @@ impl SledModel {
         Ok(Some(user))
     }
 
-    fn update_durably(&self, id: UserId, change: impl FnOnce(&mut User)) -> StoreFuture<Option<User>> {
+    fn update_durably(
+        &self,
+        id: UserId,
+        change: impl FnOnce(&mut User),
+    ) -> StoreFuture<Option<User>> {
         let result = self.update(id, change);
         let wrote = matches!(result, Ok(Some(_)));
         self.durable(wrote, result)
@@ -446,14 +450,16 @@ impl AuthStore for SledModel {
         let Some(&tree) = PURGED.get(index) else {
             return ready(Ok(PurgeProgress::default()));
         };
-        let result = self.purge_tree(tree, key, cutoff, limit).map(|(deleted, next)| {
-            let next = match next {
-                Some(key) => Some([&[index as u8][..], &key].concat()),
-                None if index + 1 < PURGED.len() => Some(vec![index as u8 + 1]),
-                None => None,
-            };
-            PurgeProgress { deleted, next }
-        });
+        let result = self
+            .purge_tree(tree, key, cutoff, limit)
+            .map(|(deleted, next)| {
+                let next = match next {
+                    Some(key) => Some([&[index as u8][..], &key].concat()),
+                    None if index + 1 < PURGED.len() => Some(vec![index as u8 + 1]),
+                    None => None,
+                };
+                PurgeProgress { deleted, next }
+            });
         ready(result)
     }
 
@@ -487,7 +493,12 @@ mod tests {
         (dir, store, model)
     }
 
-    fn rotate(family: &FamilyRecord, presented: Generation, now_ms: i64, grace_ms: i64) -> RotateRequest {
+    fn rotate(
+        family: &FamilyRecord,
+        presented: Generation,
+        now_ms: i64,
+        grace_ms: i64,
+    ) -> RotateRequest {
         RotateRequest {
             user_id: family.user_id,
             family: family.id,
@@ -535,25 +546,44 @@ mod tests {
         assert_eq!(user_families(store.as_ref(), 1).unwrap().len(), 2);
 
         assert_eq!(
-            model.rotate(rotate(&family, 1, 20_000, 1_000)).await.unwrap(),
+            model
+                .rotate(rotate(&family, 1, 20_000, 1_000))
+                .await
+                .unwrap(),
             RotateOutcome::Rotated { generation: 2 }
         );
         let before = load_family(store.as_ref(), 1, family.id).unwrap();
         assert_eq!(
-            model.rotate(rotate(&family, 1, 20_500, 1_000)).await.unwrap(),
+            model
+                .rotate(rotate(&family, 1, 20_500, 1_000))
+                .await
+                .unwrap(),
             RotateOutcome::Retry { generation: 2 }
         );
-        assert_eq!(load_family(store.as_ref(), 1, family.id).unwrap(), before, "nothing written");
         assert_eq!(
-            model.rotate(rotate(&family, 3, 20_500, 1_000)).await.unwrap(),
+            load_family(store.as_ref(), 1, family.id).unwrap(),
+            before,
+            "nothing written"
+        );
+        assert_eq!(
+            model
+                .rotate(rotate(&family, 3, 20_500, 1_000))
+                .await
+                .unwrap(),
             RotateOutcome::Ahead
         );
         assert_eq!(
-            model.rotate(rotate(&family, 1, 21_001, 1_000)).await.unwrap(),
+            model
+                .rotate(rotate(&family, 1, 21_001, 1_000))
+                .await
+                .unwrap(),
             RotateOutcome::Reused
         );
         assert_eq!(
-            model.rotate(rotate(&family, 2, 21_002, 1_000)).await.unwrap(),
+            model
+                .rotate(rotate(&family, 2, 21_002, 1_000))
+                .await
+                .unwrap(),
             RotateOutcome::Revoked
         );
         let other = FamilyRecord {
@@ -564,7 +594,10 @@ mod tests {
             model.rotate(rotate(&other, 1, 0, 0)).await.unwrap(),
             RotateOutcome::Missing
         );
-        assert!(!model.revoke_family(1, family.id, 1).await.unwrap(), "revoked already");
+        assert!(
+            !model.revoke_family(1, family.id, 1).await.unwrap(),
+            "revoked already"
+        );
     }
 
     #[actix_web::test]

@@ -123,8 +123,9 @@ fn migrate_families(store: &dyn Store) -> Result<usize, StorageError> {
     // When each family's newest rotated-out token was rotated out.
     let mut rotated: HashMap<String, i64> = HashMap::new();
     let mut bad = None;
-    store.for_each(Tree::RefreshTokens, &mut |_, value| {
-        match serde_json::from_slice::<LegacyRefresh>(value) {
+    store.for_each(
+        Tree::RefreshTokens,
+        &mut |_, value| match serde_json::from_slice::<LegacyRefresh>(value) {
             Ok(record) => {
                 if let Some(at) = record.rotated_ms() {
                     let newest = rotated.entry(record.family).or_insert(at);
@@ -136,8 +137,8 @@ fn migrate_families(store: &dyn Store) -> Result<usize, StorageError> {
                 bad = Some(corrupt(Tree::RefreshTokens, e));
                 ControlFlow::Break(())
             }
-        }
-    })?;
+        },
+    )?;
     if let Some(e) = bad {
         return Err(e);
     }
@@ -210,7 +211,9 @@ mod tests {
         batch.put(
             Tree::TokenFamilies,
             fam.as_bytes(),
-            format!(r#"{{"user_id":3,"created_at":100,"exp":900,"current":"b","revoked_at":null}}"#),
+            format!(
+                r#"{{"user_id":3,"created_at":100,"exp":900,"current":"b","revoked_at":null}}"#
+            ),
         );
         batch.put(
             Tree::RefreshTokens,
@@ -228,20 +231,35 @@ mod tests {
         let id = FamilyId::from_hex(fam).unwrap();
         let family = crate::storage::load_family(&store, 3, id).unwrap().unwrap();
         assert_eq!(
-            (family.generation, family.created_ms, family.rotated_ms, family.exp),
+            (
+                family.generation,
+                family.created_ms,
+                family.rotated_ms,
+                family.exp
+            ),
             (1, 100_000, 200_000, 900)
         );
-        assert!(store.get(Tree::TokenFamilies, fam.as_bytes()).unwrap().is_none());
+        assert!(store
+            .get(Tree::TokenFamilies, fam.as_bytes())
+            .unwrap()
+            .is_none());
         assert_eq!(legacy_refresh(&store, "b", 3).unwrap(), Some((id, 1)));
         assert_eq!(legacy_refresh(&store, "a", 3).unwrap(), Some((id, 0)));
-        assert_eq!(legacy_refresh(&store, "a", 4).unwrap(), None, "another user");
+        assert_eq!(
+            legacy_refresh(&store, "a", 4).unwrap(),
+            None,
+            "another user"
+        );
 
         // A newer format is refused, saying so.
         let mut batch = WriteBatch::default();
         batch.put(Tree::Meta, FORMAT_KEY, 3u64.to_be_bytes());
         store.apply(batch).unwrap();
         let err = run(&store).unwrap_err();
-        assert!(matches!(err, StorageError::NewerFormat { found: 3, known: 2 }));
+        assert!(matches!(
+            err,
+            StorageError::NewerFormat { found: 3, known: 2 }
+        ));
         assert!(err.to_string().contains("newer wxauth"), "{err}");
     }
 }

@@ -170,8 +170,10 @@ pub fn refresh_family(
         (Some(fam), Some(gen)) => FamilyId::from_hex(fam)
             .map(|family| (family, gen))
             .ok_or_else(|| TokenError::Invalid.into()),
-        (None, None) => crate::storage::upgrade::legacy_refresh(store, &claims.jti, claims.user_id)?
-            .ok_or_else(|| Refusal::NotIssued.into()),
+        (None, None) => {
+            crate::storage::upgrade::legacy_refresh(store, &claims.jti, claims.user_id)?
+                .ok_or_else(|| Refusal::NotIssued.into())
+        }
         _ => Err(TokenError::Invalid.into()),
     }
 }

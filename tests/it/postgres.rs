@@ -76,7 +76,10 @@ fn two_nodes_starting_at_once_migrate_once() {
         node.join().unwrap().expect("every node starts");
     }
     let db = PgCluster::database_of(&url);
-    let applied = pg.psql(db, "SELECT string_agg(version::text, ',' ORDER BY version) FROM wxauth_schema_migrations");
+    let applied = pg.psql(
+        db,
+        "SELECT string_agg(version::text, ',' ORDER BY version) FROM wxauth_schema_migrations",
+    );
     let expected: Vec<String> = (1..=wxauth::storage::postgres::latest_schema())
         .map(|v| v.to_string())
         .collect();
@@ -121,8 +124,7 @@ fn wxauth_connections_tls(pg: &PgCluster, db: &str) -> Vec<bool> {
 
 #[test]
 fn tls_require_and_verify_full_connect_and_a_wrong_ca_is_refused() {
-    let Some(pg) = cluster("tls_require_and_verify_full_connect_and_a_wrong_ca_is_refused")
-    else {
+    let Some(pg) = cluster("tls_require_and_verify_full_connect_and_a_wrong_ca_is_refused") else {
         return;
     };
     let db_url = pg.create_database();
@@ -136,7 +138,10 @@ fn tls_require_and_verify_full_connect_and_a_wrong_ca_is_refused() {
         let store = open(&pg.url(&db, &params));
         store.wait(store.probe()).expect(&params);
         let tls = wxauth_connections_tls(pg, &db);
-        assert!(!tls.is_empty() && tls.iter().all(|&t| t), "{params}: {tls:?}");
+        assert!(
+            !tls.is_empty() && tls.iter().all(|&t| t),
+            "{params}: {tls:?}"
+        );
         drop(store);
     }
     // verify-full checks the name: "localhost" is in the certificate too.
@@ -169,14 +174,18 @@ fn sixty_four_concurrent_first_logins_of_one_openid_on_two_nodes_make_one_user()
     };
     let url = pg.create_database();
     let nodes = [open(&url), open(&url)];
-    let results = block_on(futures_util::future::join_all((0..64).map(|i| {
-        nodes[i % 2].login(login_request("o_race"))
-    })));
+    let results = block_on(futures_util::future::join_all(
+        (0..64).map(|i| nodes[i % 2].login(login_request("o_race"))),
+    ));
     let mut ids = std::collections::BTreeSet::new();
     let mut created = 0;
     for result in results {
         match result.expect("every login succeeds") {
-            LoginResult::LoggedIn { user, created: c, family } => {
+            LoginResult::LoggedIn {
+                user,
+                created: c,
+                family,
+            } => {
                 ids.insert(user.id);
                 created += usize::from(c);
                 assert_eq!(family.generation, 1);
@@ -246,7 +255,11 @@ fn one_of_twenty_concurrent_rotations_on_two_nodes_wins_and_the_rest_follow_the_
             .unwrap()
             .expect("the family");
         assert_eq!(stored.generation, 2);
-        assert_eq!(stored.exp, family.exp + 10, "the expiry follows the rotation");
+        assert_eq!(
+            stored.exp,
+            family.exp + 10,
+            "the expiry follows the rotation"
+        );
         assert_eq!(stored.is_revoked(), grace_ms == 0, "a reuse revokes");
     }
 }
@@ -274,7 +287,11 @@ fn the_other_rotation_answers_and_the_user_operations() {
     assert_eq!(rotate(3, t), RotateOutcome::Ahead);
     assert_eq!(rotate(1, t), RotateOutcome::Rotated { generation: 2 });
     assert_eq!(rotate(1, t + 1_000), RotateOutcome::Retry { generation: 2 });
-    assert_eq!(rotate(1, t + 1_001), RotateOutcome::Reused, "after the grace");
+    assert_eq!(
+        rotate(1, t + 1_001),
+        RotateOutcome::Reused,
+        "after the grace"
+    );
     assert_eq!(rotate(2, t + 1_002), RotateOutcome::Revoked);
     let missing = block_on(store.rotate(RotateRequest {
         user_id: user.id,
@@ -299,16 +316,24 @@ fn the_other_rotation_answers_and_the_user_operations() {
     // Revoke bumps the stamp; a disabled user cannot log in and nothing is written.
     let revoked = block_on(store.revoke_tokens(user.id)).unwrap().unwrap();
     assert_eq!(revoked.token_stamp, user.token_stamp + 1);
-    assert!(block_on(store.set_disabled(user.id, true)).unwrap().unwrap().disabled);
+    assert!(
+        block_on(store.set_disabled(user.id, true))
+            .unwrap()
+            .unwrap()
+            .disabled
+    );
     assert!(matches!(
         block_on(store.login(login_request("o_ops"))).unwrap(),
         LoginResult::Disabled
     ));
     assert_eq!(block_on(store.families(user.id)).unwrap().len(), 2);
-    assert!(block_on(store.set_disabled(9_999_999, true)).unwrap().is_none());
+    assert!(block_on(store.set_disabled(9_999_999, true))
+        .unwrap()
+        .is_none());
 
     // The purge deletes expired families only.
-    let purged = block_on(store.purge_expired(family.exp + 1, None, 1_000)).unwrap();
+    let cutoff = family.exp.max(second.exp) + 1;
+    let purged = block_on(store.purge_expired(cutoff, None, 1_000)).unwrap();
     assert_eq!(purged.deleted, 2);
     assert!(purged.next.is_none());
     assert!(block_on(store.families(user.id)).unwrap().is_empty());
@@ -320,4 +345,175 @@ fn the_other_rotation_answers_and_the_user_operations() {
         block_on(store.access_token("wxapp")).unwrap().as_deref(),
         Some(b"{\"token\":2}".as_slice())
     );
+}
+
+// ---- Nodes: the real binary, two processes on one database ----
+
+use crate::common::{bearer, get, post_json, wait_for, MockWeChat, Reply, TestConfig, TestServer};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Duration;
+
+/// The HMAC key every node of a test signs with (keys in the database come later:
+/// until then nodes share a key file).
+fn shared_key_file(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("signing.key");
+    std::fs::write(
+        &path,
+        "a-test-signing-key-shared-by-every-node-0123456789abcdef",
+    )
+    .unwrap();
+    path
+}
+
+/// A wxauth node on the database `url`. `jwt` is the `[jwt]` table's body.
+fn node(mock: &MockWeChat, url: &str, key_file: &Path, jwt: &str) -> TestServer {
+    TestServer::start(
+        TestConfig::against(mock)
+            .with_toml(&format!(
+                "\n[jwt]\nsigning_key_file = {:?}\n{jwt}\n",
+                key_file.display().to_string()
+            ))
+            .with_env("WXAUTH_STORAGE__BACKEND", "postgres")
+            .with_env("WXAUTH_STORAGE__POSTGRES_URL", url),
+    )
+}
+
+/// Two nodes on one fresh database, and the mock WeChat they share.
+fn two_nodes(
+    pg: &PgCluster,
+    jwt: &str,
+) -> (MockWeChat, tempfile::TempDir, [TestServer; 2], String) {
+    let url = pg.create_database();
+    let mock = MockWeChat::start();
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = shared_key_file(keys.path());
+    let a = node(&mock, &url, &key_file, jwt);
+    let b = node(&mock, &url, &key_file, jwt);
+    (mock, keys, [a, b], url)
+}
+
+#[test]
+fn sixty_four_concurrent_first_logins_over_two_nodes_make_one_user() {
+    let Some(pg) = cluster("sixty_four_concurrent_first_logins_over_two_nodes_make_one_user")
+    else {
+        return;
+    };
+    let (_mock, _keys, nodes, url) = two_nodes(pg, "");
+    let replies: Vec<Reply> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..64)
+            .map(|i| {
+                let url = nodes[i % 2].url("/api/weixin/login/");
+                s.spawn(move || post_json(&url, &json!({ "code": format!("ok:jill.{i}") })))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let bodies: Vec<Value> = replies
+        .iter()
+        .map(|r| {
+            assert_eq!(r.status, 200, "{}", r.text);
+            r.json()
+        })
+        .collect();
+    let first = &bodies[0]["user"]["id"];
+    assert!(bodies.iter().all(|b| &b["user"]["id"] == first), "one user");
+    let created = bodies
+        .iter()
+        .filter(|b| b["user"]["created"] == true)
+        .count();
+    assert_eq!(created, 1, "exactly one login created the user");
+    let db = PgCluster::database_of(&url);
+    assert_eq!(pg.psql(db, "SELECT count(*) FROM wxauth_users"), "1");
+    // A token from either node works on the other.
+    let access = bodies[0]["access"].as_str().unwrap();
+    for node in &nodes {
+        let data = get(&node.url("/api/weixin/data/"), Some(&bearer(access)));
+        assert_eq!(data.status, 200, "{}", data.text);
+    }
+}
+
+#[test]
+fn twenty_concurrent_refreshes_of_one_token_over_two_nodes_with_grace_0_give_one_200() {
+    let Some(pg) = cluster(
+        "twenty_concurrent_refreshes_of_one_token_over_two_nodes_with_grace_0_give_one_200",
+    ) else {
+        return;
+    };
+    let (_mock, _keys, nodes, _url) = two_nodes(pg, "reuse_grace = \"0s\"");
+    let login = crate::common::login(&nodes[0], "ok:rita");
+    let refresh = login["refresh"].as_str().unwrap().to_string();
+    let replies: Vec<Reply> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..20)
+            .map(|i| {
+                let url = nodes[i % 2].url("/api/token/refresh/");
+                let refresh = refresh.clone();
+                s.spawn(move || post_json(&url, &json!({ "refresh": refresh })))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok = replies.iter().filter(|r| r.status == 200).count();
+    assert_eq!(
+        ok,
+        1,
+        "exactly one 200: {:?}",
+        replies.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    for reply in replies.iter().filter(|r| r.status != 200) {
+        reply.assert_error(401, "token_not_valid");
+    }
+}
+
+#[test]
+fn a_disable_through_the_cli_refuses_the_users_token_on_every_node_within_a_second() {
+    let Some(pg) =
+        cluster("a_disable_through_the_cli_refuses_the_users_token_on_every_node_within_a_second")
+    else {
+        return;
+    };
+    let (_mock, _keys, nodes, _url) = two_nodes(pg, "");
+    let login = crate::common::login(&nodes[0], "ok:sam");
+    let id = login["user"]["id"].as_u64().unwrap().to_string();
+    let access = bearer(login["access"].as_str().unwrap());
+    // Both nodes have the user cached now.
+    for node in &nodes {
+        let data = get(&node.url("/api/weixin/data/"), Some(&access));
+        assert_eq!(data.status, 200, "{}", data.text);
+    }
+    // The CLI works on the database directly (no node needed).
+    let out = nodes[0].cli(&["users", "disable", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for node in &nodes {
+        wait_for(
+            Duration::from_secs(1),
+            "the disable to reach the node",
+            || {
+                let data = get(&node.url("/api/weixin/data/"), Some(&access));
+                (data.status == 401).then_some(data)
+            },
+        )
+        .assert_error(401, "user_inactive");
+    }
+    // And back.
+    let out = nodes[1].cli(&["users", "enable", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for node in &nodes {
+        wait_for(
+            Duration::from_secs(1),
+            "the enable to reach the node",
+            || {
+                let data = get(&node.url("/api/weixin/data/"), Some(&access));
+                (data.status == 200).then_some(())
+            },
+        );
+    }
 }

@@ -51,7 +51,9 @@ fn data(server: &TestServer, token: &str) -> Reply {
 }
 
 fn str_of<'a>(body: &'a Value, key: &str) -> &'a str {
-    body[key].as_str().unwrap_or_else(|| panic!("no {key} in {body}"))
+    body[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {key} in {body}"))
 }
 
 /// Not run by default: makes the fixture with the previous release's binary.
@@ -170,7 +172,10 @@ fn everyone_is_still_logged_in(server: &TestServer) {
     let user = t["a_user"].to_string();
     let sessions = json_lines(&server.cli(&["users", "sessions", &user]));
     assert_eq!(sessions.len(), 2, "{sessions:?}");
-    assert!(sessions.iter().all(|s| s["revoked"] == true), "{sessions:?}");
+    assert!(
+        sessions.iter().all(|s| s["revoked"] == true),
+        "{sessions:?}"
+    );
 }
 
 #[test]
@@ -223,13 +228,20 @@ fn a_newer_storage_format_refuses_to_start_saying_so() {
         store.apply(batch).unwrap();
         store.flush().unwrap();
     }
-    let toml = format!("{VALID_CONFIG}\n[storage]\npath = {:?}\n", data.display().to_string());
+    let toml = format!(
+        "{VALID_CONFIG}\n[storage]\npath = {:?}\n",
+        data.display().to_string()
+    );
     // sled's background flusher may hold the lock for a moment after the drop.
-    let out = wait_for(std::time::Duration::from_secs(10), "the data directory's lock", || {
-        let out = run_with_config(dir.path(), &toml, &[], &["serve"]);
-        let text = String::from_utf8_lossy(&out.stderr).to_string();
-        (!text.contains("in use by another")).then_some(out)
-    });
+    let out = wait_for(
+        std::time::Duration::from_secs(10),
+        "the data directory's lock",
+        || {
+            let out = run_with_config(dir.path(), &toml, &[], &["serve"]);
+            let text = String::from_utf8_lossy(&out.stderr).to_string();
+            (!text.contains("in use by another")).then_some(out)
+        },
+    );
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -257,9 +269,8 @@ fn dir_bytes(dir: &Path) -> u64 {
 #[test]
 fn two_thousand_retries_inside_the_grace_write_nothing() {
     let mock = MockWeChat::start();
-    let server = TestServer::start(
-        TestConfig::against(&mock).with_env("WXAUTH_JWT__REUSE_GRACE", "10m"),
-    );
+    let server =
+        TestServer::start(TestConfig::against(&mock).with_env("WXAUTH_JWT__REUSE_GRACE", "10m"));
     let r1 = str_of(&login(&server, "ok:retrier"), "refresh").to_string();
     let r2 = refresh(&server, &r1);
     assert_eq!(r2.status, 200);
@@ -269,7 +280,10 @@ fn two_thousand_retries_inside_the_grace_write_nothing() {
         let retry = refresh(&server, &r1);
         assert_eq!(retry.status, 200, "{}", retry.text);
         // A pair for the family's current generation.
-        assert_eq!(jwt_parts(str_of(&retry.json(), "refresh")).1["gen"], generation);
+        assert_eq!(
+            jwt_parts(str_of(&retry.json(), "refresh")).1["gen"],
+            generation
+        );
     }
     let grown = dir_bytes(&server.data_dir()).saturating_sub(before);
     eprintln!("2,000 retries grew the data directory by {grown} bytes");

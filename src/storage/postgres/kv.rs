@@ -14,7 +14,9 @@
 
 use super::{family_from_row, pg_error, user_from_row, PgStore, FAMILY_COLUMNS, USER_COLUMNS};
 use crate::storage::model::{family_key, split_family_key};
-use crate::storage::{Op, ReadStore, SnapshotVisitor, StorageError, Store, Tree, Visitor, WriteBatch};
+use crate::storage::{
+    Op, ReadStore, SnapshotVisitor, StorageError, Store, Tree, Visitor, WriteBatch,
+};
 use crate::users::{self, User, UserId};
 use deadpool_postgres::GenericClient;
 use std::ops::ControlFlow;
@@ -203,8 +205,7 @@ async fn apply_op<C: GenericClient>(client: &C, op: &Op) -> Result<(), StorageEr
             }
         }
         Op::Put(tree @ Tree::UsersByUnionid, key, value) => {
-            let unionid =
-                std::str::from_utf8(key).map_err(|_| corrupt(*tree, "a unionid key"))?;
+            let unionid = std::str::from_utf8(key).map_err(|_| corrupt(*tree, "a unionid key"))?;
             let id = user_id_of(value).ok_or_else(|| corrupt(*tree, "a user id"))?;
             client
                 .execute(
@@ -366,7 +367,11 @@ async fn page<C: GenericClient>(
                 Cursor::After(key) => split_openid_key(key).unwrap_or(("", "")),
                 Cursor::From(_) => ("", ""),
             };
-            let cmp = if matches!(cursor, Cursor::After(_)) { ">" } else { ">=" };
+            let cmp = if matches!(cursor, Cursor::After(_)) {
+                ">"
+            } else {
+                ">="
+            };
             let sql = format!(
                 "SELECT appid, openid, user_id FROM wxauth_user_openids \
                  WHERE (appid COLLATE \"C\", openid COLLATE \"C\") {cmp} ($1, $2) \
@@ -388,7 +393,11 @@ async fn page<C: GenericClient>(
                 Cursor::After(key) => String::from_utf8_lossy(key).into_owned(),
                 Cursor::From(_) => String::new(),
             };
-            let cmp = if matches!(cursor, Cursor::After(_)) { ">" } else { ">=" };
+            let cmp = if matches!(cursor, Cursor::After(_)) {
+                ">"
+            } else {
+                ">="
+            };
             let sql = format!(
                 "SELECT unionid, user_id FROM wxauth_user_unionids \
                  WHERE unionid COLLATE \"C\" {cmp} $1 ORDER BY unionid COLLATE \"C\" LIMIT $2"
@@ -503,7 +512,10 @@ impl ReadStore for PgStore {
             {
                 Some(row) => {
                     let user = user_from_row(&row)?;
-                    Ok(Some((users::id_key(user.id).to_vec(), users::encode(&user))))
+                    Ok(Some((
+                        users::id_key(user.id).to_vec(),
+                        users::encode(&user),
+                    )))
                 }
                 None => Ok(None),
             }
@@ -554,7 +566,8 @@ impl Store for PgStore {
     /// Every tree as of one instant: one `REPEATABLE READ` transaction, streamed to
     /// the visitor (on the calling thread) a page at a time. Writers do not wait.
     fn snapshot(&self, visit: &mut SnapshotVisitor<'_>) -> Result<(), StorageError> {
-        let (tx_pages, mut pages) = tokio::sync::mpsc::channel::<Result<(Tree, Vec<Entry>), StorageError>>(4);
+        let (tx_pages, mut pages) =
+            tokio::sync::mpsc::channel::<Result<(Tree, Vec<Entry>), StorageError>>(4);
         let shared = self.shared.clone();
         self.io_handle().spawn(async move {
             let result: Result<(), StorageError> = async {

@@ -77,7 +77,10 @@ pub async fn run(client: &mut tokio_postgres::Client) -> Result<Migrated, Storag
     for migration in MIGRATIONS.iter().filter(|m| m.version > from) {
         tx.batch_execute(migration.sql).await.map_err(|e| {
             pg_error(
-                format!("migration {} ({}) failed", migration.version, migration.name),
+                format!(
+                    "migration {} ({}) failed",
+                    migration.version, migration.name
+                ),
                 e,
             )
         })?;

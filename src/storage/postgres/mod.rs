@@ -21,6 +21,7 @@
 //! [`StorageError`] (503 to a client), never a hang.
 
 mod kv;
+mod listen;
 mod migrate;
 
 pub use migrate::{latest as latest_schema, Migrated};
@@ -32,6 +33,7 @@ use crate::storage::model::{
     PurgeProgress, RotateOutcome, RotateRequest, Standing, StoreFuture,
 };
 use crate::storage::{StorageError, Tree};
+use crate::users::cache::UserCache;
 use crate::users::{PhoneNumber, User, UserId};
 use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
 use std::future::Future;
@@ -107,7 +109,12 @@ impl IoRuntime {
 impl Drop for IoRuntime {
     fn drop(&mut self) {
         // Never blocks: dropping a runtime inside another's async context would panic.
-        if let Some(runtime) = self.runtime.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(runtime) = self
+            .runtime
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             runtime.shutdown_background();
         }
     }
@@ -117,10 +124,20 @@ impl Drop for IoRuntime {
 struct Shared {
     pool: Pool,
     timeout: Duration,
+    /// This node's users cache ([`PgStore::with_user_cache`]): a user row this node
+    /// changed is dropped from it once committed (the next read fetches it).
+    users: Option<Arc<UserCache>>,
 }
 
 impl Shared {
     /// A pooled connection, within the timeout.
+    /// After a committed change of user `id`.
+    fn forget_user(&self, id: UserId) {
+        if let Some(users) = &self.users {
+            users.forget(id);
+        }
+    }
+
     async fn client(&self) -> Result<deadpool_postgres::Client, StorageError> {
         self.pool
             .get()
@@ -134,6 +151,9 @@ impl Shared {
 pub struct PgStore {
     shared: Arc<Shared>,
     io: Arc<IoRuntime>,
+    /// What the notification listener connects with.
+    client_config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
 }
 
 impl PgStore {
@@ -144,6 +164,12 @@ impl PgStore {
         let url = config.postgres.as_ref().ok_or_else(|| {
             StorageError::unavailable("storage.backend = \"postgres\" but no postgres_url")
         })?;
+        // storage.path still holds this node's own files (the admin socket).
+        if !config.path.is_dir() {
+            crate::fsutil::create_private_dir(&config.path).map_err(|e| {
+                StorageError::io(format!("cannot create {}", config.path.display()), e)
+            })?;
+        }
         let store = Self::connect(
             url,
             config.postgres_pool_size,
@@ -165,18 +191,19 @@ impl PgStore {
         timeout: Duration,
     ) -> Result<Self, StorageError> {
         let io = Arc::new(IoRuntime::new()?);
-        let tls = url
-            .tls_config()
-            .map_err(|reason| StorageError::unavailable(format!("storage.postgres_url: {reason}")))?;
+        let tls = url.tls_config().map_err(|reason| {
+            StorageError::unavailable(format!("storage.postgres_url: {reason}"))
+        })?;
         let mut client_config = url.client.clone();
         if client_config.get_connect_timeout().is_none() {
             client_config.connect_timeout(timeout);
         }
         // A peer that vanished (a failover, a cut link) is noticed within a minute.
         client_config.keepalives_idle(Duration::from_secs(30));
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
         let manager = Manager::from_config(
-            client_config,
-            tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+            client_config.clone(),
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -207,8 +234,14 @@ impl PgStore {
             .build()
             .map_err(|e| StorageError::io("cannot build the PostgreSQL pool", e))?;
         Ok(PgStore {
-            shared: Arc::new(Shared { pool, timeout }),
+            shared: Arc::new(Shared {
+                pool,
+                timeout,
+                users: None,
+            }),
             io,
+            client_config,
+            tls,
         })
     }
 
@@ -230,6 +263,21 @@ impl PgStore {
                 ))),
             }
         })
+    }
+
+    /// Keeps `users` (the token check's cache) true across nodes: this node's user
+    /// writes drop their user from it, and a listener drops the users other nodes
+    /// announce (see `listen`). Call once, before the store is shared.
+    pub fn with_user_cache(mut self, users: Arc<UserCache>) -> Self {
+        let shared = Arc::get_mut(&mut self.shared).expect("with_user_cache before sharing");
+        shared.users = Some(users.clone());
+        listen::start(
+            &self.io,
+            self.client_config.clone(),
+            self.tls.clone(),
+            users,
+        );
+        self
     }
 
     fn io_handle(&self) -> &tokio::runtime::Handle {
@@ -305,10 +353,13 @@ const FAMILY_COLUMNS: &str =
 
 fn family_from_row(row: &Row) -> Result<FamilyRecord, StorageError> {
     let id: Vec<u8> = row.get("family_id");
-    let id: [u8; 16] = id.as_slice().try_into().map_err(|_| StorageError::Corrupt {
-        tree: "wxauth_families",
-        reason: format!("family id of {} bytes", id.len()),
-    })?;
+    let id: [u8; 16] = id
+        .as_slice()
+        .try_into()
+        .map_err(|_| StorageError::Corrupt {
+            tree: "wxauth_families",
+            reason: format!("family id of {} bytes", id.len()),
+        })?;
     let user_id: i64 = row.get("user_id");
     let generation: i64 = row.get("generation");
     Ok(FamilyRecord {
@@ -330,6 +381,9 @@ async fn login(shared: Arc<Shared>, request: LoginRequest) -> Result<LoginResult
     let mut client = shared.client().await?;
     for _ in 0..LOGIN_ATTEMPTS {
         if let Some(result) = login_once(&mut client, &request).await? {
+            if let LoginResult::LoggedIn { user, .. } = &result {
+                shared.forget_user(user.id);
+            }
             return Ok(result);
         }
     }
@@ -552,6 +606,7 @@ async fn update_user(
     tx.commit()
         .await
         .map_err(|e| pg_error("update a user: commit", e))?;
+    shared.forget_user(id);
     Ok(Some(user))
 }
 
@@ -593,13 +648,7 @@ async fn rotate(shared: Arc<Shared>, r: RotateRequest) -> Result<RotateOutcome, 
                  WHERE user_id = $1 AND family_id = $2 AND generation = $3 \
                  AND revoked_ms IS NULL \
                  RETURNING generation",
-                &[
-                    &user_id,
-                    &family,
-                    &(r.presented as i64),
-                    &r.now_ms,
-                    &r.exp,
-                ],
+                &[&user_id, &family, &(r.presented as i64), &r.now_ms, &r.exp],
             )
             .await
             .map_err(|e| pg_error("rotate a family", e))?;
