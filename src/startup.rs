@@ -200,7 +200,15 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         Some(pg) => pg.clone(),
         None => crate::storage::open(&cfg.storage)?,
     };
+    if let Some(pg) = &postgres {
+        // Every node signs with the database's keys (created there by the first).
+        let generate = cfg.jwt.signing_key_file.is_none() && cfg.jwt.algorithm.is_hmac();
+        pg.pull_key_files(&cfg.storage.path, generate)?;
+    }
     let keys = Arc::new(JwtKeys::load(&cfg.jwt, &cfg.storage.path)?);
+    if let Some(pg) = &postgres {
+        pg.watch_key_ring(&cfg.storage.path, keys.clone());
+    }
     let commit = GroupCommit::start_with(store.clone(), {
         let users = users.clone();
         move || users.clear()

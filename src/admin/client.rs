@@ -56,7 +56,13 @@ pub fn run(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), A
 /// With `storage.backend = "postgres"` the database is the one truth every node
 /// reads: the command runs on it directly, whether nodes run or not. The users it
 /// changes are announced to every node's cache (`storage::postgres`).
+///
+/// The key commands (and the backup, which carries the key files) work on a copy of
+/// the database's key files in a private directory of their own, never in a node's
+/// data directory; a changed key ring is written back only if nobody changed it
+/// meanwhile (`storage::postgres::keys`).
 fn direct_postgres(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), AdminError> {
+    use storage::postgres::keys::KEY_FILES;
     let store = Arc::new(storage::postgres::PgStore::open(&cfg.storage)?);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
@@ -66,7 +72,26 @@ fn direct_postgres(request: &Request, cfg: &Config, out: &mut dyn Write) -> Resu
         runtime,
         jwt: cfg.jwt.clone(),
     };
-    execute(request, store.as_ref(), &cfg.storage.path, &mut writes, out)
+    let key_dir = std::env::temp_dir().join(format!("wxauth-keys-{}", crate::random_hex(8)));
+    let result = (|| {
+        store.pull_key_files(&key_dir, false)?;
+        let pulled: Vec<Option<Vec<u8>>> = KEY_FILES
+            .iter()
+            .map(|name| std::fs::read(key_dir.join(name)).ok())
+            .collect();
+        execute(request, store.as_ref(), &key_dir, &mut writes, out)?;
+        for (name, pulled) in KEY_FILES.into_iter().zip(pulled) {
+            if !store.push_key_file(&key_dir, name, pulled)? {
+                return Err(AdminError::Refused(format!(
+                    "{name} changed in the database while this command ran: nothing was \
+                     changed; run it again"
+                )));
+            }
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&key_dir);
+    result
 }
 
 fn remote(stream: UnixStream, request: &Request, out: &mut dyn Write) -> Result<(), AdminError> {

@@ -517,3 +517,98 @@ fn a_disable_through_the_cli_refuses_the_users_token_on_every_node_within_a_seco
         );
     }
 }
+
+/// A node that signs with the database's generated key (no key file configured).
+fn node_with_database_keys(mock: &MockWeChat, url: &str) -> TestServer {
+    TestServer::start(
+        TestConfig::against(mock)
+            .with_env("WXAUTH_STORAGE__BACKEND", "postgres")
+            .with_env("WXAUTH_STORAGE__POSTGRES_URL", url),
+    )
+}
+
+fn kid_of(token: &str) -> String {
+    crate::common::jwt_parts(token).0["kid"]
+        .as_str()
+        .expect("a kid")
+        .to_string()
+}
+
+#[test]
+fn nodes_share_the_generated_key_and_keys_rotate_and_retire_reach_every_node() {
+    let Some(pg) =
+        cluster("nodes_share_the_generated_key_and_keys_rotate_and_retire_reach_every_node")
+    else {
+        return;
+    };
+    let url = pg.create_database();
+    let mock = MockWeChat::start();
+    let nodes = [
+        node_with_database_keys(&mock, &url),
+        node_with_database_keys(&mock, &url),
+    ];
+    let first = crate::common::login(&nodes[0], "ok:kim.0");
+    let old_access = first["access"].as_str().unwrap().to_string();
+    let old_kid = kid_of(&old_access);
+    let second = crate::common::login(&nodes[1], "ok:kim.1");
+    assert_eq!(
+        kid_of(second["access"].as_str().unwrap()),
+        old_kid,
+        "one key"
+    );
+    for node in &nodes {
+        let data = get(&node.url("/api/weixin/data/"), Some(&bearer(&old_access)));
+        assert_eq!(data.status, 200, "{}", data.text);
+    }
+
+    let out = nodes[0].cli(&["keys", "rotate"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let made: Value = serde_json::from_slice(
+        out.stdout
+            .split(|&b| b == b'\n')
+            .find(|line| line.starts_with(b"{") && !line.windows(12).any(|w| w == b"wxauth_admin"))
+            .expect("the new key"),
+    )
+    .unwrap();
+    let new_kid = made["kid"].as_str().expect("its kid").to_string();
+    assert_ne!(new_kid, old_kid);
+    let codes = std::sync::atomic::AtomicUsize::new(2);
+    for node in &nodes {
+        wait_for(
+            Duration::from_secs(5),
+            "the node to sign with the new key",
+            || {
+                let n = codes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let login = crate::common::login(node, &format!("ok:kim.{n}"));
+                (kid_of(login["access"].as_str().unwrap()) == new_kid).then_some(())
+            },
+        );
+        let data = get(&node.url("/api/weixin/data/"), Some(&bearer(&old_access)));
+        assert_eq!(
+            data.status, 200,
+            "the old key still verifies: {}",
+            data.text
+        );
+    }
+
+    let out = nodes[1].cli(&["keys", "retire", &old_kid]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for node in &nodes {
+        wait_for(
+            Duration::from_secs(5),
+            "the retirement to reach the node",
+            || {
+                let data = get(&node.url("/api/weixin/data/"), Some(&bearer(&old_access)));
+                (data.status == 401).then_some(())
+            },
+        );
+    }
+}

@@ -20,6 +20,7 @@
 //! does not answer therefore fails an operation within that time, with a
 //! [`StorageError`] (503 to a client), never a hang.
 
+pub mod keys;
 mod kv;
 mod listen;
 mod migrate;
