@@ -612,3 +612,103 @@ fn nodes_share_the_generated_key_and_keys_rotate_and_retire_reach_every_node() {
         );
     }
 }
+
+/// Runs the CLI with `config`, the environment `env` on top.
+fn cli_with(config: &Path, env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wxauth"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run wxauth");
+    assert!(
+        out.status.success(),
+        "wxauth {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn refresh(node: &TestServer, token: &str) -> Value {
+    let reply = post_json(
+        &node.url("/api/token/refresh/"),
+        &json!({ "refresh": token }),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    reply.json()
+}
+
+#[test]
+fn backup_and_restore_move_a_team_from_sled_to_postgres_and_back_with_tokens_valid() {
+    let Some(pg) =
+        cluster("backup_and_restore_move_a_team_from_sled_to_postgres_and_back_with_tokens_valid")
+    else {
+        return;
+    };
+    let mock = MockWeChat::start();
+    // One sled node: a login and a rotation.
+    let mut sled = TestServer::start(TestConfig::against(&mock));
+    let login = crate::common::login(&sled, "ok:lee");
+    let id = login["user"]["id"].clone();
+    let access = bearer(login["access"].as_str().unwrap());
+    let refreshed = refresh(&sled, login["refresh"].as_str().unwrap());
+    let backup = sled.dir.path().join("from-sled.jsonl");
+    let out = sled.cli(&["backup", backup.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sled.terminate();
+
+    // Into PostgreSQL, before its nodes start; then two nodes.
+    let url = pg.create_database();
+    let to_pg = [
+        ("WXAUTH_STORAGE__BACKEND", "postgres"),
+        ("WXAUTH_STORAGE__POSTGRES_URL", url.as_str()),
+    ];
+    cli_with(&sled.config, &to_pg, &["restore", backup.to_str().unwrap()]);
+    let nodes = [
+        node_with_database_keys(&mock, &url),
+        node_with_database_keys(&mock, &url),
+    ];
+    for node in &nodes {
+        let data = get(&node.url("/api/weixin/data/"), Some(&access));
+        assert_eq!(
+            data.status, 200,
+            "the sled node's access token: {}",
+            data.text
+        );
+        assert_eq!(data.json()["user"]["id"], id);
+    }
+    let on_pg = refresh(&nodes[1], refreshed["refresh"].as_str().unwrap());
+    let next = crate::common::login(&nodes[0], "ok:nia");
+    assert_eq!(
+        next["user"]["id"].as_u64().unwrap(),
+        id.as_u64().unwrap() + 1,
+        "ids go on after the restored ones"
+    );
+
+    // And back: a backup of the database restores into a new sled directory.
+    let back = sled.dir.path().join("from-postgres.jsonl");
+    let out = nodes[0].cli(&["backup", back.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(nodes);
+    std::fs::remove_dir_all(sled.data_dir()).unwrap();
+    cli_with(&sled.config, &[], &["restore", back.to_str().unwrap()]);
+    sled.restart();
+    let data = get(&sled.url("/api/weixin/data/"), Some(&access));
+    assert_eq!(data.status, 200, "{}", data.text);
+    refresh(&sled, on_pg["refresh"].as_str().unwrap());
+    let data = get(
+        &sled.url("/api/weixin/data/"),
+        Some(&bearer(next["access"].as_str().unwrap())),
+    );
+    assert_eq!(data.status, 200, "a user made on PostgreSQL: {}", data.text);
+}

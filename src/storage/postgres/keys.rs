@@ -150,6 +150,30 @@ impl PgStore {
         }))
     }
 
+    /// Makes the database's copy of `name` the one in `data_dir`, whatever it held
+    /// (a restore, into a database no node serves yet).
+    pub fn replace_key_file(
+        &self,
+        data_dir: &Path,
+        name: &'static str,
+    ) -> Result<(), StorageError> {
+        let Some(content) = read_local(&data_dir.join(name))? else {
+            return Ok(());
+        };
+        self.wait(self.run("write a key file", move |shared| async move {
+            let client = shared.client().await?;
+            client
+                .execute(
+                    "INSERT INTO wxauth_kv (tree, key, value) VALUES ($1, $2, $3) \
+                     ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value",
+                    &[&FILES, &name.as_bytes(), &content],
+                )
+                .await
+                .map_err(|e| pg_error("write a key file", e))?;
+            Ok(())
+        }))
+    }
+
     /// Every [`KEY_POLL`], brings `data_dir`'s key ring up to the database's and
     /// reloads `keys` when it changed. Runs on its own thread until the process ends.
     pub fn watch_key_ring(&self, data_dir: &Path, keys: Arc<JwtKeys>) {

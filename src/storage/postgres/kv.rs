@@ -531,31 +531,34 @@ impl Store for PgStore {
         if batch.is_empty() {
             return Ok(());
         }
-        self.wait(self.run("write a batch", move |shared| async move {
-            let mut client = shared.client().await?;
-            let tx = client
-                .transaction()
-                .await
-                .map_err(|e| pg_error("write a batch: begin", e))?;
-            let mut wrote_users = false;
-            for op in &batch.ops {
-                wrote_users |= matches!(op, Op::Put(Tree::Users, ..));
-                apply_op(&tx, op).await?;
-            }
-            if wrote_users {
-                tx.execute(
-                    "SELECT setval('wxauth_user_ids', m) FROM \
+        let statements = batch.len();
+        self.wait(
+            self.run_for("write a batch", statements, move |shared| async move {
+                let mut client = shared.client().await?;
+                let tx = client
+                    .transaction()
+                    .await
+                    .map_err(|e| pg_error("write a batch: begin", e))?;
+                let mut wrote_users = false;
+                for op in &batch.ops {
+                    wrote_users |= matches!(op, Op::Put(Tree::Users, ..));
+                    apply_op(&tx, op).await?;
+                }
+                if wrote_users {
+                    tx.execute(
+                        "SELECT setval('wxauth_user_ids', m) FROM \
                      (SELECT max(id) AS m FROM wxauth_users) AS users, wxauth_user_ids AS seq \
                      WHERE m IS NOT NULL AND (m > seq.last_value OR NOT seq.is_called)",
-                    &[],
-                )
-                .await
-                .map_err(|e| pg_error("move the user id sequence", e))?;
-            }
-            tx.commit()
-                .await
-                .map_err(|e| pg_error("write a batch: commit", e))
-        }))
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| pg_error("move the user id sequence", e))?;
+                }
+                tx.commit()
+                    .await
+                    .map_err(|e| pg_error("write a batch: commit", e))
+            }),
+        )
     }
 
     /// Every applied batch was committed already.

@@ -253,9 +253,26 @@ impl PgStore {
         F: FnOnce(Arc<Shared>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, StorageError>> + Send + 'static,
     {
+        self.run_for(operation, 1, work)
+    }
+
+    /// [`run`](Self::run) for an operation of `statements` statements (a restore's
+    /// batch): cut off after the timeout for every 500 of them.
+    fn run_for<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        statements: usize,
+        work: F,
+    ) -> StoreFuture<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Shared>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, StorageError>> + Send + 'static,
+    {
         let shared = self.shared.clone();
+        let rounds = u32::try_from(statements.div_ceil(500).max(1)).unwrap_or(u32::MAX);
         self.io.spawn(async move {
-            let timeout = shared.timeout;
+            let timeout = shared.timeout.saturating_mul(rounds);
             match tokio::time::timeout(timeout, work(shared)).await {
                 Ok(result) => result,
                 Err(_) => Err(StorageError::unavailable(format!(
@@ -300,6 +317,37 @@ impl PgStore {
                 .map_err(|e| pg_error("PostgreSQL did not answer the probe", e))?;
             Ok(())
         })
+    }
+
+    /// No user and no family yet (a restore's target).
+    pub fn holds_no_users(&self) -> Result<bool, StorageError> {
+        self.wait(self.run("look for users", |shared| async move {
+            let client = shared.client().await?;
+            let row = client
+                .query_one(
+                    "SELECT NOT EXISTS (SELECT 1 FROM wxauth_users) \
+                     AND NOT EXISTS (SELECT 1 FROM wxauth_families)",
+                    &[],
+                )
+                .await
+                .map_err(|e| pg_error("look for users", e))?;
+            Ok(row.get(0))
+        }))
+    }
+
+    /// Deletes every row of wxauth's tables (a failed restore's cleanup); the schema
+    /// stays.
+    pub fn empty(&self) -> Result<(), StorageError> {
+        self.wait(self.run("empty the database", |shared| async move {
+            let client = shared.client().await?;
+            client
+                .batch_execute(
+                    "TRUNCATE wxauth_user_openids, wxauth_user_unionids, wxauth_families, \
+                     wxauth_kv, wxauth_users",
+                )
+                .await
+                .map_err(|e| pg_error("empty the database", e))
+        }))
     }
 
     /// The schema version the database has now.
