@@ -712,3 +712,48 @@ fn backup_and_restore_move_a_team_from_sled_to_postgres_and_back_with_tokens_val
     );
     assert_eq!(data.status, 200, "a user made on PostgreSQL: {}", data.text);
 }
+
+#[test]
+fn while_the_database_is_down_requests_get_503_never_500_and_service_returns_when_it_does() {
+    let Some(pg) = crate::common::postgres::private_cluster(
+        "while_the_database_is_down_requests_get_503_never_500_and_service_returns_when_it_does",
+    ) else {
+        return;
+    };
+    let url = pg.create_database();
+    let mock = MockWeChat::start();
+    let node = node_with_database_keys(&mock, &url);
+    let login = crate::common::login(&node, "ok:dan.0");
+    let refresh_token = login["refresh"].as_str().unwrap().to_string();
+    assert_eq!(get(&node.url("/readyz"), None).status, 200);
+
+    pg.stop_server();
+    wait_for(Duration::from_secs(5), "/readyz to turn unready", || {
+        (get(&node.url("/readyz"), None).status == 503).then_some(())
+    });
+    let down = post_json(&node.url("/api/weixin/login/"), &json!({ "code": "ok:dan.1" }));
+    down.assert_error(503, "storage_unavailable");
+    assert!(down.header("retry-after").is_some(), "Retry-After on a 503");
+    let down = post_json(
+        &node.url("/api/token/refresh/"),
+        &json!({ "refresh": refresh_token }),
+    );
+    assert_eq!(down.status, 503, "{}", down.text);
+    assert!(down.header("retry-after").is_some());
+    let data = get(
+        &node.url("/api/weixin/data/"),
+        Some(&bearer(login["access"].as_str().unwrap())),
+    );
+    assert_ne!(data.status, 500, "{}", data.text);
+
+    pg.start_server();
+    let back = std::time::Instant::now();
+    let again = wait_for(Duration::from_secs(5), "logins to work again", || {
+        let reply = post_json(&node.url("/api/weixin/login/"), &json!({ "code": format!("ok:dan.{}", back.elapsed().as_nanos()) }));
+        assert_ne!(reply.status, 500, "{}", reply.text);
+        (reply.status == 200).then_some(reply)
+    });
+    assert_eq!(again.json()["user"]["id"], login["user"]["id"]);
+    refresh(&node, &refresh_token);
+    assert_eq!(get(&node.url("/readyz"), None).status, 200);
+}
