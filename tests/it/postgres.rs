@@ -731,7 +731,10 @@ fn while_the_database_is_down_requests_get_503_never_500_and_service_returns_whe
     wait_for(Duration::from_secs(5), "/readyz to turn unready", || {
         (get(&node.url("/readyz"), None).status == 503).then_some(())
     });
-    let down = post_json(&node.url("/api/weixin/login/"), &json!({ "code": "ok:dan.1" }));
+    let down = post_json(
+        &node.url("/api/weixin/login/"),
+        &json!({ "code": "ok:dan.1" }),
+    );
     down.assert_error(503, "storage_unavailable");
     assert!(down.header("retry-after").is_some(), "Retry-After on a 503");
     let down = post_json(
@@ -749,11 +752,97 @@ fn while_the_database_is_down_requests_get_503_never_500_and_service_returns_whe
     pg.start_server();
     let back = std::time::Instant::now();
     let again = wait_for(Duration::from_secs(5), "logins to work again", || {
-        let reply = post_json(&node.url("/api/weixin/login/"), &json!({ "code": format!("ok:dan.{}", back.elapsed().as_nanos()) }));
+        let reply = post_json(
+            &node.url("/api/weixin/login/"),
+            &json!({ "code": format!("ok:dan.{}", back.elapsed().as_nanos()) }),
+        );
         assert_ne!(reply.status, 500, "{}", reply.text);
         (reply.status == 200).then_some(reply)
     });
     assert_eq!(again.json()["user"]["id"], login["user"]["id"]);
     refresh(&node, &refresh_token);
     assert_eq!(get(&node.url("/readyz"), None).status, 200);
+}
+
+#[test]
+fn kill_9_of_one_node_under_login_load_loses_no_answered_login_and_the_other_serves_on() {
+    let Some(pg) = cluster(
+        "kill_9_of_one_node_under_login_load_loses_no_answered_login_and_the_other_serves_on",
+    ) else {
+        return;
+    };
+    let url = pg.create_database();
+    let mock = MockWeChat::start();
+    let mut victim = node_with_database_keys(&mock, &url);
+    let survivor = node_with_database_keys(&mock, &url);
+    let answered = std::sync::Mutex::new(Vec::<u64>::new());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let victim_url = victim.url("/api/weixin/login/");
+    let survivor_url = survivor.url("/api/weixin/login/");
+    std::thread::scope(|s| {
+        for worker in 0..4 {
+            let (answered, stop, victim_url) = (&answered, &stop, &victim_url);
+            s.spawn(move || {
+                for i in 0..2_000 {
+                    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        return;
+                    }
+                    let code = format!("ok:victim{worker}x{i}.c");
+                    match crate::common::try_post_json(victim_url, &json!({ "code": code })) {
+                        Some(reply) if reply.status == 200 => {
+                            let id = reply.json()["user"]["id"].as_u64().unwrap();
+                            answered.lock().unwrap().push(id);
+                        }
+                        Some(_) => {}
+                        None => return,
+                    }
+                }
+            });
+        }
+        let (answered, stop) = (&answered, &stop);
+        let survivor_url = &survivor_url;
+        let survivor_logins = s.spawn(move || {
+            let mut ok = 0;
+            for i in 0..2_000 {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) && ok > 20 {
+                    return ok;
+                }
+                let reply = post_json(
+                    survivor_url,
+                    &json!({ "code": format!("ok:survivor{i}.c") }),
+                );
+                assert_eq!(
+                    reply.status, 200,
+                    "the other node serves on: {}",
+                    reply.text
+                );
+                ok += 1;
+            }
+            ok
+        });
+        wait_for(
+            Duration::from_secs(30),
+            "logins answered by the victim",
+            || (answered.lock().unwrap().len() >= 40).then_some(()),
+        );
+        victim.kill9();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(survivor_logins.join().unwrap() > 20);
+    });
+    let answered = answered.into_inner().unwrap();
+    let ids: Vec<String> = answered.iter().map(u64::to_string).collect();
+    let db = PgCluster::database_of(&url);
+    let found = pg.psql(
+        db,
+        &format!(
+            "SELECT count(DISTINCT u.id) FROM wxauth_users u JOIN wxauth_families f \
+             ON f.user_id = u.id WHERE u.id IN ({})",
+            ids.join(",")
+        ),
+    );
+    assert_eq!(
+        found,
+        answered.len().to_string(),
+        "every login the killed node answered is in the database, with its session"
+    );
 }
