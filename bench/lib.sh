@@ -46,6 +46,8 @@ bench_build() { # release wxauth and the examples; sets WXAUTH, POPULATE, MOCK_W
     log "building release (cargo build --release --bin wxauth --examples)"
     (cd "$ROOT" && cargo build --release --bin wxauth --examples >&2) || die "build failed"
     WXAUTH=$TARGET_DIR/release/wxauth
+    # BENCH_WXAUTH: measure that binary (another commit's release build) instead.
+    [[ -z ${BENCH_WXAUTH:-} ]] || WXAUTH=$(realpath "$BENCH_WXAUTH")
     POPULATE=$TARGET_DIR/release/examples/populate
     MOCK_WECHAT=$TARGET_DIR/release/examples/mock_wechat
     local bin
@@ -205,5 +207,6 @@ bench_describe() {
     if [[ -n $(git -C "$ROOT" status --porcelain --untracked-files=no -- src Cargo.toml 2>/dev/null) ]]; then
         COMMIT="$COMMIT+changes"
     fi
+    [[ -z ${BENCH_WXAUTH:-} ]] || COMMIT="$BENCH_WXAUTH ($("$BENCH_WXAUTH" --version 2>/dev/null || echo '?'))"
     LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
 }

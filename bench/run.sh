@@ -17,6 +17,8 @@
 #   BENCH_SERVER_ENV="WXAUTH_STORAGE__CACHE_CAPACITY=32MiB ..."
 #                           extra VAR=VALUE settings for every wxauth started
 #   BENCH_KEEP=1            keep the temporary directory (logs, wrk outputs)
+#   BENCH_WXAUTH=PATH       measure that wxauth binary (e.g. an older commit's release
+#                           build) instead of this tree's; the examples are still built
 #
 # Not part of CI: it needs the whole machine for a few minutes.
 set -euo pipefail
@@ -136,6 +138,9 @@ fi
 # ---------------------------------------------------------------- the table
 HEALTHZ=${RPS[healthz]}
 TOTAL_ERRORS=0
+x_healthz() { # SCENARIO: its server CPU per request as a multiple of /healthz's
+    awk -v a="${SUS[$1]}" -v b="${SUS[healthz]}" 'BEGIN {printf "%.1f", (b > 0 ? a / b : 0)}'
+}
 {
     echo
     echo "wxauth benchmark  $(date -u +%Y-%m-%dT%H:%MZ)  commit $COMMIT  $(nproc) cores," \
@@ -144,21 +149,25 @@ TOTAL_ERRORS=0
     [[ -z ${BENCH_SERVER_ENV:-} ]] || echo "server settings: $BENCH_SERVER_ENV"
     echo
     # "server µs/req" is written out: printf pads by bytes, and µ takes two.
-    printf '| %-24s | %8s | %9s | %9s | %6s | %9s | %10s | server µs/req | %8s | %9s |\n' \
+    # "× healthz": the scenario's server CPU per request over /healthz's, same run: a
+    # figure that stays put while the machine's speed moves from day to day.
+    printf '| %-24s | %8s | %9s | %9s | %6s | %9s | %10s | server µs/req | × healthz | %8s | %9s |\n' \
         scenario "req/s" p50 p99 errors "/healthz" "server CPU" "wrk CPU" "mock CPU"
-    printf '|%s|%s:|%s:|%s:|%s:|%s:|%s:|%s:|%s:|%s:|\n' \
+    printf '|%s|%s:|%s:|%s:|%s:|%s:|%s:|%s:|%s:|%s:|%s:|\n' \
         "$(printf -- '-%.0s' {1..26})" "$(printf -- '-%.0s' {1..9})" \
         "$(printf -- '-%.0s' {1..10})" "$(printf -- '-%.0s' {1..10})" \
         "$(printf -- '-%.0s' {1..7})" "$(printf -- '-%.0s' {1..10})" \
         "$(printf -- '-%.0s' {1..11})" "$(printf -- '-%.0s' {1..14})" \
+        "$(printf -- '-%.0s' {1..10})" \
         "$(printf -- '-%.0s' {1..9})" "$(printf -- '-%.0s' {1..10})"
     for name in "${ORDER[@]}"; do
         ratio=$(awk -v a="${RPS[$name]}" -v b="$HEALTHZ" 'BEGIN {printf "%.2f", a / b}')
         mock=${MCPU[$name]}
         [[ $name == *"(http)"* ]] || mock="-"
-        printf '| %-24s | %8s | %9s | %9s | %6s | %9s | %10s | %13s | %8s | %9s |\n' \
+        printf '| %-24s | %8s | %9s | %9s | %6s | %9s | %10s | %13s | %9s | %8s | %9s |\n' \
             "$name" "${RPS[$name]}" "$(ms "${P50[$name]}")" "$(ms "${P99[$name]}")" \
-            "${ERRS[$name]}" "$ratio" "${SCPU[$name]}" "$(us1 "${SUS[$name]}")" "${WCPU[$name]}" "$mock"
+            "${ERRS[$name]}" "$ratio" "${SCPU[$name]}" "$(us1 "${SUS[$name]}")" \
+            "$(x_healthz "$name")×" "${WCPU[$name]}" "$mock"
         errors=${ERRS[$name]}
         TOTAL_ERRORS=$((TOTAL_ERRORS + errors))
     done
@@ -187,6 +196,10 @@ TOTAL_ERRORS=0
     check "login-returning (http) server CPU us/req" "$(us1 "${SUS[login-returning (http)]}")" "<=" 90
     check "refresh server CPU us/req, durable rotation" "$(us1 "${SUS[refresh]}")" "<=" 60
     check "data server CPU us/req" "$(us1 "${SUS[data]}")" "<=" 9
+    # The same, as multiples of /healthz's server CPU per request in this run.
+    check "refresh server CPU × healthz, durable rotation" "$(x_healthz refresh)" "<=" 4
+    check "login-returning (http) server CPU × healthz" "$(x_healthz "login-returning (http)")" "<=" 8
+    check "login-new (http) server CPU × healthz" "$(x_healthz "login-new (http)")" "<=" 10
     check "data / healthz server CPU us/req (same run)" \
         "$(awk -v a="${SUS[data]}" -v b="${SUS[healthz]}" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}')" "<=" 1.5
     worst=0

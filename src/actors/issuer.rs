@@ -126,6 +126,29 @@ impl TokenIssuer {
         })
     }
 
+    /// The whole check of a refresh token, its family's standing included (read
+    /// here). A reuse is answered by revoking the family.
+    fn check_standing<T: 'static>(
+        &self,
+        token: &str,
+        now_ms: i64,
+    ) -> Result<check::Accepted, Answer<T>> {
+        check::check(
+            &self.keys,
+            self.reader.as_ref(),
+            &self.users,
+            token,
+            Accept::Refresh,
+            now_ms,
+        )
+        .map_err(|e| match e {
+            CheckError::Refused(Refusal::Reused { user_id, family }) => {
+                self.reused(user_id, family, now_ms)
+            }
+            e => refused(e),
+        })
+    }
+
     /// Refresh: the token and its user are checked here (steps 1 to 9 of the
     /// check); the family's step is the store's compare-and-swap. A retry inside the
     /// grace gets a pair for the family's current generation and writes nothing.
@@ -134,19 +157,9 @@ impl TokenIssuer {
         let now = now_ms.div_euclid(1000);
         if !self.rotate {
             // No rotation: the token must count as it is (its family read here).
-            let accepted = match check::check(
-                &self.keys,
-                self.reader.as_ref(),
-                &self.users,
-                token,
-                Accept::Refresh,
-                now_ms,
-            ) {
+            let accepted = match self.check_standing(token, now_ms) {
                 Ok(accepted) => accepted,
-                Err(CheckError::Refused(Refusal::Reused { user_id, family })) => {
-                    return self.reused(user_id, family, now_ms)
-                }
-                Err(e) => return refused(e),
+                Err(answer) => return answer,
             };
             let (claims, stamp) = (accepted.claims, accepted.user.token_stamp);
             let access = self
@@ -221,19 +234,9 @@ impl TokenIssuer {
     /// 401). A token the check refuses otherwise changes nothing.
     fn blacklist(&mut self, token: &str) -> Answer<()> {
         let now_ms = crate::tokens::now_ms();
-        let accepted = match check::check(
-            &self.keys,
-            self.reader.as_ref(),
-            &self.users,
-            token,
-            Accept::Refresh,
-            now_ms,
-        ) {
+        let accepted = match self.check_standing(token, now_ms) {
             Ok(accepted) => accepted,
-            Err(CheckError::Refused(Refusal::Reused { user_id, family })) => {
-                return self.reused(user_id, family, now_ms)
-            }
-            Err(e) => return refused(e),
+            Err(answer) => return answer,
         };
         let (RefreshStanding::Current { family } | RefreshStanding::InGrace { family }) = accepted
             .refresh

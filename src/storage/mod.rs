@@ -157,6 +157,9 @@ impl WriteBatch {
     }
 }
 
+/// A key and its value.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
 /// Called for each entry of a scan, in key order; `Break` stops the scan.
 pub type Visitor<'a> = dyn FnMut(&[u8], &[u8]) -> ControlFlow<()> + 'a;
 
@@ -184,7 +187,7 @@ pub trait ReadStore: Send + Sync {
     fn size_on_disk(&self) -> Result<u64, StorageError>;
     /// The entry with the greatest key of `tree`. The default scans the tree;
     /// engines override it.
-    fn last(&self, tree: Tree) -> Result<Option<(Vec<u8>, Vec<u8>)>, StorageError> {
+    fn last(&self, tree: Tree) -> Result<Option<Entry>, StorageError> {
         let mut last = None;
         self.for_each(tree, &mut |key, value| {
             last = Some((key.to_vec(), value.to_vec()));

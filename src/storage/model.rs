@@ -141,8 +141,10 @@ pub struct LoginRequest {
     pub now_ms: i64,
 }
 
-/// What [`AuthStore::login`] did.
+/// What [`AuthStore::login`] did. (Not boxed: it lives for one answer, and the
+/// common case is the large variant.)
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum LoginResult {
     /// The user (found or created) with its last login, session key and indexes
     /// updated, and the new family at generation 1. `created`: the user is new.
@@ -222,7 +224,7 @@ pub fn standing(
         Standing::Current
     } else if presented > family.generation {
         Standing::Ahead
-    } else if presented + 1 == family.generation
+    } else if presented.checked_add(1) == Some(family.generation)
         && crate::tokens::check::within_grace(family.rotated_ms, now_ms, grace_ms)
     {
         Standing::InGrace
@@ -250,9 +252,12 @@ pub trait AuthStore: Send + Sync {
 
     /// Find-or-create the user of `(appid, openid)` (or, when linking, of its
     /// unionid), record the login (last login, session key, a missing index or
-    /// unionid added) and start a new family at generation 1: one atomic, durable
-    /// unit. Two concurrent logins of one new openid create ONE user (the unique
-    /// key decides). A disabled user: nothing written.
+    /// unionid added) and start a new family at generation 1: one durable unit.
+    /// Resolves only once all of it is durable; a crash before leaves none of it or
+    /// a part no login or token can reach (never an index without its user, never
+    /// a token for a family that is not there). Two concurrent logins of one new
+    /// openid create ONE user (the unique key decides). A disabled user: nothing
+    /// written.
     fn login(&self, request: LoginRequest) -> StoreFuture<LoginResult>;
 
     /// One user by id.

@@ -326,7 +326,7 @@ impl ReadStore for SledStore {
         with_db!(self, db => db.db.size_on_disk().map_err(io))
     }
 
-    fn last(&self, tree: Tree) -> Result<Option<(Vec<u8>, Vec<u8>)>, StorageError> {
+    fn last(&self, tree: Tree) -> Result<Option<super::Entry>, StorageError> {
         with_db!(self, db => Ok(db
             .tree(tree)
             .last()

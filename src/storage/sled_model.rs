@@ -318,7 +318,8 @@ impl SledModel {
         Ok(
             match standing(&family, req.presented, req.now_ms, req.grace_ms) {
                 Standing::Current => {
-                    family.generation += 1;
+                    // 2^64 rotations do not happen; saturating all the same.
+                    family.generation = family.generation.saturating_add(1);
                     family.rotated_ms = req.now_ms;
                     family.exp = family.exp.max(req.exp);
                     self.put_family(&family)?;
@@ -598,6 +599,127 @@ mod tests {
             !model.revoke_family(1, family.id, 1).await.unwrap(),
             "revoked already"
         );
+    }
+
+    /// Counts the writes that reach the store.
+    struct Counting {
+        inner: Arc<SledStore>,
+        writes: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ReadStore for Counting {
+        fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+            self.inner.get(tree, key)
+        }
+        fn for_each(
+            &self,
+            tree: Tree,
+            visit: &mut crate::storage::Visitor<'_>,
+        ) -> Result<(), StorageError> {
+            self.inner.for_each(tree, visit)
+        }
+        fn size_on_disk(&self) -> Result<u64, StorageError> {
+            self.inner.size_on_disk()
+        }
+    }
+
+    impl Store for Counting {
+        fn apply(&self, batch: WriteBatch) -> Result<(), StorageError> {
+            self.writes
+                .fetch_add(batch.len(), std::sync::atomic::Ordering::SeqCst);
+            self.inner.apply(batch)
+        }
+        fn apply_in_order(&self, batch: WriteBatch) -> Result<(), StorageError> {
+            self.writes
+                .fetch_add(batch.len(), std::sync::atomic::Ordering::SeqCst);
+            self.inner.apply_in_order(batch)
+        }
+        fn flush(&self) -> Result<(), StorageError> {
+            self.inner.flush()
+        }
+        fn snapshot(
+            &self,
+            visit: &mut crate::storage::SnapshotVisitor<'_>,
+        ) -> Result<(), StorageError> {
+            self.inner.snapshot(visit)
+        }
+        fn recover(&self) -> Result<bool, StorageError> {
+            self.inner.recover()
+        }
+    }
+
+    #[actix_web::test]
+    async fn a_new_login_is_three_writes_a_returning_one_two_and_a_rotation_one() {
+        let (_dir, inner, _) = model();
+        let store = Arc::new(Counting {
+            inner,
+            writes: Default::default(),
+        });
+        let commit = GroupCommit::start(store.clone());
+        let model = SledModel::new(store.clone(), commit, Arc::new(UserCache::new(0))).unwrap();
+        let writes = || store.writes.swap(0, std::sync::atomic::Ordering::SeqCst);
+        let (_, _, family) = login(&model, "new", 0).await;
+        assert_eq!(writes(), 3, "family, user, openid index");
+        login(&model, "new", 0).await;
+        assert_eq!(writes(), 2, "family, user");
+        model.rotate(rotate(&family, 1, 10, 1_000)).await.unwrap();
+        assert_eq!(writes(), 1, "the family");
+        model.rotate(rotate(&family, 1, 20, 1_000)).await.unwrap();
+        assert_eq!(writes(), 0, "a retry inside the grace");
+    }
+
+    #[actix_web::test]
+    async fn the_purge_deletes_expired_families_and_legacy_records_over_many_chunks() {
+        let (_dir, store, model) = model();
+        let mut batch = WriteBatch::default();
+        for i in 0..600u32 {
+            let family = FamilyRecord {
+                user_id: u64::from(i % 7),
+                id: FamilyId(u128::from(i).to_be_bytes()),
+                generation: 1,
+                created_ms: 0,
+                rotated_ms: 0,
+                // Every third one live.
+                exp: if i % 3 == 0 { 2_000 } else { 500 },
+                revoked_ms: None,
+            };
+            batch.put(
+                Tree::Families,
+                family_key(family.user_id, family.id),
+                encode_family(&family),
+            );
+            batch.put(
+                Tree::RefreshTokens,
+                format!("{i:032}"),
+                format!(
+                    r#"{{"family":"f","user_id":1,"exp":{}}}"#,
+                    if i % 3 == 0 { 2_000 } else { 500 }
+                ),
+            );
+        }
+        store.apply(batch).unwrap();
+        let (mut from, mut deleted, mut steps) = (None, 0, 0);
+        loop {
+            let step = model.purge_expired(1_000, from, 100).await.unwrap();
+            deleted += step.deleted;
+            steps += 1;
+            match step.next {
+                Some(next) => from = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(deleted, 800);
+        assert!(steps >= 12, "{steps} steps");
+        let mut left = 0;
+        for tree in [Tree::Families, Tree::RefreshTokens] {
+            store
+                .for_each(tree, &mut |_, _| {
+                    left += 1;
+                    ControlFlow::Continue(())
+                })
+                .unwrap();
+        }
+        assert_eq!(left, 400);
     }
 
     #[actix_web::test]

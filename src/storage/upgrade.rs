@@ -211,9 +211,7 @@ mod tests {
         batch.put(
             Tree::TokenFamilies,
             fam.as_bytes(),
-            format!(
-                r#"{{"user_id":3,"created_at":100,"exp":900,"current":"b","revoked_at":null}}"#
-            ),
+            r#"{"user_id":3,"created_at":100,"exp":900,"current":"b","revoked_at":null}"#,
         );
         batch.put(
             Tree::RefreshTokens,

@@ -65,17 +65,17 @@ fn make_the_upgrade_fixture() {
     let mut server = TestServer::start_with(config(&mock), Path::new(&old), |_| {});
     // A: logged in, refreshed once (a_r1 rotated out, a_r2 current), then a second
     // login that logged out.
-    let a = login(&server, "ok:upgrade-a");
+    let a = login(&server, "ok:upgrade-a.1");
     let a_r1 = str_of(&a, "refresh").to_string();
     let rotated = refresh(&server, &a_r1);
     assert_eq!(rotated.status, 200, "{}", rotated.text);
     let rotated = rotated.json();
-    let a2 = login(&server, "ok:upgrade-a");
+    let a2 = login(&server, "ok:upgrade-a.2");
     assert_eq!(blacklist(&server, str_of(&a2, "refresh")).status, 200);
     // B: logged in, untouched.
-    let b = login(&server, "ok:upgrade-b");
+    let b = login(&server, "ok:upgrade-b.1");
     // C: logged in, then every token revoked by the operator.
-    let c = login(&server, "ok:upgrade-c");
+    let c = login(&server, "ok:upgrade-c.1");
     let out = server.cli(&["tokens", "revoke", "--user", &c["user"]["id"].to_string()]);
     assert!(out.status.success(), "{out:?}");
 
