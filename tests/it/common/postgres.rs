@@ -172,18 +172,21 @@ impl PgCluster {
             pg_ctl.display(),
             self.data().display()
         );
+        // In the background of a shell that exits at once: the watcher outlives us.
         let script = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf {dir}",
+            "(while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop}; rm -rf {dir}) \
+             </dev/null >/dev/null 2>&1 &",
             pid = std::process::id(),
             dir = self.dir.display()
         );
-        Command::new("sh")
+        let started = Command::new("sh")
             .args(["-c", &script])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn the cluster's watcher");
+            .status()
+            .expect("start the cluster's watcher");
+        assert!(started.success(), "start the cluster's watcher");
     }
 
     /// Runs one of PostgreSQL's programs (as the postgres user when we are root).
