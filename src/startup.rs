@@ -246,6 +246,7 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         &loaded.apps,
         store.clone(),
         commit.clone(),
+        model.clone(),
         metrics.clone(),
         &keeper_arbiter.handle(),
     );

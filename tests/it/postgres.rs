@@ -846,3 +846,50 @@ fn kill_9_of_one_node_under_login_load_loses_no_answered_login_and_the_other_ser
         "every login the killed node answered is in the database, with its session"
     );
 }
+
+#[test]
+fn fifty_concurrent_phone_requests_over_two_cold_nodes_make_one_stable_token_call() {
+    let Some(pg) =
+        cluster("fifty_concurrent_phone_requests_over_two_cold_nodes_make_one_stable_token_call")
+    else {
+        return;
+    };
+    let url = pg.create_database();
+    let mock = MockWeChat::start();
+    // A slow fetch, so that every request arrives while the first is under way.
+    mock.set_token_delay(300);
+    let nodes = [
+        node_with_database_keys(&mock, &url),
+        node_with_database_keys(&mock, &url),
+    ];
+    let access = bearer(
+        crate::common::login(&nodes[0], "ok:pat.0")["access"]
+            .as_str()
+            .unwrap(),
+    );
+    let replies: Vec<Reply> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..50)
+            .map(|i| {
+                let (url, access) = (nodes[i % 2].url("/api/weixin/phone/"), access.clone());
+                s.spawn(move || {
+                    crate::common::collect(
+                        crate::common::agent()
+                            .post(&url)
+                            .header("Authorization", &access)
+                            .header("Content-Type", "application/json")
+                            .send(json!({ "code": format!("ok:pat.{i}") }).to_string()),
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for reply in &replies {
+        assert_eq!(reply.status, 200, "{}", reply.text);
+    }
+    assert_eq!(
+        mock.token_fetches(),
+        (1, 0),
+        "one stable_token call for both nodes"
+    );
+}

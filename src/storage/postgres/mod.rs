@@ -870,4 +870,30 @@ impl AuthStore for PgStore {
             kv::put(&client, Tree::Meta, &key, &record).await
         })
     }
+
+    /// The conditional upsert decides: of any number of nodes asking at once, one
+    /// gets the row (or finds it expired or its own), the others 0 rows.
+    fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreFuture<bool> {
+        let (name, holder) = (name.to_string(), holder.to_string());
+        self.run("take a lease", move |shared| async move {
+            let client = shared.client().await?;
+            let taken = client
+                .execute(
+                    "INSERT INTO wxauth_leases (name, holder, until_ms) VALUES ($1, $2, $4) \
+                     ON CONFLICT (name) DO UPDATE \
+                     SET holder = EXCLUDED.holder, until_ms = EXCLUDED.until_ms \
+                     WHERE wxauth_leases.until_ms < $3 OR wxauth_leases.holder = EXCLUDED.holder",
+                    &[&name, &holder, &now_ms, &until_ms],
+                )
+                .await
+                .map_err(|e| pg_error("take a lease", e))?;
+            Ok(taken == 1)
+        })
+    }
 }

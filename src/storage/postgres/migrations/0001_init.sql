@@ -57,3 +57,11 @@ CREATE TABLE wxauth_kv (
     value bytea NOT NULL,
     PRIMARY KEY (tree, key)
 );
+
+-- One holder at a time of a named job across nodes: the refresh of an app's WeChat
+-- access token (`lease:access_token:<appid>`).
+CREATE TABLE wxauth_leases (
+    name     text   PRIMARY KEY,
+    holder   text   NOT NULL,
+    until_ms bigint NOT NULL
+);
