@@ -88,9 +88,14 @@ ACCESS=$(post_json "$SERVER_PORT" $LOGIN '{"code":"s0.data"}' | json_str access)
 [[ -n $ACCESS ]] || die "could not log in on the sled node"
 scenario "sled: login-new (http)" "$PID" "${WRK[@]}" -t "$THREADS" -c "$CONNS" \
     -s "$(lua login)" "$URL$LOGIN" -- new @TAG@
+# Fresh tokens for the measured run (the warm-up's are rotated out by then).
 seed "$WORK/sled_tokens.txt" "$SERVER_PORT" "$CONNS" sr
-scenario "sled: refresh" "$PID" "${WRK[@]}" -t "$CONNS" -c "$CONNS" \
+run_wrk "sled: refresh (warm-up)" "$PID" "${WRK[@]}" -d "$WARMUP" -t "$CONNS" -c "$CONNS" \
     -s "$(lua refresh)" "$URL/api/token/refresh/" -- "$WORK/sled_tokens.txt" 0
+seed "$WORK/sled_tokens.txt" "$SERVER_PORT" "$CONNS" sm
+run_wrk "sled: refresh" "$PID" "${WRK[@]}" -d "$DURATION" -t "$CONNS" -c "$CONNS" \
+    -s "$(lua refresh)" "$URL/api/token/refresh/" -- "$WORK/sled_tokens.txt" 0
+ORDER+=("sled: refresh")
 scenario "sled: data" "$PID" "${WRK[@]}" -t "$THREADS" -c "$CONNS" -s "$(lua report)" \
     -H "Authorization: Bearer $ACCESS" "$URL/api/weixin/data/"
 stop_pid "$PID"
