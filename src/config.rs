@@ -80,6 +80,20 @@ pub struct TlsConfig {
 pub struct StorageConfig {
     pub path: PathBuf,
     pub cache_capacity: ByteSize,
+    pub backend: StorageBackend,
+    /// `storage.backend = "postgres"`: the database, as a libpq-style URL
+    /// (crate::postgres_url), or from a file (a systemd credential).
+    pub postgres_url: Option<Secret>,
+    pub postgres_url_file: Option<PathBuf>,
+    /// Connections each node keeps open at most.
+    pub postgres_pool_size: usize,
+    /// Every statement, and the wait for a pooled connection, is cut off after this.
+    #[serde(deserialize_with = "de_duration")]
+    pub postgres_statement_timeout: Duration,
+    /// `postgres_url` or `postgres_url_file`, parsed: set by [`Config::load`] and
+    /// [`Config::load_for_admin`] when `backend` is `postgres`, never read from a file.
+    #[serde(skip)]
+    pub postgres: Option<crate::postgres_url::PostgresUrl>,
 }
 
 impl Default for StorageConfig {
@@ -87,7 +101,86 @@ impl Default for StorageConfig {
         StorageConfig {
             path: PathBuf::from("./data"),
             cache_capacity: ByteSize(64 * 1024 * 1024),
+            backend: StorageBackend::Sled,
+            postgres_url: None,
+            postgres_url_file: None,
+            postgres_pool_size: 16,
+            postgres_statement_timeout: Duration::from_secs(5),
+            postgres: None,
         }
+    }
+}
+
+/// `storage.backend`: the embedded store (one node), or PostgreSQL (one or more nodes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    #[default]
+    Sled,
+    Postgres,
+}
+
+impl StorageConfig {
+    /// Checks the PostgreSQL keys and reads the URL (from its file, if so): the
+    /// parsed URL when `backend` is `postgres`. With `sled`, a URL set anyway is a
+    /// warning (it is not used).
+    fn resolve_postgres(
+        &self,
+        warnings: &mut Vec<String>,
+    ) -> Result<Option<crate::postgres_url::PostgresUrl>, ConfigError> {
+        if self.backend == StorageBackend::Sled {
+            if self.postgres_url.is_some() || self.postgres_url_file.is_some() {
+                warnings.push(
+                    "storage.postgres_url is set but storage.backend is \"sled\": it is not used"
+                        .into(),
+                );
+            }
+            return Ok(None);
+        }
+        if self.postgres_pool_size == 0 || self.postgres_pool_size > 256 {
+            return Err(ConfigError::new(
+                "storage.postgres_pool_size",
+                "must be between 1 and 256",
+            ));
+        }
+        if self.postgres_statement_timeout < Duration::from_millis(100)
+            || self.postgres_statement_timeout > Duration::from_secs(60)
+        {
+            return Err(ConfigError::new(
+                "storage.postgres_statement_timeout",
+                "must be between 100ms and 60s",
+            ));
+        }
+        let (key, url) = match (&self.postgres_url, &self.postgres_url_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "storage.postgres_url_file",
+                    "set either postgres_url or postgres_url_file, not both",
+                ))
+            }
+            (Some(url), None) => ("storage.postgres_url", url.clone()),
+            (None, Some(path)) => (
+                "storage.postgres_url_file",
+                read_secret_file("storage.postgres_url_file", path)?,
+            ),
+            (None, None) => return Err(ConfigError::new(
+                "storage.postgres_url",
+                "is required (or storage.postgres_url_file) when storage.backend = \"postgres\"",
+            )),
+        };
+        let mut parsed = crate::postgres_url::parse(url.expose())
+            .map_err(|reason| ConfigError::new(key, reason))?;
+        // sslrootcert, like every file the config names, may be a systemd credential.
+        use crate::postgres_url::{RootCerts, TlsCheck};
+        if let TlsCheck::Chain(RootCerts::File(path)) | TlsCheck::Full(RootCerts::File(path)) =
+            &mut parsed.tls
+        {
+            *path = resolve_credential_path(path);
+        }
+        parsed
+            .tls_config()
+            .map_err(|reason| ConfigError::new(key, reason))?;
+        Ok(Some(parsed))
     }
 }
 
@@ -335,6 +428,8 @@ impl Config {
         let config: Config = figment.extract().map_err(from_figment)?;
         let mut warnings = unknown_keys(&figment);
         let apps = config.validate(&mut warnings)?;
+        let mut config = config;
+        config.storage.postgres = config.storage.resolve_postgres(&mut warnings)?;
         let token_endpoint_secret = config.token_endpoint_secret()?;
         Ok(Loaded {
             config,
@@ -353,6 +448,8 @@ impl Config {
         if config.storage.path.as_os_str().is_empty() {
             return Err(ConfigError::new("storage.path", "must not be empty"));
         }
+        let mut config = config;
+        config.storage.postgres = config.storage.resolve_postgres(&mut Vec::new())?;
         Ok(config)
     }
 

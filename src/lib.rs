@@ -16,6 +16,7 @@ pub mod error;
 pub mod fsutil;
 pub mod http;
 pub mod metrics;
+pub mod postgres_url;
 pub mod ratelimit;
 pub mod secret;
 pub mod startup;

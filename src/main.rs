@@ -94,7 +94,14 @@ fn main() -> ExitCode {
             let storage = &cfg.storage;
             match wxauth::admin::restore(&file, storage) {
                 Ok(entries) => {
-                    println!("restored {entries} entries into {}", storage.path.display());
+                    match storage.backend {
+                        wxauth::config::StorageBackend::Sled => {
+                            println!("restored {entries} entries into {}", storage.path.display())
+                        }
+                        wxauth::config::StorageBackend::Postgres => {
+                            println!("restored {entries} entries into the PostgreSQL database")
+                        }
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(cause_chain(&e)),

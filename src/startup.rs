@@ -2,12 +2,14 @@
 
 use crate::actors::{access_token, issuer::TokenIssuer, registry::UserRegistry, wechat};
 use crate::admin;
+use crate::config::StorageBackend;
 use crate::config::{ConfigError, Loaded};
 use crate::http::connection::{ListenerLimits, PerIpLimit};
 use crate::http::{self, AppState, LoginLimiter};
 use crate::metrics::Metrics;
 use crate::storage::model::AuthStore;
-use crate::storage::{GroupCommit, ReadStore, SledModel, StorageError};
+use crate::storage::postgres::PgStore;
+use crate::storage::{GroupCommit, ReadStore, SledModel, StorageError, Store};
 use crate::tokens::JwtKeys;
 use crate::users::cache::UserCache;
 use actix::{Actor, Arbiter};
@@ -219,19 +221,41 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
         _ => None,
     };
-    let store = crate::storage::open(&cfg.storage)?;
-    let keys = Arc::new(JwtKeys::load(&cfg.jwt, &cfg.storage.path)?);
     // Kept up to date by the store's user operations; read by every token check.
     let users = Arc::new(UserCache::new(crate::users::cache::DEFAULT_CAPACITY));
+    // PostgreSQL: one object is both the tree view (reads, probe, backup) and the
+    // operations; it keeps `users` true across nodes itself.
+    let postgres = match cfg.storage.backend {
+        StorageBackend::Sled => None,
+        StorageBackend::Postgres => Some(Arc::new(
+            PgStore::open(&cfg.storage)?.with_user_cache(users.clone()),
+        )),
+    };
+    let store: Arc<dyn Store> = match &postgres {
+        Some(pg) => pg.clone(),
+        None => crate::storage::open(&cfg.storage)?,
+    };
+    if let Some(pg) = &postgres {
+        // Every node signs with the database's keys (created there by the first).
+        let generate = cfg.jwt.signing_key_file.is_none() && cfg.jwt.algorithm.is_hmac();
+        pg.pull_key_files(&cfg.storage.path, generate)?;
+    }
+    let keys = Arc::new(JwtKeys::load(&cfg.jwt, &cfg.storage.path)?);
+    if let Some(pg) = &postgres {
+        pg.watch_key_ring(&cfg.storage.path, keys.clone());
+    }
     let commit = GroupCommit::start_with(store.clone(), {
         let users = users.clone();
         move || users.clear()
     });
-    let model: Arc<dyn AuthStore> = Arc::new(SledModel::new(
-        store.clone(),
-        commit.clone(),
-        users.clone(),
-    )?);
+    let model: Arc<dyn AuthStore> = match postgres {
+        Some(pg) => pg,
+        None => Arc::new(SledModel::new(
+            store.clone(),
+            commit.clone(),
+            users.clone(),
+        )?),
+    };
     let registry = UserRegistry::new(model.clone(), store.clone(), cfg.wechat.link_by_unionid);
 
     // Each state-owning actor runs on its own thread (arbiter), off the HTTP workers.
@@ -258,6 +282,7 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         &loaded.apps,
         store.clone(),
         commit.clone(),
+        model.clone(),
         metrics.clone(),
         &keeper_arbiter.handle(),
     );

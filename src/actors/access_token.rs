@@ -26,7 +26,12 @@ use crate::actors::wechat::{self as wx, WeChatError};
 use crate::config::{WeChatApp, WeChatConfig};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
+use crate::storage::model::AuthStore;
 use crate::storage::{GroupCommit, ReadStore, StorageError, Store, Tree, WriteBatch};
+
+/// How often a process that does not hold an app's lease looks for the token the
+/// holder fetches.
+const LEASE_POLL: Duration = Duration::from_millis(50);
 use crate::users::PhoneNumber;
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -202,6 +207,12 @@ struct Keeper {
     queue_timeout: Duration,
     /// The whole of one request's work here (token, call, forced refresh, retry).
     deadline: Duration,
+    /// Decides which process refreshes a token when several share the store.
+    leases: Arc<dyn AuthStore>,
+    /// This process's name as a lease holder.
+    holder: String,
+    /// How long a lease lasts: one fetch with its retries.
+    lease_ms: i64,
 }
 
 pub struct AccessTokenKeeper {
@@ -316,6 +327,7 @@ pub fn start(
     apps: &[WeChatApp],
     store: Arc<dyn Store>,
     commit: GroupCommit,
+    leases: Arc<dyn AuthStore>,
     metrics: Arc<Metrics>,
     arbiter: &actix::ArbiterHandle,
 ) -> Addr<AccessTokenKeeper> {
@@ -348,6 +360,9 @@ pub fn start(
         queue_timeout: cfg.queue_timeout,
         // A token fetch, a call, a forced fetch and a retry, each with its retries.
         deadline: cfg.timeout * 4,
+        leases,
+        holder: crate::random_hex(8),
+        lease_ms: i64::try_from((cfg.timeout * (cfg.retries + 1)).as_millis()).unwrap_or(i64::MAX),
     };
     let keeper = Arc::new(keeper);
     AccessTokenKeeper::start_in_arbiter(arbiter, move |_| AccessTokenKeeper { keeper })
@@ -381,6 +396,10 @@ impl Keeper {
                 return self.old_token_or(&slot, error.clone());
             }
         }
+        if let Some(record) = self.fetched_elsewhere(appid).await? {
+            slot.record = Some(record.clone());
+            return Ok(record);
+        }
         match self.fetch(appid, false).await {
             Ok((token, expires_in)) => {
                 let forced_ms = slot
@@ -397,6 +416,38 @@ impl Keeper {
                 slot.last_failure = Some((Instant::now(), e.clone()));
                 self.old_token_or(&slot, e)
             }
+        }
+    }
+
+    /// The stored token when it does not need a refresh, else `None` once this
+    /// process holds the app's lease and so may fetch. Several processes on one
+    /// store (PostgreSQL nodes) each come here when the token is due: one takes the
+    /// lease and fetches; the others wait for its stored record (at most the
+    /// keeper's deadline; after a lease lapses, one of them takes it over).
+    async fn fetched_elsewhere(&self, appid: &str) -> Result<Option<TokenRecord>, WxApiError> {
+        let started = Instant::now();
+        let lease = format!("access_token:{appid}");
+        loop {
+            let stored = load_record(self.store.as_ref(), appid).map_err(WxApiError::from)?;
+            let now = now_ms();
+            if let Some(record) = stored {
+                let refresh_at = record.expires_at_ms - self.refresh_ahead.as_millis() as i64;
+                if now < refresh_at {
+                    return Ok(Some(record));
+                }
+            }
+            let taken = self
+                .leases
+                .take_lease(&lease, &self.holder, now, now.saturating_add(self.lease_ms))
+                .await
+                .map_err(WxApiError::from)?;
+            if taken {
+                return Ok(None);
+            }
+            if started.elapsed() >= self.deadline {
+                return Err(WxApiError::WeChat(WeChatError::Busy));
+            }
+            tokio::time::sleep(LEASE_POLL).await;
         }
     }
 
@@ -417,6 +468,12 @@ impl Keeper {
     async fn force(&self, appid: &str, rejected: &str) -> Result<TokenRecord, WxApiError> {
         let slot = self.slot(appid)?;
         let mut slot = slot.lock().await;
+        // Another process on the same store (a PostgreSQL node) may have replaced it.
+        if let Ok(Some(stored)) = load_record(self.store.as_ref(), appid) {
+            if stored.access_token != rejected {
+                slot.record = Some(stored);
+            }
+        }
         if let Some(record) = &slot.record {
             if record.access_token != rejected && now_ms() < record.expires_at_ms {
                 return Ok(record.clone());

@@ -3,10 +3,12 @@
 use super::files::{chown_tree, empty_directory, write_private_file};
 use super::protocol::write_line;
 use super::AdminError;
-use crate::config::StorageConfig;
+use crate::config::{StorageBackend, StorageConfig};
+use crate::storage::postgres::PgStore;
 use crate::storage::{self, StorageError, Store, Tree, WriteBatch};
 use crate::tokens::keys::KEYRING_FILE;
 use crate::tokens::GENERATED_KEY_FILE;
+use std::sync::Arc;
 
 /// The key files of the data directory a backup carries: the generated signing key
 /// and the key ring of `wxauth keys rotate`.
@@ -99,6 +101,9 @@ pub(super) fn backup(
 /// Offline only (no server holds an empty directory), so no running server's users
 /// cache can hold records from before the restore: a server starts with it empty.
 pub fn restore(file: &Path, storage: &StorageConfig) -> Result<u64, AdminError> {
+    if storage.backend == StorageBackend::Postgres {
+        return restore_postgres(file, storage);
+    }
     let data_dir = storage.path.as_path();
     use std::os::unix::fs::MetadataExt;
     let existing = std::fs::metadata(data_dir).ok();
@@ -121,10 +126,49 @@ pub fn restore(file: &Path, storage: &StorageConfig) -> Result<u64, AdminError> 
     result
 }
 
+/// Restores a backup into an empty PostgreSQL database (no user, no session; the
+/// nodes stopped: they load the keys at start). The key files go into the database
+/// too, replacing a key a node generated there before. On any error the database is
+/// emptied again.
+fn restore_postgres(file: &Path, storage: &StorageConfig) -> Result<u64, AdminError> {
+    let pg = PgStore::open(storage)?;
+    if !pg.holds_no_users()? {
+        return Err(AdminError::Refused(
+            "the database already holds users or sessions: restore only into an empty database"
+                .into(),
+        ));
+    }
+    let input = BufReader::new(std::fs::File::open(file)?);
+    let key_dir = std::env::temp_dir().join(format!("wxauth-restore-{}", crate::random_hex(8)));
+    crate::fsutil::create_private_dir(&key_dir)?;
+    let store: Arc<dyn Store> = Arc::new(pg.clone());
+    let result = restore_entries(input, &store, &key_dir).and_then(|restored| {
+        for name in KEY_FILES {
+            pg.replace_key_file(&key_dir, name)?;
+        }
+        Ok(restored)
+    });
+    let _ = std::fs::remove_dir_all(&key_dir);
+    if result.is_err() {
+        if let Err(e) = pg.empty() {
+            tracing::error!(error = %crate::error::cause_chain(&e), "cannot empty the database after a failed restore");
+        }
+    }
+    result
+}
+
 fn restore_into(input: impl BufRead, storage: &StorageConfig) -> Result<u64, AdminError> {
-    let data_dir = storage.path.as_path();
-    let bad = |n: usize, why: &str| AdminError::Refused(format!("backup line {n}: {why}"));
     let store = storage::open(storage)?;
+    restore_entries(input, &store, &storage.path)
+}
+
+/// Applies the backup's entries to `store` and writes its key files into `data_dir`.
+fn restore_entries(
+    input: impl BufRead,
+    store: &Arc<dyn Store>,
+    data_dir: &Path,
+) -> Result<u64, AdminError> {
+    let bad = |n: usize, why: &str| AdminError::Refused(format!("backup line {n}: {why}"));
     let mut lines = input.lines().enumerate();
     let header: Value = match lines.next() {
         Some((_, text)) => {

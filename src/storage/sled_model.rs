@@ -63,7 +63,7 @@ pub fn encode_family(family: &FamilyRecord) -> Vec<u8> {
     .expect("a family always serializes")
 }
 
-fn decode_family(key: &[u8], value: &[u8]) -> Result<FamilyRecord, StorageError> {
+pub(crate) fn decode_family(key: &[u8], value: &[u8]) -> Result<FamilyRecord, StorageError> {
     let corrupt = |reason: String| StorageError::Corrupt {
         tree: Tree::Families.name(),
         reason,

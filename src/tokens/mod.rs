@@ -350,6 +350,23 @@ impl JwtKeys {
         Ok(())
     }
 
+    /// Loads the key ring file again and makes its set live (another process changed
+    /// it: with PostgreSQL, `storage::postgres::keys` keeps the file in step).
+    pub fn reload(&self) -> Result<(), KeyError> {
+        let _writing = self
+            .ring_writes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let ring = Ring::read(&self.data_dir).map_err(KeyError::Unusable)?;
+        let set = build_set(&self.config, self.algorithm, &self.data_dir, &ring)
+            .map_err(|e| KeyError::Unusable(e.to_string()))?;
+        *self
+            .set
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(set);
+        Ok(())
+    }
+
     /// Builds the set `ring` describes, writes `ring` (only when the set is whole),
     /// then makes the set live.
     fn commit(&self, ring: &Ring) -> Result<Arc<KeySet>, KeyError> {

@@ -22,6 +22,7 @@ mod login;
 mod miniprogram_npm;
 mod openapi;
 mod ops;
+mod postgres;
 mod ratelimit;
 mod request_span;
 mod restore;

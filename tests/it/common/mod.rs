@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod mock_wechat;
+pub mod postgres;
 pub mod proxy;
 pub mod tools;
 
