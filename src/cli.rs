@@ -77,6 +77,16 @@ pub enum UsersCommand {
     /// The user's sessions (one per login: created, last rotated, expiry), one
     /// JSON object per line.
     Sessions { id: u64 },
+    /// Everything wxauth holds on the user, as one JSON object (never the session key).
+    Export { id: u64 },
+    /// Delete the account: marked for `users.deletion_delay` (a login cancels it),
+    /// then its personal data erased; at once with `--now` or a delay of 0.
+    Delete {
+        id: u64,
+        /// Erase now, whatever `users.deletion_delay` says.
+        #[arg(long)]
+        now: bool,
+    },
     /// Refuse the user's logins, refreshes and access tokens from now on.
     Disable { id: u64 },
     /// Undo `disable`.

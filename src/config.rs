@@ -28,6 +28,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub users: UsersConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -275,6 +276,16 @@ impl Default for JwtConfig {
             purge_interval: Duration::from_secs(600),
         }
     }
+}
+
+/// `users.*`: the account's own rules (docs/CONFIGURATION.md).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct UsersConfig {
+    /// How long an account asked to be deleted stays marked (a login in between
+    /// cancels it) before its personal data is erased; `0s`: erased at once.
+    #[serde(deserialize_with = "de_duration")]
+    pub deletion_delay: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -628,6 +639,12 @@ impl Config {
             return Err(ConfigError::new(
                 "jwt.purge_interval",
                 "must be at least 1s",
+            ));
+        }
+        if self.users.deletion_delay > MAX_TOKEN_DURATION {
+            return Err(ConfigError::new(
+                "users.deletion_delay",
+                "at most 10 years",
             ));
         }
         if !(1..=128).contains(&self.limits.ipv6_prefix) {

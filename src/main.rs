@@ -34,6 +34,8 @@ fn main() -> ExitCode {
                 UsersCommand::List => Request::UsersList,
                 UsersCommand::Show { id } => Request::UsersShow { id },
                 UsersCommand::Sessions { id } => Request::UsersSessions { id },
+                UsersCommand::Export { id } => Request::UsersExport { id },
+                UsersCommand::Delete { id, now } => Request::UsersDelete { id, now },
                 UsersCommand::Disable { id } => Request::UsersSetDisabled { id, disabled: true },
                 UsersCommand::Enable { id } => Request::UsersSetDisabled {
                     id,

@@ -221,7 +221,8 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
             users.clone(),
         )?),
     };
-    let registry = UserRegistry::new(model.clone(), store.clone(), cfg.wechat.link_by_unionid);
+    let registry = UserRegistry::new(model.clone(), store.clone(), cfg.wechat.link_by_unionid)
+        .with_deletion_delay(cfg.users.deletion_delay);
 
     // Each state-owning actor runs on its own thread (arbiter), off the HTTP workers.
     let registry_arbiter = Arbiter::new();

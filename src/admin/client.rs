@@ -47,6 +47,7 @@ pub fn run(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), A
         model: Arc::new(model),
         runtime,
         jwt: cfg.jwt.clone(),
+        deletion_delay: cfg.users.deletion_delay,
     };
     let result = execute(request, store.as_ref(), data_dir, &mut writes, out);
     commit.shutdown();
@@ -71,6 +72,7 @@ fn direct_postgres(request: &Request, cfg: &Config, out: &mut dyn Write) -> Resu
         model: store.clone(),
         runtime,
         jwt: cfg.jwt.clone(),
+        deletion_delay: cfg.users.deletion_delay,
     };
     let key_dir = std::env::temp_dir().join(format!("wxauth-keys-{}", crate::random_hex(8)));
     let result = (|| {

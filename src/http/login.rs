@@ -44,7 +44,7 @@ pub async fn login(
         })
         .answer()
         .await?;
-    let (user, created, pair) = match state
+    let (user, created, deletion_cancelled, pair) = match state
         .registry
         .send(Login {
             appid,
@@ -58,8 +58,9 @@ pub async fn login(
         LoginOutcome::LoggedIn {
             user,
             created,
+            deletion_cancelled,
             pair,
-        } => (user, created, pair),
+        } => (user, created, deletion_cancelled, pair),
         LoginOutcome::Disabled => return Err(ApiError::UserDisabled),
     };
     // Durable here: the user's writes and the new family were one batch, and the
@@ -67,6 +68,9 @@ pub async fn login(
     state.metrics.tokens_issued(1, 1);
     if created {
         tracing::info!(user_id = user.id, "new user");
+    }
+    if deletion_cancelled {
+        tracing::info!(user_id = user.id, "a login cancelled the account's deletion");
     }
     Ok(HttpResponse::Ok().json(LoginAnswer {
         code: "success",
@@ -77,6 +81,7 @@ pub async fn login(
         user: LoginUser {
             id: user.id,
             created,
+            deletion_cancelled,
         },
     }))
 }
@@ -96,4 +101,7 @@ struct LoginAnswer<'a> {
 struct LoginUser {
     id: UserId,
     created: bool,
+    /// Only when true: the account was marked for deletion and this login kept it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    deletion_cancelled: bool,
 }

@@ -188,7 +188,9 @@ impl SledModel {
     fn login_now(&self, req: LoginRequest) -> Result<LoginResult, StorageError> {
         let now = req.now_ms.div_euclid(1000);
         let session = &req.session;
-        let found = self.find(&req.appid, session, req.link_by_unionid)?;
+        let found = self
+            .find(&req.appid, session, req.link_by_unionid)?
+            .filter(|(user, _)| user.erased_at.is_none());
         if matches!(&found, Some((user, _)) if user.disabled) {
             return Ok(LoginResult::Disabled);
         }
@@ -202,8 +204,10 @@ impl SledModel {
             revoked_ms: None,
         };
         let mut next_id = self.next_id.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cancelled = None;
         let (user, created, index_openid) = match found {
             Some((mut user, openid_indexed)) => {
+                cancelled = user.deletion_due.take().map(|_| user.id);
                 user.last_login_at = now;
                 user.session_key = session.session_key.clone();
                 if user.unionid.is_none() {
@@ -260,6 +264,11 @@ impl SledModel {
                 );
             }
         }
+        // The mark goes after the user record: a crash between leaves a mark the
+        // sweep finds stale (the record no longer marked) and drops.
+        if let Some(id) = cancelled {
+            batch.delete(Tree::Meta, deletion_key(id));
+        }
         self.store.apply_in_order(batch)?;
         self.users.put(user.clone());
         if created {
@@ -271,6 +280,7 @@ impl SledModel {
             user,
             created,
             family,
+            deletion_cancelled: cancelled.is_some(),
         })
     }
 
@@ -385,6 +395,117 @@ impl SledModel {
     }
 }
 
+impl SledModel {
+    fn delete_now(
+        &self,
+        id: UserId,
+        due: i64,
+        now: i64,
+    ) -> Result<(Option<Deletion>, bool), StorageError> {
+        let store = self.store.as_ref();
+        let Some(mut user) = users::load(store, id)? else {
+            return Ok((None, false));
+        };
+        if user.erased_at.is_some() {
+            return Ok((None, false));
+        }
+        let mut batch = WriteBatch::default();
+        if due > now {
+            if let Some(marked) = user.deletion_due.filter(|&d| d <= due) {
+                return Ok((Some(Deletion::Scheduled { user, due: marked }), false));
+            }
+            user.deletion_due = Some(due);
+            batch.put(Tree::Meta, deletion_key(id), due.to_be_bytes());
+            batch.put(Tree::Users, users::id_key(id), users::encode(&user));
+            // One atomic batch: the mark and the record together.
+            store.apply(batch)?;
+            self.users.put(user.clone());
+            return Ok((Some(Deletion::Scheduled { user, due }), true));
+        }
+        let openid_key = users::openid_key(&user.appid, &user.openid);
+        if users::lookup(store, Tree::UsersByOpenid, &openid_key)? == Some(id) {
+            batch.delete(Tree::UsersByOpenid, openid_key);
+        }
+        if let Some(unionid) = &user.unionid {
+            if users::lookup(store, Tree::UsersByUnionid, unionid.as_bytes())? == Some(id) {
+                batch.delete(Tree::UsersByUnionid, unionid.as_bytes());
+            }
+        }
+        for family in user_families(store, id)? {
+            batch.delete(Tree::Families, family_key(id, family.id).to_vec());
+        }
+        batch.delete(Tree::Meta, deletion_key(id));
+        user.erase(now);
+        batch.put(Tree::Users, users::id_key(id), users::encode(&user));
+        // One atomic batch (sled journals it): after a crash all of it or none.
+        store.apply(batch)?;
+        self.users.put(user.clone());
+        Ok((Some(Deletion::Erased { user }), true))
+    }
+
+    /// The marks due by `now`; a mark whose user is no longer marked (a login
+    /// cancelled it and the crash came before the mark was removed) is dropped.
+    fn due_now(&self, now: i64, limit: usize) -> Result<Vec<UserId>, StorageError> {
+        let mut marks = Vec::new();
+        self.store
+            .for_each_from(Tree::Meta, DELETION_PREFIX, &mut |key, value| {
+                let Some(id) = key.strip_prefix(DELETION_PREFIX) else {
+                    return ControlFlow::Break(());
+                };
+                if let (Ok(id), Ok(due)) = (<[u8; 8]>::try_from(id), <[u8; 8]>::try_from(value)) {
+                    marks.push((i64::from_be_bytes(due), UserId::from_be_bytes(id)));
+                }
+                ControlFlow::Continue(())
+            })?;
+        marks.sort_unstable();
+        let mut due = Vec::new();
+        for (at, id) in marks.into_iter().take_while(|(at, _)| *at <= now) {
+            let marked = users::load(self.store.as_ref(), id)?
+                .is_some_and(|u| u.erased_at.is_none() && u.deletion_due.is_some());
+            if marked {
+                due.push(id);
+            } else {
+                let mut stale = WriteBatch::default();
+                stale.delete(Tree::Meta, deletion_key(id));
+                self.store.apply(stale)?;
+            }
+            let _ = at;
+            if due.len() >= limit {
+                break;
+            }
+        }
+        Ok(due)
+    }
+
+    fn revoke_all_now(&self, user_id: UserId, now_ms: i64) -> Result<usize, StorageError> {
+        let mut batch = WriteBatch::default();
+        let mut revoked = 0;
+        for mut family in user_families(self.store.as_ref(), user_id)? {
+            if !family.is_revoked() {
+                family.revoked_ms = Some(now_ms);
+                batch.put(
+                    Tree::Families,
+                    family_key(user_id, family.id),
+                    encode_family(&family),
+                );
+                revoked += 1;
+            }
+        }
+        if revoked > 0 {
+            self.store.apply(batch)?;
+        }
+        Ok(revoked)
+    }
+}
+
+/// `meta` keys marking accounts for deletion: the prefix, then the user id (8
+/// bytes big-endian); the value is the due unix second (8 bytes big-endian).
+const DELETION_PREFIX: &[u8] = b"deletion_due\0";
+
+fn deletion_key(id: UserId) -> Vec<u8> {
+    [DELETION_PREFIX, &id.to_be_bytes()].concat()
+}
+
 /// The purge's trees, in order; a cursor is the tree's index then the key.
 const PURGED: [Tree; 2] = [Tree::Families, Tree::RefreshTokens];
 
@@ -414,6 +535,37 @@ impl AuthStore for SledModel {
 
     fn set_phone(&self, id: UserId, phone: PhoneNumber) -> StoreFuture<Option<User>> {
         self.update_durably(id, |user| user.phone = Some(Box::new(phone)))
+    }
+
+    fn set_profile(&self, id: UserId, change: ProfileChange) -> StoreFuture<Option<User>> {
+        if matches!(users::load(self.store.as_ref(), id), Ok(Some(u)) if u.erased_at.is_some()) {
+            return ready(Ok(None));
+        }
+        self.update_durably(id, |user| {
+            if let Some(nickname) = change.nickname {
+                user.nickname = Some(nickname);
+            }
+            if let Some(avatar_url) = change.avatar_url {
+                user.avatar_url = Some(avatar_url);
+            }
+        })
+    }
+
+    fn delete_user(&self, id: UserId, due: i64, now: i64) -> StoreFuture<Option<Deletion>> {
+        match self.delete_now(id, due, now) {
+            Ok((deletion, wrote)) => self.durable(wrote, Ok(deletion)),
+            Err(e) => self.durable(true, Err(e)),
+        }
+    }
+
+    fn due_deletions(&self, now: i64, limit: usize) -> StoreFuture<Vec<UserId>> {
+        ready(self.due_now(now, limit))
+    }
+
+    fn revoke_families(&self, user_id: UserId, now_ms: i64) -> StoreFuture<usize> {
+        let result = self.revoke_all_now(user_id, now_ms);
+        let wrote = matches!(result, Ok(n) if n > 0);
+        self.durable(wrote, result)
     }
 
     fn rotate(&self, request: RotateRequest) -> StoreFuture<RotateOutcome> {

@@ -30,7 +30,7 @@ pub use migrate::{latest as latest_schema, Migrated};
 use crate::config::StorageConfig;
 use crate::postgres_url::PostgresUrl;
 use crate::storage::model::{
-    standing, AuthStore, FamilyId, FamilyRecord, Generation, LoginRequest, LoginResult,
+    standing, AuthStore, Deletion, ProfileChange, FamilyId, FamilyRecord, Generation, LoginRequest, LoginResult,
     PurgeProgress, RotateOutcome, RotateRequest, Standing, StoreFuture,
 };
 use crate::storage::{StorageError, Tree};
@@ -394,6 +394,10 @@ fn user_from_row(row: &Row) -> Result<User, StorageError> {
         token_stamp: token_stamp as u64,
         tokens_not_before: row.get("tokens_not_before"),
         phone,
+        nickname: None,
+        avatar_url: None,
+        deletion_due: None,
+        erased_at: None,
     })
 }
 
@@ -606,6 +610,7 @@ async fn login_once(
     }
     tx.commit().await.map_err(e("commit"))?;
     Ok(Some(LoginResult::LoggedIn {
+        deletion_cancelled: false,
         user,
         created,
         family,
@@ -778,6 +783,41 @@ impl AuthStore for PgStore {
         self.run("set a phone number", move |shared| async move {
             let text = serde_json::to_string(&phone).expect("a phone number serializes");
             update_user(shared, id, "phone = $2", Some(&text)).await
+        })
+    }
+
+    /// Not on this backend yet: the profile and deletion columns are not in its
+    /// schema. Answered as storage unavailable (503), nothing written.
+    fn set_profile(&self, _id: UserId, _change: ProfileChange) -> StoreFuture<Option<User>> {
+        Box::pin(std::future::ready(Err(StorageError::unavailable(
+            "profiles are not stored by the PostgreSQL backend yet",
+        ))))
+    }
+
+    /// Not on this backend yet (see `set_profile`).
+    fn delete_user(&self, _id: UserId, _due: i64, _now: i64) -> StoreFuture<Option<Deletion>> {
+        Box::pin(std::future::ready(Err(StorageError::unavailable(
+            "account deletion is not done by the PostgreSQL backend yet",
+        ))))
+    }
+
+    fn due_deletions(&self, _now: i64, _limit: usize) -> StoreFuture<Vec<UserId>> {
+        Box::pin(std::future::ready(Ok(Vec::new())))
+    }
+
+    /// One `UPDATE`: every family of the user not revoked yet, each exactly once.
+    fn revoke_families(&self, user_id: UserId, now_ms: i64) -> StoreFuture<usize> {
+        self.run("revoke a user's families", move |shared| async move {
+            let client = shared.client().await?;
+            let revoked = client
+                .execute(
+                    "UPDATE wxauth_families SET revoked_ms = $2 \
+                     WHERE user_id = $1 AND revoked_ms IS NULL",
+                    &[&(user_id as i64), &now_ms],
+                )
+                .await
+                .map_err(|e| pg_error("revoke a user's families", e))?;
+            Ok(revoked as usize)
         })
     }
 
