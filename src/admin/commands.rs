@@ -21,7 +21,7 @@ pub fn user_view(user: &User) -> Value {
     json!({
         "id": user.id,
         "appid": user.appid,
-        "openid": user.openid,
+        "openid": (!user.openid.is_empty()).then_some(&user.openid),
         "unionid": user.unionid,
         "created_at": users::rfc3339(user.created_at),
         "last_login_at": users::rfc3339(user.last_login_at),

@@ -3,6 +3,7 @@
 
 mod common;
 
+mod account;
 mod admin_socket;
 mod config;
 mod crash;
