@@ -52,7 +52,7 @@ fn show(server: &TestServer, id: u64) -> Value {
 #[test]
 fn sessions_are_listed_ended_one_by_one_and_all_at_once() {
     let (_mock, server) = start_with_mock();
-    let (a_access, a_refresh) = tokens(&login(&server, "ok:alice.1"));
+    let (_, a_refresh) = tokens(&login(&server, "ok:alice.1"));
     let (b_access, b_refresh) = tokens(&login(&server, "ok:alice.2"));
     let (c_access, c_refresh) = tokens(&login(&server, "ok:alice.3"));
     let (bob_access, bob_refresh) = tokens(&login(&server, "ok:bob"));
