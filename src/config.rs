@@ -642,10 +642,7 @@ impl Config {
             ));
         }
         if self.users.deletion_delay > MAX_TOKEN_DURATION {
-            return Err(ConfigError::new(
-                "users.deletion_delay",
-                "at most 10 years",
-            ));
+            return Err(ConfigError::new("users.deletion_delay", "at most 10 years"));
         }
         if !(1..=128).contains(&self.limits.ipv6_prefix) {
             return Err(ConfigError::new(

@@ -56,7 +56,8 @@ impl UserRegistry {
         let model = self.model.clone();
         let erase = async move {
             for id in due.await? {
-                if let Some(Deletion::Erased { .. }) = model.delete_user(id, now, now).await? {
+                if let Some(Deletion::Erased { .. }) = model.delete_user(id, now, now, true).await?
+                {
                     tracing::info!(user_id = id, "account erased (deletion due)");
                 }
             }
@@ -256,6 +257,6 @@ impl Handler<DeleteUser> for UserRegistry {
         } else {
             now.saturating_add(self.deletion_delay)
         };
-        self.model.delete_user(msg.user_id, due, now)
+        self.model.delete_user(msg.user_id, due, now, false)
     }
 }

@@ -146,8 +146,12 @@ impl WriteTarget {
             } => {
                 let now = crate::now_unix();
                 let delay = i64::try_from(deletion_delay.as_secs()).unwrap_or(i64::MAX);
-                let due = if at_once { now } else { now.saturating_add(delay) };
-                Ok(runtime.block_on(model.delete_user(id, due, now))?)
+                let due = if at_once {
+                    now
+                } else {
+                    now.saturating_add(delay)
+                };
+                Ok(runtime.block_on(model.delete_user(id, due, now, false))?)
             }
         }
     }

@@ -84,8 +84,7 @@ fn valid_nickname(text: &str) -> Result<String, ApiError> {
     let chars = text.chars().count();
     if chars == 0 || chars > MAX_NICKNAME_CHARS || text.chars().any(char::is_control) {
         return Err(ApiError::InvalidRequest(
-            "The field `nickname` must be 1 to 32 characters, without control characters."
-                .into(),
+            "The field `nickname` must be 1 to 32 characters, without control characters.".into(),
         ));
     }
     Ok(text.to_string())
@@ -115,7 +114,10 @@ pub async fn update_user(
     fields: Fields,
 ) -> Result<HttpResponse, ApiError> {
     let change = ProfileChange {
-        nickname: fields.optional_str("nickname")?.map(valid_nickname).transpose()?,
+        nickname: fields
+            .optional_str("nickname")?
+            .map(valid_nickname)
+            .transpose()?,
         avatar_url: fields
             .optional_str("avatar_url")?
             .map(valid_avatar_url)
@@ -174,7 +176,10 @@ pub async fn delete_user(
         .answer()
         .await?;
     if session.openid != user.openid {
-        tracing::warn!(user_id = user.id, "account deletion refused: another user's code");
+        tracing::warn!(
+            user_id = user.id,
+            "account deletion refused: another user's code"
+        );
         return Err(ApiError::CodeMismatch);
     }
     let deletion = state

@@ -39,13 +39,15 @@ impl FromRequest for AuthenticatedSession {
     type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        ready(accept(req).map(|accepted| AuthenticatedSession {
-            family: accepted
-                .claims
-                .fam
-                .as_deref()
-                .and_then(crate::storage::model::FamilyId::from_hex),
-            user: accepted.user,
+        ready(accept(req).map(|accepted| {
+            AuthenticatedSession {
+                family: accepted
+                    .claims
+                    .fam
+                    .as_deref()
+                    .and_then(crate::storage::model::FamilyId::from_hex),
+                user: accepted.user,
+            }
         }))
     }
 }

@@ -70,7 +70,10 @@ pub async fn login(
         tracing::info!(user_id = user.id, "new user");
     }
     if deletion_cancelled {
-        tracing::info!(user_id = user.id, "a login cancelled the account's deletion");
+        tracing::info!(
+            user_id = user.id,
+            "a login cancelled the account's deletion"
+        );
     }
     Ok(HttpResponse::Ok().json(LoginAnswer {
         code: "success",

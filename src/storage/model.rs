@@ -304,7 +304,18 @@ pub trait AuthStore: Send + Sync {
     /// handed out again. One durable unit that a crash leaves done or resumable:
     /// the mark is written first and removed last, and [`AuthStore::due_deletions`]
     /// finds it again. `None`: no such user, or erased already.
-    fn delete_user(&self, id: UserId, due: i64, now: i64) -> StoreFuture<Option<Deletion>>;
+    ///
+    /// `only_if_due` (the sweep's call): erase only a user still marked with a due
+    /// at or before `now`, else `None` and nothing written: a login may have
+    /// cancelled the mark since [`AuthStore::due_deletions`] listed it, and the
+    /// check and the erasure are one unit.
+    fn delete_user(
+        &self,
+        id: UserId,
+        due: i64,
+        now: i64,
+        only_if_due: bool,
+    ) -> StoreFuture<Option<Deletion>>;
 
     /// The marked users whose `due` is at or before `now`, at most `limit`, earliest
     /// first (the sweep erases each with [`AuthStore::delete_user`]).

@@ -401,12 +401,14 @@ impl SledModel {
         id: UserId,
         due: i64,
         now: i64,
+        only_if_due: bool,
     ) -> Result<(Option<Deletion>, bool), StorageError> {
         let store = self.store.as_ref();
         let Some(mut user) = users::load(store, id)? else {
             return Ok((None, false));
         };
-        if user.erased_at.is_some() {
+        let still_due = user.deletion_due.is_some_and(|d| d <= now);
+        if user.erased_at.is_some() || (only_if_due && !still_due) {
             return Ok((None, false));
         }
         let mut batch = WriteBatch::default();
@@ -459,7 +461,7 @@ impl SledModel {
             })?;
         marks.sort_unstable();
         let mut due = Vec::new();
-        for (at, id) in marks.into_iter().take_while(|(at, _)| *at <= now) {
+        for (_, id) in marks.into_iter().take_while(|(at, _)| *at <= now) {
             let marked = users::load(self.store.as_ref(), id)?
                 .is_some_and(|u| u.erased_at.is_none() && u.deletion_due.is_some());
             if marked {
@@ -469,7 +471,6 @@ impl SledModel {
                 stale.delete(Tree::Meta, deletion_key(id));
                 self.store.apply(stale)?;
             }
-            let _ = at;
             if due.len() >= limit {
                 break;
             }
@@ -551,8 +552,14 @@ impl AuthStore for SledModel {
         })
     }
 
-    fn delete_user(&self, id: UserId, due: i64, now: i64) -> StoreFuture<Option<Deletion>> {
-        match self.delete_now(id, due, now) {
+    fn delete_user(
+        &self,
+        id: UserId,
+        due: i64,
+        now: i64,
+        only_if_due: bool,
+    ) -> StoreFuture<Option<Deletion>> {
+        match self.delete_now(id, due, now, only_if_due) {
             Ok((deletion, wrote)) => self.durable(wrote, Ok(deletion)),
             Err(e) => self.durable(true, Err(e)),
         }

@@ -338,7 +338,14 @@ impl JwtKeys {
         now: i64,
     ) -> Signed {
         let fam = Some(family.to_hex());
-        self.sign_with(TokenType::Refresh, user_id, stamp, now, fam, Some(generation))
+        self.sign_with(
+            TokenType::Refresh,
+            user_id,
+            stamp,
+            now,
+            fam,
+            Some(generation),
+        )
     }
 
     fn sign_with(

@@ -4,10 +4,40 @@
 
 use crate::common;
 
-use common::mock_wechat::phone_for;
+use common::mock_wechat::{phone_for, MockWeChat};
 use common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
+
+/// Where the server keeps its data: every test here runs on each.
+enum Backend {
+    Sled,
+    /// A fresh database on the test cluster.
+    Postgres(String),
+}
+
+/// A mock WeChat and a server on `backend` with `users.deletion_delay = delay`.
+fn start(backend: &Backend, delay: &str) -> (MockWeChat, TestServer) {
+    let mock = MockWeChat::start();
+    let config =
+        TestConfig::against(&mock).with_toml(&format!("\n[users]\ndeletion_delay = {delay:?}\n"));
+    let config = match backend {
+        Backend::Sled => config,
+        Backend::Postgres(url) => config
+            .with_env("WXAUTH_STORAGE__BACKEND", "postgres")
+            .with_env("WXAUTH_STORAGE__POSTGRES_URL", url),
+    };
+    (mock, TestServer::start(config))
+}
+
+/// Runs `test` on sled, then on PostgreSQL (skipped, loudly, where the harness
+/// has no cluster and CI is not set).
+fn on_both(name: &str, test: fn(&Backend)) {
+    test(&Backend::Sled);
+    if let Some(pg) = common::postgres::cluster(name) {
+        test(&Backend::Postgres(pg.create_database()));
+    }
+}
 
 /// Any method, with an access token and a JSON body.
 fn call(server: &TestServer, method: &str, path: &str, access: &str, body: Option<Value>) -> Reply {
@@ -49,9 +79,8 @@ fn show(server: &TestServer, id: u64) -> Value {
     json_lines(&server.cli(&["users", "show", &id.to_string()])).remove(0)
 }
 
-#[test]
-fn sessions_are_listed_ended_one_by_one_and_all_at_once() {
-    let (_mock, server) = start_with_mock();
+fn sessions_are_listed_ended_one_by_one_and_all_at_once(backend: &Backend) {
+    let (_mock, server) = start(backend, "0s");
     let (_, a_refresh) = tokens(&login(&server, "ok:alice.1"));
     let (b_access, b_refresh) = tokens(&login(&server, "ok:alice.2"));
     let (c_access, c_refresh) = tokens(&login(&server, "ok:alice.3"));
@@ -66,7 +95,10 @@ fn sessions_are_listed_ended_one_by_one_and_all_at_once() {
     assert_eq!(current[0]["id"], family_of(&c_refresh));
     for session in &listed {
         for field in ["created_at", "last_refreshed_at", "expires_at"] {
-            assert!(session[field].as_str().is_some_and(|t| t.ends_with('Z')), "{session}");
+            assert!(
+                session[field].as_str().is_some_and(|t| t.ends_with('Z')),
+                "{session}"
+            );
         }
     }
 
@@ -78,8 +110,14 @@ fn sessions_are_listed_ended_one_by_one_and_all_at_once() {
     assert_eq!(refresh(&server, &a_refresh).status, 401);
     assert_eq!(sessions(&server, &b_access).len(), 2);
     call(&server, "DELETE", &path, &c_access, None).assert_error(404, "session_not_found");
-    call(&server, "DELETE", "/api/weixin/sessions/nonsense/", &c_access, None)
-        .assert_error(404, "session_not_found");
+    call(
+        &server,
+        "DELETE",
+        "/api/weixin/sessions/nonsense/",
+        &c_access,
+        None,
+    )
+    .assert_error(404, "session_not_found");
     // Another user's session is not this user's to end.
     let bobs = format!("/api/weixin/sessions/{}/", family_of(&bob_refresh));
     call(&server, "DELETE", &bobs, &c_access, None).assert_error(404, "session_not_found");
@@ -88,7 +126,13 @@ fn sessions_are_listed_ended_one_by_one_and_all_at_once() {
         .assert_error(405, "method_not_allowed");
 
     // Everywhere, this one included; bob is untouched.
-    let all = call(&server, "POST", "/api/weixin/sessions/logout-all/", &b_access, None);
+    let all = call(
+        &server,
+        "POST",
+        "/api/weixin/sessions/logout-all/",
+        &b_access,
+        None,
+    );
     assert_eq!(all.status, 200, "{}", all.text);
     assert_eq!(all.json()["sessions_ended"], 2);
     assert_eq!(refresh(&server, &b_refresh).status, 401);
@@ -101,12 +145,14 @@ fn sessions_are_listed_ended_one_by_one_and_all_at_once() {
     let id = jwt_parts(&c_access).1["user_id"].as_u64().unwrap();
     let families = json_lines(&server.cli(&["users", "sessions", &id.to_string()]));
     assert_eq!(families.len(), 3);
-    assert!(families.iter().all(|f| f["revoked"] == true), "{families:?}");
+    assert!(
+        families.iter().all(|f| f["revoked"] == true),
+        "{families:?}"
+    );
 }
 
-#[test]
-fn the_profile_is_validated_stored_shown_and_exported_without_secrets() {
-    let (_mock, server) = start_with_mock();
+fn the_profile_is_validated_stored_shown_and_exported_without_secrets(backend: &Backend) {
+    let (_mock, server) = start(backend, "0s");
     let body = login(&server, "ok:carol");
     let (access, _) = tokens(&body);
     let id = body["user"]["id"].as_u64().unwrap();
@@ -124,7 +170,13 @@ fn the_profile_is_validated_stored_shown_and_exported_without_secrets() {
     assert_eq!(data["user"]["nickname"], "小明 🐼");
     assert_eq!(data["user"]["avatar_url"], avatar);
     // One field alone leaves the other.
-    let one = call(&server, "PATCH", "/api/weixin/user/", &access, Some(json!({ "nickname": "C" })));
+    let one = call(
+        &server,
+        "PATCH",
+        "/api/weixin/user/",
+        &access,
+        Some(json!({ "nickname": "C" })),
+    );
     assert_eq!(one.json()["user"]["avatar_url"], avatar);
 
     for bad in [
@@ -137,12 +189,24 @@ fn the_profile_is_validated_stored_shown_and_exported_without_secrets() {
         json!({ "avatar_url": format!("https://a.cn/{}", "x".repeat(1100)) }),
         json!({ "avatar_url": "https://a.cn/x y" }),
     ] {
-        call(&server, "PATCH", "/api/weixin/user/", &access, Some(bad.clone()))
-            .assert_error(400, "invalid_request");
+        call(
+            &server,
+            "PATCH",
+            "/api/weixin/user/",
+            &access,
+            Some(bad.clone()),
+        )
+        .assert_error(400, "invalid_request");
     }
     assert_eq!(show(&server, id)["nickname"], "C");
 
-    let phone = call(&server, "POST", "/api/weixin/phone/", &access, Some(json!({"code": "ok:carol"})));
+    let phone = call(
+        &server,
+        "POST",
+        "/api/weixin/phone/",
+        &access,
+        Some(json!({"code": "ok:carol"})),
+    );
     assert_eq!(phone.status, 200, "{}", phone.text);
     let export = call(&server, "GET", "/api/weixin/user/export/", &access, None);
     assert_eq!(export.status, 200, "{}", export.text);
@@ -178,15 +242,26 @@ fn assert_erased(user: &Value) {
     assert!(user["erased_at"].as_str().is_some(), "{user}");
 }
 
-#[test]
-fn deletion_needs_a_fresh_code_of_the_same_user_and_erases_at_once() {
-    let (_mock, server) = start_with_mock();
+fn deletion_needs_a_fresh_code_of_the_same_user_and_erases_at_once(backend: &Backend) {
+    let (_mock, server) = start(backend, "0s");
     let body = login(&server, "ok:dave.1");
     let (access, refresh_token) = tokens(&body);
     let id = body["user"]["id"].as_u64().unwrap();
     let erin = login(&server, "ok:erin")["user"]["id"].as_u64().unwrap();
-    call(&server, "PATCH", "/api/weixin/user/", &access, Some(json!({"nickname": "Dave"})));
-    call(&server, "POST", "/api/weixin/phone/", &access, Some(json!({"code": "ok:dave"})));
+    call(
+        &server,
+        "PATCH",
+        "/api/weixin/user/",
+        &access,
+        Some(json!({"nickname": "Dave"})),
+    );
+    call(
+        &server,
+        "POST",
+        "/api/weixin/phone/",
+        &access,
+        Some(json!({"code": "ok:dave"})),
+    );
 
     let delete = |code: Option<&str>| {
         let body = code.map(|c| json!({ "code": c })).unwrap_or(json!({}));
@@ -223,29 +298,39 @@ fn deletion_needs_a_fresh_code_of_the_same_user_and_erases_at_once() {
     assert!(!out.status.success());
 }
 
-#[test]
-fn a_login_within_the_cooling_off_period_cancels_the_deletion() {
-    let mock = common::mock_wechat::MockWeChat::start();
-    let server = TestServer::start(
-        TestConfig::against(&mock).with_toml("\n[users]\ndeletion_delay = \"7d\"\n"),
-    );
+fn a_login_within_the_cooling_off_period_cancels_the_deletion(backend: &Backend) {
+    let (_mock, server) = start(backend, "7d");
     let body = login(&server, "ok:fay.1");
     let (access, _) = tokens(&body);
     let id = body["user"]["id"].as_u64().unwrap();
-    let scheduled = call(&server, "DELETE", "/api/weixin/user/", &access, Some(json!({"code": "ok:fay.2"})));
+    let scheduled = call(
+        &server,
+        "DELETE",
+        "/api/weixin/user/",
+        &access,
+        Some(json!({"code": "ok:fay.2"})),
+    );
     assert_eq!(scheduled.status, 202, "{}", scheduled.text);
     assert_eq!(scheduled.json()["code"], "deletion_scheduled");
-    let due = scheduled.json()["deletion_scheduled_at"].as_str().unwrap().to_string();
+    let due = scheduled.json()["deletion_scheduled_at"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_eq!(show(&server, id)["deletion_scheduled_at"], due.as_str());
     // Marked, not erased: the account still works.
-    assert_eq!(get(&server.url("/api/weixin/data/"), Some(&bearer(&access))).status, 200);
+    assert_eq!(
+        get(&server.url("/api/weixin/data/"), Some(&bearer(&access))).status,
+        200
+    );
 
     let back = login(&server, "ok:fay.3");
     assert_eq!(back["user"]["id"], id);
     assert_eq!(back["user"]["deletion_cancelled"], true);
     assert!(show(&server, id)["deletion_scheduled_at"].is_null());
     // An ordinary login says nothing of it.
-    assert!(login(&server, "ok:fay.4")["user"].get("deletion_cancelled").is_none());
+    assert!(login(&server, "ok:fay.4")["user"]
+        .get("deletion_cancelled")
+        .is_none());
 
     // The operator: marked by default, erased with --now.
     let marked = json_lines(&server.cli(&["users", "delete", &id.to_string()])).remove(0);
@@ -255,23 +340,67 @@ fn a_login_within_the_cooling_off_period_cancels_the_deletion() {
     assert_erased(&show(&server, id));
 }
 
-#[test]
-fn a_due_deletion_is_erased_by_the_sweep_even_across_a_kill_9() {
-    let mock = common::mock_wechat::MockWeChat::start();
-    let mut server = TestServer::start(
-        TestConfig::against(&mock).with_toml("\n[users]\ndeletion_delay = \"3s\"\n"),
-    );
+fn a_due_deletion_is_erased_by_the_sweep_even_across_a_kill_9(backend: &Backend) {
+    let (_mock, mut server) = start(backend, "3s");
     let body = login(&server, "ok:gus.1");
     let (access, _) = tokens(&body);
     let id = body["user"]["id"].as_u64().unwrap();
-    let scheduled = call(&server, "DELETE", "/api/weixin/user/", &access, Some(json!({"code": "ok:gus.2"})));
+    let scheduled = call(
+        &server,
+        "DELETE",
+        "/api/weixin/user/",
+        &access,
+        Some(json!({"code": "ok:gus.2"})),
+    );
     assert_eq!(scheduled.status, 202, "{}", scheduled.text);
     // The mark is durable: a kill -9 right after the answer loses nothing.
     server.kill9();
     server.restart();
-    wait_for(Duration::from_secs(60), "the sweep to erase the account", || {
-        show(&server, id)["erased_at"].as_str().map(str::to_string)
-    });
+    wait_for(
+        Duration::from_secs(60),
+        "the sweep to erase the account",
+        || show(&server, id)["erased_at"].as_str().map(str::to_string),
+    );
     assert_erased(&show(&server, id));
     assert_eq!(login(&server, "ok:gus.3")["user"]["created"], true);
+}
+
+#[test]
+fn sessions_are_listed_ended_one_by_one_and_all_at_once_on_sled_and_postgres() {
+    on_both(
+        "sessions_are_listed_ended_one_by_one_and_all_at_once",
+        sessions_are_listed_ended_one_by_one_and_all_at_once,
+    );
+}
+
+#[test]
+fn the_profile_is_validated_stored_shown_and_exported_without_secrets_on_sled_and_postgres() {
+    on_both(
+        "the_profile_is_validated_stored_shown_and_exported_without_secrets",
+        the_profile_is_validated_stored_shown_and_exported_without_secrets,
+    );
+}
+
+#[test]
+fn deletion_needs_a_fresh_code_of_the_same_user_and_erases_at_once_on_sled_and_postgres() {
+    on_both(
+        "deletion_needs_a_fresh_code_of_the_same_user_and_erases_at_once",
+        deletion_needs_a_fresh_code_of_the_same_user_and_erases_at_once,
+    );
+}
+
+#[test]
+fn a_login_within_the_cooling_off_period_cancels_the_deletion_on_sled_and_postgres() {
+    on_both(
+        "a_login_within_the_cooling_off_period_cancels_the_deletion",
+        a_login_within_the_cooling_off_period_cancels_the_deletion,
+    );
+}
+
+#[test]
+fn a_due_deletion_is_erased_by_the_sweep_even_across_a_kill_9_on_sled_and_postgres() {
+    on_both(
+        "a_due_deletion_is_erased_by_the_sweep_even_across_a_kill_9",
+        a_due_deletion_is_erased_by_the_sweep_even_across_a_kill_9,
+    );
 }
