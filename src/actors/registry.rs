@@ -95,6 +95,8 @@ pub struct Login {
     pub span: tracing::Span,
 }
 
+/// Not boxed: it lives for one answer, and the common case is the large variant.
+#[allow(clippy::large_enum_variant)]
 pub enum LoginOutcome {
     LoggedIn {
         user: User,

@@ -691,6 +691,7 @@ mod tests {
                 user,
                 created,
                 family,
+                ..
             } => (user, created, family),
             LoginResult::Disabled => panic!("disabled"),
         }
