@@ -49,6 +49,9 @@ pub enum Command {
     /// WeChat's side: the access token this server holds.
     #[command(subcommand)]
     Wechat(WechatCommand),
+    /// The events waiting for `events.webhook_url` (JSON lines on stdout).
+    #[command(subcommand)]
+    Events(EventsCommand),
     /// List, rotate and retire the signing keys (JSON lines on stdout). Works with the
     /// server running (it switches keys at once) and without.
     #[command(subcommand)]
@@ -94,6 +97,14 @@ pub enum UsersCommand {
     /// Ask WeChat whether it still holds the user's stored session key (needs the
     /// running server: it holds the access token).
     CheckSession { id: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Every event not delivered yet: attempts, next attempt, given up or not.
+    List,
+    /// Send every waiting or given-up event again now.
+    Retry,
 }
 
 #[derive(Debug, Subcommand)]

@@ -39,7 +39,11 @@ pub fn run(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), A
         Err(e) => return Err(e.into()),
     };
     let commit = GroupCommit::start(store.clone());
-    let model = SledModel::new(store.clone(), commit.clone(), Arc::new(UserCache::new(0)))?;
+    let mut model = SledModel::new(store.clone(), commit.clone(), Arc::new(UserCache::new(0)))?;
+    // The changes made here are reported too; the server delivers them when it runs.
+    if cfg.events.webhook_url.is_some() {
+        model = model.with_events(crate::events::Outbox::open(store.as_ref())?);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .map_err(AdminError::from)?;

@@ -249,6 +249,16 @@ pub fn execute(
             };
             Ok(write_line(out, &line)?)
         }
+        Request::EventsList => {
+            for (seq, event) in crate::events::pending(store, usize::MAX)? {
+                write_line(out, &event.view(seq))?;
+            }
+            Ok(())
+        }
+        Request::EventsRetry => {
+            let count = crate::events::retry_all(store)?;
+            Ok(write_line(out, &json!({ "events_due_now": count }))?)
+        }
         Request::UsersShow { id } => {
             let user = users::load(store, id)?.ok_or(AdminError::NoSuchUser(id))?;
             Ok(write_line(out, &user_view(&user))?)

@@ -43,6 +43,10 @@ pub enum Request {
         id: UserId,
         disabled: bool,
     },
+    /// The outbox: every pending or given-up event.
+    EventsList,
+    /// Every waiting or given-up event is due now.
+    EventsRetry,
     TokensRevoke {
         user: UserId,
     },

@@ -35,6 +35,8 @@ pub struct SledModel {
     /// there once applied (see `users::cache` for why that keeps it exact).
     users: Arc<UserCache>,
     next_id: Mutex<UserId>,
+    /// `events.webhook_url` set: every change is reported in its own batch.
+    events: Option<Arc<crate::events::Outbox>>,
 }
 
 /// A family as stored (its key holds the user and the family id).
@@ -136,7 +138,43 @@ impl SledModel {
             commit,
             users,
             next_id: Mutex::new(next_id),
+            events: None,
         })
+    }
+
+    /// Writes an event for every user change into the change's own batch.
+    pub fn with_events(mut self, outbox: Arc<crate::events::Outbox>) -> Self {
+        self.events = Some(outbox);
+        self
+    }
+
+    /// Adds the event to `batch` when events are on; `true` if it did.
+    fn event(
+        &self,
+        batch: &mut WriteBatch,
+        user_id: UserId,
+        kind: crate::events::EventType,
+        data: serde_json::Value,
+    ) -> bool {
+        match &self.events {
+            Some(outbox) => {
+                outbox.add(batch, user_id, kind, data, crate::tokens::now_ms());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Applies `batch` (atomically), then wakes the delivery thread when it holds
+    /// an event.
+    fn apply_with_event(&self, batch: WriteBatch, evented: bool) -> Result<(), StorageError> {
+        self.store.apply(batch)?;
+        if evented {
+            if let Some(outbox) = &self.events {
+                outbox.wake();
+            }
+        }
+        Ok(())
     }
 
     /// The cache this model keeps up to date, for the token check to read.
@@ -269,7 +307,24 @@ impl SledModel {
         if let Some(id) = cancelled {
             batch.delete(Tree::Meta, deletion_key(id));
         }
-        self.store.apply_in_order(batch)?;
+        let evented = created
+            && self.event(
+                &mut batch,
+                user.id,
+                crate::events::EventType::Created,
+                serde_json::json!({
+                    "appid": user.appid,
+                    "openid": user.openid,
+                    "unionid": user.unionid,
+                    "created_at": users::rfc3339(user.created_at),
+                }),
+            );
+        if evented {
+            // The event and the user as one atomic batch: never one without the other.
+            self.apply_with_event(batch, true)?;
+        } else {
+            self.store.apply_in_order(batch)?;
+        }
         self.users.put(user.clone());
         if created {
             // Only after the writes applied: a failed write never burns an id in
@@ -288,15 +343,19 @@ impl SledModel {
     fn update(
         &self,
         id: UserId,
-        change: impl FnOnce(&mut User),
+        change: impl FnOnce(&mut User) -> Option<(crate::events::EventType, serde_json::Value)>,
     ) -> Result<Option<User>, StorageError> {
         let Some(mut user) = users::load(self.store.as_ref(), id)? else {
             return Ok(None);
         };
-        change(&mut user);
+        let event = change(&mut user);
         let mut batch = WriteBatch::default();
         batch.put(Tree::Users, users::id_key(id), users::encode(&user));
-        self.store.apply(batch)?;
+        let evented = match event {
+            Some((kind, data)) => self.event(&mut batch, id, kind, data),
+            None => false,
+        };
+        self.apply_with_event(batch, evented)?;
         self.users.put(user.clone());
         Ok(Some(user))
     }
@@ -304,7 +363,7 @@ impl SledModel {
     fn update_durably(
         &self,
         id: UserId,
-        change: impl FnOnce(&mut User),
+        change: impl FnOnce(&mut User) -> Option<(crate::events::EventType, serde_json::Value)>,
     ) -> StoreFuture<Option<User>> {
         let result = self.update(id, change);
         let wrote = matches!(result, Ok(Some(_)));
@@ -419,8 +478,14 @@ impl SledModel {
             user.deletion_due = Some(due);
             batch.put(Tree::Meta, deletion_key(id), due.to_be_bytes());
             batch.put(Tree::Users, users::id_key(id), users::encode(&user));
-            // One atomic batch: the mark and the record together.
-            store.apply(batch)?;
+            let evented = self.event(
+                &mut batch,
+                id,
+                crate::events::EventType::DeletionScheduled,
+                serde_json::json!({ "deletion_scheduled_at": users::rfc3339(due) }),
+            );
+            // One atomic batch: the mark, the record and the event together.
+            self.apply_with_event(batch, evented)?;
             self.users.put(user.clone());
             return Ok((Some(Deletion::Scheduled { user, due }), true));
         }
@@ -439,8 +504,14 @@ impl SledModel {
         batch.delete(Tree::Meta, deletion_key(id));
         user.erase(now);
         batch.put(Tree::Users, users::id_key(id), users::encode(&user));
+        let evented = self.event(
+            &mut batch,
+            id,
+            crate::events::EventType::Deleted,
+            serde_json::json!({}),
+        );
         // One atomic batch (sled journals it): after a crash all of it or none.
-        store.apply(batch)?;
+        self.apply_with_event(batch, evented)?;
         self.users.put(user.clone());
         Ok((Some(Deletion::Erased { user }), true))
     }
@@ -523,19 +594,36 @@ impl AuthStore for SledModel {
     }
 
     fn set_disabled(&self, id: UserId, disabled: bool) -> StoreFuture<Option<User>> {
-        self.update_durably(id, |user| user.disabled = disabled)
+        self.update_durably(id, |user| {
+            user.disabled = disabled;
+            let kind = if disabled {
+                crate::events::EventType::Disabled
+            } else {
+                crate::events::EventType::Enabled
+            };
+            Some((kind, serde_json::json!({})))
+        })
     }
 
     /// Exact by construction (no clock involved); tokens signed after this write
     /// carry the new stamp. (Wrapping only after 2^64 revokes, and it still changes.)
     fn revoke_tokens(&self, id: UserId) -> StoreFuture<Option<User>> {
         self.update_durably(id, |user| {
-            user.token_stamp = user.token_stamp.wrapping_add(1)
+            user.token_stamp = user.token_stamp.wrapping_add(1);
+            None
         })
     }
 
     fn set_phone(&self, id: UserId, phone: PhoneNumber) -> StoreFuture<Option<User>> {
-        self.update_durably(id, |user| user.phone = Some(Box::new(phone)))
+        self.update_durably(id, |user| {
+            let data = serde_json::json!({
+                "phone_number": phone.phone_number,
+                "pure_phone_number": phone.pure_phone_number,
+                "country_code": phone.country_code,
+            });
+            user.phone = Some(Box::new(phone));
+            Some((crate::events::EventType::Updated, data))
+        })
     }
 
     fn set_profile(&self, id: UserId, change: ProfileChange) -> StoreFuture<Option<User>> {
@@ -543,12 +631,16 @@ impl AuthStore for SledModel {
             return ready(Ok(None));
         }
         self.update_durably(id, |user| {
+            let mut data = serde_json::json!({});
             if let Some(nickname) = change.nickname {
+                data["nickname"] = serde_json::json!(nickname);
                 user.nickname = Some(nickname);
             }
             if let Some(avatar_url) = change.avatar_url {
+                data["avatar_url"] = serde_json::json!(avatar_url);
                 user.avatar_url = Some(avatar_url);
             }
+            Some((crate::events::EventType::Updated, data))
         })
     }
 

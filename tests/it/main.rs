@@ -8,6 +8,7 @@ mod admin_socket;
 mod config;
 mod crash;
 mod durability;
+mod events;
 mod faults;
 mod files;
 mod forward_auth;
