@@ -146,7 +146,11 @@ pub fn retry_all(store: &dyn Store) -> Result<usize, StorageError> {
         if event.failed || event.next_attempt_ms > 0 {
             event.failed = false;
             event.next_attempt_ms = 0;
-            batch.put(Tree::Meta, outbox_key(seq), serde_json::to_vec(&event).expect("serializes"));
+            batch.put(
+                Tree::Meta,
+                outbox_key(seq),
+                serde_json::to_vec(&event).expect("serializes"),
+            );
             count += 1;
         }
     }
@@ -165,7 +169,9 @@ pub struct Outbox {
 impl Outbox {
     /// Continues after the greatest pending seq.
     pub fn open(store: &dyn ReadStore) -> Result<Arc<Self>, StorageError> {
-        let last = pending(store, usize::MAX)?.last().map_or(0, |(seq, _)| seq + 1);
+        let last = pending(store, usize::MAX)?
+            .last()
+            .map_or(0, |(seq, _)| seq + 1);
         Ok(Arc::new(Outbox {
             next_seq: AtomicU64::new(last),
             wake: Mutex::new(None),
@@ -213,7 +219,10 @@ impl Outbox {
 fn rfc3339_ms(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 

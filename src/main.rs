@@ -4,7 +4,9 @@ use clap::Parser;
 use std::path::Path;
 use std::process::ExitCode;
 use wxauth::admin::Request;
-use wxauth::cli::{Cli, Command, EventsCommand, KeysCommand, TokensCommand, UsersCommand, WechatCommand};
+use wxauth::cli::{
+    Cli, Command, EventsCommand, KeysCommand, TokensCommand, UsersCommand, WechatCommand,
+};
 use wxauth::config::{Config, ConfigError};
 use wxauth::error::cause_chain;
 use wxauth::startup::StartError;

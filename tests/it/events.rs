@@ -38,7 +38,6 @@ impl Delivery {
 /// A webhook receiver on 127.0.0.1:`port` answering 204 to every POST, until dropped
 /// (then the port refuses connections).
 struct Receiver {
-    got: Arc<Mutex<Vec<Delivery>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -49,7 +48,7 @@ impl Receiver {
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (got, stop) = (got.clone(), stop.clone());
+            let stop = stop.clone();
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
@@ -65,7 +64,6 @@ impl Receiver {
             })
         };
         Receiver {
-            got,
             stop,
             thread: Some(thread),
         }
@@ -82,7 +80,9 @@ impl Drop for Receiver {
 }
 
 fn serve(stream: std::net::TcpStream) -> Option<Delivery> {
-    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
     let mut reader = BufReader::new(stream.try_clone().ok()?);
     let mut line = String::new();
     reader.read_line(&mut line).ok()?;
@@ -194,37 +194,67 @@ fn every_delivery_verifies_with_standardwebhooks_and_a_tampered_body_does_not() 
     let body = login(&server, "ok:ivy.1");
     let access = body["access"].as_str().unwrap().to_string();
     let id = body["user"]["id"].as_u64().unwrap();
-    let patched = call(&server, "PATCH", "/api/weixin/user/", &access, json!({"nickname": "Ivy"}));
+    let patched = call(
+        &server,
+        "PATCH",
+        "/api/weixin/user/",
+        &access,
+        json!({"nickname": "Ivy"}),
+    );
     assert_eq!(patched.status, 200, "{}", patched.text);
     json_lines(&server.cli(&["users", "disable", &id.to_string()]));
     json_lines(&server.cli(&["users", "enable", &id.to_string()]));
-    let deleted = call(&server, "DELETE", "/api/weixin/user/", &access, json!({"code": "ok:ivy.2"}));
+    let deleted = call(
+        &server,
+        "DELETE",
+        "/api/weixin/user/",
+        &access,
+        json!({"code": "ok:ivy.2"}),
+    );
     assert_eq!(deleted.status, 200, "{}", deleted.text);
 
     let deliveries = wait_for(Duration::from_secs(60), "five deliveries", || {
         let got = got.lock().unwrap();
         (got.len() >= 5).then(|| got.clone())
     });
-    let types: Vec<Value> = deliveries.iter().map(|d| d.json()["type"].clone()).collect();
+    let types: Vec<Value> = deliveries
+        .iter()
+        .map(|d| d.json()["type"].clone())
+        .collect();
     assert_eq!(
         types,
-        ["user.created", "user.updated", "user.disabled", "user.enabled", "user.deleted"]
+        [
+            "user.created",
+            "user.updated",
+            "user.disabled",
+            "user.enabled",
+            "user.deleted"
+        ]
     );
     for delivery in &deliveries {
         let event = delivery.json();
         assert_eq!(event["data"]["user_id"], id, "{event}");
         assert!(event["timestamp"].as_str().is_some(), "{event}");
-        assert!(delivery.header("webhook-id").is_some_and(|h| h.starts_with("msg_")));
-        assert!(delivery.header("webhook-signature").is_some_and(|h| h.starts_with("v1,")));
+        assert!(delivery
+            .header("webhook-id")
+            .is_some_and(|h| h.starts_with("msg_")));
+        assert!(delivery
+            .header("webhook-signature")
+            .is_some_and(|h| h.starts_with("v1,")));
     }
     assert_eq!(deliveries[1].json()["data"]["nickname"], "Ivy");
     // Delivered: the outbox is empty.
     wait_for(Duration::from_secs(30), "an empty outbox", || {
-        json_lines(&server.cli(&["events", "list"])).is_empty().then_some(())
+        json_lines(&server.cli(&["events", "list"]))
+            .is_empty()
+            .then_some(())
     });
 
     let Some(python) = webhooks_python() else {
-        assert!(!in_ci(), "{test}: no standardwebhooks (pip): .ci/run must install it");
+        assert!(
+            !in_ci(),
+            "{test}: no standardwebhooks (pip): .ci/run must install it"
+        );
         eprintln!("\n!!!!!!!! SKIPPED the signature check of {test}: no python3 venv with standardwebhooks !!!!!!!!\n");
         return;
     };
@@ -258,7 +288,11 @@ print(json.dumps({"verified": verified, "tampered_refused": refused}))
         .arg(&file)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let result: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(result, json!({"verified": 5, "tampered_refused": 5}));
 }
@@ -275,7 +309,13 @@ fn a_receiver_down_for_30_s_gets_every_event_once_in_order_per_user_across_a_kil
         let body = login(&server, &format!("ok:{name}.1"));
         let access = body["access"].as_str().unwrap().to_string();
         for n in 1..=2 {
-            let reply = call(&server, "PATCH", "/api/weixin/user/", &access, json!({"nickname": format!("{name}-{n}")}));
+            let reply = call(
+                &server,
+                "PATCH",
+                "/api/weixin/user/",
+                &access,
+                json!({"nickname": format!("{name}-{n}")}),
+            );
             assert_eq!(reply.status, 200, "{}", reply.text);
         }
         users.push((name, body["user"]["id"].as_u64().unwrap()));
@@ -284,8 +324,17 @@ fn a_receiver_down_for_30_s_gets_every_event_once_in_order_per_user_across_a_kil
     server.kill9();
     server.restart();
     for (name, _) in &users {
-        let access = login(&server, &format!("ok:{name}.2"))["access"].as_str().unwrap().to_string();
-        let reply = call(&server, "PATCH", "/api/weixin/user/", &access, json!({"nickname": format!("{name}-3")}));
+        let access = login(&server, &format!("ok:{name}.2"))["access"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let reply = call(
+            &server,
+            "PATCH",
+            "/api/weixin/user/",
+            &access,
+            json!({"nickname": format!("{name}-3")}),
+        );
         assert_eq!(reply.status, 200, "{}", reply.text);
     }
     let pending = json_lines(&server.cli(&["events", "list"]));
@@ -299,8 +348,10 @@ fn a_receiver_down_for_30_s_gets_every_event_once_in_order_per_user_across_a_kil
     let _receiver = Receiver::start(port, got.clone());
     let deliveries = wait_for(Duration::from_secs(120), "every event delivered", || {
         let got = got.lock().unwrap();
-        let ids: std::collections::HashSet<_> =
-            got.iter().filter_map(|d| d.header("webhook-id").map(str::to_string)).collect();
+        let ids: std::collections::HashSet<_> = got
+            .iter()
+            .filter_map(|d| d.header("webhook-id").map(str::to_string))
+            .collect();
         (ids.len() >= 12).then(|| got.clone())
     });
     for (name, id) in &users {
@@ -327,7 +378,9 @@ fn a_receiver_down_for_30_s_gets_every_event_once_in_order_per_user_across_a_kil
         );
     }
     wait_for(Duration::from_secs(30), "an empty outbox", || {
-        json_lines(&server.cli(&["events", "list"])).is_empty().then_some(())
+        json_lines(&server.cli(&["events", "list"]))
+            .is_empty()
+            .then_some(())
     });
 }
 
@@ -336,6 +389,12 @@ fn with_no_webhook_url_no_event_is_stored() {
     let (_mock, server) = start_with_mock();
     let body = login(&server, "ok:max");
     let access = body["access"].as_str().unwrap();
-    call(&server, "PATCH", "/api/weixin/user/", access, json!({"nickname": "M"}));
+    call(
+        &server,
+        "PATCH",
+        "/api/weixin/user/",
+        access,
+        json!({"nickname": "M"}),
+    );
     assert!(json_lines(&server.cli(&["events", "list"])).is_empty());
 }
