@@ -18,7 +18,6 @@ use std::time::Instant;
 
 const MAX_NICKNAME_CHARS: usize = 32;
 pub const MAX_AVATAR_URL_BYTES: usize = 1024;
-const MAX_CODE_LEN: usize = 128;
 
 /// GET /api/weixin/sessions/: the live sessions, oldest first.
 pub async fn sessions(
@@ -156,15 +155,7 @@ pub async fn delete_user(
     fields: Fields,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
-    let code = fields.required_str("code")?;
-    if code.is_empty()
-        || code.len() > MAX_CODE_LEN
-        || !code.bytes().all(|b| (0x20..=0x7e).contains(&b))
-    {
-        return Err(ApiError::InvalidRequest(
-            "The field `code` must be 1 to 128 printable ASCII characters.".into(),
-        ));
-    }
+    let code = super::login::wechat_code(&fields)?;
     let session = state
         .wechat
         .code2session(Code2Session {

@@ -11,14 +11,9 @@ use std::time::Instant;
 
 const MAX_CODE_LEN: usize = 128;
 
-pub async fn login(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-    fields: Fields,
-) -> Result<HttpResponse, ApiError> {
-    // The WeChat deadline (`wechat.timeout`) counts from here.
-    let started = Instant::now();
-    state.limit_login(&req)?;
+/// A WeChat code field (`wx.login`, getPhoneNumber): 1 to 128 printable ASCII
+/// characters, else 400 `invalid_request`.
+pub(super) fn wechat_code(fields: &Fields) -> Result<&str, ApiError> {
     let code = fields.required_str("code")?;
     if code.is_empty()
         || code.len() > MAX_CODE_LEN
@@ -28,6 +23,18 @@ pub async fn login(
             "The field `code` must be 1 to 128 printable ASCII characters.".into(),
         ));
     }
+    Ok(code)
+}
+
+pub async fn login(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    fields: Fields,
+) -> Result<HttpResponse, ApiError> {
+    // The WeChat deadline (`wechat.timeout`) counts from here.
+    let started = Instant::now();
+    state.limit_login(&req)?;
+    let code = wechat_code(&fields)?;
     let appid = state
         .resolve_app(fields.optional_str("appid")?)?
         .to_string();

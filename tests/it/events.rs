@@ -398,3 +398,15 @@ fn with_no_webhook_url_no_event_is_stored() {
     );
     assert!(json_lines(&server.cli(&["events", "list"])).is_empty());
 }
+
+#[test]
+fn events_with_postgres_are_refused_at_start_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "{VALID_CONFIG}\n[storage]\nbackend = \"postgres\"\npostgres_url = \"postgres://u@127.0.0.1:1/db\"\n[events]\nwebhook_url = \"http://127.0.0.1:1/\"\nsecret_file = \"s\"\n"
+    );
+    let out = run_with_config(dir.path(), &toml, &[], &["check-config"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("events.webhook_url"), "{stderr}");
+}
