@@ -4,8 +4,8 @@
 #   bench/purge_p99.sh
 #
 # Builds release (wxauth and examples/fill_expired.rs), fills a temporary data
-# directory with PURGE_RECORDS expired refresh-token records (half families, half
-# refresh tokens, expired a day ago), then measures new-user logins on the built-in
+# directory with PURGE_RECORDS expired family records (one per login, expired a
+# day ago), then measures new-user logins on the built-in
 # mock twice with wrk on that same directory:
 #   1. no purge (jwt.purge_interval = 1h): the baseline;
 #   2. jwt.purge_interval = PURGE_AFTER: the purge starts PURGE_AFTER after the

@@ -58,6 +58,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 rotated_ms: (expired_at - 86_400) * 1000,
                 exp: expired_at,
                 revoked_ms: None,
+                stamp: 0,
             };
             batch.put(
                 Tree::Families,

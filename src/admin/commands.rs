@@ -175,8 +175,8 @@ impl WriteTarget {
     }
 }
 
-/// The operator's view of one family (a login's session).
-fn session_view(family: &FamilyRecord, now: i64) -> Value {
+/// The operator's view of one family (a login's session) of `user`.
+fn session_view(family: &FamilyRecord, user: &User, now: i64) -> Value {
     json!({
         "family": family.id.to_hex(),
         "created_at": users::rfc3339(family.created_ms.div_euclid(1000)),
@@ -184,17 +184,22 @@ fn session_view(family: &FamilyRecord, now: i64) -> Value {
         "expires_at": users::rfc3339(family.exp),
         "generation": family.generation,
         "revoked": family.is_revoked(),
-        "active": !family.is_revoked() && family.exp >= now,
+        "active": family.is_live(user.token_stamp, now),
     })
 }
 
-/// The user's families that could still refresh (neither revoked nor expired).
-fn live_families(store: &dyn ReadStore, id: UserId) -> Result<usize, AdminError> {
+/// How many of the user's families could still refresh. `None`: no such user.
+fn live_families(store: &dyn ReadStore, id: UserId) -> Result<Option<usize>, AdminError> {
+    let Some(user) = users::load(store, id)? else {
+        return Ok(None);
+    };
     let now = crate::now_unix();
-    Ok(crate::storage::user_families(store, id)?
-        .iter()
-        .filter(|family| !family.is_revoked() && family.exp >= now)
-        .count())
+    Ok(Some(
+        crate::storage::user_families(store, id)?
+            .iter()
+            .filter(|family| family.is_live(user.token_stamp, now))
+            .count(),
+    ))
 }
 
 /// Runs one request, writing its output as JSON lines to `out`. Reads (and the
@@ -222,10 +227,10 @@ pub fn execute(
             result
         }
         Request::UsersSessions { id } => {
-            users::load(store, id)?.ok_or(AdminError::NoSuchUser(id))?;
+            let user = users::load(store, id)?.ok_or(AdminError::NoSuchUser(id))?;
             let now = crate::now_unix();
             for family in crate::storage::user_families(store, id)? {
-                write_line(out, &session_view(&family, now))?;
+                write_line(out, &session_view(&family, &user, now))?;
             }
             Ok(())
         }
@@ -271,7 +276,7 @@ pub fn execute(
         }
         Request::TokensRevoke { user } => {
             // What the new stamp ends: the sessions that could still refresh.
-            let families = live_families(store, user)?;
+            let families = live_families(store, user)?.unwrap_or(0);
             writes
                 .revoke_tokens(user)?
                 .ok_or(AdminError::NoSuchUser(user))?;

@@ -117,11 +117,23 @@ pub struct FamilyRecord {
     /// When it was revoked (unix milliseconds): logout, a reuse, or the operator.
     /// A revoked family refuses every token it issued; only its presence is read.
     pub revoked_ms: Option<i64>,
+    /// The user's token stamp when the login started it: every token of the family
+    /// carries it (a family cannot rotate once the user's stamp moved on). Not a
+    /// rule the store applies (the token check compares the token's own stamp);
+    /// it tells whether `wxauth tokens revoke` ended the family.
+    pub stamp: u64,
 }
 
 impl FamilyRecord {
     pub fn is_revoked(&self) -> bool {
         self.revoked_ms.is_some()
+    }
+
+    /// Can a token of this family still refresh, for a user whose token stamp is
+    /// `user_stamp`, at `now` (unix seconds)? Not revoked, not expired, and not
+    /// ended by `wxauth tokens revoke`.
+    pub fn is_live(&self, user_stamp: u64, now: i64) -> bool {
+        !self.is_revoked() && self.exp >= now && self.stamp == user_stamp
     }
 }
 
@@ -390,6 +402,7 @@ mod tests {
             rotated_ms,
             exp: 0,
             revoked_ms: None,
+            stamp: 0,
         }
     }
 

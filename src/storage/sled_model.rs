@@ -4,7 +4,7 @@
 //!
 //! Layout of the family tree (`families`): key [`family_key`] (user id, 8 bytes
 //! big-endian, then the family id, 16 bytes), value JSON
-//! `{"gen":…,"created_ms":…,"rotated_ms":…,"exp":…,"revoked_ms":…}`.
+//! `{"gen":…,"created_ms":…,"rotated_ms":…,"exp":…,"revoked_ms":…,"stamp":…}`.
 //!
 //! Write order instead of a journal (every sequence here is [`Store::apply_in_order`]
 //! or a single write; sled recovers a prefix of its log):
@@ -48,6 +48,8 @@ struct StoredFamily {
     exp: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     revoked_ms: Option<i64>,
+    #[serde(default)]
+    stamp: u64,
 }
 
 /// A family's stored value (for tools that fill a directory by hand).
@@ -58,6 +60,7 @@ pub fn encode_family(family: &FamilyRecord) -> Vec<u8> {
         rotated_ms: family.rotated_ms,
         exp: family.exp,
         revoked_ms: family.revoked_ms,
+        stamp: family.stamp,
     })
     .expect("a family always serializes")
 }
@@ -77,6 +80,7 @@ pub(crate) fn decode_family(key: &[u8], value: &[u8]) -> Result<FamilyRecord, St
         rotated_ms: stored.rotated_ms,
         exp: stored.exp,
         revoked_ms: stored.revoked_ms,
+        stamp: stored.stamp,
     })
 }
 
@@ -240,6 +244,7 @@ impl SledModel {
             rotated_ms: req.now_ms,
             exp: req.family_exp,
             revoked_ms: None,
+            stamp: 0,
         };
         let mut next_id = self.next_id.lock().unwrap_or_else(|e| e.into_inner());
         let mut cancelled = None;
@@ -267,6 +272,7 @@ impl SledModel {
         };
         let family = FamilyRecord {
             user_id: user.id,
+            stamp: user.token_stamp,
             ..family
         };
         // In order: family, user, indexes (see the module docs).
@@ -934,6 +940,7 @@ mod tests {
                 // Every third one live.
                 exp: if i % 3 == 0 { 2_000 } else { 500 },
                 revoked_ms: None,
+                stamp: 0,
             };
             batch.put(
                 Tree::Families,

@@ -159,6 +159,10 @@ fn migrate_families(store: &dyn Store) -> Result<usize, StorageError> {
                     rotated_ms: rotated.get(text).copied().unwrap_or(created_ms),
                     exp: family.exp,
                     revoked_ms: family.revoked_at.map(|s| s.saturating_mul(1000)),
+                    // A format-1 revoke bumped the stamp and revoked every family:
+                    // a family still live was started under the current stamp.
+                    stamp: crate::users::load(store, family.user_id)?
+                        .map_or(0, |user| user.token_stamp),
                 };
                 batch.put(
                     Tree::Families,

@@ -93,13 +93,16 @@ fn revoking_a_users_tokens_kills_its_access_and_refresh_tokens() {
     wait_for(Duration::from_secs(3), "the next second", || {
         (now() > iat).then_some(())
     });
-    let out = json_lines(&server.cli(&[
-        "tokens",
-        "revoke",
-        "--user",
-        &body["user"]["id"].to_string(),
-    ]));
+    let user = body["user"]["id"].to_string();
+    let sessions = json_lines(&server.cli(&["users", "sessions", &user]));
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    assert_eq!(sessions[0]["active"], true, "{sessions:?}");
+    let out = json_lines(&server.cli(&["tokens", "revoke", "--user", &user]));
     assert_eq!(out[0]["families_revoked"], 1);
+    // The session ends with the stamp: no family is written, and none is live.
+    let sessions = json_lines(&server.cli(&["users", "sessions", &user]));
+    assert_eq!(sessions[0]["active"], false, "{sessions:?}");
+    assert_eq!(sessions[0]["revoked"], false, "{sessions:?}");
 
     let reply = get(
         &server.url("/api/weixin/data/"),

@@ -239,12 +239,12 @@ async fn apply_op<C: GenericClient>(client: &C, op: &Op) -> Result<(), StorageEr
             client
                 .execute(
                     "INSERT INTO wxauth_families \
-                     (user_id, family_id, generation, created_ms, rotated_ms, exp, revoked_ms) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                     (user_id, family_id, generation, created_ms, rotated_ms, exp, revoked_ms, \
+                     stamp) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
                      ON CONFLICT (user_id, family_id) DO UPDATE SET \
                      generation = EXCLUDED.generation, created_ms = EXCLUDED.created_ms, \
                      rotated_ms = EXCLUDED.rotated_ms, exp = EXCLUDED.exp, \
-                     revoked_ms = EXCLUDED.revoked_ms",
+                     revoked_ms = EXCLUDED.revoked_ms, stamp = EXCLUDED.stamp",
                     &[
                         &(f.user_id as i64),
                         &f.id.0.as_slice(),
@@ -253,6 +253,7 @@ async fn apply_op<C: GenericClient>(client: &C, op: &Op) -> Result<(), StorageEr
                         &f.rotated_ms,
                         &f.exp,
                         &f.revoked_ms,
+                        &(f.stamp as i64),
                     ],
                 )
                 .await

@@ -403,7 +403,7 @@ fn user_from_row(row: &Row) -> Result<User, StorageError> {
 }
 
 const FAMILY_COLUMNS: &str =
-    "user_id, family_id, generation, created_ms, rotated_ms, exp, revoked_ms";
+    "user_id, family_id, generation, created_ms, rotated_ms, exp, revoked_ms, stamp";
 
 fn family_from_row(row: &Row) -> Result<FamilyRecord, StorageError> {
     let id: Vec<u8> = row.get("family_id");
@@ -424,6 +424,7 @@ fn family_from_row(row: &Row) -> Result<FamilyRecord, StorageError> {
         rotated_ms: row.get("rotated_ms"),
         exp: row.get("exp"),
         revoked_ms: row.get("revoked_ms"),
+        stamp: row.get::<_, i64>("stamp") as u64,
     })
 }
 
@@ -607,16 +608,18 @@ async fn login_once(
         rotated_ms: request.now_ms,
         exp: request.family_exp,
         revoked_ms: None,
+        stamp: user.token_stamp,
     };
     tx.execute(
         "INSERT INTO wxauth_families \
-         (user_id, family_id, generation, created_ms, rotated_ms, exp) \
-         VALUES ($1, $2, 1, $3, $3, $4)",
+         (user_id, family_id, generation, created_ms, rotated_ms, exp, stamp) \
+         VALUES ($1, $2, 1, $3, $3, $4, $5)",
         &[
             &(user.id as i64),
             &family.id.0.as_slice(),
             &request.now_ms,
             &request.family_exp,
+            &(user.token_stamp as i64),
         ],
     )
     .await

@@ -44,6 +44,8 @@ CREATE TABLE wxauth_families (
     rotated_ms bigint NOT NULL,
     exp        bigint NOT NULL,
     revoked_ms bigint,
+    -- The user's token stamp when the login started it (not a rule the store applies).
+    stamp      bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (user_id, family_id)
 );
 CREATE INDEX wxauth_families_exp ON wxauth_families (exp);
