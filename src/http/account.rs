@@ -10,7 +10,7 @@ use crate::actors::wechat::Code2Session;
 use crate::error::{ApiError, AuthError};
 use crate::storage::model::{Deletion, FamilyId, ProfileChange};
 use crate::storage::user_families;
-use crate::users::export::{export, is_live, session_view};
+use crate::users::export::{export, session_view};
 use crate::users::rfc3339;
 use actix_web::{web, HttpResponse};
 use serde_json::json;
@@ -26,7 +26,7 @@ pub async fn sessions(
 ) -> Result<HttpResponse, ApiError> {
     let now = crate::now_unix();
     let mut families = user_families(state.reader.as_ref(), session.user.id)?;
-    families.retain(|family| is_live(family, now));
+    families.retain(|family| family.is_live(session.user.token_stamp, now));
     families.sort_by_key(|family| family.created_ms);
     let sessions: Vec<_> = families
         .iter()

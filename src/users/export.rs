@@ -18,11 +18,6 @@ pub fn session_view(family: &FamilyRecord, current: Option<FamilyId>) -> Value {
     })
 }
 
-/// A session that can still refresh: neither revoked nor expired at `now` (unix s).
-pub fn is_live(family: &FamilyRecord, now: i64) -> bool {
-    !family.is_revoked() && family.exp >= now
-}
-
 /// The export: the user record's personal fields and timestamps, the phone, the
 /// profile, the deletion mark, and every session still stored (live or not).
 pub fn export(user: &User, families: &[FamilyRecord], now: i64) -> Value {
@@ -35,7 +30,7 @@ pub fn export(user: &User, families: &[FamilyRecord], now: i64) -> Value {
                 "last_refreshed_at": rfc3339(family.rotated_ms.div_euclid(1000)),
                 "expires_at": rfc3339(family.exp),
                 "revoked_at": family.revoked_ms.map(|ms| rfc3339(ms.div_euclid(1000))),
-                "live": is_live(family, now),
+                "live": family.is_live(user.token_stamp, now),
             })
         })
         .collect();
