@@ -49,6 +49,9 @@ pub enum Command {
     /// WeChat's side: the access token this server holds.
     #[command(subcommand)]
     Wechat(WechatCommand),
+    /// The events waiting for `events.webhook_url` (JSON lines on stdout).
+    #[command(subcommand)]
+    Events(EventsCommand),
     /// List, rotate, activate and retire the signing keys (JSON lines on stdout). Works with the
     /// server running (it applies the change at once) and without.
     #[command(subcommand)]
@@ -77,6 +80,16 @@ pub enum UsersCommand {
     /// The user's sessions (one per login: created, last rotated, expiry), one
     /// JSON object per line.
     Sessions { id: u64 },
+    /// Everything wxauth holds on the user, as one JSON object (never the session key).
+    Export { id: u64 },
+    /// Delete the account: marked for `users.deletion_delay` (a login cancels it),
+    /// then its personal data erased; at once with `--now` or a delay of 0.
+    Delete {
+        id: u64,
+        /// Erase now, whatever `users.deletion_delay` says.
+        #[arg(long)]
+        now: bool,
+    },
     /// Refuse the user's logins, refreshes and access tokens from now on.
     Disable { id: u64 },
     /// Undo `disable`.
@@ -84,6 +97,14 @@ pub enum UsersCommand {
     /// Ask WeChat whether it still holds the user's stored session key (needs the
     /// running server: it holds the access token).
     CheckSession { id: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Every event not delivered yet: attempts, next attempt, given up or not.
+    List,
+    /// Send every waiting or given-up event again now.
+    Retry,
 }
 
 #[derive(Debug, Subcommand)]

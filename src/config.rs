@@ -28,6 +28,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub users: UsersConfig,
+    pub events: EventsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -288,6 +290,65 @@ impl Default for JwtConfig {
             jwks_max_age: Duration::from_secs(300),
         }
     }
+}
+
+/// `events.*`: the webhook of the team's own back end (docs/CONFIGURATION.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct EventsConfig {
+    /// Where events are POSTed; unset: no event is stored or sent.
+    pub webhook_url: Option<String>,
+    /// The Standard Webhooks secret (`whsec_` + base64); required with a URL.
+    pub secret_file: Option<PathBuf>,
+    /// How long an event is retried before it is given up.
+    #[serde(deserialize_with = "de_duration")]
+    pub retry_for: Duration,
+    /// Each delivery's deadline.
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            webhook_url: None,
+            secret_file: None,
+            retry_for: Duration::from_secs(3 * 86_400),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl EventsConfig {
+    /// The delivery settings (the secret file read and parsed), or `None` when
+    /// events are off.
+    pub fn delivery(&self) -> Result<Option<crate::events::Delivery>, ConfigError> {
+        let Some(url) = &self.webhook_url else {
+            return Ok(None);
+        };
+        let path = self.secret_file.as_ref().ok_or_else(|| {
+            ConfigError::new("events.secret_file", "required with events.webhook_url")
+        })?;
+        let secret = read_secret_file("events.secret_file", path)?;
+        let key = crate::events::parse_secret(secret.expose())
+            .map_err(|reason| ConfigError::new("events.secret_file", reason))?;
+        Ok(Some(crate::events::Delivery {
+            url: url.clone(),
+            key,
+            timeout: self.timeout,
+            retry_for: self.retry_for,
+        }))
+    }
+}
+
+/// `users.*`: the account's own rules (docs/CONFIGURATION.md).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct UsersConfig {
+    /// How long an account asked to be deleted stays marked (a login in between
+    /// cancels it) before its personal data is erased; `0s`: erased at once.
+    #[serde(deserialize_with = "de_duration")]
+    pub deletion_delay: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -673,6 +734,28 @@ impl Config {
                 "jwt.purge_interval",
                 "must be at least 1s",
             ));
+        }
+        if let Some(url) = &self.events.webhook_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::new(
+                    "events.webhook_url",
+                    "must be an http:// or https:// URL",
+                ));
+            }
+            if self.storage.backend == StorageBackend::Postgres {
+                return Err(ConfigError::new(
+                    "events.webhook_url",
+                    "events are not available with storage.backend = \"postgres\" yet",
+                ));
+            }
+        }
+        if self.events.timeout < Duration::from_millis(100)
+            || self.events.timeout > Duration::from_secs(60)
+        {
+            return Err(ConfigError::new("events.timeout", "100 ms – 60 s"));
+        }
+        if self.users.deletion_delay > MAX_TOKEN_DURATION {
+            return Err(ConfigError::new("users.deletion_delay", "at most 10 years"));
         }
         if !(1..=128).contains(&self.limits.ipv6_prefix) {
             return Err(ConfigError::new(

@@ -50,6 +50,12 @@ pub enum ApiError {
     MethodNotAllowed { allow: &'static str },
     #[error("This user has been disabled.")]
     UserDisabled,
+    /// `DELETE /api/weixin/sessions/{id}/`: no live session of this user has that id.
+    #[error("No live session with this id.")]
+    SessionNotFound,
+    /// `DELETE /api/weixin/user/`: the wx.login code is another WeChat user's.
+    #[error("The code does not belong to this account's WeChat user.")]
+    CodeMismatch,
     #[error("Too many requests; try again later.")]
     RateLimited { retry_after_secs: u64 },
     /// The API's sentence is [`wechat_detail`]'s; this Display is for logs.
@@ -115,6 +121,8 @@ impl ApiError {
             ApiError::RequestTimeout => "request_timeout",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::UserDisabled => "user_disabled",
+            ApiError::SessionNotFound => "session_not_found",
+            ApiError::CodeMismatch => "code_mismatch",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::WeChat(e) => match e {
                 WeChatError::CodeInvalid => "code_invalid",
@@ -193,7 +201,8 @@ impl ResponseError for ApiError {
             ApiError::NotFound | ApiError::SymmetricKey(_) => StatusCode::NOT_FOUND,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::UserDisabled => StatusCode::FORBIDDEN,
+            ApiError::UserDisabled | ApiError::CodeMismatch => StatusCode::FORBIDDEN,
+            ApiError::SessionNotFound => StatusCode::NOT_FOUND,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::WeChat(e) => match e {
                 WeChatError::CodeInvalid | WeChatError::CodeUsed => StatusCode::UNAUTHORIZED,

@@ -13,6 +13,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod fsutil;
 pub mod http;
 pub mod metrics;

@@ -4,7 +4,9 @@ use clap::Parser;
 use std::path::Path;
 use std::process::ExitCode;
 use wxauth::admin::Request;
-use wxauth::cli::{Cli, Command, KeysCommand, TokensCommand, UsersCommand, WechatCommand};
+use wxauth::cli::{
+    Cli, Command, EventsCommand, KeysCommand, TokensCommand, UsersCommand, WechatCommand,
+};
 use wxauth::config::{Config, ConfigError};
 use wxauth::error::cause_chain;
 use wxauth::startup::StartError;
@@ -41,6 +43,8 @@ fn main() -> ExitCode {
                 UsersCommand::List => Request::UsersList,
                 UsersCommand::Show { id } => Request::UsersShow { id },
                 UsersCommand::Sessions { id } => Request::UsersSessions { id },
+                UsersCommand::Export { id } => Request::UsersExport { id },
+                UsersCommand::Delete { id, now } => Request::UsersDelete { id, now },
                 UsersCommand::Disable { id } => Request::UsersSetDisabled { id, disabled: true },
                 UsersCommand::Enable { id } => Request::UsersSetDisabled {
                     id,
@@ -55,6 +59,13 @@ fn main() -> ExitCode {
             &Request::TokensRevoke { user },
             &mut std::io::stdout().lock(),
         ),
+        Command::Events(events) => {
+            let request = match events {
+                EventsCommand::List => Request::EventsList,
+                EventsCommand::Retry => Request::EventsRetry,
+            };
+            admin(config, &request, &mut std::io::stdout().lock())
+        }
         Command::Wechat(WechatCommand::Token { appid }) => admin(
             config,
             &Request::WechatToken { appid },

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 /// The routes requests are counted under (trailing slash folded); the last is the rest.
-pub const ROUTES: [&str; 13] = [
+pub const ROUTES: [&str; 18] = [
     "/api/weixin/login/",
     "/api/weixin/data/",
     "/api/weixin/phone/",
@@ -20,6 +20,11 @@ pub const ROUTES: [&str; 13] = [
     "/openapi.json",
     "/healthz",
     "/readyz",
+    "/api/weixin/sessions/",
+    "/api/weixin/sessions/logout-all/",
+    "/api/weixin/sessions/{id}/",
+    "/api/weixin/user/",
+    "/api/weixin/user/export/",
     "/.well-known/jwks.json",
     "other",
 ];
@@ -137,6 +142,8 @@ pub struct Metrics {
     access_issued: AtomicU64,
     refresh_issued: AtomicU64,
     reuse_detected: AtomicU64,
+    events_pending: AtomicU64,
+    event_delivery_failures: AtomicU64,
     token_fetches: Vec<AtomicU64>,
     wechat_api_calls: Vec<AtomicU64>,
 }
@@ -154,6 +161,8 @@ impl Default for Metrics {
             access_issued: AtomicU64::new(0),
             refresh_issued: AtomicU64::new(0),
             reuse_detected: AtomicU64::new(0),
+            events_pending: AtomicU64::new(0),
+            event_delivery_failures: AtomicU64::new(0),
             token_fetches: TOKEN_FETCH_OUTCOMES
                 .iter()
                 .map(|_| AtomicU64::new(0))
@@ -224,6 +233,15 @@ impl Metrics {
 
     pub fn reuse_detected(&self) {
         self.reuse_detected.fetch_add(1, Relaxed);
+    }
+
+    /// The events waiting for delivery (not given up), as the last round saw them.
+    pub fn set_events_pending(&self, n: u64) {
+        self.events_pending.store(n, Relaxed);
+    }
+
+    pub fn event_delivery_failed(&self) {
+        self.event_delivery_failures.fetch_add(1, Relaxed);
     }
 
     /// The Prometheus text exposition (format 0.0.4).
@@ -308,6 +326,28 @@ impl Metrics {
             o,
             "wxauth_refresh_reuse_detected_total {}",
             self.reuse_detected.load(Relaxed)
+        );
+        header(
+            o,
+            "wxauth_events_pending",
+            "gauge",
+            "Events in the outbox waiting for delivery (given-up ones not counted).",
+        );
+        let _ = writeln!(
+            o,
+            "wxauth_events_pending {}",
+            self.events_pending.load(Relaxed)
+        );
+        header(
+            o,
+            "wxauth_event_delivery_failures_total",
+            "counter",
+            "Event deliveries that failed (no answer, or not 2xx).",
+        );
+        let _ = writeln!(
+            o,
+            "wxauth_event_delivery_failures_total {}",
+            self.event_delivery_failures.load(Relaxed)
         );
         header(
             o,

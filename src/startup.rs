@@ -248,21 +248,29 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         let users = users.clone();
         move || users.clear()
     });
+    let metrics = Arc::new(Metrics::default());
     let model: Arc<dyn AuthStore> = match postgres {
         Some(pg) => pg,
-        None => Arc::new(SledModel::new(
-            store.clone(),
-            commit.clone(),
-            users.clone(),
-        )?),
+        None => {
+            let model = SledModel::new(store.clone(), commit.clone(), users.clone())?;
+            match cfg.events.delivery()? {
+                Some(delivery) => {
+                    let outbox = crate::events::Outbox::open(store.as_ref())?;
+                    crate::events::start(store.clone(), &outbox, delivery, metrics.clone())
+                        .map_err(|e| StorageError::io("start the event delivery thread", e))?;
+                    Arc::new(model.with_events(outbox))
+                }
+                None => Arc::new(model),
+            }
+        }
     };
-    let registry = UserRegistry::new(model.clone(), store.clone(), cfg.wechat.link_by_unionid);
+    let registry = UserRegistry::new(model.clone(), store.clone(), cfg.wechat.link_by_unionid)
+        .with_deletion_delay(cfg.users.deletion_delay);
 
     // Each state-owning actor runs on its own thread (arbiter), off the HTTP workers.
     let registry_arbiter = Arbiter::new();
     let registry = UserRegistry::start_in_arbiter(&registry_arbiter.handle(), move |_| registry);
     let issuer_arbiter = Arbiter::new();
-    let metrics = Arc::new(Metrics::default());
     let issuer = TokenIssuer::new(
         model.clone(),
         store.clone(),

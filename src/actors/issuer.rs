@@ -10,7 +10,7 @@ use crate::ratelimit::KeyedLimiter;
 use crate::storage::model::{AuthStore, FamilyId, RotateOutcome, RotateRequest};
 use crate::storage::{ReadStore, StorageError};
 use crate::tokens::check::{self, Accept, CheckError, RefreshStanding, Refusal};
-use crate::tokens::{JwtKeys, TokenError, TokenType};
+use crate::tokens::{JwtKeys, TokenError};
 use crate::users::cache::UserCache;
 use crate::users::UserId;
 use actix::prelude::*;
@@ -191,9 +191,10 @@ impl TokenIssuer {
                 return refused(e);
             }
             let (claims, stamp) = (accepted.claims, accepted.user.token_stamp);
+            let family = claims.fam.as_deref().and_then(FamilyId::from_hex);
             let access = self
                 .keys
-                .sign(TokenType::Access, claims.user_id, stamp, now)
+                .sign_access(claims.user_id, stamp, family, now)
                 .token;
             self.metrics.tokens_issued(1, 0);
             return Box::pin(async move {
@@ -249,7 +250,7 @@ impl TokenIssuer {
                 RotateOutcome::Missing => return Err(Refusal::NotIssued.into()),
                 RotateOutcome::Ahead => return Err(TokenError::Invalid.into()),
             };
-            let access = keys.sign(TokenType::Access, user_id, stamp, now).token;
+            let access = keys.sign_access(user_id, stamp, Some(family), now).token;
             let refresh = keys
                 .sign_refresh(user_id, stamp, family, generation, now)
                 .token;
@@ -389,6 +390,41 @@ impl Handler<Blacklist> for TokenIssuer {
     fn handle(&mut self, msg: Blacklist, _: &mut Context<Self>) -> Self::Result {
         let _request = msg.span.clone().entered();
         self.blacklist(&msg.token)
+    }
+}
+
+/// Ends one session (`DELETE /api/weixin/sessions/{id}/`): revokes the family.
+/// `true`: it was live and is revoked now (durable on return).
+#[derive(Message)]
+#[rtype(result = "Result<bool, crate::storage::StorageError>")]
+pub struct RevokeFamily {
+    pub user_id: crate::users::UserId,
+    pub family: crate::storage::model::FamilyId,
+}
+
+impl Handler<RevokeFamily> for TokenIssuer {
+    type Result = ResponseFuture<Result<bool, crate::storage::StorageError>>;
+
+    fn handle(&mut self, msg: RevokeFamily, _: &mut Context<Self>) -> Self::Result {
+        self.model
+            .revoke_family(msg.user_id, msg.family, crate::tokens::now_ms())
+    }
+}
+
+/// Logs out everywhere (`POST /api/weixin/sessions/logout-all/`): revokes every
+/// live family of the user; the number revoked (durable on return).
+#[derive(Message)]
+#[rtype(result = "Result<usize, crate::storage::StorageError>")]
+pub struct RevokeAllFamilies {
+    pub user_id: crate::users::UserId,
+}
+
+impl Handler<RevokeAllFamilies> for TokenIssuer {
+    type Result = ResponseFuture<Result<usize, crate::storage::StorageError>>;
+
+    fn handle(&mut self, msg: RevokeAllFamilies, _: &mut Context<Self>) -> Self::Result {
+        self.model
+            .revoke_families(msg.user_id, crate::tokens::now_ms())
     }
 }
 

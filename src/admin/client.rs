@@ -39,7 +39,11 @@ pub fn run(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), A
         Err(e) => return Err(e.into()),
     };
     let commit = GroupCommit::start(store.clone());
-    let model = SledModel::new(store.clone(), commit.clone(), Arc::new(UserCache::new(0)))?;
+    let mut model = SledModel::new(store.clone(), commit.clone(), Arc::new(UserCache::new(0)))?;
+    // The changes made here are reported too; the server delivers them when it runs.
+    if cfg.events.webhook_url.is_some() {
+        model = model.with_events(crate::events::Outbox::open(store.as_ref())?);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .map_err(AdminError::from)?;
@@ -47,6 +51,7 @@ pub fn run(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), A
         model: Arc::new(model),
         runtime,
         jwt: cfg.jwt.clone(),
+        deletion_delay: cfg.users.deletion_delay,
     };
     let result = execute(request, store.as_ref(), data_dir, &mut writes, out);
     commit.shutdown();
@@ -71,6 +76,7 @@ fn direct_postgres(request: &Request, cfg: &Config, out: &mut dyn Write) -> Resu
         model: store.clone(),
         runtime,
         jwt: cfg.jwt.clone(),
+        deletion_delay: cfg.users.deletion_delay,
     };
     let key_dir = std::env::temp_dir().join(format!("wxauth-keys-{}", crate::random_hex(8)));
     let result = (|| {

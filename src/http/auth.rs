@@ -27,7 +27,36 @@ impl FromRequest for Authenticated {
     }
 }
 
+/// The user of a valid access token and the session (family) the token names, when
+/// it names one (tokens issued before access tokens carried `fam` name none).
+pub struct AuthenticatedSession {
+    pub user: Arc<User>,
+    pub family: Option<crate::storage::model::FamilyId>,
+}
+
+impl FromRequest for AuthenticatedSession {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(accept(req).map(|accepted| {
+            AuthenticatedSession {
+                family: accepted
+                    .claims
+                    .fam
+                    .as_deref()
+                    .and_then(crate::storage::model::FamilyId::from_hex),
+                user: accepted.user,
+            }
+        }))
+    }
+}
+
 fn authenticate(req: &HttpRequest) -> Result<Authenticated, ApiError> {
+    accept(req).map(|accepted| Authenticated(accepted.user))
+}
+
+fn accept(req: &HttpRequest) -> Result<check::Accepted, ApiError> {
     let state = req
         .app_data::<web::Data<AppState>>()
         .ok_or_else(|| ApiError::Internal("AppState is not registered".into()))?;
@@ -41,7 +70,7 @@ fn authenticate(req: &HttpRequest) -> Result<Authenticated, ApiError> {
         Accept::Access,
         crate::tokens::now_ms(),
     ) {
-        Ok(accepted) => Ok(Authenticated(accepted.user)),
+        Ok(accepted) => Ok(accepted),
         Err(CheckError::Refused(refusal)) => Err(AuthError::from(refusal).into()),
         Err(CheckError::Storage(e)) => Err(e.into()),
     }

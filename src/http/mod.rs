@@ -2,6 +2,7 @@
 //! Handlers are thin: they parse, send one message per step, and shape the answer.
 
 mod access_token;
+mod account;
 mod auth;
 mod body;
 pub mod connection;
@@ -146,6 +147,33 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     endpoint(cfg, "/api/token/verify/", "POST", token::verify);
     endpoint(cfg, "/api/token/blacklist/", "POST", token::blacklist);
     endpoint(cfg, "/api/auth/check", "GET", forward_auth::check);
+    endpoint(cfg, "/api/weixin/sessions/", "GET", account::sessions);
+    // Before `{id}`: its pattern would match `logout-all` too.
+    endpoint(
+        cfg,
+        "/api/weixin/sessions/logout-all/",
+        "POST",
+        account::logout_all,
+    );
+    endpoint(
+        cfg,
+        "/api/weixin/sessions/{id}/",
+        "DELETE",
+        account::end_session,
+    );
+    endpoint(cfg, "/api/weixin/user/export/", "GET", account::export_user);
+    for path in ["/api/weixin/user", "/api/weixin/user/"] {
+        cfg.service(
+            web::resource(path)
+                .route(web::patch().to(account::update_user))
+                .route(web::delete().to(account::delete_user))
+                .default_service(web::to(|| async {
+                    Err::<HttpResponse, _>(ApiError::MethodNotAllowed {
+                        allow: "PATCH, DELETE",
+                    })
+                })),
+        );
+    }
     endpoint(cfg, "/openapi.json", "GET", openapi::document);
     endpoint(cfg, "/healthz", "GET", health::healthz);
     endpoint(cfg, "/readyz", "GET", health::readyz);

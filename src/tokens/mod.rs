@@ -384,7 +384,21 @@ impl JwtKeys {
     /// Signs a new token of `kind` for `user_id` carrying the user's token `stamp`,
     /// with a fresh jti, issued at `now` (unix seconds).
     pub fn sign(&self, kind: TokenType, user_id: UserId, stamp: u64, now: i64) -> Signed {
-        self.sign_with(kind, user_id, stamp, now, None)
+        self.sign_with(kind, user_id, stamp, now, None, None)
+    }
+
+    /// Signs an access token for `user_id` carrying the user's token `stamp` and,
+    /// when known, the family (session) it was issued with (claim `fam`, no `gen`):
+    /// `GET /api/weixin/sessions/` marks that session `current`.
+    pub fn sign_access(
+        &self,
+        user_id: UserId,
+        stamp: u64,
+        family: Option<crate::storage::model::FamilyId>,
+        now: i64,
+    ) -> Signed {
+        let fam = family.map(|f| f.to_hex());
+        self.sign_with(TokenType::Access, user_id, stamp, now, fam, None)
     }
 
     /// Signs a refresh token of `family` at `generation` (claims `fam` and `gen`)
@@ -397,8 +411,15 @@ impl JwtKeys {
         generation: u64,
         now: i64,
     ) -> Signed {
-        let family = Some((family.to_hex(), generation));
-        self.sign_with(TokenType::Refresh, user_id, stamp, now, family)
+        let fam = Some(family.to_hex());
+        self.sign_with(
+            TokenType::Refresh,
+            user_id,
+            stamp,
+            now,
+            fam,
+            Some(generation),
+        )
     }
 
     fn sign_with(
@@ -407,9 +428,9 @@ impl JwtKeys {
         user_id: UserId,
         stamp: u64,
         now: i64,
-        family: Option<(String, u64)>,
+        fam: Option<String>,
+        gen: Option<u64>,
     ) -> Signed {
-        let (fam, gen) = family.unzip();
         let ttl = match kind {
             TokenType::Access => self.access_ttl,
             TokenType::Refresh => self.refresh_ttl,

@@ -3,12 +3,14 @@
 
 mod common;
 
+mod account;
 mod admin_socket;
 mod config;
 mod connections;
 mod crash;
 mod durability;
 mod edges;
+mod events;
 mod faults;
 mod files;
 mod forward_auth;

@@ -238,7 +238,8 @@ fn schemathesis_finds_nothing_against_the_real_server() {
     // A getPhoneNumber code or encrypted data can be schema-valid and still refused
     // by WeChat or by the session key: those are 400 by the contract
     // (`phone_code_invalid`, `decrypt_failed`), not a schema-valid request wrongly
-    // refused.
+    // refused. So are a deletion code of another user (403 `code_mismatch`, or 401
+    // when WeChat refuses it) and a session id that names no live session (404).
     std::fs::write(
         server.dir.path().join("schemathesis.toml"),
         r#"
@@ -249,6 +250,14 @@ checks.positive_data_acceptance.expected-statuses = ["2XX", 400, 401, 429, "5XX"
 [[operations]]
 include-path = "/api/weixin/decrypt/"
 checks.positive_data_acceptance.expected-statuses = ["2XX", 400, 401]
+
+[[operations]]
+include-path = "/api/weixin/user/"
+checks.positive_data_acceptance.expected-statuses = ["2XX", 400, 401, 403, 429, "5XX"]
+
+[[operations]]
+include-path = "/api/weixin/sessions/{id}/"
+checks.positive_data_acceptance.expected-statuses = ["2XX", 401, 404]
 "#,
     )
     .unwrap();

@@ -185,6 +185,7 @@ fn sixty_four_concurrent_first_logins_of_one_openid_on_two_nodes_make_one_user()
                 user,
                 created: c,
                 family,
+                ..
             } => {
                 ids.insert(user.id);
                 created += usize::from(c);

@@ -147,14 +147,17 @@ async fn apply_op<C: GenericClient>(client: &C, op: &Op) -> Result<(), StorageEr
             client
                 .execute(
                     "INSERT INTO wxauth_users (id, appid, openid, unionid, session_key, \
-                     created_at, last_login_at, disabled, token_stamp, tokens_not_before, phone) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+                     created_at, last_login_at, disabled, token_stamp, tokens_not_before, phone, \
+                     nickname, avatar_url, deletion_due, erased_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
                      ON CONFLICT (id) DO UPDATE SET appid = EXCLUDED.appid, \
                      openid = EXCLUDED.openid, unionid = EXCLUDED.unionid, \
                      session_key = EXCLUDED.session_key, created_at = EXCLUDED.created_at, \
                      last_login_at = EXCLUDED.last_login_at, disabled = EXCLUDED.disabled, \
                      token_stamp = EXCLUDED.token_stamp, \
-                     tokens_not_before = EXCLUDED.tokens_not_before, phone = EXCLUDED.phone",
+                     tokens_not_before = EXCLUDED.tokens_not_before, phone = EXCLUDED.phone, \
+                     nickname = EXCLUDED.nickname, avatar_url = EXCLUDED.avatar_url, \
+                     deletion_due = EXCLUDED.deletion_due, erased_at = EXCLUDED.erased_at",
                     &[
                         &(user.id as i64),
                         &user.appid,
@@ -167,6 +170,10 @@ async fn apply_op<C: GenericClient>(client: &C, op: &Op) -> Result<(), StorageEr
                         &(user.token_stamp as i64),
                         &user.tokens_not_before,
                         &phone,
+                        &user.nickname,
+                        &user.avatar_url,
+                        &user.deletion_due,
+                        &user.erased_at,
                     ],
                 )
                 .await

@@ -17,11 +17,18 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "users, openid and unionid keys, families, access tokens",
-    sql: include_str!("migrations/0001_init.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "users, openid and unionid keys, families, access tokens",
+        sql: include_str!("migrations/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "the user's profile and deletion",
+        sql: include_str!("migrations/0002_account.sql"),
+    },
+];
 
 /// The schema version this binary writes.
 pub fn latest() -> i32 {

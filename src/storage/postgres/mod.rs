@@ -30,8 +30,8 @@ pub use migrate::{latest as latest_schema, Migrated};
 use crate::config::StorageConfig;
 use crate::postgres_url::PostgresUrl;
 use crate::storage::model::{
-    standing, AuthStore, FamilyId, FamilyRecord, Generation, LoginRequest, LoginResult,
-    PurgeProgress, RotateOutcome, RotateRequest, Standing, StoreFuture,
+    standing, AuthStore, Deletion, FamilyId, FamilyRecord, Generation, LoginRequest, LoginResult,
+    ProfileChange, PurgeProgress, RotateOutcome, RotateRequest, Standing, StoreFuture,
 };
 use crate::storage::{StorageError, Tree};
 use crate::users::cache::UserCache;
@@ -367,7 +367,8 @@ impl PgStore {
 }
 
 const USER_COLUMNS: &str = "id, appid, openid, unionid, session_key, created_at, last_login_at, \
-                            disabled, token_stamp, tokens_not_before, phone";
+                            disabled, token_stamp, tokens_not_before, phone, nickname, \
+                            avatar_url, deletion_due, erased_at";
 
 fn user_from_row(row: &Row) -> Result<User, StorageError> {
     let phone: Option<String> = row.get("phone");
@@ -394,6 +395,10 @@ fn user_from_row(row: &Row) -> Result<User, StorageError> {
         token_stamp: token_stamp as u64,
         tokens_not_before: row.get("tokens_not_before"),
         phone,
+        nickname: row.get("nickname"),
+        avatar_url: row.get("avatar_url"),
+        deletion_due: row.get("deletion_due"),
+        erased_at: row.get("erased_at"),
     })
 }
 
@@ -479,15 +484,21 @@ async fn login_once(
         .map_err(e("find by openid"))?
         .map(|row| row.get(0));
 
+    let mut deletion_cancelled = false;
     let (user, created) = match by_unionid.or(by_openid) {
         Some(id) => {
-            // Enabled users only: a disable committed before this statement wins.
+            // Enabled users only: a disable committed before this statement wins. A
+            // deletion mark is cleared (the login cancels it); `was_due` says whether
+            // there was one, read under the row's lock.
             let updated = tx
                 .query_opt(
                     &format!(
                         "UPDATE wxauth_users SET last_login_at = $2, session_key = $3, \
-                         unionid = coalesce(unionid, $4) \
-                         WHERE id = $1 AND NOT disabled RETURNING {USER_COLUMNS}"
+                         unionid = coalesce(unionid, $4), deletion_due = NULL \
+                         FROM (SELECT id AS old_id, deletion_due AS was_due FROM wxauth_users \
+                               WHERE id = $1 FOR UPDATE) old \
+                         WHERE id = old.old_id AND NOT disabled \
+                         RETURNING {USER_COLUMNS}, old.was_due"
                     ),
                     &[&id, &now, &session.session_key.expose(), &session.unionid],
                 )
@@ -495,10 +506,19 @@ async fn login_once(
                 .map_err(e("update the user"))?;
             let Some(row) = updated else {
                 let disabled = tx
-                    .query_opt("SELECT disabled FROM wxauth_users WHERE id = $1", &[&id])
+                    .query_opt(
+                        "SELECT erased_at IS NOT NULL FROM wxauth_users WHERE id = $1",
+                        &[&id],
+                    )
                     .await
                     .map_err(e("read the user"))?;
                 return match disabled {
+                    // Erased while this login looked it up: its keys are gone, the
+                    // next attempt creates a new user.
+                    Some(row) if row.get::<_, bool>(0) => {
+                        tx.rollback().await.map_err(e("roll back"))?;
+                        Ok(None)
+                    }
                     Some(_) => Ok(Some(LoginResult::Disabled)),
                     None => Err(StorageError::Corrupt {
                         tree: "wxauth_users",
@@ -524,6 +544,7 @@ async fn login_once(
                 .await
                 .map_err(e("index the unionid"))?;
             }
+            deletion_cancelled = row.get::<_, Option<i64>>("was_due").is_some();
             (user_from_row(&row)?, false)
         }
         None => {
@@ -609,6 +630,7 @@ async fn login_once(
     }
     tx.commit().await.map_err(e("commit"))?;
     Ok(Some(LoginResult::LoggedIn {
+        deletion_cancelled,
         user,
         created,
         family,
@@ -636,7 +658,7 @@ async fn update_user(
     shared: Arc<Shared>,
     id: UserId,
     set: &'static str,
-    value: Option<&(dyn tokio_postgres::types::ToSql + Sync)>,
+    values: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Option<User>, StorageError> {
     let mut client = shared.client().await?;
     let tx = client
@@ -645,11 +667,12 @@ async fn update_user(
         .map_err(|e| pg_error("update a user: begin", e))?;
     let sql = format!("UPDATE wxauth_users SET {set} WHERE id = $1 RETURNING {USER_COLUMNS}");
     let id_param = id as i64;
-    let row = match value {
-        Some(value) => tx.query_opt(&sql, &[&id_param, value]).await,
-        None => tx.query_opt(&sql, &[&id_param]).await,
-    }
-    .map_err(|e| pg_error("update a user", e))?;
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&id_param];
+    params.extend_from_slice(values);
+    let row = tx
+        .query_opt(&sql, &params)
+        .await
+        .map_err(|e| pg_error("update a user", e))?;
     let Some(row) = row else {
         return Ok(None);
     };
@@ -660,6 +683,80 @@ async fn update_user(
         .map_err(|e| pg_error("update a user: commit", e))?;
     shared.forget_user(id);
     Ok(Some(user))
+}
+
+async fn delete_user(
+    shared: Arc<Shared>,
+    id: UserId,
+    due: i64,
+    now: i64,
+    only_if_due: bool,
+) -> Result<Option<Deletion>, StorageError> {
+    let e = |what: &'static str| move |e| pg_error(format!("delete a user: {what}"), e);
+    let mut client = shared.client().await?;
+    let tx = client.transaction().await.map_err(e("begin"))?;
+    let id_param = id as i64;
+    let row = tx
+        .query_opt(
+            &format!("SELECT {USER_COLUMNS} FROM wxauth_users WHERE id = $1 FOR UPDATE"),
+            &[&id_param],
+        )
+        .await
+        .map_err(e("lock the user"))?;
+    let Some(row) = row else { return Ok(None) };
+    let user = user_from_row(&row)?;
+    let still_due = user.deletion_due.is_some_and(|d| d <= now);
+    if user.erased_at.is_some() || (only_if_due && !still_due) {
+        return Ok(None);
+    }
+    if due > now {
+        if let Some(marked) = user.deletion_due.filter(|&d| d <= due) {
+            return Ok(Some(Deletion::Scheduled { user, due: marked }));
+        }
+        let row = tx
+            .query_one(
+                &format!(
+                    "UPDATE wxauth_users SET deletion_due = $2 WHERE id = $1 \
+                     RETURNING {USER_COLUMNS}"
+                ),
+                &[&id_param, &due],
+            )
+            .await
+            .map_err(e("mark the user"))?;
+        let user = user_from_row(&row)?;
+        notify_user(&tx, id).await?;
+        tx.commit().await.map_err(e("commit"))?;
+        shared.forget_user(id);
+        return Ok(Some(Deletion::Scheduled { user, due }));
+    }
+    // Every key that points at the user (any app's openid, the unionid), every
+    // family, then the personal columns.
+    for sql in [
+        "DELETE FROM wxauth_user_openids WHERE user_id = $1",
+        "DELETE FROM wxauth_user_unionids WHERE user_id = $1",
+        "DELETE FROM wxauth_families WHERE user_id = $1",
+    ] {
+        tx.execute(sql, &[&id_param])
+            .await
+            .map_err(e("remove what points at the user"))?;
+    }
+    let row = tx
+        .query_one(
+            &format!(
+                "UPDATE wxauth_users SET openid = '', unionid = NULL, session_key = '', \
+                 phone = NULL, nickname = NULL, avatar_url = NULL, deletion_due = NULL, \
+                 erased_at = $2, disabled = true, token_stamp = token_stamp + 1 \
+                 WHERE id = $1 RETURNING {USER_COLUMNS}"
+            ),
+            &[&id_param, &now],
+        )
+        .await
+        .map_err(e("erase the user"))?;
+    let user = user_from_row(&row)?;
+    notify_user(&tx, id).await?;
+    tx.commit().await.map_err(e("commit"))?;
+    shared.forget_user(id);
+    Ok(Some(Deletion::Erased { user }))
 }
 
 async fn read_family(
@@ -767,20 +864,88 @@ impl AuthStore for PgStore {
 
     fn set_disabled(&self, id: UserId, disabled: bool) -> StoreFuture<Option<User>> {
         self.run("disable a user", move |shared| async move {
-            update_user(shared, id, "disabled = $2", Some(&disabled)).await
+            update_user(shared, id, "disabled = $2", &[&disabled]).await
         })
     }
 
     fn revoke_tokens(&self, id: UserId) -> StoreFuture<Option<User>> {
         self.run("revoke a user's tokens", move |shared| async move {
-            update_user(shared, id, "token_stamp = token_stamp + 1", None).await
+            update_user(shared, id, "token_stamp = token_stamp + 1", &[]).await
         })
     }
 
     fn set_phone(&self, id: UserId, phone: PhoneNumber) -> StoreFuture<Option<User>> {
         self.run("set a phone number", move |shared| async move {
             let text = serde_json::to_string(&phone).expect("a phone number serializes");
-            update_user(shared, id, "phone = $2", Some(&text)).await
+            update_user(shared, id, "phone = $2", &[&text]).await
+        })
+    }
+
+    /// One `UPDATE`; a field not given keeps its value (`coalesce`).
+    fn set_profile(&self, id: UserId, change: ProfileChange) -> StoreFuture<Option<User>> {
+        self.run("set a profile", move |shared| async move {
+            let ProfileChange {
+                nickname,
+                avatar_url,
+            } = change;
+            update_user(
+                shared,
+                id,
+                "nickname = coalesce($2, nickname), avatar_url = coalesce($3, avatar_url)",
+                &[&nickname, &avatar_url],
+            )
+            .await
+        })
+    }
+
+    /// One transaction holding the user's row lock (`FOR UPDATE`): the check (not
+    /// erased; still due for the sweep) and the change are one unit against a
+    /// concurrent login on any node, which waits for the lock and then either
+    /// clears the mark first or finds the keys gone and creates a new user.
+    fn delete_user(
+        &self,
+        id: UserId,
+        due: i64,
+        now: i64,
+        only_if_due: bool,
+    ) -> StoreFuture<Option<Deletion>> {
+        self.run("delete a user", move |shared| {
+            delete_user(shared, id, due, now, only_if_due)
+        })
+    }
+
+    /// The partial index on `deletion_due`.
+    fn due_deletions(&self, now: i64, limit: usize) -> StoreFuture<Vec<UserId>> {
+        self.run("list due deletions", move |shared| async move {
+            let client = shared.client().await?;
+            let limit = limit.clamp(1, 10_000) as i64;
+            Ok(client
+                .query(
+                    "SELECT id FROM wxauth_users WHERE deletion_due <= $1 \
+                     AND erased_at IS NULL ORDER BY deletion_due LIMIT $2",
+                    &[&now, &limit],
+                )
+                .await
+                .map_err(|e| pg_error("list due deletions", e))?
+                .iter()
+                .map(|row| row.get::<_, i64>(0) as UserId)
+                .collect())
+        })
+    }
+
+    /// One `UPDATE`: every family of the user not revoked yet, each exactly once.
+    fn revoke_families(&self, user_id: UserId, now_ms: i64) -> StoreFuture<usize> {
+        self.run("revoke a user's families", move |shared| async move {
+            let client = shared.client().await?;
+            let revoked = client
+                .execute(
+                    "UPDATE wxauth_families SET revoked_ms = $2 \
+                     WHERE user_id = $1 AND revoked_ms IS NULL",
+                    &[&(user_id as i64), &now_ms],
+                )
+                .await
+                .map_err(|e| pg_error("revoke a user's families", e))?;
+            Ok(revoked as usize)
         })
     }
 
