@@ -49,8 +49,11 @@ pub enum Command {
     /// WeChat's side: the access token this server holds.
     #[command(subcommand)]
     Wechat(WechatCommand),
-    /// List, rotate and retire the signing keys (JSON lines on stdout). Works with the
-    /// server running (it switches keys at once) and without.
+    /// The events waiting for `events.webhook_url` (JSON lines on stdout).
+    #[command(subcommand)]
+    Events(EventsCommand),
+    /// List, rotate, activate and retire the signing keys (JSON lines on stdout). Works with the
+    /// server running (it applies the change at once) and without.
     #[command(subcommand)]
     Keys(KeysCommand),
     /// Write a consistent JSON-lines snapshot of the whole database (users, token
@@ -77,6 +80,16 @@ pub enum UsersCommand {
     /// The user's sessions (one per login: created, last rotated, expiry), one
     /// JSON object per line.
     Sessions { id: u64 },
+    /// Everything wxauth holds on the user, as one JSON object (never the session key).
+    Export { id: u64 },
+    /// Delete the account: marked for `users.deletion_delay` (a login cancels it),
+    /// then its personal data erased; at once with `--now` or a delay of 0.
+    Delete {
+        id: u64,
+        /// Erase now, whatever `users.deletion_delay` says.
+        #[arg(long)]
+        now: bool,
+    },
     /// Refuse the user's logins, refreshes and access tokens from now on.
     Disable { id: u64 },
     /// Undo `disable`.
@@ -84,6 +97,14 @@ pub enum UsersCommand {
     /// Ask WeChat whether it still holds the user's stored session key (needs the
     /// running server: it holds the access token).
     CheckSession { id: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Every event not delivered yet: attempts, next attempt, given up or not.
+    List,
+    /// Send every waiting or given-up event again now.
+    Retry,
 }
 
 #[derive(Debug, Subcommand)]
@@ -107,10 +128,12 @@ pub enum TokensCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
-    /// Every key that verifies tokens, newest first; `signing` marks the one that signs.
+    /// Every key, newest first, with its state: `active` (signs), `published`
+    /// (verifies; a new key signs from `signs_from`), `retired`.
     List,
-    /// Make a new key the signing key. Tokens signed with older keys keep working
-    /// until they expire or their key is retired.
+    /// Add a new signing key: published at once, signing once `jwt.jwks_max_age` has
+    /// passed. Tokens signed with older keys keep working until they expire or their
+    /// key is retired.
     Rotate {
         /// Sign with this key (PEM private key, or HMAC secret) instead of a generated
         /// one. Required for RS256: ring cannot generate RSA keys.
@@ -119,6 +142,8 @@ pub enum KeysCommand {
     },
     /// Stop the key KID verifying: tokens it signed stop working at once.
     Retire { kid: String },
+    /// Make the rotated-in key KID sign now, before `jwt.jwks_max_age` has passed.
+    Activate { kid: String },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -29,6 +29,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub log: LogConfig,
     pub web_login: WebLoginConfig,
+    pub users: UsersConfig,
+    pub events: EventsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -46,6 +48,12 @@ pub struct ServerConfig {
     /// Open client connections, the whole server (not per worker); the excess waits
     /// in the kernel's listen backlog until one closes.
     pub max_connections: usize,
+    /// Open API connections per client address (IPv6 per `limits.ipv6_prefix`);
+    /// trusted proxies are exempt. The excess is closed at once.
+    pub max_connections_per_ip: usize,
+    /// A connection past this age is closed after its next answer.
+    #[serde(deserialize_with = "de_duration")]
+    pub max_connection_lifetime: Duration,
 }
 
 impl Default for ServerConfig {
@@ -57,6 +65,8 @@ impl Default for ServerConfig {
             trusted_proxies: Vec::new(),
             request_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            max_connections_per_ip: 256,
+            max_connection_lifetime: Duration::from_secs(600),
         }
     }
 }
@@ -73,6 +83,20 @@ pub struct TlsConfig {
 pub struct StorageConfig {
     pub path: PathBuf,
     pub cache_capacity: ByteSize,
+    pub backend: StorageBackend,
+    /// `storage.backend = "postgres"`: the database, as a libpq-style URL
+    /// (crate::postgres_url), or from a file (a systemd credential).
+    pub postgres_url: Option<Secret>,
+    pub postgres_url_file: Option<PathBuf>,
+    /// Connections each node keeps open at most.
+    pub postgres_pool_size: usize,
+    /// Every statement, and the wait for a pooled connection, is cut off after this.
+    #[serde(deserialize_with = "de_duration")]
+    pub postgres_statement_timeout: Duration,
+    /// `postgres_url` or `postgres_url_file`, parsed: set by [`Config::load`] and
+    /// [`Config::load_for_admin`] when `backend` is `postgres`, never read from a file.
+    #[serde(skip)]
+    pub postgres: Option<crate::postgres_url::PostgresUrl>,
 }
 
 impl Default for StorageConfig {
@@ -80,7 +104,86 @@ impl Default for StorageConfig {
         StorageConfig {
             path: PathBuf::from("./data"),
             cache_capacity: ByteSize(64 * 1024 * 1024),
+            backend: StorageBackend::Sled,
+            postgres_url: None,
+            postgres_url_file: None,
+            postgres_pool_size: 16,
+            postgres_statement_timeout: Duration::from_secs(5),
+            postgres: None,
         }
+    }
+}
+
+/// `storage.backend`: the embedded store (one node), or PostgreSQL (one or more nodes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    #[default]
+    Sled,
+    Postgres,
+}
+
+impl StorageConfig {
+    /// Checks the PostgreSQL keys and reads the URL (from its file, if so): the
+    /// parsed URL when `backend` is `postgres`. With `sled`, a URL set anyway is a
+    /// warning (it is not used).
+    fn resolve_postgres(
+        &self,
+        warnings: &mut Vec<String>,
+    ) -> Result<Option<crate::postgres_url::PostgresUrl>, ConfigError> {
+        if self.backend == StorageBackend::Sled {
+            if self.postgres_url.is_some() || self.postgres_url_file.is_some() {
+                warnings.push(
+                    "storage.postgres_url is set but storage.backend is \"sled\": it is not used"
+                        .into(),
+                );
+            }
+            return Ok(None);
+        }
+        if self.postgres_pool_size == 0 || self.postgres_pool_size > 256 {
+            return Err(ConfigError::new(
+                "storage.postgres_pool_size",
+                "must be between 1 and 256",
+            ));
+        }
+        if self.postgres_statement_timeout < Duration::from_millis(100)
+            || self.postgres_statement_timeout > Duration::from_secs(60)
+        {
+            return Err(ConfigError::new(
+                "storage.postgres_statement_timeout",
+                "must be between 100ms and 60s",
+            ));
+        }
+        let (key, url) = match (&self.postgres_url, &self.postgres_url_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "storage.postgres_url_file",
+                    "set either postgres_url or postgres_url_file, not both",
+                ))
+            }
+            (Some(url), None) => ("storage.postgres_url", url.clone()),
+            (None, Some(path)) => (
+                "storage.postgres_url_file",
+                read_secret_file("storage.postgres_url_file", path)?,
+            ),
+            (None, None) => return Err(ConfigError::new(
+                "storage.postgres_url",
+                "is required (or storage.postgres_url_file) when storage.backend = \"postgres\"",
+            )),
+        };
+        let mut parsed = crate::postgres_url::parse(url.expose())
+            .map_err(|reason| ConfigError::new(key, reason))?;
+        // sslrootcert, like every file the config names, may be a systemd credential.
+        use crate::postgres_url::{RootCerts, TlsCheck};
+        if let TlsCheck::Chain(RootCerts::File(path)) | TlsCheck::Full(RootCerts::File(path)) =
+            &mut parsed.tls
+        {
+            *path = resolve_credential_path(path);
+        }
+        parsed
+            .tls_config()
+            .map_err(|reason| ConfigError::new(key, reason))?;
+        Ok(Some(parsed))
     }
 }
 
@@ -165,6 +268,10 @@ pub struct JwtConfig {
     /// How often expired refresh-token records are purged.
     #[serde(deserialize_with = "de_duration")]
     pub purge_interval: Duration,
+    /// The JWKS's `Cache-Control: max-age`, and how long a rotated-in key is
+    /// published before it signs.
+    #[serde(deserialize_with = "de_duration")]
+    pub jwks_max_age: Duration,
 }
 
 impl Default for JwtConfig {
@@ -181,8 +288,68 @@ impl Default for JwtConfig {
             audience: None,
             leeway: Duration::ZERO,
             purge_interval: Duration::from_secs(600),
+            jwks_max_age: Duration::from_secs(300),
         }
     }
+}
+
+/// `events.*`: the webhook of the team's own back end (docs/CONFIGURATION.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct EventsConfig {
+    /// Where events are POSTed; unset: no event is stored or sent.
+    pub webhook_url: Option<String>,
+    /// The Standard Webhooks secret (`whsec_` + base64); required with a URL.
+    pub secret_file: Option<PathBuf>,
+    /// How long an event is retried before it is given up.
+    #[serde(deserialize_with = "de_duration")]
+    pub retry_for: Duration,
+    /// Each delivery's deadline.
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            webhook_url: None,
+            secret_file: None,
+            retry_for: Duration::from_secs(3 * 86_400),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl EventsConfig {
+    /// The delivery settings (the secret file read and parsed), or `None` when
+    /// events are off.
+    pub fn delivery(&self) -> Result<Option<crate::events::Delivery>, ConfigError> {
+        let Some(url) = &self.webhook_url else {
+            return Ok(None);
+        };
+        let path = self.secret_file.as_ref().ok_or_else(|| {
+            ConfigError::new("events.secret_file", "required with events.webhook_url")
+        })?;
+        let secret = read_secret_file("events.secret_file", path)?;
+        let key = crate::events::parse_secret(secret.expose())
+            .map_err(|reason| ConfigError::new("events.secret_file", reason))?;
+        Ok(Some(crate::events::Delivery {
+            url: url.clone(),
+            key,
+            timeout: self.timeout,
+            retry_for: self.retry_for,
+        }))
+    }
+}
+
+/// `users.*`: the account's own rules (docs/CONFIGURATION.md).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct UsersConfig {
+    /// How long an account asked to be deleted stays marked (a login in between
+    /// cancels it) before its personal data is erased; `0s`: erased at once.
+    #[serde(deserialize_with = "de_duration")]
+    pub deletion_delay: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -193,6 +360,13 @@ pub struct LimitsConfig {
     /// IPv6 clients are counted per network of this prefix length (a /64 is
     /// what one subscriber usually gets).
     pub ipv6_prefix: u8,
+    /// Refreshes per client address per minute; 0 turns the limit off.
+    pub refresh_per_minute: u32,
+    /// Refreshes per refresh-token family (one login's tokens) per minute; 0 turns
+    /// the limit off.
+    pub refresh_per_family_per_minute: u32,
+    /// Phone-number requests per user per minute; 0 turns the limit off.
+    pub phone_per_user_per_minute: u32,
 }
 
 impl Default for LimitsConfig {
@@ -200,6 +374,9 @@ impl Default for LimitsConfig {
         LimitsConfig {
             login_per_minute: 60,
             ipv6_prefix: 64,
+            refresh_per_minute: 600,
+            refresh_per_family_per_minute: 10,
+            phone_per_user_per_minute: 5,
         }
     }
 }
@@ -352,6 +529,8 @@ impl Config {
         let config: Config = figment.extract().map_err(from_figment)?;
         let mut warnings = unknown_keys(&figment);
         let apps = config.validate(&mut warnings)?;
+        let mut config = config;
+        config.storage.postgres = config.storage.resolve_postgres(&mut warnings)?;
         let token_endpoint_secret = config.token_endpoint_secret()?;
         Ok(Loaded {
             config,
@@ -370,6 +549,8 @@ impl Config {
         if config.storage.path.as_os_str().is_empty() {
             return Err(ConfigError::new("storage.path", "must not be empty"));
         }
+        let mut config = config;
+        config.storage.postgres = config.storage.resolve_postgres(&mut Vec::new())?;
         Ok(config)
     }
 
@@ -420,6 +601,21 @@ impl Config {
             return Err(ConfigError::new(
                 "server.max_connections",
                 "must be between 1 and 1000000",
+            ));
+        }
+        if self.server.max_connections_per_ip == 0 || self.server.max_connections_per_ip > 1_000_000
+        {
+            return Err(ConfigError::new(
+                "server.max_connections_per_ip",
+                "must be between 1 and 1000000",
+            ));
+        }
+        if self.server.max_connection_lifetime < Duration::from_secs(1)
+            || self.server.max_connection_lifetime > Duration::from_secs(24 * 3600)
+        {
+            return Err(ConfigError::new(
+                "server.max_connection_lifetime",
+                "must be between 1s and 24h",
             ));
         }
         if self.storage.path.as_os_str().is_empty() {
@@ -550,6 +746,12 @@ impl Config {
                 ));
             }
         }
+        if j.jwks_max_age > Duration::from_secs(24 * 3600) || j.jwks_max_age.subsec_nanos() != 0 {
+            return Err(ConfigError::new(
+                "jwt.jwks_max_age",
+                "must be whole seconds, at most 1 day (\"1d\")",
+            ));
+        }
         if j.access_ttl < Duration::from_secs(1) {
             return Err(ConfigError::new("jwt.access_ttl", "must be at least 1s"));
         }
@@ -572,6 +774,28 @@ impl Config {
                 "jwt.purge_interval",
                 "must be at least 1s",
             ));
+        }
+        if let Some(url) = &self.events.webhook_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::new(
+                    "events.webhook_url",
+                    "must be an http:// or https:// URL",
+                ));
+            }
+            if self.storage.backend == StorageBackend::Postgres {
+                return Err(ConfigError::new(
+                    "events.webhook_url",
+                    "events are not available with storage.backend = \"postgres\" yet",
+                ));
+            }
+        }
+        if self.events.timeout < Duration::from_millis(100)
+            || self.events.timeout > Duration::from_secs(60)
+        {
+            return Err(ConfigError::new("events.timeout", "100 ms – 60 s"));
+        }
+        if self.users.deletion_delay > MAX_TOKEN_DURATION {
+            return Err(ConfigError::new("users.deletion_delay", "at most 10 years"));
         }
         if !(1..=128).contains(&self.limits.ipv6_prefix) {
             return Err(ConfigError::new(

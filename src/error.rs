@@ -51,7 +51,13 @@ pub enum ApiError {
     MethodNotAllowed { allow: &'static str },
     #[error("This user has been disabled.")]
     UserDisabled,
-    #[error("Too many login attempts; try again later.")]
+    /// `DELETE /api/weixin/sessions/{id}/`: no live session of this user has that id.
+    #[error("No live session with this id.")]
+    SessionNotFound,
+    /// `DELETE /api/weixin/user/`: the wx.login code is another WeChat user's.
+    #[error("The code does not belong to this account's WeChat user.")]
+    CodeMismatch,
+    #[error("Too many requests; try again later.")]
     RateLimited { retry_after_secs: u64 },
     /// The API's sentence is [`wechat_detail`]'s; this Display is for logs.
     #[error("WeChat login failed: {0}")]
@@ -81,6 +87,14 @@ pub enum ApiError {
     Internal(String),
 }
 
+impl From<crate::ratelimit::Limited> for ApiError {
+    fn from(e: crate::ratelimit::Limited) -> Self {
+        ApiError::RateLimited {
+            retry_after_secs: e.retry_after_secs,
+        }
+    }
+}
+
 impl From<actix::MailboxError> for ApiError {
     fn from(e: actix::MailboxError) -> Self {
         ApiError::Unavailable(e)
@@ -91,6 +105,7 @@ impl From<WxApiError> for ApiError {
     fn from(e: WxApiError) -> Self {
         match e {
             WxApiError::WeChat(e) => ApiError::WeChat(e),
+            WxApiError::Storage(e) => ApiError::Storage(e),
             other => ApiError::WxApi(other),
         }
     }
@@ -109,6 +124,8 @@ impl ApiError {
             ApiError::RequestTimeout => "request_timeout",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::UserDisabled => "user_disabled",
+            ApiError::SessionNotFound => "session_not_found",
+            ApiError::CodeMismatch => "code_mismatch",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::WeChat(e) => match e {
                 WeChatError::CodeInvalid => "code_invalid",
@@ -130,6 +147,7 @@ impl ApiError {
                 WxApiError::TokenRejected => "upstream_error",
                 WxApiError::UnknownApp(_) => "unknown_app",
                 WxApiError::CodePageInvalid => "wechat_config_error",
+                WxApiError::Storage(e) => ApiError::Storage(e.clone()).code(),
                 WxApiError::WeChat(e) => ApiError::WeChat(e.clone()).code(),
             },
             ApiError::Decrypt(e) => match e {
@@ -197,7 +215,8 @@ impl ResponseError for ApiError {
             ApiError::NotFound | ApiError::SymmetricKey(_) => StatusCode::NOT_FOUND,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::UserDisabled => StatusCode::FORBIDDEN,
+            ApiError::UserDisabled | ApiError::CodeMismatch => StatusCode::FORBIDDEN,
+            ApiError::SessionNotFound => StatusCode::NOT_FOUND,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::WeChat(e) => match e {
                 WeChatError::CodeInvalid | WeChatError::CodeUsed => StatusCode::UNAUTHORIZED,
@@ -216,6 +235,7 @@ impl ResponseError for ApiError {
                 WxApiError::PhoneCodeInvalid | WxApiError::UnknownApp(_) => StatusCode::BAD_REQUEST,
                 WxApiError::ForcedRefreshLimited { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 WxApiError::TokenRejected | WxApiError::CodePageInvalid => StatusCode::BAD_GATEWAY,
+                WxApiError::Storage(e) => ApiError::Storage(e.clone()).status_code(),
                 WxApiError::WeChat(e) => ApiError::WeChat(e.clone()).status_code(),
             },
             ApiError::Decrypt(_) => StatusCode::BAD_REQUEST,
@@ -288,7 +308,7 @@ fn wechat_detail(e: &WeChatError) -> String {
             return format!("WeChat rejected this server's appid or secret (errcode {errcode}).")
         }
         WeChatError::Busy => "WeChat is busy; try again shortly.",
-        WeChatError::NoCallSlot => "Too many logins are waiting for WeChat; try again shortly.",
+        WeChatError::NoCallSlot => "Too many requests are waiting for WeChat; try again shortly.",
         WeChatError::Timeout => "WeChat did not answer in time.",
         WeChatError::Http(status) => return format!("WeChat answered with HTTP status {status}."),
         WeChatError::Malformed(_) => "WeChat's answer could not be understood.",
@@ -338,6 +358,7 @@ impl From<crate::actors::issuer::RefreshError> for ApiError {
         match e {
             RefreshError::Refused(refusal) => refusal.into(),
             RefreshError::Storage(s) => ApiError::Storage(s),
+            RefreshError::RateLimited(limited) => limited.into(),
         }
     }
 }

@@ -4,10 +4,17 @@ use clap::Parser;
 use std::path::Path;
 use std::process::ExitCode;
 use wxauth::admin::Request;
-use wxauth::cli::{Cli, Command, KeysCommand, TokensCommand, UsersCommand, WechatCommand};
+use wxauth::cli::{
+    Cli, Command, EventsCommand, KeysCommand, TokensCommand, UsersCommand, WechatCommand,
+};
 use wxauth::config::{Config, ConfigError};
 use wxauth::error::cause_chain;
 use wxauth::startup::StartError;
+
+/// jemalloc: see Cargo.toml. Its background thread (turned on first thing in `main`)
+/// returns freed pages to the system after a few seconds.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Exit code for a configuration that cannot be used.
 const EXIT_CONFIG: u8 = 2;
@@ -19,6 +26,8 @@ fn main() -> ExitCode {
     // Before anything is created: every file and directory this process makes (the
     // data directory, sled's files, the admin socket, a backup) is owner-only.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    // Without it, freed pages wait for the next allocations in the same arena.
+    let _ = tikv_jemalloc_ctl::background_thread::write(true);
     let mut cli = Cli::parse();
     let command = cli.command.take();
     let config = cli.config_file();
@@ -34,6 +43,8 @@ fn main() -> ExitCode {
                 UsersCommand::List => Request::UsersList,
                 UsersCommand::Show { id } => Request::UsersShow { id },
                 UsersCommand::Sessions { id } => Request::UsersSessions { id },
+                UsersCommand::Export { id } => Request::UsersExport { id },
+                UsersCommand::Delete { id, now } => Request::UsersDelete { id, now },
                 UsersCommand::Disable { id } => Request::UsersSetDisabled { id, disabled: true },
                 UsersCommand::Enable { id } => Request::UsersSetDisabled {
                     id,
@@ -48,6 +59,13 @@ fn main() -> ExitCode {
             &Request::TokensRevoke { user },
             &mut std::io::stdout().lock(),
         ),
+        Command::Events(events) => {
+            let request = match events {
+                EventsCommand::List => Request::EventsList,
+                EventsCommand::Retry => Request::EventsRetry,
+            };
+            admin(config, &request, &mut std::io::stdout().lock())
+        }
         Command::Wechat(WechatCommand::Token { appid }) => admin(
             config,
             &Request::WechatToken { appid },
@@ -57,6 +75,7 @@ fn main() -> ExitCode {
             let request = match keys {
                 KeysCommand::List => Request::KeysList,
                 KeysCommand::Retire { kid } => Request::KeysRetire { kid },
+                KeysCommand::Activate { kid } => Request::KeysActivate { kid },
                 KeysCommand::Rotate { key_file: None } => Request::KeysRotate { key: None },
                 KeysCommand::Rotate {
                     key_file: Some(path),
@@ -86,7 +105,14 @@ fn main() -> ExitCode {
             let storage = &cfg.storage;
             match wxauth::admin::restore(&file, storage) {
                 Ok(entries) => {
-                    println!("restored {entries} entries into {}", storage.path.display());
+                    match storage.backend {
+                        wxauth::config::StorageBackend::Sled => {
+                            println!("restored {entries} entries into {}", storage.path.display())
+                        }
+                        wxauth::config::StorageBackend::Postgres => {
+                            println!("restored {entries} entries into the PostgreSQL database")
+                        }
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(cause_chain(&e)),

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 /// The routes requests are counted under (trailing slash folded); the last is the rest.
-pub const ROUTES: [&str; 12] = [
+pub const ROUTES: [&str; 24] = [
     "/api/weixin/login/",
     "/api/weixin/data/",
     "/api/weixin/phone/",
@@ -20,6 +20,18 @@ pub const ROUTES: [&str; 12] = [
     "/openapi.json",
     "/healthz",
     "/readyz",
+    "/api/weixin/sessions/",
+    "/api/weixin/sessions/logout-all/",
+    "/api/weixin/sessions/{id}/",
+    "/api/weixin/user/",
+    "/api/weixin/user/export/",
+    "/.well-known/jwks.json",
+    "/api/weixin/web-login/",
+    "/api/weixin/web-login/{ticket}/",
+    "/api/weixin/web-login/{ticket}/scan",
+    "/api/weixin/web-login/{ticket}/confirm",
+    "/api/weixin/web-login/{ticket}/deny",
+    "/web-login/",
     "other",
 ];
 
@@ -136,6 +148,8 @@ pub struct Metrics {
     access_issued: AtomicU64,
     refresh_issued: AtomicU64,
     reuse_detected: AtomicU64,
+    events_pending: AtomicU64,
+    event_delivery_failures: AtomicU64,
     token_fetches: Vec<AtomicU64>,
     wechat_api_calls: Vec<AtomicU64>,
 }
@@ -153,6 +167,8 @@ impl Default for Metrics {
             access_issued: AtomicU64::new(0),
             refresh_issued: AtomicU64::new(0),
             reuse_detected: AtomicU64::new(0),
+            events_pending: AtomicU64::new(0),
+            event_delivery_failures: AtomicU64::new(0),
             token_fetches: TOKEN_FETCH_OUTCOMES
                 .iter()
                 .map(|_| AtomicU64::new(0))
@@ -223,6 +239,15 @@ impl Metrics {
 
     pub fn reuse_detected(&self) {
         self.reuse_detected.fetch_add(1, Relaxed);
+    }
+
+    /// The events waiting for delivery (not given up), as the last round saw them.
+    pub fn set_events_pending(&self, n: u64) {
+        self.events_pending.store(n, Relaxed);
+    }
+
+    pub fn event_delivery_failed(&self) {
+        self.event_delivery_failures.fetch_add(1, Relaxed);
     }
 
     /// The Prometheus text exposition (format 0.0.4).
@@ -310,12 +335,34 @@ impl Metrics {
         );
         header(
             o,
-            "wxauth_users_total",
+            "wxauth_events_pending",
+            "gauge",
+            "Events in the outbox waiting for delivery (given-up ones not counted).",
+        );
+        let _ = writeln!(
+            o,
+            "wxauth_events_pending {}",
+            self.events_pending.load(Relaxed)
+        );
+        header(
+            o,
+            "wxauth_event_delivery_failures_total",
+            "counter",
+            "Event deliveries that failed (no answer, or not 2xx).",
+        );
+        let _ = writeln!(
+            o,
+            "wxauth_event_delivery_failures_total {}",
+            self.event_delivery_failures.load(Relaxed)
+        );
+        header(
+            o,
+            "wxauth_users",
             "gauge",
             "Users ever created (ids are never reused).",
         );
         let users = crate::users::count(store).unwrap_or(0);
-        let _ = writeln!(o, "wxauth_users_total {users}");
+        let _ = writeln!(o, "wxauth_users {users}");
         header(
             o,
             "wxauth_storage_size_bytes",
@@ -376,6 +423,10 @@ mod tests {
         assert_eq!(route_label(Some("/healthz/")), "/healthz");
         assert_eq!(route_label(None), "other");
         assert_eq!(route_label(Some("/x")), "other");
+        assert_eq!(
+            route_label(Some("/.well-known/jwks.json")),
+            "/.well-known/jwks.json"
+        );
     }
 
     #[test]

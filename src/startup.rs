@@ -2,16 +2,19 @@
 
 use crate::actors::{access_token, issuer::TokenIssuer, registry::UserRegistry, wechat};
 use crate::admin;
+use crate::config::StorageBackend;
 use crate::config::{ConfigError, Loaded};
+use crate::http::connection::{ListenerLimits, PerIpLimit};
 use crate::http::{self, AppState, LoginLimiter};
 use crate::metrics::Metrics;
 use crate::storage::model::AuthStore;
-use crate::storage::{GroupCommit, ReadStore, SledModel, StorageError};
+use crate::storage::postgres::PgStore;
+use crate::storage::{GroupCommit, ReadStore, SledModel, StorageError, Store};
 use crate::tokens::JwtKeys;
 use crate::users::cache::UserCache;
 use actix::{Actor, Arbiter};
 use actix_web::dev::Service;
-use actix_web::{middleware, web, App, HttpServer};
+use actix_web::{middleware, web, App};
 use sd_notify::NotifyState;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,8 +24,13 @@ use tracing::Instrument;
 /// How long SIGTERM waits for in-flight requests before closing connections.
 const SHUTDOWN_GRACE_SECS: u64 = 30;
 /// File descriptors kept free of client connections: storage, the admin socket,
-/// WeChat calls, the metrics listener, logs.
+/// WeChat calls, logs.
 const FD_RESERVE: u64 = 256;
+/// Connections to the metrics listener (a scraper needs one at a time); the excess
+/// waits in its listen backlog, using no descriptor.
+const METRICS_MAX_CONNECTIONS: usize = 16;
+/// Connections to the access-token listener (local services).
+const TOKEN_MAX_CONNECTIONS: usize = 64;
 /// How long an idle kept-alive connection stays open (actix-web's default).
 const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -55,16 +63,20 @@ fn raise_open_file_limit() -> Option<u64> {
     soft
 }
 
-/// `server.max_connections`, lowered when the open-file limit could not hold it:
-/// past the limit, accept() fails and the server's own files (storage, WeChat
-/// calls) would fail with it. Connections beyond the cap wait in the listen backlog.
-fn connection_cap(configured: usize, open_files: Option<u64>) -> usize {
+/// `server.max_connections`, lowered when the open-file limit could not hold it
+/// next to the other listeners' caps (`side`): past the limit, accept() fails and the
+/// server's own files (storage, WeChat calls) would fail with it. Connections beyond
+/// the cap wait in the listen backlog. One descriptor per connection.
+fn connection_cap(configured: usize, side: usize, open_files: Option<u64>) -> usize {
     let Some(open_files) = open_files else {
         return configured;
     };
-    // Two descriptors per connection: its socket, and the duplicate its watch holds
-    // (http::deadline::watch_connection).
-    let usable = (open_files.saturating_sub(FD_RESERVE).max(open_files / 2) / 2).max(1);
+    let side = u64::try_from(side).unwrap_or(u64::MAX);
+    let usable = open_files
+        .saturating_sub(FD_RESERVE)
+        .max(open_files / 2)
+        .saturating_sub(side)
+        .max(1);
     let usable = usize::try_from(usable).unwrap_or(usize::MAX);
     if usable < configured {
         tracing::warn!(
@@ -92,32 +104,66 @@ pub enum StartError {
     Server(#[from] std::io::Error),
 }
 
+/// Binds `addr` for a listener (a bind error names the address).
+fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, StartError> {
+    http::connection::bind(addr).map_err(|source| StartError::Bind {
+        addr: addr.to_string(),
+        source,
+    })
+}
+
+/// A loopback listener beside the API (metrics, the access-token endpoint): one
+/// worker, `routes` only, its own connection cap in `limits`, answers `no-store`.
+/// `secret`: the access-token endpoint's bearer secret, for its routes.
+fn start_local_listener(
+    name: &'static str,
+    bind_to: SocketAddr,
+    state: web::Data<AppState>,
+    secret: Option<web::Data<http::EndpointSecret>>,
+    limits: ListenerLimits,
+    routes: fn(&mut web::ServiceConfig),
+) -> Result<actix_server::Server, StartError> {
+    let listener = bind(bind_to)?;
+    let addr = listener.local_addr()?;
+    let request_timeout = limits.request_timeout;
+    let server = http::connection::serve(
+        name,
+        listener,
+        None,
+        1,
+        SHUTDOWN_GRACE_SECS,
+        limits,
+        move || {
+            let secret = secret.clone();
+            App::new()
+                .app_data(state.clone())
+                .configure(move |config| {
+                    if let Some(secret) = secret {
+                        config.app_data(secret);
+                    }
+                })
+                .wrap_fn(move |req, srv| http::deadline::guard(req, srv, request_timeout))
+                .wrap(http::json_errors())
+                .wrap(middleware::DefaultHeaders::new().add(("Cache-Control", "no-store")))
+                .configure(routes)
+        },
+    )?;
+    tracing::info!(address = %addr, "serving {name}");
+    Ok(server)
+}
+
 /// The Prometheus listener on `metrics.bind` (none when it is empty): its own
 /// socket, so that a reverse proxy in front of the API never exposes it.
 fn start_metrics_listener(
-    bind: Option<SocketAddr>,
+    bind_to: Option<SocketAddr>,
     state: web::Data<AppState>,
-) -> Result<Option<actix_web::dev::Server>, StartError> {
-    let Some(bind) = bind else {
-        return Ok(None);
-    };
-    let server = HttpServer::new(move || {
-        App::new()
-            .app_data(state.clone())
-            .wrap(http::json_errors())
-            .configure(http::metrics_routes)
-    })
-    .workers(1)
-    .disable_signals()
-    .bind(bind)
-    .map_err(|source| StartError::Bind {
-        addr: bind.to_string(),
-        source,
-    })?;
-    for addr in server.addrs() {
-        tracing::info!(address = %addr, "serving metrics");
-    }
-    Ok(Some(server.run()))
+    limits: ListenerLimits,
+) -> Result<Option<actix_server::Server>, StartError> {
+    bind_to
+        .map(|addr| {
+            start_local_listener("metrics", addr, state, None, limits, http::metrics_routes)
+        })
+        .transpose()
 }
 
 /// The access-token listener on `wechat.token_endpoint_bind` (none when empty).
@@ -125,33 +171,24 @@ fn start_metrics_listener(
 /// in front of the API can never expose it, and no peer-address check (which a
 /// proxy on the same host would pass) is needed.
 fn start_token_listener(
-    bind: Option<SocketAddr>,
+    bind_to: Option<SocketAddr>,
     secret: Option<crate::secret::Secret>,
     state: web::Data<AppState>,
-) -> Result<Option<actix_web::dev::Server>, StartError> {
-    let (Some(bind), Some(secret)) = (bind, secret) else {
+    limits: ListenerLimits,
+) -> Result<Option<actix_server::Server>, StartError> {
+    let (Some(bind_to), Some(secret)) = (bind_to, secret) else {
         return Ok(None);
     };
     let secret = web::Data::new(http::EndpointSecret(secret));
-    let server = HttpServer::new(move || {
-        App::new()
-            .app_data(state.clone())
-            .app_data(secret.clone())
-            .wrap(http::json_errors())
-            .wrap(middleware::DefaultHeaders::new().add(("Cache-Control", "no-store")))
-            .configure(http::access_token_routes)
-    })
-    .workers(1)
-    .disable_signals()
-    .bind(bind)
-    .map_err(|source| StartError::Bind {
-        addr: bind.to_string(),
-        source,
-    })?;
-    for addr in server.addrs() {
-        tracing::info!(address = %addr, "serving the access token endpoint");
-    }
-    Ok(Some(server.run()))
+    start_local_listener(
+        "the access token endpoint",
+        bind_to,
+        state,
+        Some(secret),
+        limits,
+        http::access_token_routes,
+    )
+    .map(Some)
 }
 
 /// SIGTERM (systemd, kill) or SIGINT (Ctrl-C).
@@ -184,26 +221,56 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
         _ => None,
     };
-    let store = crate::storage::open(&cfg.storage)?;
-    let keys = Arc::new(JwtKeys::load(&cfg.jwt, &cfg.storage.path)?);
     // Kept up to date by the store's user operations; read by every token check.
     let users = Arc::new(UserCache::new(crate::users::cache::DEFAULT_CAPACITY));
+    // PostgreSQL: one object is both the tree view (reads, probe, backup) and the
+    // operations; it keeps `users` true across nodes itself.
+    let postgres = match cfg.storage.backend {
+        StorageBackend::Sled => None,
+        StorageBackend::Postgres => Some(Arc::new(
+            PgStore::open(&cfg.storage)?.with_user_cache(users.clone()),
+        )),
+    };
+    let store: Arc<dyn Store> = match &postgres {
+        Some(pg) => pg.clone(),
+        None => crate::storage::open(&cfg.storage)?,
+    };
+    if let Some(pg) = &postgres {
+        // Every node signs with the database's keys (created there by the first).
+        let generate = cfg.jwt.signing_key_file.is_none() && cfg.jwt.algorithm.is_hmac();
+        pg.pull_key_files(&cfg.storage.path, generate)?;
+    }
+    let keys = Arc::new(JwtKeys::load(&cfg.jwt, &cfg.storage.path)?);
+    if let Some(pg) = &postgres {
+        pg.watch_key_ring(&cfg.storage.path, keys.clone());
+    }
     let commit = GroupCommit::start_with(store.clone(), {
         let users = users.clone();
         move || users.clear()
     });
-    let model: Arc<dyn AuthStore> = Arc::new(SledModel::new(
-        store.clone(),
-        commit.clone(),
-        users.clone(),
-    )?);
-    let registry = UserRegistry::new(model.clone(), store.clone(), cfg.wechat.link_by_unionid);
+    let metrics = Arc::new(Metrics::default());
+    let model: Arc<dyn AuthStore> = match postgres {
+        Some(pg) => pg,
+        None => {
+            let model = SledModel::new(store.clone(), commit.clone(), users.clone())?;
+            match cfg.events.delivery()? {
+                Some(delivery) => {
+                    let outbox = crate::events::Outbox::open(store.as_ref())?;
+                    crate::events::start(store.clone(), &outbox, delivery, metrics.clone())
+                        .map_err(|e| StorageError::io("start the event delivery thread", e))?;
+                    Arc::new(model.with_events(outbox))
+                }
+                None => Arc::new(model),
+            }
+        }
+    };
+    let registry = UserRegistry::new(model.clone(), store.clone(), cfg.wechat.link_by_unionid)
+        .with_deletion_delay(cfg.users.deletion_delay);
 
     // Each state-owning actor runs on its own thread (arbiter), off the HTTP workers.
     let registry_arbiter = Arbiter::new();
     let registry = UserRegistry::start_in_arbiter(&registry_arbiter.handle(), move |_| registry);
     let issuer_arbiter = Arbiter::new();
-    let metrics = Arc::new(Metrics::default());
     let issuer = TokenIssuer::new(
         model.clone(),
         store.clone(),
@@ -211,7 +278,8 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         &cfg.jwt,
         metrics.clone(),
     )
-    .with_user_cache(users.clone());
+    .with_user_cache(users.clone())
+    .with_family_limit(cfg.limits.refresh_per_family_per_minute);
     let issuer = TokenIssuer::start_in_arbiter(&issuer_arbiter.handle(), move |_| issuer);
     let wechat = wechat::start(&cfg.wechat, &loaded.apps, metrics.clone());
     // Its own thread: token fetches and the calls that use the token never wait
@@ -222,10 +290,12 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         &loaded.apps,
         store.clone(),
         commit.clone(),
+        model.clone(),
         metrics.clone(),
         &keeper_arbiter.handle(),
     );
-    let admin_socket = admin::serve(admin::ServerContext {
+    // Removed on every way out from here on, a listener that cannot bind included.
+    let admin_socket = RemovedOnDrop(admin::serve(admin::ServerContext {
         store: store.clone(),
         data_dir: cfg.storage.path.clone(),
         registry: registry.clone(),
@@ -234,7 +304,7 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         commit: commit.clone(),
         runtime: tokio::runtime::Handle::current(),
         keys: keys.clone(),
-    })?;
+    })?);
 
     let reader: Arc<dyn ReadStore> = store.clone();
     let state = web::Data::new(AppState {
@@ -249,6 +319,10 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         apps: loaded.apps.iter().map(|a| a.appid.clone()).collect(),
         limiter: (cfg.limits.login_per_minute > 0)
             .then(|| LoginLimiter::new(cfg.limits.login_per_minute, cfg.limits.ipv6_prefix)),
+        refresh_limiter: (cfg.limits.refresh_per_minute > 0)
+            .then(|| LoginLimiter::new(cfg.limits.refresh_per_minute, cfg.limits.ipv6_prefix)),
+        phone_limiter: (cfg.limits.phone_per_user_per_minute > 0)
+            .then(|| crate::ratelimit::KeyedLimiter::new(cfg.limits.phone_per_user_per_minute)),
         trusted_proxies: cfg
             .server
             .trusted_proxies
@@ -266,79 +340,78 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
             limiter: (cfg.limits.login_per_minute > 0)
                 .then(|| LoginLimiter::new(cfg.limits.login_per_minute, cfg.limits.ipv6_prefix)),
         }),
+        readiness: Default::default(),
     });
     let api_state = state.clone();
 
-    let bind = cfg.server.bind;
     let request_timeout = cfg.server.request_timeout;
-    let max_connections = connection_cap(cfg.server.max_connections, open_files);
-    // actix counts connections per worker.
-    let per_worker = max_connections.div_ceil(cfg.server.workers).max(1);
+    let side_listeners = cfg.metrics.bind.map_or(0, |_| METRICS_MAX_CONNECTIONS)
+        + cfg
+            .wechat
+            .token_endpoint_bind
+            .map_or(0, |_| TOKEN_MAX_CONNECTIONS);
+    let max_connections = connection_cap(cfg.server.max_connections, side_listeners, open_files);
+    let limits = ListenerLimits {
+        max_connections,
+        keep_alive: KEEP_ALIVE,
+        request_timeout,
+        lifetime: cfg.server.max_connection_lifetime,
+        per_ip: Some(PerIpLimit::new(
+            cfg.server.max_connections_per_ip,
+            cfg.limits.ipv6_prefix,
+            api_state.trusted_proxies.clone(),
+        )),
+    };
     tracing::debug!(
         max_connections,
-        per_worker,
+        max_connections_per_ip = cfg.server.max_connections_per_ip,
+        side_listeners,
         ?request_timeout,
         "connection limits"
     );
-    let server = HttpServer::new(move || {
-        App::new()
-            .app_data(api_state.clone())
-            // Innermost: the body's deadline, around the extractors that read it.
-            .wrap_fn(move |mut req, srv| {
-                let in_progress = http::deadline::request_started(&req);
-                let timed_out = http::deadline::limit_body(&mut req, request_timeout);
-                let response = srv.call(req);
-                async move {
-                    let response = response.await?;
-                    drop(in_progress);
-                    Ok(http::deadline::answer(response, &timed_out))
-                }
-            })
-            .wrap(http::json_errors())
-            .wrap(middleware::DefaultHeaders::new().add(("Cache-Control", "no-store")))
-            // Outermost: sees the final status, after errors became JSON.
-            .wrap_fn(|req, srv| {
-                let started = Instant::now();
-                let id = http::request_id(&req);
-                let method = req.method().clone();
-                // Every line logged while handling the request (in the handler and in
-                // the actors its messages reach) carries the id. The access line is
-                // written after it, outside the span: its fields stay as they were.
-                let span = tracing::info_span!("request", request_id = %id);
-                let response = span.in_scope(|| srv.call(req)).instrument(span);
-                async move {
-                    let mut response = response.await?;
-                    http::finish_request(&mut response, &id, &method, started);
-                    Ok(response)
-                }
-            })
-            .configure(http::routes)
-    })
-    .workers(cfg.server.workers)
-    // The head's deadline (actix's own); the body's is the middleware above.
-    .client_request_timeout(request_timeout)
-    .keep_alive(KEEP_ALIVE)
-    // The next request's head on a kept-alive connection (see http::deadline).
-    .on_connect(move |connection, extensions| {
-        http::deadline::watch_connection(connection, extensions, KEEP_ALIVE + request_timeout)
-    })
-    .max_connections(per_worker)
-    .shutdown_timeout(SHUTDOWN_GRACE_SECS)
-    // Our own handler below tells systemd STOPPING=1 before draining.
-    .disable_signals()
-    // A client that closes its side has gone (as nginx takes it): its handler is
-    // dropped, so a login still waiting for a WeChat call slot is never sent.
-    .h1_allow_half_closed(false);
+    // The metrics and access-token listeners: the same deadlines, their own small
+    // caps (counted above), and no per-address limit (their clients are local).
+    let side_limits = |max_connections| ListenerLimits {
+        max_connections,
+        per_ip: None,
+        ..limits.clone()
+    };
+    let listener = bind(cfg.server.bind)?;
+    let addrs = vec![listener.local_addr()?];
     let https = tls.is_some();
-    let server = match tls {
-        Some(tls) => server.bind_rustls_0_23(bind, tls),
-        None => server.bind(bind),
-    }
-    .map_err(|source| StartError::Bind {
-        addr: bind.to_string(),
-        source,
-    })?;
-    let addrs: Vec<SocketAddr> = server.addrs();
+    let server = http::connection::serve(
+        "api",
+        listener,
+        tls,
+        cfg.server.workers,
+        SHUTDOWN_GRACE_SECS,
+        limits.clone(),
+        move || {
+            App::new()
+                .app_data(api_state.clone())
+                // Innermost: the body's deadline, around the extractors that read it.
+                .wrap_fn(move |req, srv| http::deadline::guard(req, srv, request_timeout))
+                .wrap(http::json_errors())
+                .wrap(middleware::DefaultHeaders::new().add(("Cache-Control", "no-store")))
+                // Outermost: sees the final status, after errors became JSON.
+                .wrap_fn(|req, srv| {
+                    let started = Instant::now();
+                    let id = http::request_id(&req);
+                    let method = req.method().clone();
+                    // Every line logged while handling the request (in the handler and in
+                    // the actors its messages reach) carries the id. The access line is
+                    // written after it, outside the span: its fields stay as they were.
+                    let span = tracing::info_span!("request", request_id = %id);
+                    let response = span.in_scope(|| srv.call(req)).instrument(span);
+                    async move {
+                        let mut response = response.await?;
+                        http::finish_request(&mut response, &id, &method, started);
+                        Ok(response)
+                    }
+                })
+                .configure(http::routes)
+        },
+    )?;
     let users = crate::users::count(store.as_ref())?;
     for addr in &addrs {
         tracing::info!(address = %addr, tls = https, kid = keys.kid(), users, "listening");
@@ -347,9 +420,13 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         cfg.wechat.token_endpoint_bind,
         loaded.token_endpoint_secret.clone(),
         state.clone(),
+        side_limits(TOKEN_MAX_CONNECTIONS),
     )?;
-    let metrics_server = start_metrics_listener(cfg.metrics.bind, state)?;
-    let server = server.run();
+    let metrics_server = start_metrics_listener(
+        cfg.metrics.bind,
+        state,
+        side_limits(METRICS_MAX_CONNECTIONS),
+    )?;
 
     // READY=1 only now that the sockets listen (Type=notify); a no-op outside systemd.
     let _ = sd_notify::notify(false, &[NotifyState::Ready]);
@@ -377,7 +454,7 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         actix_web::rt::spawn(token_server);
     }
     let served = server.await;
-    let _ = std::fs::remove_file(&admin_socket);
+    drop(admin_socket);
 
     // Every answered request already waited for its commit; this flushes the rest.
     commit.shutdown();
@@ -392,16 +469,27 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     Ok(())
 }
 
+/// A file removed when this is dropped (the admin socket).
+struct RemovedOnDrop(std::path::PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::connection_cap;
 
     #[test]
     fn the_connection_cap_leaves_descriptors_for_the_rest_of_the_server() {
-        assert_eq!(connection_cap(10_000, None), 10_000);
-        assert_eq!(connection_cap(10_000, Some(1_048_576)), 10_000);
-        assert_eq!(connection_cap(10_000, Some(1024)), 384);
-        assert_eq!(connection_cap(10_000, Some(256)), 64);
-        assert_eq!(connection_cap(10, Some(1024)), 10);
+        assert_eq!(connection_cap(10_000, 80, None), 10_000);
+        assert_eq!(connection_cap(10_000, 80, Some(1_048_576)), 10_000);
+        assert_eq!(connection_cap(10_000, 80, Some(1024)), 688);
+        assert_eq!(connection_cap(10_000, 0, Some(1024)), 768);
+        assert_eq!(connection_cap(10_000, 80, Some(256)), 48);
+        assert_eq!(connection_cap(10_000, 80, Some(64)), 1);
+        assert_eq!(connection_cap(10, 80, Some(1024)), 10);
     }
 }

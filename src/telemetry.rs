@@ -4,8 +4,11 @@ use crate::config::LogConfig;
 use tracing_subscriber::EnvFilter;
 
 /// The HTTP client logs request URLs at debug level, and jscode2session's URL holds
-/// the app secret and the code: its debug output stays off whatever the level.
-const ALWAYS_QUIET: &str = "ureq=warn,ureq_proto=warn,rustls=warn";
+/// the app secret and the code: its debug output stays off whatever the level. The
+/// PostgreSQL client logs every statement's parameters (session keys, tokens' family
+/// ids) at debug level: off too.
+const ALWAYS_QUIET: &str =
+    "ureq=warn,ureq_proto=warn,rustls=warn,tokio_postgres=warn,deadpool=warn,deadpool_postgres=warn";
 
 pub fn init(cfg: &LogConfig) {
     let base = std::env::var("RUST_LOG").unwrap_or_else(|_| cfg.level.clone());

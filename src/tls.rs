@@ -12,8 +12,8 @@ const KEY_KEY: &str = "server.tls.key";
 
 /// Loads the certificate chain (leaf first) and its private key and checks that they
 /// belong together. A relative path is looked up in systemd's `$CREDENTIALS_DIRECTORY`
-/// first, like the other secret files. ALPN is left to actix-web, which offers
-/// `http/1.1` (the `http2` feature, which would add `h2`, is off).
+/// first, like the other secret files. ALPN offers `http/1.1` only (the server speaks
+/// HTTP/1.1).
 pub fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, ConfigError> {
     let cert_path = resolve_credential_path(cert);
     let key_path = resolve_credential_path(key);
@@ -44,7 +44,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, Co
                 ),
             )
         })?;
-    rustls::ServerConfig::builder_with_provider(provider)
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| ConfigError::new("server.tls", format!("cannot set up TLS: {e}")))?
         .with_no_client_auth()
@@ -64,7 +64,9 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, Co
                 CERT_KEY,
                 format!("unusable certificate in {} ({other})", cert_path.display()),
             ),
-        })
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
 }
 
 fn pem_error(key: &str, what: &str, path: &Path, err: pem::Error) -> ConfigError {

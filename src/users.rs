@@ -9,6 +9,7 @@
 //!   are never reused: the next is one more than the greatest, see [`first_free_id`])
 
 pub mod cache;
+pub mod export;
 
 use crate::secret::SessionKey;
 use crate::storage::{ReadStore, StorageError, Tree};
@@ -67,6 +68,20 @@ pub struct User {
     /// Boxed: most users have none, and a `User` travels by value in actor answers.
     #[serde(default)]
     pub phone: Option<Box<PhoneNumber>>,
+    /// `PATCH /api/weixin/user/`: what the mini-program collected.
+    #[serde(default)]
+    pub nickname: Option<String>,
+    #[serde(default)]
+    pub avatar_url: Option<String>,
+    /// The account is marked for deletion: its personal data is erased at this unix
+    /// second unless a login comes first (`users.deletion_delay`).
+    #[serde(default)]
+    pub deletion_due: Option<i64>,
+    /// The personal data was erased at this unix second: the record keeps only its
+    /// id (never handed out again), app and timestamps. No token and no login
+    /// reaches it.
+    #[serde(default)]
+    pub erased_at: Option<i64>,
 }
 
 impl User {
@@ -91,7 +106,29 @@ impl User {
             token_stamp: 0,
             tokens_not_before: 0,
             phone: None,
+            nickname: None,
+            avatar_url: None,
+            deletion_due: None,
+            erased_at: None,
         }
+    }
+}
+
+impl User {
+    /// Erases the personal data in place: what stays is the id, the app, the
+    /// timestamps and the erasure's time. Disabled, with a new token stamp: no
+    /// token issued before reaches it, and no index points at it any more.
+    pub fn erase(&mut self, now: i64) {
+        self.openid = String::new();
+        self.unionid = None;
+        self.session_key = SessionKey::new("");
+        self.phone = None;
+        self.nickname = None;
+        self.avatar_url = None;
+        self.deletion_due = None;
+        self.erased_at = Some(now);
+        self.disabled = true;
+        self.token_stamp = self.token_stamp.wrapping_add(1);
     }
 }
 
@@ -133,6 +170,14 @@ struct StoredUser<'a> {
     tokens_not_before: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     phone: &'a Option<Box<PhoneNumber>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nickname: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    avatar_url: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deletion_due: &'a Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    erased_at: &'a Option<i64>,
 }
 
 pub fn encode(user: &User) -> Vec<u8> {
@@ -150,6 +195,10 @@ pub fn encode(user: &User) -> Vec<u8> {
         token_stamp,
         tokens_not_before,
         phone,
+        nickname,
+        avatar_url,
+        deletion_due,
+        erased_at,
     } = user;
     let stored = StoredUser {
         id: *id,
@@ -163,6 +212,10 @@ pub fn encode(user: &User) -> Vec<u8> {
         token_stamp: *token_stamp,
         tokens_not_before: *tokens_not_before,
         phone,
+        nickname,
+        avatar_url,
+        deletion_due,
+        erased_at,
     };
     serde_json::to_vec(&stored).expect("a User always serializes")
 }

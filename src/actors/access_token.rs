@@ -26,7 +26,12 @@ use crate::actors::wechat::{self as wx, WeChatError};
 use crate::config::{WeChatApp, WeChatConfig};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
+use crate::storage::model::AuthStore;
 use crate::storage::{GroupCommit, ReadStore, StorageError, Store, Tree, WriteBatch};
+
+/// How often a process that does not hold an app's lease looks for the token the
+/// holder fetches.
+const LEASE_POLL: Duration = Duration::from_millis(50);
 use crate::users::PhoneNumber;
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -69,6 +74,9 @@ pub enum WxApiError {
     /// mini-program (or `check_path` is on for an unpublished one).
     #[error("WeChat refused web_login.page: it is not a published page of the mini-program (errcode 41030).")]
     CodePageInvalid,
+    /// The stored token could not be read: our fault, not WeChat's.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
     /// Everything login's calls can meet too (busy, timeout, config, HTTP, …).
     #[error(transparent)]
     WeChat(#[from] WeChatError),
@@ -119,7 +127,7 @@ fn load_record(store: &dyn ReadStore, appid: &str) -> Result<Option<TokenRecord>
         .map(|bytes| {
             serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
                 tree: Tree::Meta.name(),
-                reason: format!("access token record: {e}"),
+                reason: format!("access token record: {}", wx::json_error_kind(&e)),
             })
         })
         .transpose()
@@ -198,8 +206,17 @@ struct Keeper {
     /// API calls in flight at once (`wechat.max_concurrent_calls`, like login's): the
     /// rest wait, within their deadline, instead of taking a blocking thread each.
     call_slots: tokio::sync::Semaphore,
+    /// The longest a call waits for one of them (`wechat.queue_timeout`, like
+    /// login's), then 503 `upstream_busy` and no call.
+    queue_timeout: Duration,
     /// The whole of one request's work here (token, call, forced refresh, retry).
     deadline: Duration,
+    /// Decides which process refreshes a token when several share the store.
+    leases: Arc<dyn AuthStore>,
+    /// This process's name as a lease holder.
+    holder: String,
+    /// How long a lease lasts: one fetch with its retries.
+    lease_ms: i64,
 }
 
 pub struct AccessTokenKeeper {
@@ -371,6 +388,7 @@ pub fn start(
     apps: &[WeChatApp],
     store: Arc<dyn Store>,
     commit: GroupCommit,
+    leases: Arc<dyn AuthStore>,
     metrics: Arc<Metrics>,
     arbiter: &actix::ArbiterHandle,
 ) -> Addr<AccessTokenKeeper> {
@@ -400,8 +418,12 @@ pub fn start(
         refresh_ahead: cfg.token_refresh_ahead,
         retries: cfg.retries,
         call_slots: tokio::sync::Semaphore::new(cfg.max_concurrent_calls),
+        queue_timeout: cfg.queue_timeout,
         // A token fetch, a call, a forced fetch and a retry, each with its retries.
         deadline: cfg.timeout * 4,
+        leases,
+        holder: crate::random_hex(8),
+        lease_ms: i64::try_from((cfg.timeout * (cfg.retries + 1)).as_millis()).unwrap_or(i64::MAX),
     };
     let keeper = Arc::new(keeper);
     AccessTokenKeeper::start_in_arbiter(arbiter, move |_| AccessTokenKeeper { keeper })
@@ -420,7 +442,7 @@ impl Keeper {
         let slot = self.slot(appid)?;
         let mut slot = slot.lock().await;
         if !slot.loaded {
-            slot.record = load_record(self.store.as_ref(), appid).map_err(storage_failure)?;
+            slot.record = load_record(self.store.as_ref(), appid)?;
             slot.loaded = true;
         }
         let now = now_ms();
@@ -434,6 +456,10 @@ impl Keeper {
             if at.elapsed() < FAILURE_HOLD {
                 return self.old_token_or(&slot, error.clone());
             }
+        }
+        if let Some(record) = self.fetched_elsewhere(appid).await? {
+            slot.record = Some(record.clone());
+            return Ok(record);
         }
         match self.fetch(appid, false).await {
             Ok((token, expires_in)) => {
@@ -454,6 +480,38 @@ impl Keeper {
         }
     }
 
+    /// The stored token when it does not need a refresh, else `None` once this
+    /// process holds the app's lease and so may fetch. Several processes on one
+    /// store (PostgreSQL nodes) each come here when the token is due: one takes the
+    /// lease and fetches; the others wait for its stored record (at most the
+    /// keeper's deadline; after a lease lapses, one of them takes it over).
+    async fn fetched_elsewhere(&self, appid: &str) -> Result<Option<TokenRecord>, WxApiError> {
+        let started = Instant::now();
+        let lease = format!("access_token:{appid}");
+        loop {
+            let stored = load_record(self.store.as_ref(), appid).map_err(WxApiError::from)?;
+            let now = now_ms();
+            if let Some(record) = stored {
+                let refresh_at = record.expires_at_ms - self.refresh_ahead.as_millis() as i64;
+                if now < refresh_at {
+                    return Ok(Some(record));
+                }
+            }
+            let taken = self
+                .leases
+                .take_lease(&lease, &self.holder, now, now.saturating_add(self.lease_ms))
+                .await
+                .map_err(WxApiError::from)?;
+            if taken {
+                return Ok(None);
+            }
+            if started.elapsed() >= self.deadline {
+                return Err(WxApiError::WeChat(WeChatError::Busy));
+            }
+            tokio::time::sleep(LEASE_POLL).await;
+        }
+    }
+
     /// During the overlap, a failed refresh still leaves a token that works.
     fn old_token_or(&self, slot: &Slot, error: WxApiError) -> Result<TokenRecord, WxApiError> {
         match &slot.record {
@@ -471,6 +529,12 @@ impl Keeper {
     async fn force(&self, appid: &str, rejected: &str) -> Result<TokenRecord, WxApiError> {
         let slot = self.slot(appid)?;
         let mut slot = slot.lock().await;
+        // Another process on the same store (a PostgreSQL node) may have replaced it.
+        if let Ok(Some(stored)) = load_record(self.store.as_ref(), appid) {
+            if stored.access_token != rejected {
+                slot.record = Some(stored);
+            }
+        }
         if let Some(record) = &slot.record {
             if record.access_token != rejected && now_ms() < record.expires_at_ms {
                 return Ok(record.clone());
@@ -496,26 +560,24 @@ impl Keeper {
                 retry_after_secs: (wait_ms as u64).div_ceil(1000).max(1),
             });
         }
-        // Counted when asked for: WeChat counts the call, whatever it answers.
+        // Counted, and stored, before it is asked for: WeChat counts the call whatever
+        // it answers, and this request may be cancelled (its deadline) while the call
+        // still goes out.
         forced_ms.push(now);
         tracing::info!(
             appid,
             forced_last_24h = forced_ms.len(),
             "WeChat refused the access token: one forced refresh"
         );
-        match self.fetch(appid, true).await {
-            Ok((token, expires_in)) => Ok(self
-                .keep(appid, &mut slot, token, expires_in, forced_ms)
-                .await),
-            Err(e) => {
-                if let Some(record) = &mut slot.record {
-                    record.forced_ms = forced_ms;
-                    let record = record.clone();
-                    self.store_record(appid, &record).await;
-                }
-                Err(e)
-            }
+        if let Some(record) = &mut slot.record {
+            record.forced_ms = forced_ms.clone();
+            let record = record.clone();
+            self.store_record(appid, &record).await;
         }
+        let (token, expires_in) = self.fetch(appid, true).await?;
+        Ok(self
+            .keep(appid, &mut slot, token, expires_in, forced_ms)
+            .await)
     }
 
     /// Caches and stores a fetched token; returns its record.
@@ -622,11 +684,17 @@ impl Keeper {
         T: Send + 'static,
         F: Fn(&Upstream, &str) -> Result<ApiReply<T>, WxApiError> + Send + Sync + 'static,
     {
-        let _slot = self
-            .call_slots
-            .acquire()
-            .await
-            .map_err(|_closed| WxApiError::WeChat(WeChatError::Unavailable))?;
+        let _slot = match tokio::time::timeout(self.queue_timeout, self.call_slots.acquire()).await
+        {
+            Ok(slot) => slot.map_err(|_closed| WxApiError::WeChat(WeChatError::Unavailable))?,
+            Err(_) => {
+                tracing::warn!(
+                    waited_ms = self.queue_timeout.as_millis() as u64,
+                    "every WeChat call slot is busy: refused with upstream_busy"
+                );
+                return Err(WeChatError::NoCallSlot.into());
+            }
+        };
         let upstream = self.upstream.clone();
         let retries = self.retries;
         let metrics = self.metrics.clone();
@@ -666,11 +734,6 @@ fn forced_refresh_wait_ms(forced_ms: &[i64], now: i64) -> i64 {
     daily.max(spacing).max(0)
 }
 
-fn storage_failure(e: StorageError) -> WxApiError {
-    tracing::error!(error = %e, "cannot read the stored access token");
-    WxApiError::WeChat(WeChatError::Unavailable)
-}
-
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, WxApiError> + Send + 'static,
 ) -> Result<T, WxApiError> {
@@ -705,6 +768,7 @@ fn error_label(e: &WxApiError) -> &'static str {
         WxApiError::ForcedRefreshLimited { .. } => "forced_refused",
         WxApiError::TokenRejected => "token_invalid",
         WxApiError::UnknownApp(_) | WxApiError::CodePageInvalid => "config_error",
+        WxApiError::Storage(_) => "unavailable",
         WxApiError::WeChat(e) => match e {
             WeChatError::RateLimited => "rate_limited",
             WeChatError::Config(_) => "config_error",

@@ -6,10 +6,11 @@
 
 use crate::config::JwtConfig;
 use crate::metrics::Metrics;
+use crate::ratelimit::KeyedLimiter;
 use crate::storage::model::{AuthStore, FamilyId, RotateOutcome, RotateRequest};
 use crate::storage::{ReadStore, StorageError};
 use crate::tokens::check::{self, Accept, CheckError, RefreshStanding, Refusal};
-use crate::tokens::{JwtKeys, TokenError, TokenType};
+use crate::tokens::{JwtKeys, TokenError};
 use crate::users::cache::UserCache;
 use crate::users::UserId;
 use actix::prelude::*;
@@ -43,15 +44,22 @@ pub struct TokenIssuer {
     /// The registry's cache of decoded users, read by the token check (an empty
     /// one, reading the store every time, until [`with_user_cache`](Self::with_user_cache)).
     users: Arc<UserCache>,
+    /// Refreshes per family (`limits.refresh_per_family_per_minute`).
+    family_limit: Option<KeyedLimiter<FamilyId>>,
 }
 
-/// Why refresh or logout did not succeed: the check's refusal, or storage.
+/// Why refresh or logout did not succeed: the check's refusal, storage, or (refresh)
+/// the family's rate limit.
 #[derive(Debug, thiserror::Error)]
 pub enum RefreshError {
     #[error(transparent)]
     Refused(#[from] Refusal),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The token's family was refreshed `limits.refresh_per_family_per_minute` times
+    /// this minute.
+    #[error(transparent)]
+    RateLimited(#[from] crate::ratelimit::Limited),
 }
 
 impl From<CheckError> for RefreshError {
@@ -101,6 +109,21 @@ impl TokenIssuer {
             purge_interval: cfg.purge_interval,
             purging: false,
             users: Arc::new(UserCache::new(0)),
+            family_limit: None,
+        }
+    }
+
+    /// At most `per_minute` refreshes per family (0: no limit), counted after the
+    /// token check and before anything is written.
+    pub fn with_family_limit(mut self, per_minute: u32) -> Self {
+        self.family_limit = (per_minute > 0).then(|| KeyedLimiter::new(per_minute));
+        self
+    }
+
+    fn count_family_refresh(&self, family: FamilyId) -> Result<(), RefreshError> {
+        match &self.family_limit {
+            Some(limit) => Ok(limit.check(family)?),
+            None => Ok(()),
         }
     }
 
@@ -161,10 +184,17 @@ impl TokenIssuer {
                 Ok(accepted) => accepted,
                 Err(answer) => return answer,
             };
+            let counted = check::refresh_family(self.reader.as_ref(), &accepted.claims)
+                .map_err(RefreshError::from)
+                .and_then(|(family, _)| self.count_family_refresh(family));
+            if let Err(e) = counted {
+                return refused(e);
+            }
             let (claims, stamp) = (accepted.claims, accepted.user.token_stamp);
+            let family = claims.fam.as_deref().and_then(FamilyId::from_hex);
             let access = self
                 .keys
-                .sign(TokenType::Access, claims.user_id, stamp, now)
+                .sign_access(claims.user_id, stamp, family, now)
                 .token;
             self.metrics.tokens_issued(1, 0);
             return Box::pin(async move {
@@ -189,6 +219,9 @@ impl TokenIssuer {
             Ok(found) => found,
             Err(e) => return refused(e),
         };
+        if let Err(e) = self.count_family_refresh(family) {
+            return refused(e);
+        }
         let (user_id, stamp) = (claims.user_id, user.token_stamp);
         let rotation = self.model.rotate(RotateRequest {
             user_id,
@@ -217,7 +250,7 @@ impl TokenIssuer {
                 RotateOutcome::Missing => return Err(Refusal::NotIssued.into()),
                 RotateOutcome::Ahead => return Err(TokenError::Invalid.into()),
             };
-            let access = keys.sign(TokenType::Access, user_id, stamp, now).token;
+            let access = keys.sign_access(user_id, stamp, Some(family), now).token;
             let refresh = keys
                 .sign_refresh(user_id, stamp, family, generation, now)
                 .token;
@@ -357,6 +390,41 @@ impl Handler<Blacklist> for TokenIssuer {
     fn handle(&mut self, msg: Blacklist, _: &mut Context<Self>) -> Self::Result {
         let _request = msg.span.clone().entered();
         self.blacklist(&msg.token)
+    }
+}
+
+/// Ends one session (`DELETE /api/weixin/sessions/{id}/`): revokes the family.
+/// `true`: it was live and is revoked now (durable on return).
+#[derive(Message)]
+#[rtype(result = "Result<bool, crate::storage::StorageError>")]
+pub struct RevokeFamily {
+    pub user_id: crate::users::UserId,
+    pub family: crate::storage::model::FamilyId,
+}
+
+impl Handler<RevokeFamily> for TokenIssuer {
+    type Result = ResponseFuture<Result<bool, crate::storage::StorageError>>;
+
+    fn handle(&mut self, msg: RevokeFamily, _: &mut Context<Self>) -> Self::Result {
+        self.model
+            .revoke_family(msg.user_id, msg.family, crate::tokens::now_ms())
+    }
+}
+
+/// Logs out everywhere (`POST /api/weixin/sessions/logout-all/`): revokes every
+/// live family of the user; the number revoked (durable on return).
+#[derive(Message)]
+#[rtype(result = "Result<usize, crate::storage::StorageError>")]
+pub struct RevokeAllFamilies {
+    pub user_id: crate::users::UserId,
+}
+
+impl Handler<RevokeAllFamilies> for TokenIssuer {
+    type Result = ResponseFuture<Result<usize, crate::storage::StorageError>>;
+
+    fn handle(&mut self, msg: RevokeAllFamilies, _: &mut Context<Self>) -> Self::Result {
+        self.model
+            .revoke_families(msg.user_id, crate::tokens::now_ms())
     }
 }
 

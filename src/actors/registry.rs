@@ -9,7 +9,8 @@
 
 use crate::actors::wechat::Session;
 use crate::storage::model::{
-    AuthStore, FamilyId, LoginRequest, LoginResult, StartFamilyRequest, StartFamilyResult,
+    AuthStore, Deletion, FamilyId, LoginRequest, LoginResult, ProfileChange, StartFamilyRequest,
+    StartFamilyResult,
 };
 use crate::storage::{StorageError, Store, Tree, WriteBatch};
 use crate::tokens::issue::{self, TokenPair};
@@ -23,7 +24,14 @@ pub struct UserRegistry {
     /// For the readiness probe's write only.
     store: Arc<dyn Store>,
     link_by_unionid: bool,
+    /// `users.deletion_delay`, in seconds.
+    deletion_delay: i64,
 }
+
+/// How often the registry looks for accounts whose deletion is due, and how many
+/// it erases per look.
+const DELETION_SWEEP: std::time::Duration = std::time::Duration::from_secs(1);
+const DELETION_SWEEP_LIMIT: usize = 100;
 
 impl UserRegistry {
     pub fn new(model: Arc<dyn AuthStore>, store: Arc<dyn Store>, link_by_unionid: bool) -> Self {
@@ -31,12 +39,48 @@ impl UserRegistry {
             model,
             store,
             link_by_unionid,
+            deletion_delay: 0,
         }
+    }
+
+    /// `users.deletion_delay`.
+    pub fn with_deletion_delay(mut self, delay: std::time::Duration) -> Self {
+        self.deletion_delay = i64::try_from(delay.as_secs()).unwrap_or(i64::MAX);
+        self
+    }
+
+    /// Erases the accounts whose deletion is due (one bounded step; the marks are
+    /// in the store, so a restart picks up where this left off).
+    fn sweep(&mut self, ctx: &mut Context<Self>) {
+        let now = crate::now_unix();
+        let due = self.model.due_deletions(now, DELETION_SWEEP_LIMIT);
+        let model = self.model.clone();
+        let erase = async move {
+            for id in due.await? {
+                if let Some(Deletion::Erased { .. }) = model.delete_user(id, now, now, true).await?
+                {
+                    tracing::info!(user_id = id, "account erased (deletion due)");
+                }
+            }
+            Ok::<(), StorageError>(())
+        };
+        ctx.spawn(
+            async move {
+                if let Err(e) = erase.await {
+                    tracing::warn!(error = %e, "the deletion sweep failed; retried");
+                }
+            }
+            .into_actor(self),
+        );
     }
 }
 
 impl Actor for UserRegistry {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(DELETION_SWEEP, |registry, ctx| registry.sweep(ctx));
+    }
 }
 
 /// Find or create the user for this WeChat session, record the login, and start
@@ -52,10 +96,14 @@ pub struct Login {
     pub span: tracing::Span,
 }
 
+/// Not boxed: it lives for one answer, and the common case is the large variant.
+#[allow(clippy::large_enum_variant)]
 pub enum LoginOutcome {
     LoggedIn {
         user: User,
         created: bool,
+        /// The account was marked for deletion: this login cancelled it.
+        deletion_cancelled: bool,
         /// Boxed: the signed tokens and their claims make this variant large.
         pair: Box<TokenPair>,
     },
@@ -84,6 +132,7 @@ impl Handler<Login> for UserRegistry {
                     user,
                     created,
                     family,
+                    deletion_cancelled,
                 } => {
                     // The stamp read in the login itself: a revoke lands wholly
                     // before or after it.
@@ -91,6 +140,7 @@ impl Handler<Login> for UserRegistry {
                     LoginOutcome::LoggedIn {
                         user,
                         created,
+                        deletion_cancelled,
                         pair: Box::new(pair),
                     }
                 }
@@ -217,5 +267,46 @@ impl Handler<RevokeTokens> for UserRegistry {
 
     fn handle(&mut self, msg: RevokeTokens, _: &mut Context<Self>) -> Self::Result {
         self.model.revoke_tokens(msg.user_id)
+    }
+}
+
+/// `PATCH /api/weixin/user/`: the profile fields given replace the stored ones.
+/// Durable on return; `None`: no such user.
+#[derive(Message)]
+#[rtype(result = "Result<Option<User>, StorageError>")]
+pub struct SetProfile {
+    pub user_id: UserId,
+    pub change: ProfileChange,
+}
+
+impl Handler<SetProfile> for UserRegistry {
+    type Result = UserAnswer;
+
+    fn handle(&mut self, msg: SetProfile, _: &mut Context<Self>) -> Self::Result {
+        self.model.set_profile(msg.user_id, msg.change)
+    }
+}
+
+/// Deletes an account: marked for `users.deletion_delay` (a login cancels it), or
+/// erased at once when the delay is 0 or `at_once` (the operator's `--now`).
+/// Durable on return; `None`: no such user, or erased already.
+#[derive(Message)]
+#[rtype(result = "Result<Option<Deletion>, StorageError>")]
+pub struct DeleteUser {
+    pub user_id: UserId,
+    pub at_once: bool,
+}
+
+impl Handler<DeleteUser> for UserRegistry {
+    type Result = ResponseFuture<Result<Option<Deletion>, StorageError>>;
+
+    fn handle(&mut self, msg: DeleteUser, _: &mut Context<Self>) -> Self::Result {
+        let now = crate::now_unix();
+        let due = if msg.at_once {
+            now
+        } else {
+            now.saturating_add(self.deletion_delay)
+        };
+        self.model.delete_user(msg.user_id, due, now, false)
     }
 }

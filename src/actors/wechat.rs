@@ -466,7 +466,7 @@ impl HttpUpstream {
                 }
             })?;
         let reply: Jscode2SessionReply = serde_json::from_slice(&body)
-            .map_err(|e| WeChatError::Malformed(format!("not JSON: {e}")))?;
+            .map_err(|e| WeChatError::Malformed(json_error_kind(&e)))?;
         match reply.errcode {
             0 => match (reply.openid, reply.session_key) {
                 (Some(openid), Some(session_key))
@@ -530,6 +530,18 @@ pub(crate) fn transport_error(e: ureq::Error) -> WeChatError {
         // the kind is kept: some ureq errors carry the URL (the secret) or header values.
         other => WeChatError::Malformed(format!("transport error: {}", error_kind(&other))),
     }
+}
+
+/// What was wrong with a JSON answer, without serde's text: that quotes the
+/// offending value, which WeChat (or whoever answers in its place) chose.
+pub(crate) fn json_error_kind(e: &serde_json::Error) -> String {
+    let kind = match e.classify() {
+        serde_json::error::Category::Io => "unreadable",
+        serde_json::error::Category::Syntax => "not JSON",
+        serde_json::error::Category::Data => "JSON of the wrong shape",
+        serde_json::error::Category::Eof => "truncated JSON",
+    };
+    format!("{kind} (line {}, column {})", e.line(), e.column())
 }
 
 /// A ureq error's kind, without its text (which may hold the URL or what WeChat sent).
@@ -644,6 +656,20 @@ mod tests {
             assert!(!is_standard_base64(bad, 64), "{bad:?}");
         }
         assert!(!is_standard_base64(&"A".repeat(68), 64));
+    }
+
+    #[test]
+    fn a_json_error_never_quotes_the_answer() {
+        let e = serde_json::from_slice::<Jscode2SessionReply>(br#"{"errcode":"LEAKED-VALUE"}"#)
+            .err()
+            .expect("a string errcode is refused");
+        assert!(
+            e.to_string().contains("LEAKED-VALUE"),
+            "serde quotes it: {e}"
+        );
+        let kind = json_error_kind(&e);
+        assert!(!kind.contains("LEAKED"), "{kind}");
+        assert!(kind.starts_with("JSON of the wrong shape"), "{kind}");
     }
 
     #[test]

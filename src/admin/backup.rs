@@ -3,10 +3,12 @@
 use super::files::{chown_tree, empty_directory, write_private_file};
 use super::protocol::write_line;
 use super::AdminError;
-use crate::config::StorageConfig;
+use crate::config::{StorageBackend, StorageConfig};
+use crate::storage::postgres::PgStore;
 use crate::storage::{self, StorageError, Store, Tree, WriteBatch};
 use crate::tokens::keys::KEYRING_FILE;
 use crate::tokens::GENERATED_KEY_FILE;
+use std::sync::Arc;
 
 /// The key files of the data directory a backup carries: the generated signing key
 /// and the key ring of `wxauth keys rotate`.
@@ -18,7 +20,10 @@ use std::path::Path;
 
 const BACKUP_FORMAT: &str = "wxauth-backup";
 const BACKUP_VERSION: u64 = 1;
-const RESTORE_BATCH: usize = 10_000;
+/// A restore batch ends once its keys and values reach this many bytes. A batch
+/// is journaled as one record, and sled stores a record over about 128 KiB as a
+/// separate blob file that its flush does not fsync: every record stays far below.
+const RESTORE_BATCH_BYTES: usize = 32 * 1024;
 
 /// A backup for a client that may read slowly or not at all: the snapshot goes to
 /// a private scratch file in the data directory first (writes wait only for that),
@@ -96,6 +101,9 @@ pub(super) fn backup(
 /// Offline only (no server holds an empty directory), so no running server's users
 /// cache can hold records from before the restore: a server starts with it empty.
 pub fn restore(file: &Path, storage: &StorageConfig) -> Result<u64, AdminError> {
+    if storage.backend == StorageBackend::Postgres {
+        return restore_postgres(file, storage);
+    }
     let data_dir = storage.path.as_path();
     use std::os::unix::fs::MetadataExt;
     let existing = std::fs::metadata(data_dir).ok();
@@ -118,10 +126,49 @@ pub fn restore(file: &Path, storage: &StorageConfig) -> Result<u64, AdminError> 
     result
 }
 
+/// Restores a backup into an empty PostgreSQL database (no user, no session; the
+/// nodes stopped: they load the keys at start). The key files go into the database
+/// too, replacing a key a node generated there before. On any error the database is
+/// emptied again.
+fn restore_postgres(file: &Path, storage: &StorageConfig) -> Result<u64, AdminError> {
+    let pg = PgStore::open(storage)?;
+    if !pg.holds_no_users()? {
+        return Err(AdminError::Refused(
+            "the database already holds users or sessions: restore only into an empty database"
+                .into(),
+        ));
+    }
+    let input = BufReader::new(std::fs::File::open(file)?);
+    let key_dir = std::env::temp_dir().join(format!("wxauth-restore-{}", crate::random_hex(8)));
+    crate::fsutil::create_private_dir(&key_dir)?;
+    let store: Arc<dyn Store> = Arc::new(pg.clone());
+    let result = restore_entries(input, &store, &key_dir).and_then(|restored| {
+        for name in KEY_FILES {
+            pg.replace_key_file(&key_dir, name)?;
+        }
+        Ok(restored)
+    });
+    let _ = std::fs::remove_dir_all(&key_dir);
+    if result.is_err() {
+        if let Err(e) = pg.empty() {
+            tracing::error!(error = %crate::error::cause_chain(&e), "cannot empty the database after a failed restore");
+        }
+    }
+    result
+}
+
 fn restore_into(input: impl BufRead, storage: &StorageConfig) -> Result<u64, AdminError> {
-    let data_dir = storage.path.as_path();
-    let bad = |n: usize, why: &str| AdminError::Refused(format!("backup line {n}: {why}"));
     let store = storage::open(storage)?;
+    restore_entries(input, &store, &storage.path)
+}
+
+/// Applies the backup's entries to `store` and writes its key files into `data_dir`.
+fn restore_entries(
+    input: impl BufRead,
+    store: &Arc<dyn Store>,
+    data_dir: &Path,
+) -> Result<u64, AdminError> {
+    let bad = |n: usize, why: &str| AdminError::Refused(format!("backup line {n}: {why}"));
     let mut lines = input.lines().enumerate();
     let header: Value = match lines.next() {
         Some((_, text)) => {
@@ -133,6 +180,7 @@ fn restore_into(input: impl BufRead, storage: &StorageConfig) -> Result<u64, Adm
         return Err(bad(1, "not a wxauth backup of version 1"));
     }
     let mut batch = WriteBatch::default();
+    let mut batch_bytes = 0;
     let mut restored: u64 = 0;
     for (i, text) in lines {
         let n = i + 1;
@@ -177,10 +225,12 @@ fn restore_into(input: impl BufRead, storage: &StorageConfig) -> Result<u64, Adm
             (_, Some(h)) => hex::decode(h).map_err(|_| bad(n, "bad value_hex"))?,
             _ => return Err(bad(n, "no value")),
         };
+        batch_bytes += key.len() + value.len();
         batch.put(tree, key, value);
         restored += 1;
-        if batch.len() >= RESTORE_BATCH {
+        if batch_bytes >= RESTORE_BATCH_BYTES {
             store.apply(std::mem::take(&mut batch))?;
+            batch_bytes = 0;
         }
     }
     Err(AdminError::Refused(

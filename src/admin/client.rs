@@ -4,7 +4,7 @@
 use super::commands::{execute, WriteTarget};
 use super::protocol::{Request, SOCKET_FILE, STATUS_KEY};
 use super::AdminError;
-use crate::config::Config;
+use crate::config::{Config, StorageBackend};
 use crate::storage::{self, GroupCommit, SledModel, StorageError};
 use crate::users::cache::UserCache;
 use serde_json::Value;
@@ -16,6 +16,9 @@ use std::sync::Arc;
 /// the socket, run it on the data directory directly. Output goes to `out`.
 pub fn run(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), AdminError> {
     let data_dir = &cfg.storage.path;
+    if cfg.storage.backend == StorageBackend::Postgres {
+        return direct_postgres(request, cfg, out);
+    }
     if let Ok(stream) = UnixStream::connect(data_dir.join(SOCKET_FILE)) {
         return remote(stream, request, out);
     }
@@ -36,7 +39,11 @@ pub fn run(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), A
         Err(e) => return Err(e.into()),
     };
     let commit = GroupCommit::start(store.clone());
-    let model = SledModel::new(store.clone(), commit.clone(), Arc::new(UserCache::new(0)))?;
+    let mut model = SledModel::new(store.clone(), commit.clone(), Arc::new(UserCache::new(0)))?;
+    // The changes made here are reported too; the server delivers them when it runs.
+    if cfg.events.webhook_url.is_some() {
+        model = model.with_events(crate::events::Outbox::open(store.as_ref())?);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .map_err(AdminError::from)?;
@@ -44,9 +51,52 @@ pub fn run(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), A
         model: Arc::new(model),
         runtime,
         jwt: cfg.jwt.clone(),
+        deletion_delay: cfg.users.deletion_delay,
     };
     let result = execute(request, store.as_ref(), data_dir, &mut writes, out);
     commit.shutdown();
+    result
+}
+
+/// With `storage.backend = "postgres"` the database is the one truth every node
+/// reads: the command runs on it directly, whether nodes run or not. The users it
+/// changes are announced to every node's cache (`storage::postgres`).
+///
+/// The key commands (and the backup, which carries the key files) work on a copy of
+/// the database's key files in a private directory of their own, never in a node's
+/// data directory; a changed key ring is written back only if nobody changed it
+/// meanwhile (`storage::postgres::keys`).
+fn direct_postgres(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), AdminError> {
+    use storage::postgres::keys::KEY_FILES;
+    let store = Arc::new(storage::postgres::PgStore::open(&cfg.storage)?);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(AdminError::from)?;
+    let mut writes = WriteTarget::Direct {
+        model: store.clone(),
+        runtime,
+        jwt: cfg.jwt.clone(),
+        deletion_delay: cfg.users.deletion_delay,
+    };
+    let key_dir = std::env::temp_dir().join(format!("wxauth-keys-{}", crate::random_hex(8)));
+    let result = (|| {
+        store.pull_key_files(&key_dir, false)?;
+        let pulled: Vec<Option<Vec<u8>>> = KEY_FILES
+            .iter()
+            .map(|name| std::fs::read(key_dir.join(name)).ok())
+            .collect();
+        execute(request, store.as_ref(), &key_dir, &mut writes, out)?;
+        for (name, pulled) in KEY_FILES.into_iter().zip(pulled) {
+            if !store.push_key_file(&key_dir, name, pulled)? {
+                return Err(AdminError::Refused(format!(
+                    "{name} changed in the database while this command ran: nothing was \
+                     changed; run it again"
+                )));
+            }
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&key_dir);
     result
 }
 

@@ -4,9 +4,9 @@ use super::protocol::{write_line, Request};
 use super::{backup, AdminError};
 use crate::actors::access_token::{self, AccessTokenKeeper, CheckSession};
 use crate::actors::issuer::TokenIssuer;
-use crate::actors::registry::{RevokeTokens, SetDisabled, UserRegistry};
+use crate::actors::registry::{DeleteUser, RevokeTokens, SetDisabled, UserRegistry};
 use crate::config::JwtConfig;
-use crate::storage::model::{AuthStore, FamilyRecord};
+use crate::storage::model::{AuthStore, Deletion, FamilyRecord};
 use crate::storage::{GroupCommit, ReadStore, Store, Tree};
 use crate::tokens::JwtKeys;
 use crate::users::{self, User, UserId};
@@ -21,7 +21,7 @@ pub fn user_view(user: &User) -> Value {
     json!({
         "id": user.id,
         "appid": user.appid,
-        "openid": user.openid,
+        "openid": (!user.openid.is_empty()).then_some(&user.openid),
         "unionid": user.unionid,
         "created_at": users::rfc3339(user.created_at),
         "last_login_at": users::rfc3339(user.last_login_at),
@@ -29,6 +29,10 @@ pub fn user_view(user: &User) -> Value {
         "phone_number": user.phone.as_ref().map(|p| &p.phone_number),
         "pure_phone_number": user.phone.as_ref().map(|p| &p.pure_phone_number),
         "country_code": user.phone.as_ref().map(|p| &p.country_code),
+        "nickname": user.nickname,
+        "avatar_url": user.avatar_url,
+        "deletion_scheduled_at": user.deletion_due.map(users::rfc3339),
+        "erased_at": user.erased_at.map(users::rfc3339),
     })
 }
 
@@ -50,6 +54,8 @@ pub enum WriteTarget {
         runtime: tokio::runtime::Runtime,
         /// Keys are loaded only by the `keys` commands: listing users needs no key file.
         jwt: JwtConfig,
+        /// `users.deletion_delay`.
+        deletion_delay: std::time::Duration,
     },
 }
 
@@ -115,6 +121,38 @@ impl WriteTarget {
             WriteTarget::Direct { .. } => Err(AdminError::Refused(
                 "check-session needs the running server (it holds WeChat's access token): start it first".into(),
             )),
+        }
+    }
+
+    /// Deletes the account as `DeleteUser` does (the registry applies the delay).
+    fn delete_user(&mut self, id: UserId, at_once: bool) -> Result<Option<Deletion>, AdminError> {
+        match self {
+            WriteTarget::Server {
+                registry, runtime, ..
+            } => runtime.block_on(async {
+                Ok(registry
+                    .send(DeleteUser {
+                        user_id: id,
+                        at_once,
+                    })
+                    .await
+                    .map_err(mailbox)??)
+            }),
+            WriteTarget::Direct {
+                model,
+                runtime,
+                deletion_delay,
+                ..
+            } => {
+                let now = crate::now_unix();
+                let delay = i64::try_from(deletion_delay.as_secs()).unwrap_or(i64::MAX);
+                let due = if at_once {
+                    now
+                } else {
+                    now.saturating_add(delay)
+                };
+                Ok(runtime.block_on(model.delete_user(id, due, now, false))?)
+            }
         }
     }
 
@@ -196,6 +234,36 @@ pub fn execute(
             }
             Ok(())
         }
+        Request::UsersExport { id } => {
+            let user = users::load(store, id)?.ok_or(AdminError::NoSuchUser(id))?;
+            let families = crate::storage::user_families(store, id)?;
+            let view = users::export::export(&user, &families, crate::now_unix());
+            Ok(write_line(out, &view)?)
+        }
+        Request::UsersDelete { id, now } => {
+            let line = match writes.delete_user(id, now)? {
+                None => return Err(AdminError::NoSuchUser(id)),
+                Some(Deletion::Scheduled { due, .. }) => json!({
+                    "user_id": id,
+                    "deletion_scheduled_at": users::rfc3339(due),
+                }),
+                Some(Deletion::Erased { user }) => json!({
+                    "user_id": id,
+                    "erased_at": user.erased_at.map(users::rfc3339),
+                }),
+            };
+            Ok(write_line(out, &line)?)
+        }
+        Request::EventsList => {
+            for (seq, event) in crate::events::pending(store, usize::MAX)? {
+                write_line(out, &event.view(seq))?;
+            }
+            Ok(())
+        }
+        Request::EventsRetry => {
+            let count = crate::events::retry_all(store)?;
+            Ok(write_line(out, &json!({ "events_due_now": count }))?)
+        }
         Request::UsersShow { id } => {
             let user = users::load(store, id)?.ok_or(AdminError::NoSuchUser(id))?;
             Ok(write_line(out, &user_view(&user))?)
@@ -251,6 +319,10 @@ pub fn execute(
         Request::KeysRotate { ref key } => {
             let made = writes.keys(data_dir)?.rotate(key.as_ref())?;
             Ok(write_line(out, &made)?)
+        }
+        Request::KeysActivate { ref kid } => {
+            let active = writes.keys(data_dir)?.activate(kid)?;
+            Ok(write_line(out, &active)?)
         }
         Request::KeysRetire { ref kid } => {
             writes.keys(data_dir)?.retire(kid)?;

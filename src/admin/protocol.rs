@@ -28,10 +28,25 @@ pub enum Request {
     UsersSessions {
         id: UserId,
     },
+    /// Everything held on the user (`users::export`).
+    UsersExport {
+        id: UserId,
+    },
+    /// Deletes the account: marked for `users.deletion_delay`, or erased at once
+    /// (`now`, or a delay of 0).
+    UsersDelete {
+        id: UserId,
+        #[serde(default)]
+        now: bool,
+    },
     UsersSetDisabled {
         id: UserId,
         disabled: bool,
     },
+    /// The outbox: every pending or given-up event.
+    EventsList,
+    /// Every waiting or given-up event is due now.
+    EventsRetry,
     TokensRevoke {
         user: UserId,
     },
@@ -44,6 +59,10 @@ pub enum Request {
         key: Option<Secret>,
     },
     KeysRetire {
+        kid: String,
+    },
+    /// Sign with the rotated-in key `kid` from now on, before `jwt.jwks_max_age`.
+    KeysActivate {
         kid: String,
     },
     /// The stored access token's status (one app, or every app with a stored token).

@@ -27,10 +27,40 @@ impl FromRequest for Authenticated {
     }
 }
 
+/// The user of a valid access token and the session (family) the token names, when
+/// it names one (tokens issued before access tokens carried `fam` name none).
+pub struct AuthenticatedSession {
+    pub user: Arc<User>,
+    pub family: Option<crate::storage::model::FamilyId>,
+}
+
+impl FromRequest for AuthenticatedSession {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(accept(req).map(|accepted| {
+            AuthenticatedSession {
+                family: accepted
+                    .claims
+                    .fam
+                    .as_deref()
+                    .and_then(crate::storage::model::FamilyId::from_hex),
+                user: accepted.user,
+            }
+        }))
+    }
+}
+
 fn authenticate(req: &HttpRequest) -> Result<Authenticated, ApiError> {
+    accept(req).map(|accepted| Authenticated(accepted.user))
+}
+
+fn accept(req: &HttpRequest) -> Result<check::Accepted, ApiError> {
     let state = req
         .app_data::<web::Data<AppState>>()
         .ok_or_else(|| ApiError::Internal("AppState is not registered".into()))?;
+    single_authorization(req)?;
     let token = bearer_token(req)?;
     match check::check(
         &state.keys,
@@ -40,10 +70,26 @@ fn authenticate(req: &HttpRequest) -> Result<Authenticated, ApiError> {
         Accept::Access,
         crate::tokens::now_ms(),
     ) {
-        Ok(accepted) => Ok(Authenticated(accepted.user)),
+        Ok(accepted) => Ok(accepted),
         Err(CheckError::Refused(refusal)) => Err(AuthError::from(refusal).into()),
         Err(CheckError::Storage(e)) => Err(e.into()),
     }
+}
+
+/// Two or more `Authorization` headers are refused with 400, as nginx refuses them:
+/// which one a proxy and a back end each read is anyone's guess.
+pub(super) fn single_authorization(req: &HttpRequest) -> Result<(), ApiError> {
+    if req
+        .headers()
+        .get_all(header::AUTHORIZATION)
+        .nth(1)
+        .is_some()
+    {
+        return Err(ApiError::InvalidRequest(
+            "The request has more than one Authorization header.".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// simplejwt's `get_raw_token`: split the header on whitespace; a first word other

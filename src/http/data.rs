@@ -26,6 +26,11 @@ struct UserView<'a> {
     pure_phone_number: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     country_code: Option<&'a str>,
+    /// Once `PATCH /api/weixin/user/` has stored them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nickname: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    avatar_url: Option<&'a str>,
 }
 
 pub async fn data(Authenticated(user): Authenticated) -> HttpResponse {
@@ -39,6 +44,8 @@ pub async fn data(Authenticated(user): Authenticated) -> HttpResponse {
             phone_number: user.phone.as_ref().map(|p| p.phone_number.as_str()),
             pure_phone_number: user.phone.as_ref().map(|p| p.pure_phone_number.as_str()),
             country_code: user.phone.as_ref().map(|p| p.country_code.as_str()),
+            nickname: user.nickname.as_deref(),
+            avatar_url: user.avatar_url.as_deref(),
         },
     })
 }

@@ -10,6 +10,7 @@
 //! once, and actix-http then closes the connection instead of waiting for the
 //! unread bytes (lingering at most `client_disconnect_timeout`, 1 s).
 
+use super::connection::{ConnectionWatch, WatchState};
 use crate::error::ApiError;
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::error::PayloadError;
@@ -27,10 +28,10 @@ use tokio::time::Sleep;
 
 /// Set when a request's body did not arrive in time.
 #[derive(Clone, Default)]
-pub struct BodyTimedOut(Rc<Cell<bool>>);
+struct BodyTimedOut(Rc<Cell<bool>>);
 
 /// Puts the body of `req` (if it has one) under a deadline of `timeout` from now.
-pub fn limit_body(req: &mut ServiceRequest, timeout: Duration) -> BodyTimedOut {
+fn limit_body(req: &mut ServiceRequest, timeout: Duration) -> BodyTimedOut {
     let timed_out = BodyTimedOut::default();
     match req.take_payload() {
         Payload::None => {}
@@ -50,7 +51,7 @@ pub fn limit_body(req: &mut ServiceRequest, timeout: Duration) -> BodyTimedOut {
 
 /// The response to send: the handler's, or a JSON 408 that closes the connection
 /// when the body missed its deadline (whatever the handler made of the failed read).
-pub fn answer<B: actix_web::body::MessageBody + 'static>(
+fn answer<B: actix_web::body::MessageBody + 'static>(
     response: ServiceResponse<B>,
     timed_out: &BodyTimedOut,
 ) -> ServiceResponse<actix_web::body::BoxBody> {
@@ -96,81 +97,59 @@ impl Stream for DeadlinePayload {
     }
 }
 
-/// The head of a kept-alive connection's next request. actix-http times the head
-/// of a connection's first request only (`client_request_timeout`), and stops its
-/// keep-alive timer at the first byte of the next one: a client that sends a few
-/// bytes of a second head and stalls would hold the connection for ever. So each
-/// plain-TCP connection has a watch: when no request has been in progress for the
-/// keep-alive time plus `server.request_timeout`, the socket is shut down (an
-/// honest idle connection is closed by the keep-alive timer well before that).
-///
-/// The watch holds a duplicate of the socket's descriptor (the only safe way to shut
-/// it down from outside actix-http), so a watched connection uses two descriptors;
-/// the connection cap counts them. TLS connections are not watched.
-pub struct ConnectionWatch {
-    state: Rc<WatchState>,
-    /// Dropped with the connection: wakes the watch, which then lets go of its descriptor.
-    _gone: tokio::sync::oneshot::Sender<()>,
-}
-
-struct WatchState {
-    in_progress: Cell<u32>,
-    idle_since: Cell<tokio::time::Instant>,
-}
-
-/// For `HttpServer::on_connect`: starts the watch of a new plain-TCP connection.
-pub fn watch_connection(
-    connection: &dyn std::any::Any,
-    extensions: &mut actix_web::dev::Extensions,
-    idle_limit: Duration,
-) {
-    use std::os::fd::AsFd;
-    let Some(stream) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() else {
-        return;
-    };
-    let Ok(descriptor) = stream.as_fd().try_clone_to_owned() else {
-        return;
-    };
-    let state = Rc::new(WatchState {
-        in_progress: Cell::new(0),
-        idle_since: Cell::new(tokio::time::Instant::now()),
-    });
-    let (gone_tx, mut gone) = tokio::sync::oneshot::channel::<()>();
-    extensions.insert(ConnectionWatch {
-        state: state.clone(),
-        _gone: gone_tx,
-    });
-    actix_web::rt::spawn(async move {
-        loop {
-            let wake = match state.in_progress.get() {
-                0 => state.idle_since.get() + idle_limit,
-                // A request's own deadlines bound it; look again later.
-                _ => tokio::time::Instant::now() + idle_limit,
-            };
-            tokio::select! {
-                _ = &mut gone => return,
-                _ = tokio::time::sleep_until(wake) => {}
-            }
-            if state.in_progress.get() == 0 && state.idle_since.get().elapsed() >= idle_limit {
-                let socket = std::net::TcpStream::from(descriptor);
-                let _ = socket.shutdown(std::net::Shutdown::Both);
-                return;
-            }
-        }
-    });
+/// Every listener's request middleware (innermost, `App::wrap_fn`): the body's
+/// deadline, and the connection marked busy while the request is handled (its idle
+/// bound does not run meanwhile, see [`super::connection`]). Past the connection's
+/// lifetime (`server.max_connection_lifetime`) the answer says `Connection: close`.
+pub fn guard<S, B>(
+    mut req: ServiceRequest,
+    srv: &S,
+    request_timeout: Duration,
+) -> impl Future<Output = Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error>>
+where
+    S: actix_web::dev::Service<
+        ServiceRequest,
+        Response = ServiceResponse<B>,
+        Error = actix_web::Error,
+    >,
+    B: actix_web::body::MessageBody + 'static,
+{
+    let in_progress = request_started(&req);
+    let timed_out = limit_body(&mut req, request_timeout);
+    let response = srv.call(req);
+    async move {
+        let response = response.await?;
+        let mut response = answer(response, &timed_out);
+        in_progress.finish(&mut response);
+        Ok(response)
+    }
 }
 
 /// Marks a request of a watched connection as in progress until dropped.
-pub struct RequestInProgress(Option<Rc<WatchState>>);
+struct RequestInProgress(Option<Rc<WatchState>>);
 
-pub fn request_started(req: &ServiceRequest) -> RequestInProgress {
+fn request_started(req: &ServiceRequest) -> RequestInProgress {
     let state = req
         .conn_data::<ConnectionWatch>()
-        .map(|watch| watch.state.clone());
+        .map(|watch| watch.0.clone());
     if let Some(state) = &state {
         state.in_progress.set(state.in_progress.get() + 1);
     }
     RequestInProgress(state)
+}
+
+impl RequestInProgress {
+    /// Closes the connection after this answer once it has lived its lifetime.
+    fn finish<B>(self, response: &mut ServiceResponse<B>) {
+        if let Some(state) = &self.0 {
+            if tokio::time::Instant::now() >= state.expires {
+                response
+                    .response_mut()
+                    .head_mut()
+                    .set_connection_type(ConnectionType::Close);
+            }
+        }
+    }
 }
 
 impl Drop for RequestInProgress {

@@ -5,11 +5,9 @@ use crate::error::ApiError;
 use actix_web::http::header;
 use actix_web::{web, HttpResponse};
 
-/// How long a client may cache the key set. Short, so that a key made by
-/// `wxauth keys rotate` is seen well before the older key's tokens expire, and a
-/// retired key stops being trusted soon after `wxauth keys retire`.
-pub const JWKS_MAX_AGE_SECS: u64 = 300;
-
+/// Cached for `jwt.jwks_max_age`: a key made by `wxauth keys rotate` signs only once
+/// every cache has had time to learn it, and a retired key stops being trusted soon
+/// after `wxauth keys retire`.
 pub async fn jwks(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let set = state
         .keys
@@ -19,7 +17,7 @@ pub async fn jwks(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> 
         .content_type(header::ContentType::json())
         .insert_header((
             header::CACHE_CONTROL,
-            format!("public, max-age={JWKS_MAX_AGE_SECS}"),
+            format!("public, max-age={}", state.keys.jwks_max_age_secs()),
         ))
         .body(set.jwks.clone()))
 }

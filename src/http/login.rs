@@ -11,14 +11,9 @@ use std::time::Instant;
 
 const MAX_CODE_LEN: usize = 128;
 
-pub async fn login(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-    fields: Fields,
-) -> Result<HttpResponse, ApiError> {
-    // The WeChat deadline (`wechat.timeout`) counts from here.
-    let started = Instant::now();
-    state.limit_login(&req)?;
+/// A WeChat code field (`wx.login`, getPhoneNumber): 1 to 128 printable ASCII
+/// characters, else 400 `invalid_request`.
+pub(super) fn wechat_code(fields: &Fields) -> Result<&str, ApiError> {
     let code = fields.required_str("code")?;
     if code.is_empty()
         || code.len() > MAX_CODE_LEN
@@ -28,6 +23,18 @@ pub async fn login(
             "The field `code` must be 1 to 128 printable ASCII characters.".into(),
         ));
     }
+    Ok(code)
+}
+
+pub async fn login(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    fields: Fields,
+) -> Result<HttpResponse, ApiError> {
+    // The WeChat deadline (`wechat.timeout`) counts from here.
+    let started = Instant::now();
+    state.limit_login(&req)?;
+    let code = wechat_code(&fields)?;
     let appid = state
         .resolve_app(fields.optional_str("appid")?)?
         .to_string();
@@ -44,7 +51,7 @@ pub async fn login(
         })
         .answer()
         .await?;
-    let (user, created, pair) = match state
+    let (user, created, deletion_cancelled, pair) = match state
         .registry
         .send(Login {
             appid,
@@ -58,8 +65,9 @@ pub async fn login(
         LoginOutcome::LoggedIn {
             user,
             created,
+            deletion_cancelled,
             pair,
-        } => (user, created, pair),
+        } => (user, created, deletion_cancelled, pair),
         LoginOutcome::Disabled => return Err(ApiError::UserDisabled),
     };
     // Durable here: the user's writes and the new family were one batch, and the
@@ -67,6 +75,12 @@ pub async fn login(
     state.metrics.tokens_issued(1, 1);
     if created {
         tracing::info!(user_id = user.id, "new user");
+    }
+    if deletion_cancelled {
+        tracing::info!(
+            user_id = user.id,
+            "a login cancelled the account's deletion"
+        );
     }
     Ok(HttpResponse::Ok().json(LoginAnswer {
         code: "success",
@@ -77,6 +91,7 @@ pub async fn login(
         user: LoginUser {
             id: user.id,
             created,
+            deletion_cancelled,
         },
     }))
 }
@@ -96,4 +111,7 @@ struct LoginAnswer<'a> {
 struct LoginUser {
     id: UserId,
     created: bool,
+    /// Only when true: the account was marked for deletion and this login kept it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    deletion_cancelled: bool,
 }

@@ -2,8 +2,10 @@
 //! Handlers are thin: they parse, send one message per step, and shape the answer.
 
 mod access_token;
+mod account;
 mod auth;
 mod body;
+pub mod connection;
 mod data;
 pub mod deadline;
 mod decrypt;
@@ -64,10 +66,16 @@ pub struct AppState {
     /// Configured appids; the first is the default.
     pub apps: Vec<String>,
     pub limiter: Option<LoginLimiter>,
+    /// Refreshes per client address (`limits.refresh_per_minute`).
+    pub refresh_limiter: Option<LoginLimiter>,
+    /// Phone-number requests per user (`limits.phone_per_user_per_minute`).
+    pub phone_limiter: Option<crate::ratelimit::KeyedLimiter<crate::users::UserId>>,
     pub trusted_proxies: Vec<IpAddr>,
     pub metrics: Arc<Metrics>,
     /// `None` unless `web_login.enabled`: its routes then answer 404.
     pub web_login: Option<WebLoginState>,
+    /// `/readyz`'s last verdict, shared for a second.
+    pub readiness: health::Readiness,
 }
 
 impl AppState {
@@ -84,7 +92,19 @@ impl AppState {
     }
 
     fn limit_login(&self, req: &HttpRequest) -> Result<(), ApiError> {
-        let Some(limiter) = &self.limiter else {
+        self.limit_address(self.limiter.as_ref(), req)
+    }
+
+    fn limit_refresh(&self, req: &HttpRequest) -> Result<(), ApiError> {
+        self.limit_address(self.refresh_limiter.as_ref(), req)
+    }
+
+    fn limit_address(
+        &self,
+        limiter: Option<&LoginLimiter>,
+        req: &HttpRequest,
+    ) -> Result<(), ApiError> {
+        let Some(limiter) = limiter else {
             return Ok(());
         };
         match client_ip(req, &self.trusted_proxies) {
@@ -131,6 +151,33 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     endpoint(cfg, "/api/token/verify/", "POST", token::verify);
     endpoint(cfg, "/api/token/blacklist/", "POST", token::blacklist);
     endpoint(cfg, "/api/auth/check", "GET", forward_auth::check);
+    endpoint(cfg, "/api/weixin/sessions/", "GET", account::sessions);
+    // Before `{id}`: its pattern would match `logout-all` too.
+    endpoint(
+        cfg,
+        "/api/weixin/sessions/logout-all/",
+        "POST",
+        account::logout_all,
+    );
+    endpoint(
+        cfg,
+        "/api/weixin/sessions/{id}/",
+        "DELETE",
+        account::end_session,
+    );
+    endpoint(cfg, "/api/weixin/user/export/", "GET", account::export_user);
+    for path in ["/api/weixin/user", "/api/weixin/user/"] {
+        cfg.service(
+            web::resource(path)
+                .route(web::patch().to(account::update_user))
+                .route(web::delete().to(account::delete_user))
+                .default_service(web::to(|| async {
+                    Err::<HttpResponse, _>(ApiError::MethodNotAllowed {
+                        allow: "PATCH, DELETE",
+                    })
+                })),
+        );
+    }
     endpoint(cfg, "/openapi.json", "GET", openapi::document);
     endpoint(cfg, "/healthz", "GET", health::healthz);
     endpoint(cfg, "/readyz", "GET", health::readyz);

@@ -10,22 +10,15 @@ use crate::error::{ApiError, AuthError};
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
-const MAX_CODE_LEN: usize = 128;
-
 pub async fn phone(
     Authenticated(user): Authenticated,
     state: web::Data<AppState>,
     fields: Fields,
 ) -> Result<HttpResponse, ApiError> {
-    let code = fields.required_str("code")?;
-    if code.is_empty()
-        || code.len() > MAX_CODE_LEN
-        || !code.bytes().all(|b| (0x20..=0x7e).contains(&b))
-    {
-        return Err(ApiError::InvalidRequest(
-            "The field `code` must be 1 to 128 printable ASCII characters.".into(),
-        ));
+    if let Some(limiter) = &state.phone_limiter {
+        limiter.check(user.id).map_err(ApiError::from)?;
     }
+    let code = super::login::wechat_code(&fields)?;
     // No ACTOR_TIMEOUT here: the keeper bounds its own work (a multiple of
     // `wechat.timeout`: token fetch, call, forced refresh, retry).
     let phone = state

@@ -1,36 +1,20 @@
-//! Per-client login limit: a fixed one-minute window per client, with bounded memory.
+//! Per-client-address limits (logins, refreshes).
 //!
-//! A client is an IPv4 address, or an IPv6 network of `limits.ipv6_prefix` bits
+//! [`LoginLimiter`] counts client addresses (logins, refreshes): a client is an IPv4
+//! address, or an IPv6 network of `limits.ipv6_prefix` bits
 //! (default /64: one subscriber usually holds a whole /64, so counting per /128
 //! would give them 2^64 budgets). An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`,
 //! what a dual-stack socket reports for an IPv4 peer) is that IPv4 address.
-//!
-//! A full table never turns the limit off: it evicts. When `MAX_TRACKED` clients
-//! are counted in one window, the half with the smallest counts is dropped (one
-//! O(n) pass per `MAX_TRACKED / 2` new clients, so O(1) amortised). Those are the
-//! clients furthest from their limit, so the ones being limited stay limited, and a
-//! flood of new addresses cannot lock anyone out either (failing closed would let
-//! whoever controls many addresses stop every login).
+//! The counting, and its bounded memory, is [`crate::ratelimit::KeyedLimiter`]'s.
 
 use crate::error::ApiError;
-use std::collections::HashMap;
+use crate::ratelimit::KeyedLimiter;
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
-/// At most this many clients are counted per window (about 5 MB of table).
-const MAX_TRACKED: usize = 100_000;
-const WINDOW: Duration = Duration::from_secs(60);
-
+/// Client addresses, each with `per_minute` requests a minute.
 pub struct LoginLimiter {
-    per_minute: u32,
     ipv6_prefix: u8,
-    state: Mutex<Window>,
-}
-
-struct Window {
-    started: Instant,
-    counts: HashMap<IpAddr, u32>,
+    counts: KeyedLimiter<IpAddr>,
 }
 
 /// The address with IPv4-mapped IPv6 turned into IPv4. Every comparison of client
@@ -40,7 +24,7 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 }
 
 /// What a client is counted as: its IPv4 address, or its IPv6 network.
-fn client_key(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
+pub(crate) fn client_key(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
     match canonical_ip(ip) {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => {
@@ -54,57 +38,20 @@ fn client_key(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
 impl LoginLimiter {
     pub fn new(per_minute: u32, ipv6_prefix: u8) -> Self {
         LoginLimiter {
-            per_minute,
             ipv6_prefix,
-            state: Mutex::new(Window {
-                started: Instant::now(),
-                counts: HashMap::new(),
-            }),
+            counts: KeyedLimiter::new(per_minute),
         }
     }
 
     pub fn check(&self, ip: IpAddr) -> Result<(), ApiError> {
-        let key = client_key(ip, self.ipv6_prefix);
-        let mut window = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        if now.duration_since(window.started) >= WINDOW {
-            window.started = now;
-            window.counts.clear();
-        }
-        if window.counts.len() >= MAX_TRACKED && !window.counts.contains_key(&key) {
-            evict_smallest_half(&mut window.counts);
-        }
-        let count = window.counts.entry(key).or_insert(0);
-        *count = count.saturating_add(1);
-        if *count > self.per_minute {
-            let left = WINDOW.saturating_sub(now.duration_since(window.started));
-            return Err(ApiError::RateLimited {
-                retry_after_secs: left.as_secs().max(1),
-            });
-        }
-        Ok(())
-    }
-}
-
-/// Drops the half of the entries with the smallest counts (ties broken arbitrarily).
-fn evict_smallest_half(counts: &mut HashMap<IpAddr, u32>) {
-    let mut values: Vec<u32> = counts.values().copied().collect();
-    let middle = values.len() / 2;
-    let (_, &mut threshold, _) = values.select_nth_unstable(middle);
-    // Everything below the median goes, then entries equal to it until half are gone.
-    let mut to_drop = middle;
-    for drop_equal in [false, true] {
-        counts.retain(|_, count| {
-            let goes = to_drop > 0 && (*count < threshold || (drop_equal && *count == threshold));
-            to_drop -= usize::from(goes);
-            !goes
-        });
+        Ok(self.counts.check(client_key(ip, self.ipv6_prefix))?)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ratelimit::MAX_TRACKED;
     use std::net::Ipv4Addr;
 
     fn ip(text: &str) -> IpAddr {
@@ -173,7 +120,7 @@ mod tests {
         for n in 0..(MAX_TRACKED as u32 * 2) {
             let _ = limiter.check(IpAddr::from(Ipv4Addr::from(0x0a00_0000 + n)));
             // Memory stays bounded whatever the number of addresses.
-            assert!(limiter.state.lock().unwrap().counts.len() <= MAX_TRACKED);
+            assert!(limiter.counts.tracked() <= MAX_TRACKED);
         }
         // New addresses are still counted and limited once the table has been full.
         let newcomer = ip("198.51.100.1");
@@ -181,15 +128,5 @@ mod tests {
         assert!(is_limited(limiter.check(newcomer)));
         // And the client that was over its limit was never evicted.
         assert!(is_limited(limiter.check(limited)));
-    }
-
-    #[test]
-    fn eviction_drops_the_smallest_half() {
-        let mut counts: HashMap<IpAddr, u32> = (0..10u32)
-            .map(|n| (IpAddr::from(Ipv4Addr::from(n)), n % 5 + 1))
-            .collect();
-        evict_smallest_half(&mut counts);
-        assert_eq!(counts.len(), 5);
-        assert!(counts.values().all(|&c| c >= 3), "{counts:?}");
     }
 }

@@ -5,11 +5,16 @@ use crate::actors::issuer::{Blacklist, Refresh};
 use crate::error::ApiError;
 use crate::tokens::check::{self, Accept, CheckError, RefreshStanding};
 use crate::tokens::TokenError;
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Serialize;
 use serde_json::json;
 
-pub async fn refresh(state: web::Data<AppState>, fields: Fields) -> Result<HttpResponse, ApiError> {
+pub async fn refresh(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    fields: Fields,
+) -> Result<HttpResponse, ApiError> {
+    state.limit_refresh(&req)?;
     let token = fields.required_str("refresh")?.to_string();
     let refreshed = state
         .issuer

@@ -9,6 +9,7 @@
 //! its writes. Concurrent requests share that fsync.
 
 pub mod model;
+pub mod postgres;
 mod sled;
 mod sled_model;
 pub mod upgrade;

@@ -180,6 +180,8 @@ pub enum LoginResult {
         user: User,
         created: bool,
         family: FamilyRecord,
+        /// The user was marked for deletion: this login cancelled it.
+        deletion_cancelled: bool,
     },
     /// The user exists and is disabled: nothing was written.
     Disabled,
@@ -285,6 +287,22 @@ pub fn standing(
     }
 }
 
+/// [`AuthStore::set_profile`]'s change: each field given replaces the stored one.
+#[derive(Debug, Clone, Default)]
+pub struct ProfileChange {
+    pub nickname: Option<String>,
+    pub avatar_url: Option<String>,
+}
+
+/// What [`AuthStore::delete_user`] did.
+#[derive(Debug)]
+pub enum Deletion {
+    /// Marked: erased at `due` (unix seconds) unless a login comes first.
+    Scheduled { user: User, due: i64 },
+    /// The personal data is erased (the record as it is now).
+    Erased { user: User },
+}
+
 /// One bounded step of [`AuthStore::purge_expired`].
 #[derive(Debug, Default)]
 pub struct PurgeProgress {
@@ -340,6 +358,34 @@ pub trait AuthStore: Send + Sync {
     /// Records the phone number WeChat gave for the user; `None`: no such user.
     fn set_phone(&self, id: UserId, phone: PhoneNumber) -> StoreFuture<Option<User>>;
 
+    /// Replaces the profile fields given; `None`: no such user (or erased).
+    fn set_profile(&self, id: UserId, change: ProfileChange) -> StoreFuture<Option<User>>;
+
+    /// Deletes the account: with `due` later than `now` (unix seconds), marks it
+    /// (a login of the user before `due` clears the mark, [`LoginResult`] says so;
+    /// a second request keeps the earlier `due`); otherwise erases it now: the
+    /// indexes that point at it (openid, unionid), its families and its personal
+    /// fields ([`User::erase`]), the record itself kept so that its id is never
+    /// handed out again. One durable unit that a crash leaves done or resumable:
+    /// the mark is written first and removed last, and [`AuthStore::due_deletions`]
+    /// finds it again. `None`: no such user, or erased already.
+    ///
+    /// `only_if_due` (the sweep's call): erase only a user still marked with a due
+    /// at or before `now`, else `None` and nothing written: a login may have
+    /// cancelled the mark since [`AuthStore::due_deletions`] listed it, and the
+    /// check and the erasure are one unit.
+    fn delete_user(
+        &self,
+        id: UserId,
+        due: i64,
+        now: i64,
+        only_if_due: bool,
+    ) -> StoreFuture<Option<Deletion>>;
+
+    /// The marked users whose `due` is at or before `now`, at most `limit`, earliest
+    /// first (the sweep erases each with [`AuthStore::delete_user`]).
+    fn due_deletions(&self, now: i64, limit: usize) -> StoreFuture<Vec<UserId>>;
+
     // ---- families (owner: TokenIssuer) ----
 
     /// The compare-and-swap of a refresh: see [`RotateOutcome`] for each answer.
@@ -349,6 +395,10 @@ pub trait AuthStore: Send + Sync {
     /// Revokes the family (logout, or the issuer after a reuse it found itself).
     /// `true`: it was live and is revoked now; `false`: revoked already, or missing.
     fn revoke_family(&self, user_id: UserId, family: FamilyId, now_ms: i64) -> StoreFuture<bool>;
+
+    /// Revokes every live family of the user (log out everywhere): the number
+    /// revoked. Each is revoked once, as [`AuthStore::revoke_family`] does it.
+    fn revoke_families(&self, user_id: UserId, now_ms: i64) -> StoreFuture<usize>;
 
     /// One family (the token check of a refresh token reads it).
     fn family(&self, user_id: UserId, family: FamilyId) -> StoreFuture<Option<FamilyRecord>>;
@@ -374,6 +424,22 @@ pub trait AuthStore: Send + Sync {
 
     /// Replaces the access-token record of `appid`. Durable on resolve.
     fn put_access_token(&self, appid: &str, record: Vec<u8>) -> StoreFuture<()>;
+
+    /// Takes the lease `name` for `holder` until `until_ms` if it is free, expired
+    /// (its end before `now_ms`) or `holder`'s already: `true` when taken. One holder
+    /// at a time across every process on the store (the refresh of an app's WeChat
+    /// access token). With one process there is no one to share with: the default
+    /// always grants it.
+    fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreFuture<bool> {
+        let _ = (name, holder, now_ms, until_ms);
+        Box::pin(std::future::ready(Ok(true)))
+    }
 }
 
 #[cfg(test)]

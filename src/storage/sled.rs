@@ -108,10 +108,17 @@ fn prepare_private_dir(path: &Path) -> Result<(), StorageError> {
     };
     let changed = crate::fsutil::restrict_tree(path).map_err(|e| {
         StorageError::io(
-            format!(
-                "{} (mode {mode:o}) is open to other users and cannot be restricted to its owner (chmod -R go= it)",
-                path.display()
-            ),
+            if mode & 0o077 != 0 {
+                format!(
+                    "{} (mode {mode:o}) is open to other users and cannot be restricted to its owner (chmod -R go= it)",
+                    path.display()
+                )
+            } else {
+                format!(
+                    "{} (mode {mode:o}): cannot check that what is in it is private to its owner",
+                    path.display()
+                )
+            },
             e,
         )
     })?;
@@ -126,21 +133,59 @@ fn prepare_private_dir(path: &Path) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// sled opens its files by name and follows symbolic links: one planted in the data
+/// directory (by whoever owns it) would have a root-run command (`restore`, an offline
+/// admin command) write wherever it points. sled's own names must be plain files
+/// and directories; anything else stops the open, naming it.
+fn refuse_linked_files(path: &Path) -> Result<(), StorageError> {
+    let entries = match std::fs::read_dir(path) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(StorageError::io(
+                format!("cannot read {}", path.display()),
+                e,
+            ))
+        }
+    };
+    let blobs = path.join("blobs");
+    let blob_entries = std::fs::symlink_metadata(&blobs)
+        .is_ok_and(|meta| meta.is_dir())
+        .then(|| std::fs::read_dir(&blobs).ok())
+        .flatten();
+    for entry in entries.chain(blob_entries.into_iter().flatten()) {
+        let entry =
+            entry.map_err(|e| StorageError::io(format!("cannot read {}", path.display()), e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let sleds = entry.path().parent() == Some(blobs.as_path())
+            || matches!(name.as_ref(), "db" | "conf" | "blobs")
+            || name.starts_with("snap.");
+        let linked = entry.file_type().is_ok_and(|t| t.is_symlink());
+        if sleds && linked {
+            return Err(StorageError::unavailable(format!(
+                "{} is a symbolic link: the database's files must be plain files in the data directory",
+                entry.path().display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Opens sled in `path` with every tree, the journal, and the data file for fdatasync.
 fn open_database(path: &Path, cache_capacity: u64) -> Result<Database, StorageError> {
+    refuse_linked_files(path)?;
+    if held_elsewhere(&path.join(DATA_FILE))
+        .map_err(|e| StorageError::io(format!("cannot lock {}", path.display()), e))?
+    {
+        return Err(StorageError::Locked(path.display().to_string()));
+    }
     let db = sled::Config::new()
         .path(path)
         .cache_capacity(cache_capacity)
         .mode(sled::Mode::HighThroughput)
         .open()
-        .map_err(|e| match e {
-            sled::Error::Io(io)
-                if io.kind() == std::io::ErrorKind::WouldBlock || is_lock_error(&io) =>
-            {
-                StorageError::Locked(path.display().to_string())
-            }
-            other => StorageError::io("cannot open the database", other),
-        })?;
+        .map_err(|e| StorageError::io("cannot open the database", e))?;
     let trees = Tree::ALL
         .iter()
         .map(|t| db.open_tree(t.name()).map_err(io))
@@ -270,9 +315,22 @@ fn probe_write(dir: &Path) -> Result<(), StorageError> {
     attempt.map_err(|e| StorageError::io("the data directory does not take writes yet", e))
 }
 
-fn is_lock_error(e: &std::io::Error) -> bool {
-    let text = e.to_string();
-    text.contains("lock") || text.contains("Resource temporarily unavailable")
+/// Whether another open file holds the lock sled takes on its data file (an
+/// exclusive `flock`). sled reports a held lock only as an `Other` error with a
+/// text, so the same lock is tried here first and its errno decides; the probe's
+/// lock goes with its file, before sled takes its own. A missing file: a new database.
+fn held_elsewhere(data_file: &Path) -> std::io::Result<bool> {
+    use rustix::fs::{flock, FlockOperation};
+    let file = match std::fs::File::open(data_file) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(false),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(true),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn io(e: sled::Error) -> StorageError {
@@ -427,6 +485,27 @@ impl Store for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_held_lock_is_told_by_its_errno_and_anything_else_is_not_a_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_file = dir.path().join(DATA_FILE);
+        assert!(
+            !held_elsewhere(&data_file).unwrap(),
+            "no file: a new database"
+        );
+        std::fs::write(&data_file, b"").unwrap();
+        assert!(!held_elsewhere(&data_file).unwrap());
+        let holder = std::fs::File::open(&data_file).unwrap();
+        rustix::fs::flock(&holder, rustix::fs::FlockOperation::LockExclusive).unwrap();
+        assert!(held_elsewhere(&data_file).unwrap());
+        drop(holder);
+        assert!(!held_elsewhere(&data_file).unwrap());
+        // A path that cannot be opened is an I/O error, whatever its text says.
+        let file = dir.path().join("lock");
+        std::fs::write(&file, b"").unwrap();
+        assert!(held_elsewhere(&file.join(DATA_FILE)).is_err());
+    }
 
     #[test]
     fn a_batch_record_round_trips() {

@@ -36,6 +36,8 @@ pub struct SledModel {
     /// there once applied (see `users::cache` for why that keeps it exact).
     users: Arc<UserCache>,
     next_id: Mutex<UserId>,
+    /// `events.webhook_url` set: every change is reported in its own batch.
+    events: Option<Arc<crate::events::Outbox>>,
 }
 
 /// A family as stored (its key holds the user and the family id).
@@ -64,7 +66,7 @@ pub fn encode_family(family: &FamilyRecord) -> Vec<u8> {
     .expect("a family always serializes")
 }
 
-fn decode_family(key: &[u8], value: &[u8]) -> Result<FamilyRecord, StorageError> {
+pub(crate) fn decode_family(key: &[u8], value: &[u8]) -> Result<FamilyRecord, StorageError> {
     let corrupt = |reason: String| StorageError::Corrupt {
         tree: Tree::Families.name(),
         reason,
@@ -141,7 +143,43 @@ impl SledModel {
             commit,
             users,
             next_id: Mutex::new(next_id),
+            events: None,
         })
+    }
+
+    /// Writes an event for every user change into the change's own batch.
+    pub fn with_events(mut self, outbox: Arc<crate::events::Outbox>) -> Self {
+        self.events = Some(outbox);
+        self
+    }
+
+    /// Adds the event to `batch` when events are on; `true` if it did.
+    fn event(
+        &self,
+        batch: &mut WriteBatch,
+        user_id: UserId,
+        kind: crate::events::EventType,
+        data: serde_json::Value,
+    ) -> bool {
+        match &self.events {
+            Some(outbox) => {
+                outbox.add(batch, user_id, kind, data, crate::tokens::now_ms());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Applies `batch` (atomically), then wakes the delivery thread when it holds
+    /// an event.
+    fn apply_with_event(&self, batch: WriteBatch, evented: bool) -> Result<(), StorageError> {
+        self.store.apply(batch)?;
+        if evented {
+            if let Some(outbox) = &self.events {
+                outbox.wake();
+            }
+        }
+        Ok(())
     }
 
     /// The cache this model keeps up to date, for the token check to read.
@@ -193,7 +231,9 @@ impl SledModel {
     fn login_now(&self, req: LoginRequest) -> Result<LoginResult, StorageError> {
         let now = req.now_ms.div_euclid(1000);
         let session = &req.session;
-        let found = self.find(&req.appid, session, req.link_by_unionid)?;
+        let found = self
+            .find(&req.appid, session, req.link_by_unionid)?
+            .filter(|(user, _)| user.erased_at.is_none());
         if matches!(&found, Some((user, _)) if user.disabled) {
             return Ok(LoginResult::Disabled);
         }
@@ -208,8 +248,10 @@ impl SledModel {
             stamp: 0,
         };
         let mut next_id = self.next_id.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cancelled = None;
         let (user, created, index_openid) = match found {
             Some((mut user, openid_indexed)) => {
+                cancelled = user.deletion_due.take().map(|_| user.id);
                 user.last_login_at = now;
                 user.session_key = session.session_key.clone();
                 if user.unionid.is_none() {
@@ -267,7 +309,29 @@ impl SledModel {
                 );
             }
         }
-        self.store.apply_in_order(batch)?;
+        // The mark goes after the user record: a crash between leaves a mark the
+        // sweep finds stale (the record no longer marked) and drops.
+        if let Some(id) = cancelled {
+            batch.delete(Tree::Meta, deletion_key(id));
+        }
+        let evented = created
+            && self.event(
+                &mut batch,
+                user.id,
+                crate::events::EventType::Created,
+                serde_json::json!({
+                    "appid": user.appid,
+                    "openid": user.openid,
+                    "unionid": user.unionid,
+                    "created_at": users::rfc3339(user.created_at),
+                }),
+            );
+        if evented {
+            // The event and the user as one atomic batch: never one without the other.
+            self.apply_with_event(batch, true)?;
+        } else {
+            self.store.apply_in_order(batch)?;
+        }
         self.users.put(user.clone());
         if created {
             // Only after the writes applied: a failed write never burns an id in
@@ -278,6 +342,7 @@ impl SledModel {
             user,
             created,
             family,
+            deletion_cancelled: cancelled.is_some(),
         })
     }
 
@@ -305,15 +370,19 @@ impl SledModel {
     fn update(
         &self,
         id: UserId,
-        change: impl FnOnce(&mut User),
+        change: impl FnOnce(&mut User) -> Option<(crate::events::EventType, serde_json::Value)>,
     ) -> Result<Option<User>, StorageError> {
         let Some(mut user) = users::load(self.store.as_ref(), id)? else {
             return Ok(None);
         };
-        change(&mut user);
+        let event = change(&mut user);
         let mut batch = WriteBatch::default();
         batch.put(Tree::Users, users::id_key(id), users::encode(&user));
-        self.store.apply(batch)?;
+        let evented = match event {
+            Some((kind, data)) => self.event(&mut batch, id, kind, data),
+            None => false,
+        };
+        self.apply_with_event(batch, evented)?;
         self.users.put(user.clone());
         Ok(Some(user))
     }
@@ -321,7 +390,7 @@ impl SledModel {
     fn update_durably(
         &self,
         id: UserId,
-        change: impl FnOnce(&mut User),
+        change: impl FnOnce(&mut User) -> Option<(crate::events::EventType, serde_json::Value)>,
     ) -> StoreFuture<Option<User>> {
         let result = self.update(id, change);
         let wrote = matches!(result, Ok(Some(_)));
@@ -412,6 +481,130 @@ impl SledModel {
     }
 }
 
+impl SledModel {
+    fn delete_now(
+        &self,
+        id: UserId,
+        due: i64,
+        now: i64,
+        only_if_due: bool,
+    ) -> Result<(Option<Deletion>, bool), StorageError> {
+        let store = self.store.as_ref();
+        let Some(mut user) = users::load(store, id)? else {
+            return Ok((None, false));
+        };
+        let still_due = user.deletion_due.is_some_and(|d| d <= now);
+        if user.erased_at.is_some() || (only_if_due && !still_due) {
+            return Ok((None, false));
+        }
+        let mut batch = WriteBatch::default();
+        if due > now {
+            if let Some(marked) = user.deletion_due.filter(|&d| d <= due) {
+                return Ok((Some(Deletion::Scheduled { user, due: marked }), false));
+            }
+            user.deletion_due = Some(due);
+            batch.put(Tree::Meta, deletion_key(id), due.to_be_bytes());
+            batch.put(Tree::Users, users::id_key(id), users::encode(&user));
+            let evented = self.event(
+                &mut batch,
+                id,
+                crate::events::EventType::DeletionScheduled,
+                serde_json::json!({ "deletion_scheduled_at": users::rfc3339(due) }),
+            );
+            // One atomic batch: the mark, the record and the event together.
+            self.apply_with_event(batch, evented)?;
+            self.users.put(user.clone());
+            return Ok((Some(Deletion::Scheduled { user, due }), true));
+        }
+        let openid_key = users::openid_key(&user.appid, &user.openid);
+        if users::lookup(store, Tree::UsersByOpenid, &openid_key)? == Some(id) {
+            batch.delete(Tree::UsersByOpenid, openid_key);
+        }
+        if let Some(unionid) = &user.unionid {
+            if users::lookup(store, Tree::UsersByUnionid, unionid.as_bytes())? == Some(id) {
+                batch.delete(Tree::UsersByUnionid, unionid.as_bytes());
+            }
+        }
+        for family in user_families(store, id)? {
+            batch.delete(Tree::Families, family_key(id, family.id).to_vec());
+        }
+        batch.delete(Tree::Meta, deletion_key(id));
+        user.erase(now);
+        batch.put(Tree::Users, users::id_key(id), users::encode(&user));
+        let evented = self.event(
+            &mut batch,
+            id,
+            crate::events::EventType::Deleted,
+            serde_json::json!({}),
+        );
+        // One atomic batch (sled journals it): after a crash all of it or none.
+        self.apply_with_event(batch, evented)?;
+        self.users.put(user.clone());
+        Ok((Some(Deletion::Erased { user }), true))
+    }
+
+    /// The marks due by `now`; a mark whose user is no longer marked (a login
+    /// cancelled it and the crash came before the mark was removed) is dropped.
+    fn due_now(&self, now: i64, limit: usize) -> Result<Vec<UserId>, StorageError> {
+        let mut marks = Vec::new();
+        self.store
+            .for_each_from(Tree::Meta, DELETION_PREFIX, &mut |key, value| {
+                let Some(id) = key.strip_prefix(DELETION_PREFIX) else {
+                    return ControlFlow::Break(());
+                };
+                if let (Ok(id), Ok(due)) = (<[u8; 8]>::try_from(id), <[u8; 8]>::try_from(value)) {
+                    marks.push((i64::from_be_bytes(due), UserId::from_be_bytes(id)));
+                }
+                ControlFlow::Continue(())
+            })?;
+        marks.sort_unstable();
+        let mut due = Vec::new();
+        for (_, id) in marks.into_iter().take_while(|(at, _)| *at <= now) {
+            let marked = users::load(self.store.as_ref(), id)?
+                .is_some_and(|u| u.erased_at.is_none() && u.deletion_due.is_some());
+            if marked {
+                due.push(id);
+            } else {
+                let mut stale = WriteBatch::default();
+                stale.delete(Tree::Meta, deletion_key(id));
+                self.store.apply(stale)?;
+            }
+            if due.len() >= limit {
+                break;
+            }
+        }
+        Ok(due)
+    }
+
+    fn revoke_all_now(&self, user_id: UserId, now_ms: i64) -> Result<usize, StorageError> {
+        let mut batch = WriteBatch::default();
+        let mut revoked = 0;
+        for mut family in user_families(self.store.as_ref(), user_id)? {
+            if !family.is_revoked() {
+                family.revoked_ms = Some(now_ms);
+                batch.put(
+                    Tree::Families,
+                    family_key(user_id, family.id),
+                    encode_family(&family),
+                );
+                revoked += 1;
+            }
+        }
+        if revoked > 0 {
+            self.store.apply(batch)?;
+        }
+        Ok(revoked)
+    }
+}
+
+/// `meta` keys marking accounts for deletion: the prefix, then the user id (8
+/// bytes big-endian); the value is the due unix second (8 bytes big-endian).
+const DELETION_PREFIX: &[u8] = b"deletion_due\0";
+
+fn deletion_key(id: UserId) -> Vec<u8> {
+    [DELETION_PREFIX, &id.to_be_bytes()].concat()
+}
+
 /// The purge's trees, in order; a cursor is the tree's index then the key.
 const PURGED: [Tree; 2] = [Tree::Families, Tree::RefreshTokens];
 
@@ -434,19 +627,77 @@ impl AuthStore for SledModel {
     }
 
     fn set_disabled(&self, id: UserId, disabled: bool) -> StoreFuture<Option<User>> {
-        self.update_durably(id, |user| user.disabled = disabled)
+        self.update_durably(id, |user| {
+            user.disabled = disabled;
+            let kind = if disabled {
+                crate::events::EventType::Disabled
+            } else {
+                crate::events::EventType::Enabled
+            };
+            Some((kind, serde_json::json!({})))
+        })
     }
 
     /// Exact by construction (no clock involved); tokens signed after this write
     /// carry the new stamp. (Wrapping only after 2^64 revokes, and it still changes.)
     fn revoke_tokens(&self, id: UserId) -> StoreFuture<Option<User>> {
         self.update_durably(id, |user| {
-            user.token_stamp = user.token_stamp.wrapping_add(1)
+            user.token_stamp = user.token_stamp.wrapping_add(1);
+            None
         })
     }
 
     fn set_phone(&self, id: UserId, phone: PhoneNumber) -> StoreFuture<Option<User>> {
-        self.update_durably(id, |user| user.phone = Some(Box::new(phone)))
+        self.update_durably(id, |user| {
+            let data = serde_json::json!({
+                "phone_number": phone.phone_number,
+                "pure_phone_number": phone.pure_phone_number,
+                "country_code": phone.country_code,
+            });
+            user.phone = Some(Box::new(phone));
+            Some((crate::events::EventType::Updated, data))
+        })
+    }
+
+    fn set_profile(&self, id: UserId, change: ProfileChange) -> StoreFuture<Option<User>> {
+        if matches!(users::load(self.store.as_ref(), id), Ok(Some(u)) if u.erased_at.is_some()) {
+            return ready(Ok(None));
+        }
+        self.update_durably(id, |user| {
+            let mut data = serde_json::json!({});
+            if let Some(nickname) = change.nickname {
+                data["nickname"] = serde_json::json!(nickname);
+                user.nickname = Some(nickname);
+            }
+            if let Some(avatar_url) = change.avatar_url {
+                data["avatar_url"] = serde_json::json!(avatar_url);
+                user.avatar_url = Some(avatar_url);
+            }
+            Some((crate::events::EventType::Updated, data))
+        })
+    }
+
+    fn delete_user(
+        &self,
+        id: UserId,
+        due: i64,
+        now: i64,
+        only_if_due: bool,
+    ) -> StoreFuture<Option<Deletion>> {
+        match self.delete_now(id, due, now, only_if_due) {
+            Ok((deletion, wrote)) => self.durable(wrote, Ok(deletion)),
+            Err(e) => self.durable(true, Err(e)),
+        }
+    }
+
+    fn due_deletions(&self, now: i64, limit: usize) -> StoreFuture<Vec<UserId>> {
+        ready(self.due_now(now, limit))
+    }
+
+    fn revoke_families(&self, user_id: UserId, now_ms: i64) -> StoreFuture<usize> {
+        let result = self.revoke_all_now(user_id, now_ms);
+        let wrote = matches!(result, Ok(n) if n > 0);
+        self.durable(wrote, result)
     }
 
     fn rotate(&self, request: RotateRequest) -> StoreFuture<RotateOutcome> {
@@ -565,6 +816,7 @@ mod tests {
                 user,
                 created,
                 family,
+                ..
             } => (user, created, family),
             LoginResult::Disabled => panic!("disabled"),
         }

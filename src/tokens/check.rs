@@ -147,6 +147,10 @@ pub fn check_user(
     let user = users
         .load(store, claims.user_id)?
         .ok_or(Refusal::UserNotFound)?;
+    // An erased account is no account: its record only keeps the id taken.
+    if user.erased_at.is_some() {
+        return Err(Refusal::UserNotFound.into());
+    }
     if user.disabled {
         return Err(Refusal::UserInactive.into());
     }

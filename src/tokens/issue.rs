@@ -1,7 +1,7 @@
 //! Issuing: the pair a login or a rotation answers. The store says which family
 //! and generation (`storage::model`); the tokens are signed here.
 
-use super::{JwtKeys, Signed, TokenType};
+use super::{JwtKeys, Signed};
 use crate::storage::model::FamilyRecord;
 use crate::users::User;
 
@@ -15,7 +15,7 @@ pub struct TokenPair {
 /// (carrying its token stamp as read with the family), issued at `now`.
 pub fn pair(keys: &JwtKeys, user: &User, family: &FamilyRecord, now: i64) -> TokenPair {
     TokenPair {
-        access: keys.sign(TokenType::Access, user.id, user.token_stamp, now),
+        access: keys.sign_access(user.id, user.token_stamp, Some(family.id), now),
         refresh: keys.sign_refresh(user.id, user.token_stamp, family.id, family.generation, now),
     }
 }

@@ -8,8 +8,12 @@
 //! - the key ring, `storage.path/jwt_keys.json` (0600): keys made by
 //!   `wxauth keys rotate`, oldest first, and the kids retired by `wxauth keys retire`.
 //!
-//! The newest ring key of the configured algorithm signs; with none, the base key
-//! does. Every key that is not retired verifies the tokens whose header names its
+//! Publish first, sign later: a ring key is published (and verifies) as soon as it
+//! is made, and signs only from its `signs_from_ms` on (`jwt.jwks_max_age` after
+//! `wxauth keys rotate` made it, or when `wxauth keys activate` said so), so that
+//! every cached JWKS has had time to learn it. The newest ring key of the configured
+//! algorithm that has reached its time signs; with none, the base key does. Every
+//! key that is not retired verifies the tokens whose header names its
 //! `kid` (a token without `kid`, like simplejwt's own, is tried against the keys of
 //! its algorithm). A key verifies only its own algorithm, so no HMAC key can be fed
 //! a public key.
@@ -43,6 +47,8 @@ pub struct Key {
     pub origin: KeyOrigin,
     /// When `wxauth keys rotate` made it (unix ms); `None` for configured keys.
     pub created_ms: Option<i64>,
+    /// From when a ring key signs (unix ms); `None` for the other keys.
+    pub signs_from_ms: Option<i64>,
     pub(super) header: Header,
     pub(super) encoding: EncodingKey,
     pub(super) decoding: DecodingKey,
@@ -91,6 +97,7 @@ impl Key {
             algorithm,
             origin,
             created_ms,
+            signs_from_ms: None,
             header,
             encoding,
             decoding,
@@ -119,28 +126,58 @@ pub fn algorithm_name(algorithm: Algorithm) -> &'static str {
     }
 }
 
-/// Every live key, and which one signs. Immutable: a rotation builds a new set.
+/// Every live key, and which ones may sign. Immutable: a rotation builds a new set;
+/// which key signs changes with the clock alone, as ring keys reach their time.
 pub struct KeySet {
+    /// Ring keys newest first, then the base key and the previous keys.
     pub keys: Vec<Key>,
-    /// Index into `keys`.
-    pub signing: usize,
+    /// The configured algorithm: only its ring keys sign.
+    algorithm: Algorithm,
+    /// Index into `keys` of the base key, unless it is retired.
+    base: Option<usize>,
     /// `{"keys": [...]}` of the asymmetric keys, serialized once.
     pub jwks: String,
 }
 
 impl KeySet {
-    pub fn new(keys: Vec<Key>, signing: usize) -> KeySet {
+    /// `None` when no key of `keys` can ever sign.
+    pub fn new(keys: Vec<Key>, algorithm: Algorithm) -> Option<KeySet> {
+        let base = keys
+            .iter()
+            .position(|k| matches!(k.origin, KeyOrigin::Configured | KeyOrigin::Generated));
+        let ring_signer = keys
+            .iter()
+            .any(|k| k.origin == KeyOrigin::Rotated && k.algorithm == algorithm);
+        if base.is_none() && !ring_signer {
+            return None;
+        }
         let jwks: Vec<&Value> = keys.iter().filter_map(|k| k.jwk.as_ref()).collect();
         let jwks = json!({ "keys": jwks }).to_string();
-        KeySet {
+        Some(KeySet {
             keys,
-            signing,
+            algorithm,
+            base,
             jwks,
-        }
+        })
     }
 
+    /// The key that signs at `now_ms`: the newest ring key of the configured
+    /// algorithm whose time has come, else the base key, else (the base key retired
+    /// while only newer ring keys wait, which `retire` prevents) the oldest ring key.
+    pub fn signing_at(&self, now_ms: i64) -> &Key {
+        let ring = |k: &&Key| k.origin == KeyOrigin::Rotated && k.algorithm == self.algorithm;
+        self.keys
+            .iter()
+            .filter(ring)
+            .find(|k| k.signs_from_ms.is_some_and(|from| from <= now_ms))
+            .or_else(|| self.base.map(|i| &self.keys[i]))
+            .or_else(|| self.keys.iter().rev().find(ring))
+            .expect("a key set has a key that can sign")
+    }
+
+    /// The key that signs now.
     pub fn signing(&self) -> &Key {
-        &self.keys[self.signing]
+        self.signing_at(super::now_ms())
     }
 
     pub fn by_kid(&self, kid: &str) -> Option<&Key> {
@@ -154,6 +191,11 @@ pub struct RingKey {
     pub kid: String,
     pub algorithm: String,
     pub created_ms: i64,
+    /// From when it signs (unix ms): `jwt.jwks_max_age` after `created_ms`, or when
+    /// `wxauth keys activate` ran. Absent (a ring written before keys waited): from
+    /// `created_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signs_from_ms: Option<i64>,
     /// The HMAC secret or the PEM private key.
     pub material: String,
 }

@@ -2,7 +2,8 @@
 //!
 //! [`JwtKeys`] is shared by `Arc`: the access-token extractor verifies with it on
 //! every request without going through an actor. Its key set ([`keys`]) is swapped
-//! whole by `wxauth keys rotate` and `retire`, which a running server serves itself.
+//! whole by `wxauth keys rotate`, `activate` and `retire`, which a running server
+//! serves itself.
 //! Whether a presented token counts is decided in one place, [`check`].
 
 pub mod check;
@@ -119,15 +120,27 @@ pub struct JwtKeys {
     /// How long a rotated-out refresh token may be presented again (a retry), in
     /// milliseconds; 0 turns the grace off.
     pub reuse_grace_ms: i64,
+    /// `jwt.jwks_max_age`: how long others may cache the JWKS, and so how long a
+    /// rotated-in key is published before it signs, in milliseconds.
+    jwks_max_age_ms: i64,
 }
 
 /// Why `wxauth keys rotate` or `retire` refused.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("no live key has kid {0:?} (`wxauth keys list` shows them)")]
-    NoSuchKey(String),
-    #[error("key {0} signs new tokens: rotate first, then retire it")]
+    /// The kid asked for is not echoed: it is whatever was typed or pasted.
+    #[error("no live key has that kid (`wxauth keys list` shows them)")]
+    NoSuchKey,
+    #[error(
+        "key {0} signs new tokens: rotate, wait until the new key signs (or \
+         `wxauth keys activate` it), then retire it"
+    )]
     Signing(String),
+    #[error(
+        "key {0} was not made by `wxauth keys rotate` for jwt.algorithm, or is older than \
+         the key that signs: only a rotated-in key that waits can be activated"
+    )]
+    NotWaiting(String),
     #[error(
         "ring cannot generate RSA keys: make one with \
          `openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048` and pass it with --key-file"
@@ -164,6 +177,7 @@ impl JwtKeys {
             refresh_ttl: secs(cfg.refresh_ttl),
             leeway_ms: millis(cfg.leeway),
             reuse_grace_ms: millis(cfg.reuse_grace),
+            jwks_max_age_ms: millis(cfg.jwks_max_age),
         })
     }
 
@@ -208,18 +222,39 @@ impl JwtKeys {
         keys::algorithm_name(self.algorithm)
     }
 
-    /// Every live key, newest first, as `wxauth keys list` prints it.
+    /// `jwt.jwks_max_age`, whole seconds (the JWKS's `Cache-Control: max-age`).
+    pub fn jwks_max_age_secs(&self) -> i64 {
+        self.jwks_max_age_ms / 1000
+    }
+
+    /// Every live key, newest first, then the retired kids, as `wxauth keys list`
+    /// prints them.
     pub fn list(&self) -> Vec<serde_json::Value> {
         let set = self.current();
-        let signing = set.signing().kid.clone();
-        set.keys
+        let now = now_ms();
+        let signing = set.signing_at(now).kid.clone();
+        let mut listed: Vec<serde_json::Value> = set
+            .keys
             .iter()
             .map(|key| key_view(key, key.kid == signing))
-            .collect()
+            .collect();
+        // The ring is only read here for its retired kids; an unreadable ring would
+        // have stopped the load.
+        if let Ok(ring) = Ring::read(&self.data_dir) {
+            listed.extend(ring.retired.iter().map(|kid| {
+                serde_json::json!({
+                    "kid": kid, "state": KeyState::Retired, "signing": false,
+                    "published": false, "algorithm": null, "origin": null,
+                    "created_at": null, "signs_from": null,
+                })
+            }));
+        }
+        listed
     }
 
     /// Adds a key to the ring (the given PEM or secret, or a new one of the
-    /// configured algorithm) and makes it the signing key. Older keys keep verifying.
+    /// configured algorithm): published at once, signing from `jwt.jwks_max_age`
+    /// later (or `activate`). Older keys keep verifying.
     pub fn rotate(&self, material: Option<&Secret>) -> Result<serde_json::Value, KeyError> {
         let _writing = self
             .ring_writes
@@ -245,11 +280,51 @@ impl JwtKeys {
             kid: key.kid.clone(),
             algorithm: keys::algorithm_name(self.algorithm).into(),
             created_ms,
+            signs_from_ms: Some(created_ms.saturating_add(self.jwks_max_age_ms)),
             material: material.expose().to_string(),
         });
         let set = self.commit(&ring)?;
-        let signing = set.signing();
-        Ok(key_view(signing, true))
+        let made = set.by_kid(&key.kid).expect("the new key is in the set");
+        Ok(key_view(made, set.signing().kid == made.kid))
+    }
+
+    /// Makes the waiting ring key `kid` sign from now on, before its
+    /// `jwt.jwks_max_age` has passed (the operator knows no cache still lacks it).
+    /// Activating the key that signs already is a no-op.
+    pub fn activate(&self, kid: &str) -> Result<serde_json::Value, KeyError> {
+        let _writing = self
+            .ring_writes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let current = self.current();
+        let now = now_ms();
+        let key = current.by_kid(kid).ok_or(KeyError::NoSuchKey)?;
+        let signing = current.signing_at(now);
+        if signing.kid == kid {
+            return Ok(key_view(key, true));
+        }
+        let newer_than_signing = current
+            .keys
+            .iter()
+            .position(|k| k.kid == kid)
+            .zip(current.keys.iter().position(|k| k.kid == signing.kid))
+            .is_some_and(|(at, signing_at)| at < signing_at);
+        if key.origin != KeyOrigin::Rotated
+            || key.algorithm != self.algorithm
+            || !newer_than_signing
+        {
+            return Err(KeyError::NotWaiting(kid.to_string()));
+        }
+        let mut ring = Ring::read(&self.data_dir).map_err(KeyError::Unusable)?;
+        let stored = ring
+            .keys
+            .iter_mut()
+            .find(|k| k.kid == kid)
+            .ok_or(KeyError::NoSuchKey)?;
+        stored.signs_from_ms = Some(now);
+        let set = self.commit(&ring)?;
+        let active = set.by_kid(kid).expect("the activated key is in the set");
+        Ok(key_view(active, set.signing_at(now).kid == kid))
     }
 
     /// Stops the key `kid` verifying anything. The signing key cannot be retired.
@@ -259,9 +334,7 @@ impl JwtKeys {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let current = self.current();
-        let key = current
-            .by_kid(kid)
-            .ok_or_else(|| KeyError::NoSuchKey(kid.to_string()))?;
+        let key = current.by_kid(kid).ok_or(KeyError::NoSuchKey)?;
         if current.signing().kid == kid {
             return Err(KeyError::Signing(kid.to_string()));
         }
@@ -269,10 +342,28 @@ impl JwtKeys {
         if key.origin == KeyOrigin::Rotated {
             // Its material is gone for good: nothing can bring it back by mistake.
             ring.keys.retain(|k| k.kid != kid);
-        } else if !ring.retired.iter().any(|k| k == kid) {
+        }
+        if !ring.retired.iter().any(|k| k == kid) {
             ring.retired.push(kid.to_string());
         }
         self.commit(&ring)?;
+        Ok(())
+    }
+
+    /// Loads the key ring file again and makes its set live (another process changed
+    /// it: with PostgreSQL, `storage::postgres::keys` keeps the file in step).
+    pub fn reload(&self) -> Result<(), KeyError> {
+        let _writing = self
+            .ring_writes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let ring = Ring::read(&self.data_dir).map_err(KeyError::Unusable)?;
+        let set = build_set(&self.config, self.algorithm, &self.data_dir, &ring)
+            .map_err(|e| KeyError::Unusable(e.to_string()))?;
+        *self
+            .set
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(set);
         Ok(())
     }
 
@@ -293,7 +384,21 @@ impl JwtKeys {
     /// Signs a new token of `kind` for `user_id` carrying the user's token `stamp`,
     /// with a fresh jti, issued at `now` (unix seconds).
     pub fn sign(&self, kind: TokenType, user_id: UserId, stamp: u64, now: i64) -> Signed {
-        self.sign_with(kind, user_id, stamp, now, None)
+        self.sign_with(kind, user_id, stamp, now, None, None)
+    }
+
+    /// Signs an access token for `user_id` carrying the user's token `stamp` and,
+    /// when known, the family (session) it was issued with (claim `fam`, no `gen`):
+    /// `GET /api/weixin/sessions/` marks that session `current`.
+    pub fn sign_access(
+        &self,
+        user_id: UserId,
+        stamp: u64,
+        family: Option<crate::storage::model::FamilyId>,
+        now: i64,
+    ) -> Signed {
+        let fam = family.map(|f| f.to_hex());
+        self.sign_with(TokenType::Access, user_id, stamp, now, fam, None)
     }
 
     /// Signs a refresh token of `family` at `generation` (claims `fam` and `gen`)
@@ -306,8 +411,15 @@ impl JwtKeys {
         generation: u64,
         now: i64,
     ) -> Signed {
-        let family = Some((family.to_hex(), generation));
-        self.sign_with(TokenType::Refresh, user_id, stamp, now, family)
+        let fam = Some(family.to_hex());
+        self.sign_with(
+            TokenType::Refresh,
+            user_id,
+            stamp,
+            now,
+            fam,
+            Some(generation),
+        )
     }
 
     fn sign_with(
@@ -316,9 +428,9 @@ impl JwtKeys {
         user_id: UserId,
         stamp: u64,
         now: i64,
-        family: Option<(String, u64)>,
+        fam: Option<String>,
+        gen: Option<u64>,
     ) -> Signed {
-        let (fam, gen) = family.unzip();
         let ttl = match kind {
             TokenType::Access => self.access_ttl,
             TokenType::Refresh => self.refresh_ttl,
@@ -364,10 +476,11 @@ impl JwtKeys {
                 && jsonwebtoken::crypto::verify(signature, message.as_bytes(), &key.decoding, alg)
                     .unwrap_or(false)
         };
-        let verified = match (set.keys.as_slice(), kid) {
-            ([only], _) => signed_by(only),
-            (_, Some(kid)) => set.by_kid(kid).is_some_and(signed_by),
-            (keys, None) => keys.iter().any(signed_by),
+        // A `kid` names the one key to try, also when only one key is live: an
+        // unknown kid is refused.
+        let verified = match kid {
+            Some(kid) => set.by_kid(kid).is_some_and(signed_by),
+            None => set.keys.iter().any(signed_by),
         };
         verified.then_some(()).ok_or(TokenError::Invalid)
     }
@@ -384,14 +497,31 @@ fn parse_algorithm(cfg: &JwtConfig) -> Result<Algorithm, ConfigError> {
     })
 }
 
-/// What `wxauth keys list` and `rotate` print for a key: never its material.
+/// A key's state, as `wxauth keys list` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyState {
+    /// Verifies tokens (and is in the JWKS, for a key pair) but does not sign: a
+    /// rotated-in key waiting for its `signs_from`, or an older key.
+    Published,
+    /// Signs new tokens (and verifies).
+    Active,
+    /// Verifies nothing (`wxauth keys retire`).
+    Retired,
+}
+
+/// What `wxauth keys list`, `rotate` and `activate` print for a key: never its
+/// material.
 fn key_view(key: &Key, signing: bool) -> serde_json::Value {
+    let rfc3339 = |ms: i64| crate::users::rfc3339(ms.div_euclid(1000));
     serde_json::json!({
         "kid": key.kid,
         "algorithm": keys::algorithm_name(key.algorithm),
         "origin": key.origin,
+        "state": if signing { KeyState::Active } else { KeyState::Published },
         "signing": signing,
-        "created_at": key.created_ms.map(|ms| crate::users::rfc3339(ms / 1000)),
+        "created_at": key.created_ms.map(rfc3339),
+        "signs_from": key.signs_from_ms.map(rfc3339),
         "published": key.jwk.is_some(),
     })
 }
@@ -490,13 +620,14 @@ fn build_set(
                 stored.kid
             ))
         })?;
-        let key = Key::from_material(
+        let mut key = Key::from_material(
             alg,
             stored.material.as_bytes(),
             KeyOrigin::Rotated,
             Some(stored.created_ms),
         )
         .map_err(|e| ring_error(format!("{KEYRING_FILE}: key {}: {e}", stored.kid)))?;
+        key.signs_from_ms = Some(stored.signs_from_ms.unwrap_or(stored.created_ms));
         if key.kid != stored.kid {
             return Err(ring_error(format!(
                 "{KEYRING_FILE}: key {} does not match its kid: the file is damaged",
@@ -509,19 +640,11 @@ fn build_set(
     keys.extend(previous_keys(cfg, algorithm)?);
     let mut seen = std::collections::HashSet::new();
     keys.retain(|key| !ring.retired.contains(&key.kid) && seen.insert(key.kid.clone()));
-    let signing = keys
-        .iter()
-        .position(|key| key.algorithm == algorithm && key.origin == KeyOrigin::Rotated)
-        .or_else(|| {
-            keys.iter()
-                .position(|key| matches!(key.origin, KeyOrigin::Configured | KeyOrigin::Generated))
-        })
-        .ok_or_else(|| {
-            ring_error(format!(
-                "every key able to sign is retired ({KEYRING_FILE}): run `wxauth keys rotate`"
-            ))
-        })?;
-    Ok(KeySet::new(keys, signing))
+    KeySet::new(keys, algorithm).ok_or_else(|| {
+        ring_error(format!(
+            "every key able to sign is retired ({KEYRING_FILE}): run `wxauth keys rotate`"
+        ))
+    })
 }
 
 /// The generated key lives in the data directory so that tokens survive restarts.
@@ -541,6 +664,28 @@ mod tests {
     }
 
     #[test]
+    fn a_rotated_key_signs_once_jwks_max_age_has_passed_and_not_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = JwtConfig {
+            jwks_max_age: std::time::Duration::from_secs(3600),
+            ..JwtConfig::default()
+        };
+        let keys = JwtKeys::load(&cfg, dir.path()).unwrap();
+        let old = keys.kid();
+        let made = keys.rotate(None).unwrap();
+        let new = made["kid"].as_str().unwrap();
+        assert_eq!(made["state"], "published");
+        let set = keys.current();
+        let at = set.by_kid(new).unwrap().signs_from_ms.unwrap();
+        assert_eq!(set.signing_at(at - 1).kid, old);
+        assert_eq!(set.signing_at(at).kid, new);
+        // The next start reads the same time from the ring.
+        let again = JwtKeys::load(&cfg, dir.path()).unwrap().current();
+        assert_eq!(again.signing_at(at - 1).kid, old);
+        assert_eq!(again.signing_at(at).kid, new);
+    }
+
+    #[test]
     fn after_a_rotation_tokens_verify_by_kid_and_without_one_by_trying_each_key() {
         let dir = tempfile::tempdir().unwrap();
         let keys = JwtKeys::load(&JwtConfig::default(), dir.path()).unwrap();
@@ -549,6 +694,12 @@ mod tests {
         let first_kid = keys.kid();
         let made = keys.rotate(None).unwrap();
         assert_ne!(made["kid"], first_kid.as_str());
+        // Published first: the old key signs until the new one is activated.
+        assert_eq!(made["state"], "published");
+        assert_eq!(keys.kid(), first_kid);
+        let made_kid = made["kid"].as_str().unwrap();
+        assert_eq!(keys.activate(made_kid).unwrap()["state"], "active");
+        assert_eq!(keys.kid(), made_kid);
         let new = keys.sign(TokenType::Access, 7, 0, now_ms() / 1000);
         assert_eq!(claims_of(&keys, &old.token).unwrap().user_id, 7);
         assert_eq!(claims_of(&keys, &new.token).unwrap().user_id, 7);

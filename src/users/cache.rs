@@ -116,6 +116,15 @@ impl UserCache {
         self.insert(&mut shard, id, Arc::new(user));
     }
 
+    /// The user changed elsewhere (another node, or a write whose answer may race
+    /// others): drops the entry, and refuses every fill whose ticket was taken
+    /// before (the record that reader got may be older than the change).
+    pub fn forget(&self, id: UserId) {
+        let mut shard = write(self.shard(id));
+        shard.generation += 1;
+        shard.users.remove(&id);
+    }
+
     /// Forgets every entry, and refuses every fill whose ticket was taken before.
     pub fn clear(&self) {
         for shard in self.shards.iter() {

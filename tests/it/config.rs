@@ -108,6 +108,14 @@ fn bad_values_stop_the_start_with_exit_2_and_the_key() {
             "jwt.leeway",
         ),
         (
+            "[wechat]\nmock = true\n[jwt]\njwks_max_age = \"2d\"\n",
+            "jwt.jwks_max_age",
+        ),
+        (
+            "[wechat]\nmock = true\n[jwt]\njwks_max_age = \"1500ms\"\n",
+            "jwt.jwks_max_age",
+        ),
+        (
             "[wechat]\nmock = true\n[storage]\ncache_capacity = \"lots\"\n",
             "storage.cache_capacity",
         ),

@@ -1,5 +1,6 @@
-//! GET /api/auth/check: forward-auth, on its own and behind a real nginx
-//! (`auth_request`) in front of an upstream that echoes the headers it got.
+//! GET /api/auth/check: forward-auth, on its own and behind real proxies (nginx,
+//! Caddy, Traefik) running the configurations under examples/proxy/, in front of an
+//! upstream that echoes the headers it got.
 
 use crate::common;
 
@@ -7,11 +8,11 @@ use common::*;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+
+use common::proxy::{self, Kind, Proxy};
 
 const REALM: &str = r#"Bearer realm="api""#;
 
@@ -106,27 +107,7 @@ fn anything_else_is_the_401_of_the_data_endpoint_never_a_5xx() {
     assert_eq!(reply.header("allow"), Some("GET"));
 }
 
-// ---- behind nginx ----------------------------------------------------------
-
-/// The nginx binary, or `None` (with a loud message) outside CI when it is missing.
-/// Under `CI=true` a missing nginx fails the test: `.ci/run` installs it.
-fn nginx_binary() -> Option<PathBuf> {
-    let found = ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists());
-    if found.is_none() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "nginx is not installed, and CI=true: .ci/run must install it (apt-get install nginx)"
-        );
-        eprintln!(
-            "\n!!!!!!!! SKIPPED: nginx is not installed; the forward-auth test behind a \
-             real nginx did not run. Install it (apt-get install nginx) or run .ci/run.\n"
-        );
-    }
-    found
-}
+// ---- behind real proxies --------------------------------------------------
 
 /// An upstream that answers every request with the headers it got, as JSON
 /// (`{"method", "path", "headers": {lowercased name: [values]}}`), and counts them.
@@ -196,125 +177,7 @@ fn echo(stream: TcpStream, requests: &AtomicUsize) {
     );
 }
 
-/// nginx as the test user (one process, no daemon) on a loopback port, with its own
-/// config and temp files in a temporary directory.
-struct Nginx {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Nginx {
-    fn start(binary: &Path, conf: &str) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let conf = conf
-            .replace("{port}", &port.to_string())
-            .replace("{dir}", &dir.path().display().to_string());
-        let conf_path = dir.path().join("nginx.conf");
-        std::fs::write(&conf_path, conf).unwrap();
-        let error_log = dir.path().join("error.log");
-        let mut child = Command::new(binary)
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-c")
-            .arg(&conf_path)
-            .arg("-e")
-            .arg(&error_log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn nginx");
-        wait_for(Duration::from_secs(20), "nginx to listen", || {
-            if let Ok(Some(status)) = child.try_wait() {
-                let mut stderr = String::new();
-                let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
-                panic!(
-                    "nginx exited ({status}): {stderr}\n{}",
-                    std::fs::read_to_string(&error_log).unwrap_or_default()
-                );
-            }
-            TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-        Nginx { child, port, dir }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        // `master_process off`: one process, nothing left behind by a kill.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "nginx error log:\n{}",
-                std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
-            );
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The server block of docs/OPERATIONS.md's nginx snippet, on loopback ports, wrapped
-/// in what a stand-alone nginx needs to run unprivileged from a temporary directory.
-fn nginx_conf(wxauth: &str, upstream_port: u16) -> String {
-    format!(
-        r#"
-master_process off;
-daemon off;
-worker_processes 1;
-pid {{dir}}/nginx.pid;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {{dir}}/client_body;
-    proxy_temp_path {{dir}}/proxy;
-    fastcgi_temp_path {{dir}}/fastcgi;
-    uwsgi_temp_path {{dir}}/uwsgi;
-    scgi_temp_path {{dir}}/scgi;
-
-    server {{
-        listen 127.0.0.1:{{port}};
-
-        location = /_wxauth_check {{
-            internal;
-            proxy_pass {wxauth}/api/auth/check;
-            proxy_pass_request_body off;
-            proxy_set_header Content-Length "";
-            proxy_set_header X-Original-URI $request_uri;
-        }}
-
-        location / {{
-            auth_request /_wxauth_check;
-            auth_request_set $wxauth_user_id $upstream_http_x_auth_user_id;
-            auth_request_set $wxauth_openid $upstream_http_x_auth_openid;
-            auth_request_set $wxauth_unionid $upstream_http_x_auth_unionid;
-            # Set from the check, replacing whatever the client sent under these names;
-            # an empty value (no unionid) sends no header at all.
-            proxy_set_header X-Auth-User-Id $wxauth_user_id;
-            proxy_set_header X-Auth-Openid $wxauth_openid;
-            proxy_set_header X-Auth-Unionid $wxauth_unionid;
-            proxy_pass http://127.0.0.1:{upstream_port};
-        }}
-    }}
-}}
-"#
-    )
-}
-
-/// GET (or POST with a body) through nginx with extra headers.
+/// GET (or POST with a body) through the proxy with extra headers.
 fn through(
     url: &str,
     method: &str,
@@ -337,7 +200,7 @@ fn through(
     } else {
         agent().run(req.body(()).unwrap())
     };
-    common::collect(Ok(response.expect("request through nginx")))
+    common::collect(Ok(response.expect("request through the proxy")))
 }
 
 /// The values of header `name` the upstream received.
@@ -354,15 +217,38 @@ fn seen(reply: &Reply, name: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[test]
-fn behind_nginx_only_verified_identities_reach_the_upstream() {
-    let Some(binary) = nginx_binary() else {
+/// The whole story behind one proxy running its examples/proxy/ file: only verified
+/// identities reach the upstream, whatever the client sends.
+fn only_verified_identities_reach_the_upstream(kind: Kind) {
+    let test = format!("behind {kind:?}: only verified identities reach the upstream");
+    let Some(binary) = kind.binary(&test) else {
         return;
     };
     let (_mock, server) = start_with_mock();
     let upstream = EchoUpstream::start();
-    let nginx = Nginx::start(&binary, &nginx_conf(&server.base, upstream.port));
-    let url = nginx.url("/orders/42?x=1");
+    let port = proxy::free_port();
+    let file = match kind {
+        Kind::Nginx => "forward-auth/nginx.conf",
+        Kind::Caddy | Kind::CaddyCurrent => "forward-auth/Caddyfile",
+        Kind::Traefik => "forward-auth/traefik.yml",
+    };
+    let addresses = vec![
+        (
+            "127.0.0.1:8000",
+            server.base.trim_start_matches("http://").to_string(),
+        ),
+        ("127.0.0.1:3000", format!("127.0.0.1:{}", upstream.port)),
+        ("listen 443 ssl;", format!("listen 127.0.0.1:{port};")),
+        ("api.example.com {", format!("http://127.0.0.1:{port} {{")),
+        ("Host(`api.example.com`)", "Host(`127.0.0.1`)".to_string()),
+    ];
+    // Ready once a request without a token gets wxauth's 401 through it (Traefik
+    // listens before its file provider has loaded the routes).
+    let probe = format!("http://127.0.0.1:{port}/orders/ready");
+    let proxy = Proxy::start(kind, &binary, file, port, &addresses, || {
+        get(&probe, None).status == 401
+    });
+    let url = proxy.url("http", "/orders/42?x=1");
 
     let alice = login(&server, "ok:alice");
     let bob = login(&server, "union:bob.u-bob-1");
@@ -372,9 +258,20 @@ fn behind_nginx_only_verified_identities_reach_the_upstream() {
         ("X-Auth-User-Id", "999"),
         ("x-auth-openid", "o-mallory"),
         ("X-Auth-Unionid", "u-mallory"),
+        ("X_Auth_User_Id", "998"),
+        ("x_auth_openid", "o-mallory-2"),
+        ("X_Auth_Unionid", "u-mallory-2"),
+    ];
+    let forged_names = [
+        "x-auth-user-id",
+        "x-auth-openid",
+        "x-auth-unionid",
+        "x_auth_user_id",
+        "x_auth_openid",
+        "x_auth_unionid",
     ];
 
-    // No token: 401 from nginx, with wxauth's challenge; the upstream never sees it.
+    // No token: 401 from the proxy, with wxauth's challenge; the upstream never sees it.
     let reply = through(&url, "GET", None, &[]);
     assert_eq!(reply.status, 401, "{}", reply.text);
     assert_eq!(reply.header("www-authenticate"), Some(REALM));
@@ -399,14 +296,20 @@ fn behind_nginx_only_verified_identities_reach_the_upstream() {
     );
 
     // A valid token: the upstream sees the token's user, and only that, whatever the
-    // client claimed; no unionid header for a user without one.
+    // client claimed under any spelling; no unionid header for a user without one.
     for method in ["GET", "POST"] {
         let reply = through(&url, method, Some(&alice_access), &forged);
         assert_eq!(reply.status, 200, "{method}: {}", reply.text);
         assert_eq!(reply.json()["method"], method);
-        assert_eq!(seen(&reply, "x-auth-user-id"), vec![alice_id.clone()]);
-        assert_eq!(seen(&reply, "x-auth-openid"), vec!["o-alice".to_string()]);
-        assert_eq!(seen(&reply, "x-auth-unionid"), Vec::<String>::new());
+        let expected = [alice_id.as_str(), "o-alice"];
+        for name in forged_names {
+            let want: Vec<String> = match name {
+                "x-auth-user-id" => vec![expected[0].to_string()],
+                "x-auth-openid" => vec![expected[1].to_string()],
+                _ => Vec::new(),
+            };
+            assert_eq!(seen(&reply, name), want, "{method}: {name}: {}", reply.text);
+        }
         assert_eq!(seen(&reply, "authorization"), vec![alice_access.clone()]);
     }
     let reply = through(
@@ -420,7 +323,9 @@ fn behind_nginx_only_verified_identities_reach_the_upstream() {
         seen(&reply, "x-auth-user-id"),
         vec![bob["user"]["id"].to_string()]
     );
+    assert_eq!(seen(&reply, "x-auth-openid"), vec!["o-bob".to_string()]);
     assert_eq!(seen(&reply, "x-auth-unionid"), vec!["u-bob-1".to_string()]);
+    assert_eq!(seen(&reply, "x_auth_unionid"), Vec::<String>::new());
     let reached = upstream.requests();
     assert_eq!(reached, 3);
 
@@ -430,4 +335,24 @@ fn behind_nginx_only_verified_identities_reach_the_upstream() {
     assert_eq!(reply.status, 401, "{}", reply.text);
     assert_eq!(reply.header("www-authenticate"), Some(REALM));
     assert_eq!(upstream.requests(), reached);
+}
+
+#[test]
+fn behind_nginx_only_verified_identities_reach_the_upstream() {
+    only_verified_identities_reach_the_upstream(Kind::Nginx);
+}
+
+#[test]
+fn behind_caddy_only_verified_identities_reach_the_upstream() {
+    only_verified_identities_reach_the_upstream(Kind::Caddy);
+}
+
+#[test]
+fn behind_the_current_caddy_only_verified_identities_reach_the_upstream() {
+    only_verified_identities_reach_the_upstream(Kind::CaddyCurrent);
+}
+
+#[test]
+fn behind_traefik_only_verified_identities_reach_the_upstream() {
+    only_verified_identities_reach_the_upstream(Kind::Traefik);
 }

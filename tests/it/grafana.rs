@@ -4,11 +4,11 @@
 
 use crate::common;
 
+use common::tools;
 use common::*;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::time::Duration;
 
 /// Series Prometheus makes itself for every scrape target; never exported by wxauth.
 const PROMETHEUS_OWN: [&str; 1] = ["up"];
@@ -145,14 +145,23 @@ fn read_matchers(chars: &[char], mut i: usize, out: &mut Vec<(String, String, St
     }
 }
 
-/// Every PromQL expression of the dashboard: panel targets and variable queries.
-fn dashboard_queries(dashboard: &Value) -> Vec<String> {
-    let mut queries = Vec::new();
+/// Every panel of the dashboard, those inside collapsed rows included.
+fn all_panels(dashboard: &Value) -> Vec<&Value> {
+    let mut found = Vec::new();
     let mut panels: Vec<&Value> = dashboard["panels"].as_array().unwrap().iter().collect();
     while let Some(panel) = panels.pop() {
         if let Some(inner) = panel["panels"].as_array() {
             panels.extend(inner);
         }
+        found.push(panel);
+    }
+    found
+}
+
+/// Every PromQL expression of the dashboard: panel targets and variable queries.
+fn dashboard_queries(dashboard: &Value) -> Vec<String> {
+    let mut queries = Vec::new();
+    for panel in all_panels(dashboard) {
         if panel["type"] == "row" {
             continue;
         }
@@ -228,15 +237,7 @@ fn every_metric_the_dashboard_queries_is_in_a_real_scrape() {
         serde_json::from_str(&std::fs::read_to_string(path).expect("the dashboard")).unwrap();
     assert_eq!(dashboard["uid"], "wxauth");
 
-    let mock = MockWeChat::start();
-    let server = TestServer::start(
-        TestConfig::against(&mock).with_env("WXAUTH_METRICS__BIND", "127.0.0.1:0"),
-    );
-    let metrics_addr = wait_for(
-        Duration::from_secs(10),
-        "the metrics address in the log",
-        || server.log_field("serving metrics", "address"),
-    );
+    let (_mock, server, metrics_addr) = start_with_metrics();
     // New users, a returning one, a refused code, a refresh, a logout, and the
     // authenticated reads.
     let first = login(&server, "ok:ann.1");
@@ -318,7 +319,7 @@ fn every_metric_the_dashboard_queries_is_in_a_real_scrape() {
         "wxauth_http_request_duration_seconds_bucket",
         "wxauth_wechat_calls_total",
         "wxauth_wechat_call_duration_seconds_bucket",
-        "wxauth_users_total",
+        "wxauth_users",
         "wxauth_tokens_issued_total",
         "wxauth_refresh_reuse_detected_total",
         "wxauth_storage_flushes_total",
@@ -326,5 +327,135 @@ fn every_metric_the_dashboard_queries_is_in_a_real_scrape() {
         "wxauth_storage_healthy",
     ] {
         assert!(checked.contains(name), "the dashboard does not show {name}");
+    }
+}
+
+/// A server with its metrics listener, after a few requests that all succeed.
+fn healthy_server_scrape() -> (MockWeChat, TestServer, String) {
+    let (mock, server, metrics_addr) = start_with_metrics();
+    let pair = login(&server, "ok:healthy.1");
+    let access = bearer(pair["access"].as_str().unwrap());
+    assert_eq!(
+        get(&server.url("/api/weixin/data/"), Some(&access)).status,
+        200
+    );
+    assert_eq!(get(&server.url("/healthz"), None).status, 200);
+    let scrape = get(&format!("http://{metrics_addr}/metrics"), None);
+    assert_eq!(scrape.status, 200);
+    (mock, server, scrape.text)
+}
+
+fn promtool(test: &str) -> Option<std::path::PathBuf> {
+    let found = tools::find_binary("promtool", &[Path::new("/usr/bin/promtool")]);
+    if found.is_none() {
+        tools::skip(
+            test,
+            "promtool is not installed (apt-get install prometheus)",
+        );
+    }
+    found
+}
+
+/// `promtool check metrics` (Prometheus' own linter: names, types, units, help)
+/// passes a real scrape with nothing to say.
+#[test]
+fn promtool_accepts_a_real_scrape() {
+    let Some(promtool) = promtool("promtool_accepts_a_real_scrape") else {
+        return;
+    };
+    let (_mock, _server, text) = healthy_server_scrape();
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(text.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let said = tools::output_text(&out);
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool check metrics ({}): {said}",
+        out.status
+    );
+}
+
+/// The board's stat panels answer a number, not "no data", on a server where
+/// nothing failed: each panel's query is evaluated by Prometheus' own engine
+/// (`promtool test rules`) over ten minutes of series shaped like a real scrape.
+#[test]
+fn the_health_stats_show_a_number_on_a_healthy_server() {
+    let Some(promtool) = promtool("the_health_stats_show_a_number_on_a_healthy_server") else {
+        return;
+    };
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/grafana/wxauth.json");
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("the dashboard")).unwrap();
+    let (_mock, _server, text) = healthy_server_scrape();
+
+    // Every sample of the scrape as an input series with `instance` and `job` (what
+    // Prometheus adds), growing by its scraped value each minute.
+    let mut series = String::from(
+        "      - series: 'up{instance=\"127.0.0.1:9464\",job=\"wxauth\"}'\n        values: '1x10'\n",
+    );
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (name_and_labels, value) = line.rsplit_once(' ').unwrap();
+        let value: f64 = value.parse().unwrap();
+        let target = r#"instance="127.0.0.1:9464",job="wxauth""#;
+        let labelled = match name_and_labels.split_once('{') {
+            Some((name, labels)) => format!("{name}{{{target},{labels}"),
+            None => format!("{name_and_labels}{{{target}}}"),
+        };
+        series.push_str(&format!(
+            "      - series: '{labelled}'\n        values: '{value}+{value}x10'\n"
+        ));
+    }
+    let mut stats = Vec::new();
+    for panel in all_panels(&dashboard) {
+        if panel["type"] == "stat" {
+            let expr = panel["targets"][0]["expr"].as_str().unwrap();
+            let expr = expr
+                .replace("$instance", ".*")
+                .replace("$__rate_interval", "2m");
+            stats.push((panel["title"].as_str().unwrap().to_string(), expr));
+        }
+    }
+    assert!(
+        stats
+            .iter()
+            .any(|(title, _)| title.starts_with("5xx share")),
+        "{stats:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    for (title, expr) in &stats {
+        // No expected samples: promtool then prints what the query answered.
+        let tests = format!(
+            "rule_files: []\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{series}    promql_expr_test:\n      - expr: '{}'\n        eval_time: 10m\n        exp_samples: []\n",
+            expr.replace('\'', "''")
+        );
+        let file = dir.path().join("stat.yml");
+        std::fs::write(&file, &tests).unwrap();
+        let out = std::process::Command::new(&promtool)
+            .args(["test", "rules"])
+            .arg(&file)
+            .output()
+            .expect("run promtool");
+        let said = tools::output_text(&out);
+        // Expecting nothing fails exactly when the query answers something.
+        assert!(
+            !out.status.success() && said.contains("got:"),
+            "the stat panel {title:?} shows no data on a healthy server ({expr}):\n{said}"
+        );
+        if title.starts_with("5xx share") {
+            assert!(said.contains("got: {} 0E+00"), "{title:?} is not 0: {said}");
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::common;
 
+use common::tools;
 use common::*;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
@@ -106,11 +107,23 @@ fn listed(server: &TestServer) -> (String, BTreeSet<String>) {
     let list = keys_cli(server, &["list"]);
     let signing: Vec<&Value> = list.iter().filter(|k| k["signing"] == true).collect();
     assert_eq!(signing.len(), 1, "one signing key: {list:?}");
+    assert_eq!(signing[0]["state"], "active", "{list:?}");
     let all = list
         .iter()
+        .filter(|k| k["state"] != "retired")
         .map(|k| k["kid"].as_str().unwrap().to_string())
         .collect();
     (signing[0]["kid"].as_str().unwrap().to_string(), all)
+}
+
+/// The state `wxauth keys list` shows for `kid`.
+fn state_of(server: &TestServer, kid: &str) -> String {
+    let list = keys_cli(server, &["list"]);
+    let key = list
+        .iter()
+        .find(|k| k["kid"] == kid)
+        .unwrap_or_else(|| panic!("{kid} is not listed: {list:?}"));
+    key["state"].as_str().unwrap().to_string()
 }
 
 /// The whole story for one key-pair algorithm, with the server running (online),
@@ -157,9 +170,28 @@ fn rotation_story(algorithm: &str) {
     };
     let k2 = rotated[0]["kid"].as_str().unwrap().to_string();
     assert_ne!(k1, k2);
-    assert_eq!(rotated[0]["signing"], true);
+    // Published first: in the JWKS at once, signing only once activated.
+    assert_eq!(rotated[0]["signing"], false);
+    assert_eq!(rotated[0]["state"], "published");
+    assert!(rotated[0]["signs_from"].is_string(), "{:?}", rotated[0]);
     assert_eq!(published_kids(&server, algorithm), kids(&[&k1, &k2]));
+    assert_eq!(listed(&server), (k1.clone(), kids(&[&k1, &k2])));
+    let waiting = login(&server, "ok:keys.waiting");
+    assert_eq!(kid_of(waiting["access"].as_str().unwrap()), k1);
+    // The new key signs once activated (again: a no-op); the older one cannot be
+    // made to sign again.
+    let activated = keys_cli(&server, &["activate", &k2]);
+    assert_eq!(activated[0]["kid"], k2.as_str());
+    assert_eq!(activated[0]["state"], "active");
+    assert_eq!(keys_cli(&server, &["activate", &k2])[0]["state"], "active");
+    let refused = server.cli(&["keys", "activate", &k1]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("only a rotated-in key that waits"),
+        "{refused:?}"
+    );
     assert_eq!(listed(&server), (k2.clone(), kids(&[&k1, &k2])));
+    assert_eq!(state_of(&server, &k1), "published");
 
     // New tokens carry the new kid; tokens from before keep working, by kid.
     let fresh = login(&server, "ok:keys.fresh");
@@ -209,6 +241,9 @@ fn rotation_story(algorithm: &str) {
         keys_cli(&server, &["rotate"])
     };
     let k3 = offline[0]["kid"].as_str().unwrap().to_string();
+    assert_eq!(listed(&server), (k2.clone(), kids(&[&k2, &k3])));
+    assert_eq!(state_of(&server, &k3), "published");
+    keys_cli(&server, &["activate", &k3]);
     assert_eq!(listed(&server), (k3.clone(), kids(&[&k2, &k3])));
     server.restart();
     assert_eq!(published_kids(&server, algorithm), kids(&[&k2, &k3]));
@@ -217,6 +252,7 @@ fn rotation_story(algorithm: &str) {
     assert_eq!(kid_of(latest["access"].as_str().unwrap()), k3);
     server.terminate();
     keys_cli(&server, &["retire", &k2]);
+    assert_eq!(state_of(&server, &k2), "retired");
     server.restart();
     assert_eq!(published_kids(&server, algorithm), kids(&[&k3]));
     assert_eq!(data_ok(&server, fresh["access"].as_str().unwrap()), 401);
@@ -259,6 +295,8 @@ fn hmac_keys_rotate_and_retire_and_are_never_published() {
     let rotated = keys_cli(&server, &["rotate"]);
     let h2 = rotated[0]["kid"].as_str().unwrap().to_string();
     assert_ne!(h1, h2);
+    assert_eq!(rotated[0]["state"], "published");
+    keys_cli(&server, &["activate", &h2]);
     assert_eq!(rotated[0]["algorithm"], "HS256");
     assert_eq!(rotated[0]["published"], false);
     let ring = server.data_dir().join("jwt_keys.json");
@@ -296,6 +334,7 @@ fn backup_and_restore_carry_the_key_ring() {
     let (_mock, server) = start_with_mock();
     let rotated = keys_cli(&server, &["rotate"]);
     let kid = rotated[0]["kid"].as_str().unwrap().to_string();
+    keys_cli(&server, &["activate", &kid]);
     let backup = server.dir.path().join("backup.jsonl");
     let out = server.cli(&["backup", backup.to_str().unwrap()]);
     assert!(
@@ -397,16 +436,25 @@ fn previous_key_files_verify_but_never_sign() {
     );
 }
 
-#[test]
-fn jwks_is_cached_for_less_than_an_access_token_lives() {
+/// A server signing with a new ES256 key of its own (and its key's directory), with
+/// `env` on top.
+fn es256_server(env: &[(&str, &str)]) -> (tempfile::TempDir, MockWeChat, TestServer) {
     let keys_dir = tempfile::tempdir().unwrap();
     let key = key_file(keys_dir.path(), "ES256", "es.pem").unwrap();
     let mock = MockWeChat::start();
-    let server = TestServer::start(
-        TestConfig::against(&mock)
-            .with_env("WXAUTH_JWT__ALGORITHM", "ES256")
-            .with_env("WXAUTH_JWT__SIGNING_KEY_FILE", key.to_str().unwrap()),
-    );
+    let mut config = TestConfig::against(&mock)
+        .with_env("WXAUTH_JWT__ALGORITHM", "ES256")
+        .with_env("WXAUTH_JWT__SIGNING_KEY_FILE", key.to_str().unwrap());
+    for (name, value) in env {
+        config = config.with_env(name, value);
+    }
+    let server = TestServer::start(config);
+    (keys_dir, mock, server)
+}
+
+#[test]
+fn jwks_is_cached_for_less_than_an_access_token_lives() {
+    let (_keys_dir, _mock, server) = es256_server(&[]);
     let reply = get(&server.url("/.well-known/jwks.json"), None);
     assert_eq!(reply.status, 200);
     assert!(reply
@@ -507,7 +555,8 @@ print(json.dumps({"kid": key.key_id, "alg": key.algorithm_name, "claims": claims
         );
         // After a rotation, so that PyJWT must choose by kid among two keys.
         if algorithm != "RS256" {
-            keys_cli(&server, &["rotate"]);
+            let rotated = keys_cli(&server, &["rotate"]);
+            keys_cli(&server, &["activate", rotated[0]["kid"].as_str().unwrap()]);
         }
         let body = login(&server, "ok:pyjwt.user");
         let access = body["access"].as_str().unwrap();
@@ -526,4 +575,157 @@ print(json.dumps({"kid": key.key_id, "alg": key.algorithm_name, "claims": claims
         assert_eq!(verified["claims"]["user_id"], body["user"]["id"]);
         assert_eq!(verified["claims"]["token_type"], "access");
     }
+}
+
+/// A JWKS client as a long-lived process: it fetches the key set once at start (or
+/// at its first token), then reads one token a line and answers `ok KID` or
+/// `error …`, with whatever caching and refetch rules its library has.
+struct JwksClient {
+    name: &'static str,
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl JwksClient {
+    fn start(name: &'static str, mut command: Command) -> JwksClient {
+        use std::process::Stdio;
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start the {name} client: {e}"));
+        let stdin = child.stdin.take().unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        JwksClient {
+            name,
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Verifies `token`: `Ok(kid)` or the library's refusal.
+    fn verify(&mut self, token: &str) -> Result<String, String> {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "{token}").expect("write to the client");
+        self.stdin.flush().unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("read the client");
+        match line.trim().split_once(' ') {
+            Some(("ok", kid)) => Ok(kid.to_string()),
+            _ => Err(format!("{}: {}", self.name, line.trim())),
+        }
+    }
+}
+
+impl Drop for JwksClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// PyJWT's `PyJWKClient` with its defaults (a 300 s cache, a refetch on an unknown
+/// kid at most every 30 s), fetching the key set at once.
+const PYJWT_CLIENT: &str = r#"
+import sys, jwt
+client = jwt.PyJWKClient(sys.argv[1])
+client.get_jwk_set()
+for line in sys.stdin:
+    token = line.strip()
+    try:
+        key = client.get_signing_key_from_jwt(token)
+        jwt.decode(token, key.key, algorithms=[key.algorithm_name], options={"verify_aud": False})
+        print("ok", key.key_id, flush=True)
+    except Exception as e:
+        print("error", type(e).__name__, str(e).replace("\n", " "), flush=True)
+"#;
+
+/// jose's `createRemoteJWKSet` with its defaults (a 10 min cache, a refetch on an
+/// unknown kid at most every 30 s); it fetches at its first token.
+const JOSE_CLIENT: &str = r#"
+import { createRemoteJWKSet, jwtVerify, decodeProtectedHeader } from "jose";
+import readline from "node:readline";
+const keys = createRemoteJWKSet(new URL(process.argv[2]));
+const lines = readline.createInterface({ input: process.stdin });
+for await (const line of lines) {
+  const token = line.trim();
+  try {
+    await jwtVerify(token, keys);
+    console.log("ok " + decodeProtectedHeader(token).kid);
+  } catch (e) {
+    console.log("error " + e.code + " " + String(e.message).replace(/\n/g, " "));
+  }
+}
+"#;
+
+/// Publish first, sign later: real JWKS clients that fetched the key set before a
+/// rotation verify every token issued after it, the new key's included. The new key
+/// is published at once and signs only after `jwt.jwks_max_age` (32 s here, just
+/// over both libraries' 30 s refetch cooldown); a key that signed at once would be
+/// refused by both until their cooldown ran out.
+#[test]
+fn clients_that_fetched_the_jwks_before_a_rotation_verify_every_token_after_it() {
+    let test = "clients_that_fetched_the_jwks_before_a_rotation_verify_every_token_after_it";
+    let (_keys_dir, _mock, server) = es256_server(&[("WXAUTH_JWT__JWKS_MAX_AGE", "32s")]);
+    let url = server.url("/.well-known/jwks.json");
+    let first = login(&server, "ok:jwks.client");
+    let k1 = kid_of(first["access"].as_str().unwrap());
+
+    let mut clients = Vec::new();
+    match tools::venv_python_with(&["jwt", "cryptography"]) {
+        Some(python) => {
+            let mut command = Command::new(python);
+            command.args(["-c", PYJWT_CLIENT, &url]);
+            clients.push(JwksClient::start("PyJWT PyJWKClient", command));
+        }
+        None => tools::skip(
+            test,
+            "no PyJWT in the test venv (pip install 'pyjwt[crypto]')",
+        ),
+    }
+    if let Some(dir) = tools::npm_packages(test, "jose", &["jose@6"]) {
+        let script = dir.join("jwks-client.mjs");
+        std::fs::write(&script, JOSE_CLIENT).unwrap();
+        let mut command = Command::new("node");
+        command.arg(&script).arg(&url);
+        clients.push(JwksClient::start("jose createRemoteJWKSet", command));
+    }
+    if clients.is_empty() {
+        return;
+    }
+    // Each client has the key set from before the rotation.
+    for client in &mut clients {
+        assert_eq!(
+            client.verify(first["access"].as_str().unwrap()),
+            Ok(k1.clone())
+        );
+    }
+
+    let rotated = keys_cli(&server, &["rotate"]);
+    let k2 = rotated[0]["kid"].as_str().unwrap().to_string();
+    assert_eq!(published_kids(&server, "ES256"), kids(&[&k1, &k2]));
+    // Every token issued from the rotation on verifies at every client, until (and
+    // after) the new key signs by itself.
+    let mut n = 0;
+    let mut after_switch = 0;
+    wait_for(Duration::from_secs(120), "the new key to sign", || {
+        n += 1;
+        let pair = login(&server, &format!("ok:jwks.client{n}"));
+        let access = pair["access"].as_str().unwrap();
+        let kid = kid_of(access);
+        for client in &mut clients {
+            assert_eq!(client.verify(access), Ok(kid.clone()), "token {n}");
+        }
+        if kid == k2 {
+            after_switch += 1;
+        } else {
+            assert_eq!(kid, k1);
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        (after_switch >= 3).then_some(())
+    });
+    assert_eq!(listed(&server).0, k2);
 }

@@ -3,21 +3,31 @@
 
 mod common;
 
+mod account;
 mod admin_socket;
 mod config;
+mod connections;
 mod crash;
 mod durability;
+mod edges;
+mod events;
 mod faults;
 mod files;
 mod forward_auth;
 mod grafana;
 mod http;
+mod https_front;
+mod keeper;
 mod keys;
+mod limits;
 mod login;
+mod miniprogram_npm;
 mod openapi;
 mod ops;
+mod postgres;
 mod ratelimit;
 mod request_span;
+mod restore;
 mod slow_clients;
 mod tls;
 mod token_rules;

@@ -271,22 +271,15 @@ fn a_truncated_backup_is_refused_and_leaves_nothing_behind() {
 
 #[test]
 fn metrics_are_served_on_their_own_listener() {
-    let mock = MockWeChat::start();
-    let server = TestServer::start(
-        TestConfig::against(&mock).with_env("WXAUTH_METRICS__BIND", "127.0.0.1:0"),
-    );
-    // Logged just after "listening" (where the harness stops waiting): poll for it.
-    let metrics_addr = wait_for(
-        Duration::from_secs(10),
-        "the metrics address in the log",
-        || server.log_field("serving metrics", "address"),
-    );
+    let (_mock, server, metrics_addr) = start_with_metrics();
     let body = login(&server, "ok:kim.1");
     get(
         &server.url("/api/weixin/data/"),
         Some(&bearer(body["access"].as_str().unwrap())),
     );
     get(&server.url("/api/weixin/data/"), None);
+    // The JWKS route has its own label (404 here: an HMAC key publishes nothing).
+    get(&server.url("/.well-known/jwks.json"), None);
     post_json(
         &server.url("/api/weixin/login/"),
         &json!({ "code": "err40029:x" }),
@@ -313,11 +306,19 @@ fn metrics_are_served_on_their_own_listener() {
         "wxauth_tokens_issued_total{type=\"access\"} 1",
         "wxauth_tokens_issued_total{type=\"refresh\"} 1",
         "wxauth_refresh_reuse_detected_total 0",
-        "wxauth_users_total 1",
+        "wxauth_users 1",
+        "wxauth_http_requests_total{route=\"/.well-known/jwks.json\",status=\"404\"} 1",
     ] {
         assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
     }
     assert!(text.contains("wxauth_storage_size_bytes "));
+    // The access line names the same route.
+    let logs = server.logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("wxauth::access") && l.contains("route=\"/.well-known/jwks.json\"")),
+        "{logs}"
+    );
 }
 
 #[test]

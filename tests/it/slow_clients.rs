@@ -17,10 +17,14 @@ const MARGIN: Duration = Duration::from_secs(15);
 
 fn server_with_request_timeout() -> (MockWeChat, TestServer) {
     let mock = MockWeChat::start();
-    let config = TestConfig::against(&mock).with_env(
-        "WXAUTH_SERVER__REQUEST_TIMEOUT",
-        &format!("{}s", REQUEST_TIMEOUT.as_secs()),
-    );
+    let config = TestConfig::against(&mock)
+        .with_env(
+            "WXAUTH_SERVER__REQUEST_TIMEOUT",
+            &format!("{}s", REQUEST_TIMEOUT.as_secs()),
+        )
+        // Every client here, the /healthz poller included, is 127.0.0.1: the
+        // per-address limit is tests/it/connections.rs's subject, not this file's.
+        .with_env("WXAUTH_SERVER__MAX_CONNECTIONS_PER_IP", "100000");
     let server = TestServer::start(config);
     (mock, server)
 }

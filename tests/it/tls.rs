@@ -88,15 +88,9 @@ fn start_https(mock: &MockWeChat, pki: &TestPki) -> (TestServer, tempfile::TempD
 /// A ureq agent that trusts only the test CA.
 fn trusting_agent(pki: &TestPki) -> ureq::Agent {
     let ca = ureq::tls::Certificate::from_der(&pki.ca_der()).to_owned();
-    ureq::Agent::new_with_config(
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .tls_config(
-                ureq::tls::TlsConfig::builder()
-                    .root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![ca])))
-                    .build(),
-            )
+    agent_with_tls(
+        ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![ca])))
             .build(),
     )
 }
@@ -433,4 +427,141 @@ fn the_key_may_come_from_the_credentials_directory() {
     let out = run(dir.path(), &toml, &[], &["check-config"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("server.tls.key"));
+}
+
+/// A rustls client connection to `addr` trusting the test CA, handshake done.
+fn tls_client(
+    addr: &str,
+    pki: &TestPki,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    tls_client_offering(addr, pki, vec![b"http/1.1".to_vec()])
+}
+
+/// The same, offering `alpn`.
+fn tls_client_offering(
+    addr: &str,
+    pki: &TestPki,
+    alpn: Vec<Vec<u8>>,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(pki.ca_der()))
+        .expect("add CA");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+    let mut sock = TcpStream::connect(addr).expect("connect");
+    sock.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).expect("handshake");
+    }
+    rustls::StreamOwned::new(conn, sock)
+}
+
+fn start_https_with_request_timeout(
+    mock: &MockWeChat,
+    pki: &TestPki,
+) -> (TestServer, tempfile::TempDir, String) {
+    let files = tempfile::tempdir().unwrap();
+    let (cert, key) = pki.write(files.path());
+    let server = TestServer::start(
+        TestConfig::against(mock)
+            .with_toml(&tls_table(&cert, &key))
+            .with_env("WXAUTH_SERVER__REQUEST_TIMEOUT", "2s"),
+    );
+    let addr = host_port(&server.base);
+    (server, files, addr)
+}
+
+/// Over HTTPS as over plain HTTP: a kept-alive connection whose next head stalls is
+/// closed (after the keep-alive time, 5 s, plus `server.request_timeout`).
+#[test]
+fn a_stalled_second_head_over_tls_is_closed() {
+    let mock = MockWeChat::start();
+    let pki = TestPki::new();
+    let (_server, _files, addr) = start_https_with_request_timeout(&mock, &pki);
+    let mut tls = tls_client(&addr, &pki);
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut first = [0u8; 12];
+    tls.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHo").unwrap();
+    tls.sock
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    wait_for(
+        Duration::from_secs(40),
+        "the server to close the stalled TLS connection",
+        || match tls.read(&mut buf) {
+            Ok(0) => Some(()),
+            Ok(_) => None,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                None
+            }
+            // A reset, or a close without close_notify: closed too.
+            Err(_) => Some(()),
+        },
+    );
+}
+
+/// Over HTTPS as over plain HTTP: a client that pipelines requests and reads none
+/// of the answers is dropped once nothing has been read for `server.request_timeout`.
+#[test]
+fn a_tls_client_that_reads_no_answers_is_disconnected() {
+    let mock = MockWeChat::start();
+    let pki = TestPki::new();
+    let (_server, _files, addr) = start_https_with_request_timeout(&mock, &pki);
+    let server_addr: std::net::SocketAddr = addr.parse().unwrap();
+    let mut tls = tls_client(&addr, &pki);
+    let requests = b"GET /openapi.json HTTP/1.1\r\nHost: localhost\r\n\r\n".repeat(2000);
+    tls.conn.set_buffer_limit(None);
+    tls.conn.writer().write_all(&requests).unwrap();
+    tls.sock.set_nonblocking(true).unwrap();
+    // Send what the connection takes; never read.
+    while tls.conn.wants_write() {
+        match tls.conn.write_tls(&mut tls.sock) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    wait_for(
+        Duration::from_secs(30),
+        "the server to drop a TLS client that reads nothing",
+        || crate::connections::closed_by_server(&tls.sock, server_addr).then_some(()),
+    );
+}
+
+/// A ClientHello of several KB (browsers with post-quantum key shares send about 2 KB)
+/// is read in as many turns as it needs: the handshake completes and is served.
+#[test]
+fn a_large_client_hello_completes_the_handshake() {
+    let mock = MockWeChat::start();
+    let pki = TestPki::new();
+    let (server, _files, _https) = start_https(&mock, &pki);
+    let addr = host_port(&server.base);
+    let mut alpn: Vec<Vec<u8>> = (0..150)
+        .map(|i| format!("x-padding-protocol-{i:04}").into_bytes())
+        .collect();
+    alpn.push(b"http/1.1".to_vec());
+    let mut tls = tls_client_offering(&addr, &pki, alpn);
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut first = [0u8; 12];
+    tls.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
 }

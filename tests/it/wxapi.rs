@@ -292,21 +292,7 @@ fn the_access_token_endpoint_is_off_by_default_then_loopback_and_bearer_only() {
     assert!(!server.logs().contains("serving the access token endpoint"));
     drop(server);
 
-    let dir = tempfile::tempdir().unwrap();
-    let secret_file = dir.path().join("token-endpoint-secret");
-    std::fs::write(&secret_file, "a-long-enough-bearer-secret\n").unwrap();
-    let server = TestServer::start(
-        TestConfig::against(&mock)
-            .with_env("WXAUTH_WECHAT__TOKEN_ENDPOINT_BIND", "127.0.0.1:0")
-            .with_env(
-                "WXAUTH_WECHAT__TOKEN_ENDPOINT_SECRET_FILE",
-                secret_file.to_str().unwrap(),
-            ),
-    );
-    let addr = wait_for(Duration::from_secs(10), "the token listener", || {
-        server.log_field("serving the access token endpoint", "address")
-    });
-    let url = format!("http://{addr}/api/weixin/access_token/");
+    let (server, url, dir) = start_with_token_endpoint(&mock);
     get(&url, None).assert_error(401, "not_authenticated");
     get(&url, Some("Bearer wrong-secret")).assert_error(401, "not_authenticated");
     let reply = get(&url, Some("Bearer a-long-enough-bearer-secret"));

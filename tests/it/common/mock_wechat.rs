@@ -22,6 +22,8 @@
 //!   that is not base64
 //!
 //! - `key:<name>.<session_key>` success with that session key (the decrypt demo vector)
+//! - `typeerr:<value>` errcode as the JSON string `<value>` (a shape serde refuses,
+//!   quoting the value in its error)
 //!
 //! Session keys are base64 of 16 bytes, as WeChat's are.
 //!
@@ -33,7 +35,8 @@
 //! - `POST /wxa/business/getuserphonenumber?access_token=`: 40001 for a token not
 //!   (or no longer) valid (see [`MockWeChat::revoke_tokens`]); the code chooses:
 //!   `ok:<name>` a number (countryCode a number, as in WeChat's example), `str:<name>`
-//!   countryCode as a string, `busyN:` -1 for the first N calls, `errN:` errcode N.
+//!   countryCode as a string, `busyN:` -1 for the first N calls, `errN:` errcode N,
+//!   `hold:<name>` a number once [`MockWeChat::release_holds`] was called (at most 30 s).
 //! - `POST /wxa/getwxacodeunlimit?access_token=`: the image's bytes on success
 //!   (`Content-Type: image/jpeg`, as WeChat labels its codes: a JPEG signature, then
 //!   `scene=<scene>;page=<page>;…` so a test can see what was asked); errors as JSON
@@ -259,7 +262,9 @@ fn serve_connection(stream: TcpStream, state: &Mutex<MockState>, holds: &Condvar
         let (status, content_type, body) =
             match target.split_once('?').map_or(target.as_str(), |(p, _)| p) {
                 "/cgi-bin/stable_token" => stable_token(&request_body, state),
-                "/wxa/business/getuserphonenumber" => phone_number(&target, &request_body, state),
+                "/wxa/business/getuserphonenumber" => {
+                    phone_number(&target, &request_body, state, holds)
+                }
                 "/wxa/checksession" => check_session(&target, state),
                 _ => handle(&target, state, holds),
             };
@@ -376,6 +381,9 @@ fn handle(url: &str, state: &Mutex<MockState>, holds: &Condvar) -> Answer {
             let query = serde_urlencoded::to_string(&params).unwrap_or_default();
             let status = if prefix == "redirect302" { 302 } else { 307 };
             return reply(status, "", format!("{target}/sns/jscode2session?{query}"));
+        }
+        "typeerr" => {
+            return reply(200, "text/plain", format!(r#"{{"errcode":"{rest}"}}"#));
         }
         "garbage" => {
             return reply(
@@ -516,7 +524,7 @@ fn stable_token(body: &[u8], state: &Mutex<MockState>) -> Answer {
 }
 
 /// `wxa/business/getuserphonenumber`.
-fn phone_number(target: &str, body: &[u8], state: &Mutex<MockState>) -> Answer {
+fn phone_number(target: &str, body: &[u8], state: &Mutex<MockState>, holds: &Condvar) -> Answer {
     let request: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     let code = request["code"].as_str().unwrap_or("").to_string();
     let openid = request["openid"].as_str().unwrap_or("").to_string();
@@ -550,6 +558,13 @@ fn phone_number(target: &str, body: &[u8], state: &Mutex<MockState>) -> Answer {
     match prefix {
         "ok" => ok("86"),
         "str" => ok("\"86\""),
+        "hold" => {
+            let st = state.lock().unwrap();
+            let _ = holds
+                .wait_timeout_while(st, Duration::from_secs(30), |st| !st.holds_released)
+                .unwrap();
+            ok("86")
+        }
         p if p.starts_with("busy") => {
             let n: usize = p[4..].parse().unwrap_or(1);
             if calls <= n {

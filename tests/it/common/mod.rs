@@ -3,6 +3,9 @@
 #![allow(dead_code)]
 
 pub mod mock_wechat;
+pub mod postgres;
+pub mod proxy;
+pub mod tools;
 
 use serde_json::Value;
 use std::collections::HashMap;
@@ -35,7 +38,7 @@ pub struct TestConfig {
 }
 
 impl TestConfig {
-    /// Real HTTP client against `mock`, one app, no rate limit, no metrics listener.
+    /// Real HTTP client against `mock`, one app, no rate limits, no metrics listener.
     pub fn against(mock: &MockWeChat) -> Self {
         TestConfig {
             toml: format!(
@@ -53,6 +56,9 @@ retries = 2
 
 [limits]
 login_per_minute = 0
+refresh_per_minute = 0
+refresh_per_family_per_minute = 0
+phone_per_user_per_minute = 0
 
 [metrics]
 bind = ""
@@ -275,6 +281,17 @@ pub fn agent() -> ureq::Agent {
     )
 }
 
+/// The test agent with `tls` for HTTPS.
+pub fn agent_with_tls(tls: ureq::tls::TlsConfig) -> ureq::Agent {
+    ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .tls_config(tls)
+            .build(),
+    )
+}
+
 /// A ureq result as the tests see it (any status is an answer).
 pub fn collect(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {
     let mut response = result.expect("HTTP request failed");
@@ -482,9 +499,68 @@ pub fn run_with_config(
     cmd.output().unwrap()
 }
 
+/// A mock WeChat and a server using it with its metrics listener on, and that
+/// listener's address.
+pub fn start_with_metrics() -> (MockWeChat, TestServer, String) {
+    let mock = MockWeChat::start();
+    let server = TestServer::start(
+        TestConfig::against(&mock).with_env("WXAUTH_METRICS__BIND", "127.0.0.1:0"),
+    );
+    // Logged just after "listening" (where the harness stops waiting): poll for it.
+    let metrics_addr = wait_for(
+        Duration::from_secs(10),
+        "the metrics address in the log",
+        || server.log_field("serving metrics", "address"),
+    );
+    (mock, server, metrics_addr)
+}
+
 /// A mock WeChat and a server using it with the default test config.
 pub fn start_with_mock() -> (MockWeChat, TestServer) {
     let mock = MockWeChat::start();
     let server = TestServer::start(TestConfig::against(&mock));
     (mock, server)
+}
+
+/// `POST /api/weixin/phone/` with a getPhoneNumber code, as the user of `access`.
+pub fn phone(server: &TestServer, access: &str, code: &str) -> Reply {
+    collect(
+        agent()
+            .post(&server.url("/api/weixin/phone/"))
+            .header("Content-Type", "application/json")
+            .header("Authorization", &bearer(access))
+            .send(serde_json::json!({ "code": code }).to_string()),
+    )
+}
+
+/// Whether the tests run as root (CI does): some need to act as another user.
+pub fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// The bearer secret of [`start_with_token_endpoint`]'s access-token listener.
+pub const TOKEN_ENDPOINT_SECRET: &str = "a-long-enough-bearer-secret";
+
+/// A server against `mock` with the access-token endpoint on its own loopback
+/// listener: the server, the endpoint's URL, and the directory holding the secret file.
+pub fn start_with_token_endpoint(mock: &MockWeChat) -> (TestServer, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret_file = dir.path().join("token-endpoint-secret");
+    std::fs::write(&secret_file, format!("{TOKEN_ENDPOINT_SECRET}\n")).expect("secret file");
+    let server = TestServer::start(
+        TestConfig::against(mock)
+            .with_env("WXAUTH_WECHAT__TOKEN_ENDPOINT_BIND", "127.0.0.1:0")
+            .with_env(
+                "WXAUTH_WECHAT__TOKEN_ENDPOINT_SECRET_FILE",
+                secret_file.to_str().expect("a UTF-8 path"),
+            ),
+    );
+    let addr = wait_for(Duration::from_secs(10), "the token listener", || {
+        server.log_field("serving the access token endpoint", "address")
+    });
+    let url = format!("http://{addr}/api/weixin/access_token/");
+    (server, url, dir)
 }

@@ -1,0 +1,406 @@
+//! Events for the team's own back end: `user.created`, `user.updated`,
+//! `user.disabled`, `user.enabled`, `user.deletion_scheduled`, `user.deleted`,
+//! POSTed to `events.webhook_url` and signed as the Standard Webhooks specification
+//! says. Rules: docs/API.md, "Events".
+//!
+//! **The outbox.** An event is a `meta` record `outbox 0x00 seq` (seq: 8 bytes
+//! big-endian, one more than the greatest pending) written by the storage model in
+//! the SAME atomic batch as the change it reports, so it is durable exactly when
+//! the change is. With no `events.webhook_url` the model has no [`Outbox`] and
+//! writes none.
+//!
+//! **Delivery.** One thread (`wxauth-events`), off every request path: it reads the
+//! pending records in seq order, makes them durable first (a flush: a receiver
+//! never hears of a change a crash could still undo), and POSTs each with a
+//! blocking ureq call cut off at `events.timeout`. A 2xx deletes the record; anything
+//! else records the attempt and waits (1 s, doubling, at most 30 s), and the user's
+//! later events wait behind it (order per user); other users' events go on. After
+//! `events.retry_for` an event is given up (kept, `failed`, for `wxauth events
+//! list|retry`) and no longer holds the user's later events. A delivery whose answer
+//! was lost is sent again: at least once; receivers dedupe by `webhook-id`.
+
+use crate::metrics::Metrics;
+use crate::storage::{ReadStore, StorageError, Store, Tree, WriteBatch};
+use crate::users::UserId;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// `meta` keys of pending events: this prefix, then the seq (8 bytes big-endian).
+pub const OUTBOX_PREFIX: &[u8] = b"outbox\0";
+const FIRST_BACKOFF_MS: i64 = 1_000;
+const MAX_BACKOFF_MS: i64 = 30_000;
+/// Records read per round.
+const ROUND: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    Created,
+    Updated,
+    Disabled,
+    Enabled,
+    DeletionScheduled,
+    Deleted,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Created => "user.created",
+            EventType::Updated => "user.updated",
+            EventType::Disabled => "user.disabled",
+            EventType::Enabled => "user.enabled",
+            EventType::DeletionScheduled => "user.deletion_scheduled",
+            EventType::Deleted => "user.deleted",
+        }
+    }
+}
+
+/// One pending event as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredEvent {
+    /// `webhook-id`: `msg_` and 24 random hex characters.
+    pub id: String,
+    pub user_id: UserId,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// RFC 3339, when the change was made.
+    pub timestamp: String,
+    pub data: Value,
+    pub created_ms: i64,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default)]
+    pub next_attempt_ms: i64,
+    #[serde(default)]
+    pub failed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+impl StoredEvent {
+    /// The POSTed body: `{"type", "timestamp", "data": {"user_id", …}}`.
+    pub fn body(&self) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "type": self.kind,
+            "timestamp": self.timestamp,
+            "data": self.data,
+        }))
+        .expect("an event serializes")
+    }
+
+    /// What `wxauth events list` prints.
+    pub fn view(&self, seq: u64) -> Value {
+        json!({
+            "seq": seq,
+            "id": self.id,
+            "user_id": self.user_id,
+            "type": self.kind,
+            "timestamp": self.timestamp,
+            "attempts": self.attempts,
+            "next_attempt_at": (self.next_attempt_ms > 0)
+                .then(|| crate::users::rfc3339(self.next_attempt_ms.div_euclid(1000))),
+            "failed": self.failed,
+            "last_error": self.last_error,
+        })
+    }
+}
+
+fn outbox_key(seq: u64) -> Vec<u8> {
+    [OUTBOX_PREFIX, &seq.to_be_bytes()].concat()
+}
+
+fn decode(key: &[u8], value: &[u8]) -> Option<(u64, StoredEvent)> {
+    let seq = u64::from_be_bytes(key.strip_prefix(OUTBOX_PREFIX)?.try_into().ok()?);
+    Some((seq, serde_json::from_slice(value).ok()?))
+}
+
+/// Up to `limit` pending events, in seq order.
+pub fn pending(
+    store: &dyn ReadStore,
+    limit: usize,
+) -> Result<Vec<(u64, StoredEvent)>, StorageError> {
+    let mut found = Vec::new();
+    store.for_each_from(Tree::Meta, OUTBOX_PREFIX, &mut |key, value| {
+        if !key.starts_with(OUTBOX_PREFIX) || found.len() >= limit {
+            return ControlFlow::Break(());
+        }
+        if let Some(event) = decode(key, value) {
+            found.push(event);
+        }
+        ControlFlow::Continue(())
+    })?;
+    Ok(found)
+}
+
+/// `wxauth events retry`: every waiting or given-up event is due now. The count.
+pub fn retry_all(store: &dyn Store) -> Result<usize, StorageError> {
+    let mut batch = WriteBatch::default();
+    let mut count = 0;
+    for (seq, mut event) in pending(store, usize::MAX)? {
+        if event.failed || event.next_attempt_ms > 0 {
+            event.failed = false;
+            event.next_attempt_ms = 0;
+            batch.put(
+                Tree::Meta,
+                outbox_key(seq),
+                serde_json::to_vec(&event).expect("serializes"),
+            );
+            count += 1;
+        }
+    }
+    if count > 0 {
+        store.apply(batch)?;
+    }
+    Ok(count)
+}
+
+/// The writer's side, held by the storage model.
+pub struct Outbox {
+    next_seq: AtomicU64,
+    wake: Mutex<Option<SyncSender<()>>>,
+}
+
+impl Outbox {
+    /// Continues after the greatest pending seq.
+    pub fn open(store: &dyn ReadStore) -> Result<Arc<Self>, StorageError> {
+        let last = pending(store, usize::MAX)?
+            .last()
+            .map_or(0, |(seq, _)| seq + 1);
+        Ok(Arc::new(Outbox {
+            next_seq: AtomicU64::new(last),
+            wake: Mutex::new(None),
+        }))
+    }
+
+    /// Adds the event to `batch` (the batch of the change it reports).
+    pub fn add(
+        &self,
+        batch: &mut WriteBatch,
+        user_id: UserId,
+        kind: EventType,
+        mut data: Value,
+        now_ms: i64,
+    ) {
+        data["user_id"] = json!(user_id);
+        let event = StoredEvent {
+            id: format!("msg_{}", crate::random_hex(12)),
+            user_id,
+            kind: kind.as_str().to_string(),
+            timestamp: rfc3339_ms(now_ms),
+            data,
+            created_ms: now_ms,
+            attempts: 0,
+            next_attempt_ms: 0,
+            failed: false,
+            last_error: None,
+        };
+        let seq = self.next_seq.fetch_add(1, Relaxed);
+        batch.put(
+            Tree::Meta,
+            outbox_key(seq),
+            serde_json::to_vec(&event).expect("an event serializes"),
+        );
+    }
+
+    /// Tells the delivery thread there is something new (never blocks).
+    pub fn wake(&self) {
+        if let Some(wake) = self.wake.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let _ = wake.try_send(());
+        }
+    }
+}
+
+fn rfc3339_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// A Standard Webhooks secret: `whsec_` then base64 of the key bytes.
+pub fn parse_secret(text: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    let encoded = text
+        .trim()
+        .strip_prefix("whsec_")
+        .ok_or("must start with `whsec_` (a Standard Webhooks secret)")?;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|_| "the part after `whsec_` must be base64")?;
+    if key.len() < 16 {
+        return Err("the key must be at least 16 bytes".into());
+    }
+    Ok(key)
+}
+
+/// `v1,<base64 of HMAC-SHA256(key, "{id}.{timestamp}.{body}")>`.
+pub fn signature(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
+    use base64::Engine;
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+    let mut signed = ring::hmac::Context::with_key(&key);
+    signed.update(format!("{id}.{timestamp}.").as_bytes());
+    signed.update(body);
+    let tag = signed.sign();
+    format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(tag.as_ref())
+    )
+}
+
+/// The delivery thread's settings.
+pub struct Delivery {
+    pub url: String,
+    pub key: Vec<u8>,
+    pub timeout: Duration,
+    pub retry_for: Duration,
+}
+
+/// Starts the delivery thread for `outbox` (detached: a stop mid-delivery only
+/// means that event is sent again after the restart).
+pub fn start(
+    store: Arc<dyn Store>,
+    outbox: &Outbox,
+    delivery: Delivery,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<()> {
+    let (wake, woken) = sync_channel(1);
+    *outbox.wake.lock().unwrap_or_else(|e| e.into_inner()) = Some(wake);
+    std::thread::Builder::new()
+        .name("wxauth-events".into())
+        .spawn(move || run(store.as_ref(), &delivery, &metrics, &woken))?;
+    Ok(())
+}
+
+fn run(store: &dyn Store, delivery: &Delivery, metrics: &Metrics, woken: &Receiver<()>) {
+    let agent = ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .timeout_global(Some(delivery.timeout))
+            .build(),
+    );
+    loop {
+        let wait = match round(store, delivery, metrics, &agent) {
+            Ok(wait) => wait,
+            Err(e) => {
+                tracing::warn!(error = %e, "event delivery: the outbox could not be read or written");
+                Duration::from_secs(1)
+            }
+        };
+        if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) = woken.recv_timeout(wait) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// One pass over the pending events; how long to wait before the next.
+fn round(
+    store: &dyn Store,
+    delivery: &Delivery,
+    metrics: &Metrics,
+    agent: &ureq::Agent,
+) -> Result<Duration, StorageError> {
+    let events = pending(store, ROUND)?;
+    metrics.set_events_pending(events.iter().filter(|(_, e)| !e.failed).count() as u64);
+    let mut blocked = HashSet::new();
+    let mut wait_ms = 1_000;
+    let mut flushed = false;
+    for (seq, mut event) in events {
+        let now = crate::tokens::now_ms();
+        if event.failed || blocked.contains(&event.user_id) {
+            continue;
+        }
+        if event.next_attempt_ms > now {
+            blocked.insert(event.user_id);
+            wait_ms = wait_ms.min(event.next_attempt_ms - now);
+            continue;
+        }
+        if !flushed {
+            // Never tell the receiver of a change that is not durable yet.
+            store.flush()?;
+            flushed = true;
+        }
+        let mut batch = WriteBatch::default();
+        match deliver(agent, delivery, &event) {
+            Ok(()) => batch.delete(Tree::Meta, outbox_key(seq)),
+            Err(reason) => {
+                metrics.event_delivery_failed();
+                blocked.insert(event.user_id);
+                event.attempts = event.attempts.saturating_add(1);
+                event.last_error = Some(reason);
+                let retry_for = i64::try_from(delivery.retry_for.as_millis()).unwrap_or(i64::MAX);
+                if now - event.created_ms >= retry_for {
+                    event.failed = true;
+                    tracing::warn!(
+                        event_id = %event.id,
+                        user_id = event.user_id,
+                        attempts = event.attempts,
+                        "event given up after events.retry_for (wxauth events retry sends it again)"
+                    );
+                } else {
+                    let shift = event.attempts.saturating_sub(1).min(16);
+                    let backoff = (FIRST_BACKOFF_MS << shift).min(MAX_BACKOFF_MS);
+                    event.next_attempt_ms = now + backoff;
+                    wait_ms = wait_ms.min(backoff);
+                }
+                batch.put(
+                    Tree::Meta,
+                    outbox_key(seq),
+                    serde_json::to_vec(&event).expect("an event serializes"),
+                );
+            }
+        }
+        store.apply(batch)?;
+    }
+    Ok(Duration::from_millis(wait_ms.max(10) as u64))
+}
+
+/// One POST; `Err`: why it did not count as delivered (no URL, no body in it).
+fn deliver(agent: &ureq::Agent, delivery: &Delivery, event: &StoredEvent) -> Result<(), String> {
+    let body = event.body();
+    let timestamp = crate::now_unix();
+    let signature = signature(&delivery.key, &event.id, timestamp, &body);
+    let sent = agent
+        .post(&delivery.url)
+        .header("content-type", "application/json")
+        .header("webhook-id", &event.id)
+        .header("webhook-timestamp", &timestamp.to_string())
+        .header("webhook-signature", &signature)
+        .send(&body[..]);
+    match sent {
+        Ok(response) if response.status().is_success() => Ok(()),
+        Ok(response) => Err(format!("HTTP {}", response.status().as_u16())),
+        Err(e) => Err(match e {
+            ureq::Error::Timeout(_) => "timed out".to_string(),
+            ureq::Error::Io(e) => format!("connection: {}", e.kind()),
+            _ => "the request failed".to_string(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Standard Webhooks specification's own example.
+    #[test]
+    fn the_signature_is_the_specifications() {
+        let key = parse_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let body = br#"{"test": 2432232314}"#;
+        assert_eq!(
+            signature(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+        assert!(parse_secret("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_err());
+        assert!(parse_secret("whsec_!!").is_err());
+    }
+}

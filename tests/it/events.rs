@@ -1,0 +1,412 @@
+//! Events for the team's own back end, through the real binary: the outbox, the
+//! Standard Webhooks signatures (checked with the `standardwebhooks` Python
+//! package), order per user and at-least-once delivery across a dead receiver and
+//! a `kill -9`.
+
+use crate::common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// One POST as the receiver got it.
+#[derive(Debug, Clone)]
+struct Delivery {
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Delivery {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).expect("an event body is JSON")
+    }
+}
+
+/// A webhook receiver on 127.0.0.1:`port` answering 204 to every POST, until dropped
+/// (then the port refuses connections).
+struct Receiver {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Receiver {
+    fn start(port: u16, got: Arc<Mutex<Vec<Delivery>>>) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind the receiver");
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            stream.set_nonblocking(false).unwrap();
+                            if let Some(delivery) = serve(stream) {
+                                got.lock().unwrap().push(delivery);
+                            }
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            })
+        };
+        Receiver {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn serve(stream: std::net::TcpStream) -> Option<Delivery> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    let mut reader = BufReader::new(stream.try_clone().ok()?);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).ok()?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        let (k, v) = line.split_once(':')?;
+        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+    }
+    let length: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())?;
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    let mut stream = stream;
+    stream
+        .write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+        .ok()?;
+    Some(Delivery {
+        headers,
+        body: String::from_utf8(body).ok()?,
+    })
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSwZm9yIHdpcmVzIHRlc3Rz";
+
+fn server_with_events(mock: &common::mock_wechat::MockWeChat, port: u16) -> TestServer {
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), format!("{SECRET}\n")).unwrap();
+    let (_, path) = secret.keep().unwrap();
+    TestServer::start(TestConfig::against(mock).with_toml(&format!(
+        "\n[events]\nwebhook_url = \"http://127.0.0.1:{port}/hooks\"\nsecret_file = {:?}\ntimeout = \"2s\"\n",
+        path.display().to_string()
+    )))
+}
+
+fn call(server: &TestServer, method: &str, path: &str, access: &str, body: Value) -> Reply {
+    let req = ureq::http::Request::builder()
+        .method(method)
+        .uri(server.url(path))
+        .header("Authorization", bearer(access))
+        .header("Content-Type", "application/json")
+        .body(body.to_string())
+        .expect("request");
+    collect(agent().run(req))
+}
+
+/// A Python with `standardwebhooks`: `$TEST_VENV` (what `.ci/run` prepares), else
+/// one this test makes under target/ (`None` when it cannot).
+fn webhooks_python() -> Option<PathBuf> {
+    let ready = |python: &Path| {
+        Command::new(python)
+            .args(["-c", "import standardwebhooks"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let shared = std::env::var_os("TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/venv"));
+    if ready(&shared.join("bin/python")) {
+        return Some(shared.join("bin/python"));
+    }
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("webhooks-venv");
+    let python = venv.join("bin/python");
+    if ready(&python) {
+        return Some(python);
+    }
+    let _ = std::fs::remove_dir_all(&venv);
+    let made = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let installed = made
+        && Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "standardwebhooks"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+    (installed && ready(&python)).then_some(python)
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+#[test]
+fn every_delivery_verifies_with_standardwebhooks_and_a_tampered_body_does_not() {
+    let test = "every_delivery_verifies_with_standardwebhooks_and_a_tampered_body_does_not";
+    let mock = common::mock_wechat::MockWeChat::start();
+    let port = free_port();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let _receiver = Receiver::start(port, got.clone());
+    let server = server_with_events(&mock, port);
+
+    let body = login(&server, "ok:ivy.1");
+    let access = body["access"].as_str().unwrap().to_string();
+    let id = body["user"]["id"].as_u64().unwrap();
+    let patched = call(
+        &server,
+        "PATCH",
+        "/api/weixin/user/",
+        &access,
+        json!({"nickname": "Ivy"}),
+    );
+    assert_eq!(patched.status, 200, "{}", patched.text);
+    json_lines(&server.cli(&["users", "disable", &id.to_string()]));
+    json_lines(&server.cli(&["users", "enable", &id.to_string()]));
+    let deleted = call(
+        &server,
+        "DELETE",
+        "/api/weixin/user/",
+        &access,
+        json!({"code": "ok:ivy.2"}),
+    );
+    assert_eq!(deleted.status, 200, "{}", deleted.text);
+
+    let deliveries = wait_for(Duration::from_secs(60), "five deliveries", || {
+        let got = got.lock().unwrap();
+        (got.len() >= 5).then(|| got.clone())
+    });
+    let types: Vec<Value> = deliveries
+        .iter()
+        .map(|d| d.json()["type"].clone())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "user.created",
+            "user.updated",
+            "user.disabled",
+            "user.enabled",
+            "user.deleted"
+        ]
+    );
+    for delivery in &deliveries {
+        let event = delivery.json();
+        assert_eq!(event["data"]["user_id"], id, "{event}");
+        assert!(event["timestamp"].as_str().is_some(), "{event}");
+        assert!(delivery
+            .header("webhook-id")
+            .is_some_and(|h| h.starts_with("msg_")));
+        assert!(delivery
+            .header("webhook-signature")
+            .is_some_and(|h| h.starts_with("v1,")));
+    }
+    assert_eq!(deliveries[1].json()["data"]["nickname"], "Ivy");
+    // Delivered: the outbox is empty.
+    wait_for(Duration::from_secs(30), "an empty outbox", || {
+        json_lines(&server.cli(&["events", "list"]))
+            .is_empty()
+            .then_some(())
+    });
+
+    let Some(python) = webhooks_python() else {
+        assert!(
+            !in_ci(),
+            "{test}: no standardwebhooks (pip): .ci/run must install it"
+        );
+        eprintln!("\n!!!!!!!! SKIPPED the signature check of {test}: no python3 venv with standardwebhooks !!!!!!!!\n");
+        return;
+    };
+    let file = server.dir.path().join("deliveries.json");
+    let records: Vec<Value> = deliveries
+        .iter()
+        .map(|d| {
+            json!({
+                "body": d.body,
+                "headers": d.headers.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            })
+        })
+        .collect();
+    std::fs::write(&file, serde_json::to_string(&records).unwrap()).unwrap();
+    let script = r#"
+import json, sys
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+hook = Webhook(sys.argv[1])
+verified = refused = 0
+for d in json.load(open(sys.argv[2])):
+    hook.verify(d["body"], d["headers"])
+    verified += 1
+    try:
+        hook.verify(d["body"].replace("user.", "user.x", 1), d["headers"])
+    except WebhookVerificationError:
+        refused += 1
+print(json.dumps({"verified": verified, "tampered_refused": refused}))
+"#;
+    let out = Command::new(python)
+        .args(["-c", script, SECRET])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result, json!({"verified": 5, "tampered_refused": 5}));
+}
+
+#[test]
+fn a_receiver_down_for_30_s_gets_every_event_once_in_order_per_user_across_a_kill_9() {
+    let mock = common::mock_wechat::MockWeChat::start();
+    let port = free_port();
+    let down_since = Instant::now();
+    let mut server = server_with_events(&mock, port);
+
+    let mut users = Vec::new();
+    for name in ["jay", "kim", "lee"] {
+        let body = login(&server, &format!("ok:{name}.1"));
+        let access = body["access"].as_str().unwrap().to_string();
+        for n in 1..=2 {
+            let reply = call(
+                &server,
+                "PATCH",
+                "/api/weixin/user/",
+                &access,
+                json!({"nickname": format!("{name}-{n}")}),
+            );
+            assert_eq!(reply.status, 200, "{}", reply.text);
+        }
+        users.push((name, body["user"]["id"].as_u64().unwrap()));
+    }
+    // Answered changes are durable, their events with them.
+    server.kill9();
+    server.restart();
+    for (name, _) in &users {
+        let access = login(&server, &format!("ok:{name}.2"))["access"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let reply = call(
+            &server,
+            "PATCH",
+            "/api/weixin/user/",
+            &access,
+            json!({"nickname": format!("{name}-3")}),
+        );
+        assert_eq!(reply.status, 200, "{}", reply.text);
+    }
+    let pending = json_lines(&server.cli(&["events", "list"]));
+    assert_eq!(pending.len(), 12, "{pending:?}");
+
+    // The receiver comes back after 30 s down.
+    if let Some(left) = Duration::from_secs(30).checked_sub(down_since.elapsed()) {
+        std::thread::sleep(left);
+    }
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let _receiver = Receiver::start(port, got.clone());
+    let deliveries = wait_for(Duration::from_secs(120), "every event delivered", || {
+        let got = got.lock().unwrap();
+        let ids: std::collections::HashSet<_> = got
+            .iter()
+            .filter_map(|d| d.header("webhook-id").map(str::to_string))
+            .collect();
+        (ids.len() >= 12).then(|| got.clone())
+    });
+    for (name, id) in &users {
+        let mut seen = std::collections::HashSet::new();
+        let mine: Vec<Value> = deliveries
+            .iter()
+            .filter(|d| seen.insert(d.header("webhook-id").unwrap().to_string()))
+            .map(Delivery::json)
+            .filter(|e| e["data"]["user_id"] == *id)
+            .collect();
+        let shown: Vec<(Value, Value)> = mine
+            .iter()
+            .map(|e| (e["type"].clone(), e["data"]["nickname"].clone()))
+            .collect();
+        assert_eq!(
+            shown,
+            vec![
+                (json!("user.created"), Value::Null),
+                (json!("user.updated"), json!(format!("{name}-1"))),
+                (json!("user.updated"), json!(format!("{name}-2"))),
+                (json!("user.updated"), json!(format!("{name}-3"))),
+            ],
+            "{name}"
+        );
+    }
+    wait_for(Duration::from_secs(30), "an empty outbox", || {
+        json_lines(&server.cli(&["events", "list"]))
+            .is_empty()
+            .then_some(())
+    });
+}
+
+#[test]
+fn with_no_webhook_url_no_event_is_stored() {
+    let (_mock, server) = start_with_mock();
+    let body = login(&server, "ok:max");
+    let access = body["access"].as_str().unwrap();
+    call(
+        &server,
+        "PATCH",
+        "/api/weixin/user/",
+        access,
+        json!({"nickname": "M"}),
+    );
+    assert!(json_lines(&server.cli(&["events", "list"])).is_empty());
+}
+
+#[test]
+fn events_with_postgres_are_refused_at_start_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "{VALID_CONFIG}\n[storage]\nbackend = \"postgres\"\npostgres_url = \"postgres://u@127.0.0.1:1/db\"\n[events]\nwebhook_url = \"http://127.0.0.1:1/\"\nsecret_file = \"s\"\n"
+    );
+    let out = run_with_config(dir.path(), &toml, &[], &["check-config"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("events.webhook_url"), "{stderr}");
+}

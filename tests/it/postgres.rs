@@ -1,0 +1,896 @@
+//! `storage.backend = "postgres"` against a real PostgreSQL (common::postgres): the
+//! schema's migrations, TLS to the database, and the storage operations' rules when
+//! two nodes (two stores, each with its own pool) race on one database.
+
+use crate::common::postgres::{cluster, PgCluster};
+use std::sync::{Arc, Barrier};
+use wxauth::actors::wechat::Session;
+use wxauth::config::{StorageBackend, StorageConfig};
+use wxauth::secret::SessionKey;
+use wxauth::storage::model::{
+    AuthStore, FamilyId, LoginRequest, LoginResult, RotateOutcome, RotateRequest,
+};
+use wxauth::storage::postgres::PgStore;
+
+fn storage_config(url: &str) -> StorageConfig {
+    StorageConfig {
+        backend: StorageBackend::Postgres,
+        postgres: Some(wxauth::postgres_url::parse(url).expect("a test URL")),
+        ..StorageConfig::default()
+    }
+}
+
+fn open(url: &str) -> PgStore {
+    PgStore::open(&storage_config(url)).expect("open the PostgreSQL store")
+}
+
+/// Runs futures to completion on a runtime of the test's own (the store's futures
+/// run on the store's runtime; this one only waits).
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn login_request(openid: &str) -> LoginRequest {
+    LoginRequest {
+        appid: "wxapp".into(),
+        session: Session {
+            openid: openid.into(),
+            unionid: None,
+            session_key: SessionKey::new("c2Vzc2lvbmtleQ=="),
+        },
+        link_by_unionid: false,
+        family: FamilyId::random(),
+        family_exp: now_ms() / 1000 + 86_400,
+        now_ms: now_ms(),
+    }
+}
+
+#[test]
+fn two_nodes_starting_at_once_migrate_once() {
+    let Some(pg) = cluster("two_nodes_starting_at_once_migrate_once") else {
+        return;
+    };
+    let url = pg.create_database();
+    let barrier = Arc::new(Barrier::new(4));
+    let nodes: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, barrier) = (url.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                PgStore::open(&storage_config(&url)).map(|_| ())
+            })
+        })
+        .collect();
+    for node in nodes {
+        node.join().unwrap().expect("every node starts");
+    }
+    let db = PgCluster::database_of(&url);
+    let applied = pg.psql(
+        db,
+        "SELECT string_agg(version::text, ',' ORDER BY version) FROM wxauth_schema_migrations",
+    );
+    let expected: Vec<String> = (1..=wxauth::storage::postgres::latest_schema())
+        .map(|v| v.to_string())
+        .collect();
+    assert_eq!(applied, expected.join(","), "each migration recorded once");
+}
+
+#[test]
+fn a_database_newer_than_the_binary_is_refused_with_a_reason() {
+    let Some(pg) = cluster("a_database_newer_than_the_binary_is_refused_with_a_reason") else {
+        return;
+    };
+    let url = pg.create_database();
+    drop(open(&url));
+    let db = PgCluster::database_of(&url);
+    pg.psql(
+        db,
+        "INSERT INTO wxauth_schema_migrations (version, name) VALUES (999, 'from the future')",
+    );
+    let err = PgStore::open(&storage_config(&url))
+        .err()
+        .expect("a newer schema is refused");
+    let text = wxauth::error::cause_chain(&err);
+    assert!(
+        text.contains("version 999") && text.contains("newer than this wxauth"),
+        "{text}"
+    );
+}
+
+/// The wxauth connections the server sees, and whether each uses TLS.
+fn wxauth_connections_tls(pg: &PgCluster, db: &str) -> Vec<bool> {
+    pg.psql(
+        "postgres",
+        &format!(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = 'wxauth' AND a.datname = '{db}'"
+        ),
+    )
+    .lines()
+    .map(|l| l == "t")
+    .collect()
+}
+
+#[test]
+fn tls_require_and_verify_full_connect_and_a_wrong_ca_is_refused() {
+    let Some(pg) = cluster("tls_require_and_verify_full_connect_and_a_wrong_ca_is_refused") else {
+        return;
+    };
+    let db_url = pg.create_database();
+    let db = PgCluster::database_of(&db_url).to_string();
+    let ca = pg.ca_file().display().to_string();
+    for params in [
+        "sslmode=require".to_string(),
+        format!("sslmode=verify-ca&sslrootcert={ca}"),
+        format!("sslmode=verify-full&sslrootcert={ca}"),
+    ] {
+        let store = open(&pg.url(&db, &params));
+        store.wait(store.probe()).expect(&params);
+        let tls = wxauth_connections_tls(pg, &db);
+        assert!(
+            !tls.is_empty() && tls.iter().all(|&t| t),
+            "{params}: {tls:?}"
+        );
+        drop(store);
+    }
+    // verify-full checks the name: "localhost" is in the certificate too.
+    let by_name = format!(
+        "postgres://postgres@localhost:{}/{db}?sslmode=verify-full&sslrootcert={ca}",
+        pg.port
+    );
+    let store = open(&by_name);
+    store.wait(store.probe()).expect("verify-full by name");
+    drop(store);
+    // The Mozilla roots do not lead to the test CA: refused, and the error says why.
+    let err = PgStore::open(&storage_config(
+        &pg.url(&db, "sslmode=verify-full&sslrootcert=system"),
+    ))
+    .err()
+    .expect("an unknown CA is refused");
+    let text = wxauth::error::cause_chain(&err);
+    assert!(
+        text.to_lowercase().contains("certificate") || text.contains("UnknownIssuer"),
+        "{text}"
+    );
+}
+
+#[test]
+fn sixty_four_concurrent_first_logins_of_one_openid_on_two_nodes_make_one_user() {
+    let Some(pg) =
+        cluster("sixty_four_concurrent_first_logins_of_one_openid_on_two_nodes_make_one_user")
+    else {
+        return;
+    };
+    let url = pg.create_database();
+    let nodes = [open(&url), open(&url)];
+    let results = block_on(futures_util::future::join_all(
+        (0..64).map(|i| nodes[i % 2].login(login_request("o_race"))),
+    ));
+    let mut ids = std::collections::BTreeSet::new();
+    let mut created = 0;
+    for result in results {
+        match result.expect("every login succeeds") {
+            LoginResult::LoggedIn {
+                user,
+                created: c,
+                family,
+                ..
+            } => {
+                ids.insert(user.id);
+                created += usize::from(c);
+                assert_eq!(family.generation, 1);
+            }
+            LoginResult::Disabled => panic!("not disabled"),
+        }
+    }
+    assert_eq!(ids.len(), 1, "one user: {ids:?}");
+    assert_eq!(created, 1, "created once");
+    let db = PgCluster::database_of(&url);
+    assert_eq!(pg.psql(db, "SELECT count(*) FROM wxauth_users"), "1");
+    assert_eq!(pg.psql(db, "SELECT count(*) FROM wxauth_families"), "64");
+}
+
+fn logged_in(result: LoginResult) -> (wxauth::users::User, wxauth::storage::model::FamilyRecord) {
+    match result {
+        LoginResult::LoggedIn { user, family, .. } => (user, family),
+        LoginResult::Disabled => panic!("disabled"),
+    }
+}
+
+#[test]
+fn one_of_twenty_concurrent_rotations_on_two_nodes_wins_and_the_rest_follow_the_grace_rule() {
+    let Some(pg) = cluster(
+        "one_of_twenty_concurrent_rotations_on_two_nodes_wins_and_the_rest_follow_the_grace_rule",
+    ) else {
+        return;
+    };
+    let url = pg.create_database();
+    let nodes = [open(&url), open(&url)];
+    for grace_ms in [0, 60_000] {
+        let (user, family) =
+            logged_in(block_on(nodes[0].login(login_request("o_rotate"))).unwrap());
+        let request = RotateRequest {
+            user_id: user.id,
+            family: family.id,
+            presented: 1,
+            now_ms: now_ms(),
+            grace_ms,
+            exp: family.exp + 10,
+        };
+        let outcomes: Vec<RotateOutcome> = block_on(futures_util::future::join_all(
+            (0..20).map(|i| nodes[i % 2].rotate(request)),
+        ))
+        .into_iter()
+        .map(|r| r.expect("every rotation answers"))
+        .collect();
+        let rotated = outcomes
+            .iter()
+            .filter(|o| **o == RotateOutcome::Rotated { generation: 2 })
+            .count();
+        assert_eq!(rotated, 1, "grace {grace_ms}: {outcomes:?}");
+        // Without the grace the others are reuses: the first to see one revokes the
+        // family, the later ones find it revoked. With it, each is a retry.
+        let others: &[RotateOutcome] = if grace_ms == 0 {
+            &[RotateOutcome::Reused, RotateOutcome::Revoked]
+        } else {
+            &[RotateOutcome::Retry { generation: 2 }]
+        };
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| *o == RotateOutcome::Rotated { generation: 2 } || others.contains(o)),
+            "grace {grace_ms}: {outcomes:?}"
+        );
+        let stored = block_on(nodes[1].family(user.id, family.id))
+            .unwrap()
+            .expect("the family");
+        assert_eq!(stored.generation, 2);
+        assert_eq!(
+            stored.exp,
+            family.exp + 10,
+            "the expiry follows the rotation"
+        );
+        assert_eq!(stored.is_revoked(), grace_ms == 0, "a reuse revokes");
+    }
+}
+
+#[test]
+fn the_other_rotation_answers_and_the_user_operations() {
+    let Some(pg) = cluster("the_other_rotation_answers_and_the_user_operations") else {
+        return;
+    };
+    let url = pg.create_database();
+    let store = open(&url);
+    let (user, family) = logged_in(block_on(store.login(login_request("o_ops"))).unwrap());
+    let rotate = |presented, now_ms| {
+        block_on(store.rotate(RotateRequest {
+            user_id: user.id,
+            family: family.id,
+            presented,
+            now_ms,
+            grace_ms: 1_000,
+            exp: family.exp,
+        }))
+        .unwrap()
+    };
+    let t = now_ms();
+    assert_eq!(rotate(3, t), RotateOutcome::Ahead);
+    assert_eq!(rotate(1, t), RotateOutcome::Rotated { generation: 2 });
+    assert_eq!(rotate(1, t + 1_000), RotateOutcome::Retry { generation: 2 });
+    assert_eq!(
+        rotate(1, t + 1_001),
+        RotateOutcome::Reused,
+        "after the grace"
+    );
+    assert_eq!(rotate(2, t + 1_002), RotateOutcome::Revoked);
+    let missing = block_on(store.rotate(RotateRequest {
+        user_id: user.id,
+        family: FamilyId::random(),
+        presented: 1,
+        now_ms: t,
+        grace_ms: 0,
+        exp: 0,
+    }))
+    .unwrap();
+    assert_eq!(missing, RotateOutcome::Missing);
+
+    // Logout revokes once; the user's families are listed in family-id order.
+    let (_, second) = logged_in(block_on(store.login(login_request("o_ops"))).unwrap());
+    assert!(block_on(store.revoke_family(user.id, second.id, t)).unwrap());
+    assert!(!block_on(store.revoke_family(user.id, second.id, t)).unwrap());
+    let families = block_on(store.families(user.id)).unwrap();
+    let mut ids: Vec<FamilyId> = vec![family.id, second.id];
+    ids.sort();
+    assert_eq!(families.iter().map(|f| f.id).collect::<Vec<_>>(), ids);
+
+    // Revoke bumps the stamp; a disabled user cannot log in and nothing is written.
+    let revoked = block_on(store.revoke_tokens(user.id)).unwrap().unwrap();
+    assert_eq!(revoked.token_stamp, user.token_stamp + 1);
+    assert!(
+        block_on(store.set_disabled(user.id, true))
+            .unwrap()
+            .unwrap()
+            .disabled
+    );
+    assert!(matches!(
+        block_on(store.login(login_request("o_ops"))).unwrap(),
+        LoginResult::Disabled
+    ));
+    assert_eq!(block_on(store.families(user.id)).unwrap().len(), 2);
+    assert!(block_on(store.set_disabled(9_999_999, true))
+        .unwrap()
+        .is_none());
+
+    // The purge deletes expired families only.
+    let cutoff = family.exp.max(second.exp) + 1;
+    let purged = block_on(store.purge_expired(cutoff, None, 1_000)).unwrap();
+    assert_eq!(purged.deleted, 2);
+    assert!(purged.next.is_none());
+    assert!(block_on(store.families(user.id)).unwrap().is_empty());
+
+    // The access-token record round-trips.
+    block_on(store.put_access_token("wxapp", b"{\"token\":1}".to_vec())).unwrap();
+    block_on(store.put_access_token("wxapp", b"{\"token\":2}".to_vec())).unwrap();
+    assert_eq!(
+        block_on(store.access_token("wxapp")).unwrap().as_deref(),
+        Some(b"{\"token\":2}".as_slice())
+    );
+}
+
+// ---- Nodes: the real binary, two processes on one database ----
+
+use crate::common::{bearer, get, post_json, wait_for, MockWeChat, Reply, TestConfig, TestServer};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Duration;
+
+/// The HMAC key every node of a test signs with (keys in the database come later:
+/// until then nodes share a key file).
+fn shared_key_file(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("signing.key");
+    std::fs::write(
+        &path,
+        "a-test-signing-key-shared-by-every-node-0123456789abcdef",
+    )
+    .unwrap();
+    path
+}
+
+/// A wxauth node on the database `url`. `jwt` is the `[jwt]` table's body.
+fn node(mock: &MockWeChat, url: &str, key_file: &Path, jwt: &str) -> TestServer {
+    TestServer::start(
+        TestConfig::against(mock)
+            .with_toml(&format!(
+                "\n[jwt]\nsigning_key_file = {:?}\n{jwt}\n",
+                key_file.display().to_string()
+            ))
+            .with_env("WXAUTH_STORAGE__BACKEND", "postgres")
+            .with_env("WXAUTH_STORAGE__POSTGRES_URL", url),
+    )
+}
+
+/// Two nodes on one fresh database, and the mock WeChat they share.
+fn two_nodes(
+    pg: &PgCluster,
+    jwt: &str,
+) -> (MockWeChat, tempfile::TempDir, [TestServer; 2], String) {
+    let url = pg.create_database();
+    let mock = MockWeChat::start();
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = shared_key_file(keys.path());
+    let a = node(&mock, &url, &key_file, jwt);
+    let b = node(&mock, &url, &key_file, jwt);
+    (mock, keys, [a, b], url)
+}
+
+#[test]
+fn sixty_four_concurrent_first_logins_over_two_nodes_make_one_user() {
+    let Some(pg) = cluster("sixty_four_concurrent_first_logins_over_two_nodes_make_one_user")
+    else {
+        return;
+    };
+    let (_mock, _keys, nodes, url) = two_nodes(pg, "");
+    let replies: Vec<Reply> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..64)
+            .map(|i| {
+                let url = nodes[i % 2].url("/api/weixin/login/");
+                s.spawn(move || post_json(&url, &json!({ "code": format!("ok:jill.{i}") })))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let bodies: Vec<Value> = replies
+        .iter()
+        .map(|r| {
+            assert_eq!(r.status, 200, "{}", r.text);
+            r.json()
+        })
+        .collect();
+    let first = &bodies[0]["user"]["id"];
+    assert!(bodies.iter().all(|b| &b["user"]["id"] == first), "one user");
+    let created = bodies
+        .iter()
+        .filter(|b| b["user"]["created"] == true)
+        .count();
+    assert_eq!(created, 1, "exactly one login created the user");
+    let db = PgCluster::database_of(&url);
+    assert_eq!(pg.psql(db, "SELECT count(*) FROM wxauth_users"), "1");
+    // A token from either node works on the other.
+    let access = bodies[0]["access"].as_str().unwrap();
+    for node in &nodes {
+        let data = get(&node.url("/api/weixin/data/"), Some(&bearer(access)));
+        assert_eq!(data.status, 200, "{}", data.text);
+    }
+}
+
+#[test]
+fn twenty_concurrent_refreshes_of_one_token_over_two_nodes_with_grace_0_give_one_200() {
+    let Some(pg) = cluster(
+        "twenty_concurrent_refreshes_of_one_token_over_two_nodes_with_grace_0_give_one_200",
+    ) else {
+        return;
+    };
+    let (_mock, _keys, nodes, _url) = two_nodes(pg, "reuse_grace = \"0s\"");
+    let login = crate::common::login(&nodes[0], "ok:rita");
+    let refresh = login["refresh"].as_str().unwrap().to_string();
+    let replies: Vec<Reply> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..20)
+            .map(|i| {
+                let url = nodes[i % 2].url("/api/token/refresh/");
+                let refresh = refresh.clone();
+                s.spawn(move || post_json(&url, &json!({ "refresh": refresh })))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok = replies.iter().filter(|r| r.status == 200).count();
+    assert_eq!(
+        ok,
+        1,
+        "exactly one 200: {:?}",
+        replies.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    for reply in replies.iter().filter(|r| r.status != 200) {
+        reply.assert_error(401, "token_not_valid");
+    }
+}
+
+#[test]
+fn a_disable_through_the_cli_refuses_the_users_token_on_every_node_within_a_second() {
+    let Some(pg) =
+        cluster("a_disable_through_the_cli_refuses_the_users_token_on_every_node_within_a_second")
+    else {
+        return;
+    };
+    let (_mock, _keys, nodes, _url) = two_nodes(pg, "");
+    let login = crate::common::login(&nodes[0], "ok:sam");
+    let id = login["user"]["id"].as_u64().unwrap().to_string();
+    let access = bearer(login["access"].as_str().unwrap());
+    // Both nodes have the user cached now.
+    for node in &nodes {
+        let data = get(&node.url("/api/weixin/data/"), Some(&access));
+        assert_eq!(data.status, 200, "{}", data.text);
+    }
+    // The CLI works on the database directly (no node needed).
+    let out = nodes[0].cli(&["users", "disable", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for node in &nodes {
+        wait_for(
+            Duration::from_secs(1),
+            "the disable to reach the node",
+            || {
+                let data = get(&node.url("/api/weixin/data/"), Some(&access));
+                (data.status == 401).then_some(data)
+            },
+        )
+        .assert_error(401, "user_inactive");
+    }
+    // And back.
+    let out = nodes[1].cli(&["users", "enable", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for node in &nodes {
+        wait_for(
+            Duration::from_secs(1),
+            "the enable to reach the node",
+            || {
+                let data = get(&node.url("/api/weixin/data/"), Some(&access));
+                (data.status == 200).then_some(())
+            },
+        );
+    }
+}
+
+/// A node that signs with the database's generated key (no key file configured).
+fn node_with_database_keys(mock: &MockWeChat, url: &str) -> TestServer {
+    TestServer::start(
+        TestConfig::against(mock)
+            .with_env("WXAUTH_STORAGE__BACKEND", "postgres")
+            .with_env("WXAUTH_STORAGE__POSTGRES_URL", url),
+    )
+}
+
+fn kid_of(token: &str) -> String {
+    crate::common::jwt_parts(token).0["kid"]
+        .as_str()
+        .expect("a kid")
+        .to_string()
+}
+
+#[test]
+fn nodes_share_the_generated_key_and_keys_rotate_and_retire_reach_every_node() {
+    let Some(pg) =
+        cluster("nodes_share_the_generated_key_and_keys_rotate_and_retire_reach_every_node")
+    else {
+        return;
+    };
+    let url = pg.create_database();
+    let mock = MockWeChat::start();
+    let nodes = [
+        node_with_database_keys(&mock, &url),
+        node_with_database_keys(&mock, &url),
+    ];
+    let first = crate::common::login(&nodes[0], "ok:kim.0");
+    let old_access = first["access"].as_str().unwrap().to_string();
+    let old_kid = kid_of(&old_access);
+    let second = crate::common::login(&nodes[1], "ok:kim.1");
+    assert_eq!(
+        kid_of(second["access"].as_str().unwrap()),
+        old_kid,
+        "one key"
+    );
+    for node in &nodes {
+        let data = get(&node.url("/api/weixin/data/"), Some(&bearer(&old_access)));
+        assert_eq!(data.status, 200, "{}", data.text);
+    }
+
+    let out = nodes[0].cli(&["keys", "rotate"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let made: Value = serde_json::from_slice(
+        out.stdout
+            .split(|&b| b == b'\n')
+            .find(|line| line.starts_with(b"{") && !line.windows(12).any(|w| w == b"wxauth_admin"))
+            .expect("the new key"),
+    )
+    .unwrap();
+    let new_kid = made["kid"].as_str().expect("its kid").to_string();
+    assert_ne!(new_kid, old_kid);
+    let codes = std::sync::atomic::AtomicUsize::new(2);
+    for node in &nodes {
+        wait_for(
+            Duration::from_secs(5),
+            "the node to sign with the new key",
+            || {
+                let n = codes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let login = crate::common::login(node, &format!("ok:kim.{n}"));
+                (kid_of(login["access"].as_str().unwrap()) == new_kid).then_some(())
+            },
+        );
+        let data = get(&node.url("/api/weixin/data/"), Some(&bearer(&old_access)));
+        assert_eq!(
+            data.status, 200,
+            "the old key still verifies: {}",
+            data.text
+        );
+    }
+
+    let out = nodes[1].cli(&["keys", "retire", &old_kid]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for node in &nodes {
+        wait_for(
+            Duration::from_secs(5),
+            "the retirement to reach the node",
+            || {
+                let data = get(&node.url("/api/weixin/data/"), Some(&bearer(&old_access)));
+                (data.status == 401).then_some(())
+            },
+        );
+    }
+}
+
+/// Runs the CLI with `config`, the environment `env` on top.
+fn cli_with(config: &Path, env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wxauth"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run wxauth");
+    assert!(
+        out.status.success(),
+        "wxauth {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn refresh(node: &TestServer, token: &str) -> Value {
+    let reply = post_json(
+        &node.url("/api/token/refresh/"),
+        &json!({ "refresh": token }),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    reply.json()
+}
+
+#[test]
+fn backup_and_restore_move_a_team_from_sled_to_postgres_and_back_with_tokens_valid() {
+    let Some(pg) =
+        cluster("backup_and_restore_move_a_team_from_sled_to_postgres_and_back_with_tokens_valid")
+    else {
+        return;
+    };
+    let mock = MockWeChat::start();
+    // One sled node: a login and a rotation.
+    let mut sled = TestServer::start(TestConfig::against(&mock));
+    let login = crate::common::login(&sled, "ok:lee");
+    let id = login["user"]["id"].clone();
+    let access = bearer(login["access"].as_str().unwrap());
+    let refreshed = refresh(&sled, login["refresh"].as_str().unwrap());
+    let backup = sled.dir.path().join("from-sled.jsonl");
+    let out = sled.cli(&["backup", backup.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sled.terminate();
+
+    // Into PostgreSQL, before its nodes start; then two nodes.
+    let url = pg.create_database();
+    let to_pg = [
+        ("WXAUTH_STORAGE__BACKEND", "postgres"),
+        ("WXAUTH_STORAGE__POSTGRES_URL", url.as_str()),
+    ];
+    cli_with(&sled.config, &to_pg, &["restore", backup.to_str().unwrap()]);
+    let nodes = [
+        node_with_database_keys(&mock, &url),
+        node_with_database_keys(&mock, &url),
+    ];
+    for node in &nodes {
+        let data = get(&node.url("/api/weixin/data/"), Some(&access));
+        assert_eq!(
+            data.status, 200,
+            "the sled node's access token: {}",
+            data.text
+        );
+        assert_eq!(data.json()["user"]["id"], id);
+    }
+    let on_pg = refresh(&nodes[1], refreshed["refresh"].as_str().unwrap());
+    let next = crate::common::login(&nodes[0], "ok:nia");
+    assert_eq!(
+        next["user"]["id"].as_u64().unwrap(),
+        id.as_u64().unwrap() + 1,
+        "ids go on after the restored ones"
+    );
+
+    // And back: a backup of the database restores into a new sled directory.
+    let back = sled.dir.path().join("from-postgres.jsonl");
+    let out = nodes[0].cli(&["backup", back.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(nodes);
+    std::fs::remove_dir_all(sled.data_dir()).unwrap();
+    cli_with(&sled.config, &[], &["restore", back.to_str().unwrap()]);
+    sled.restart();
+    let data = get(&sled.url("/api/weixin/data/"), Some(&access));
+    assert_eq!(data.status, 200, "{}", data.text);
+    refresh(&sled, on_pg["refresh"].as_str().unwrap());
+    let data = get(
+        &sled.url("/api/weixin/data/"),
+        Some(&bearer(next["access"].as_str().unwrap())),
+    );
+    assert_eq!(data.status, 200, "a user made on PostgreSQL: {}", data.text);
+}
+
+#[test]
+fn while_the_database_is_down_requests_get_503_never_500_and_service_returns_when_it_does() {
+    let Some(pg) = crate::common::postgres::private_cluster(
+        "while_the_database_is_down_requests_get_503_never_500_and_service_returns_when_it_does",
+    ) else {
+        return;
+    };
+    let url = pg.create_database();
+    let mock = MockWeChat::start();
+    let node = node_with_database_keys(&mock, &url);
+    let login = crate::common::login(&node, "ok:dan.0");
+    let refresh_token = login["refresh"].as_str().unwrap().to_string();
+    assert_eq!(get(&node.url("/readyz"), None).status, 200);
+
+    pg.stop_server();
+    wait_for(Duration::from_secs(5), "/readyz to turn unready", || {
+        (get(&node.url("/readyz"), None).status == 503).then_some(())
+    });
+    let down = post_json(
+        &node.url("/api/weixin/login/"),
+        &json!({ "code": "ok:dan.1" }),
+    );
+    down.assert_error(503, "storage_unavailable");
+    assert!(down.header("retry-after").is_some(), "Retry-After on a 503");
+    let down = post_json(
+        &node.url("/api/token/refresh/"),
+        &json!({ "refresh": refresh_token }),
+    );
+    assert_eq!(down.status, 503, "{}", down.text);
+    assert!(down.header("retry-after").is_some());
+    let data = get(
+        &node.url("/api/weixin/data/"),
+        Some(&bearer(login["access"].as_str().unwrap())),
+    );
+    assert_ne!(data.status, 500, "{}", data.text);
+
+    pg.start_server();
+    let back = std::time::Instant::now();
+    let again = wait_for(Duration::from_secs(5), "logins to work again", || {
+        let reply = post_json(
+            &node.url("/api/weixin/login/"),
+            &json!({ "code": format!("ok:dan.{}", back.elapsed().as_nanos()) }),
+        );
+        assert_ne!(reply.status, 500, "{}", reply.text);
+        (reply.status == 200).then_some(reply)
+    });
+    assert_eq!(again.json()["user"]["id"], login["user"]["id"]);
+    refresh(&node, &refresh_token);
+    assert_eq!(get(&node.url("/readyz"), None).status, 200);
+}
+
+#[test]
+fn kill_9_of_one_node_under_login_load_loses_no_answered_login_and_the_other_serves_on() {
+    let Some(pg) = cluster(
+        "kill_9_of_one_node_under_login_load_loses_no_answered_login_and_the_other_serves_on",
+    ) else {
+        return;
+    };
+    let url = pg.create_database();
+    let mock = MockWeChat::start();
+    let mut victim = node_with_database_keys(&mock, &url);
+    let survivor = node_with_database_keys(&mock, &url);
+    let answered = std::sync::Mutex::new(Vec::<u64>::new());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let victim_url = victim.url("/api/weixin/login/");
+    let survivor_url = survivor.url("/api/weixin/login/");
+    std::thread::scope(|s| {
+        for worker in 0..4 {
+            let (answered, stop, victim_url) = (&answered, &stop, &victim_url);
+            s.spawn(move || {
+                for i in 0..2_000 {
+                    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        return;
+                    }
+                    let code = format!("ok:victim{worker}x{i}.c");
+                    match crate::common::try_post_json(victim_url, &json!({ "code": code })) {
+                        Some(reply) if reply.status == 200 => {
+                            let id = reply.json()["user"]["id"].as_u64().unwrap();
+                            answered.lock().unwrap().push(id);
+                        }
+                        Some(_) => {}
+                        None => return,
+                    }
+                }
+            });
+        }
+        let (answered, stop) = (&answered, &stop);
+        let survivor_url = &survivor_url;
+        let survivor_logins = s.spawn(move || {
+            let mut ok = 0;
+            for i in 0..2_000 {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) && ok > 20 {
+                    return ok;
+                }
+                let reply = post_json(
+                    survivor_url,
+                    &json!({ "code": format!("ok:survivor{i}.c") }),
+                );
+                assert_eq!(
+                    reply.status, 200,
+                    "the other node serves on: {}",
+                    reply.text
+                );
+                ok += 1;
+            }
+            ok
+        });
+        wait_for(
+            Duration::from_secs(30),
+            "logins answered by the victim",
+            || (answered.lock().unwrap().len() >= 40).then_some(()),
+        );
+        victim.kill9();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(survivor_logins.join().unwrap() > 20);
+    });
+    let answered = answered.into_inner().unwrap();
+    let ids: Vec<String> = answered.iter().map(u64::to_string).collect();
+    let db = PgCluster::database_of(&url);
+    let found = pg.psql(
+        db,
+        &format!(
+            "SELECT count(DISTINCT u.id) FROM wxauth_users u JOIN wxauth_families f \
+             ON f.user_id = u.id WHERE u.id IN ({})",
+            ids.join(",")
+        ),
+    );
+    assert_eq!(
+        found,
+        answered.len().to_string(),
+        "every login the killed node answered is in the database, with its session"
+    );
+}
+
+#[test]
+fn fifty_concurrent_phone_requests_over_two_cold_nodes_make_one_stable_token_call() {
+    let Some(pg) =
+        cluster("fifty_concurrent_phone_requests_over_two_cold_nodes_make_one_stable_token_call")
+    else {
+        return;
+    };
+    let url = pg.create_database();
+    let mock = MockWeChat::start();
+    // A slow fetch, so that every request arrives while the first is under way.
+    mock.set_token_delay(300);
+    let nodes = [
+        node_with_database_keys(&mock, &url),
+        node_with_database_keys(&mock, &url),
+    ];
+    let access = bearer(
+        crate::common::login(&nodes[0], "ok:pat.0")["access"]
+            .as_str()
+            .unwrap(),
+    );
+    let replies: Vec<Reply> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..50)
+            .map(|i| {
+                let (url, access) = (nodes[i % 2].url("/api/weixin/phone/"), access.clone());
+                s.spawn(move || {
+                    crate::common::collect(
+                        crate::common::agent()
+                            .post(&url)
+                            .header("Authorization", &access)
+                            .header("Content-Type", "application/json")
+                            .send(json!({ "code": format!("ok:pat.{i}") }).to_string()),
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for reply in &replies {
+        assert_eq!(reply.status, 200, "{}", reply.text);
+    }
+    assert_eq!(
+        mock.token_fetches(),
+        (1, 0),
+        "one stable_token call for both nodes"
+    );
+}
