@@ -161,6 +161,7 @@ pub struct StartSession {
     pub span: tracing::Span,
 }
 
+#[allow(clippy::large_enum_variant)]
 pub enum SessionOutcome {
     Started { user: User, pair: Box<TokenPair> },
     Disabled,

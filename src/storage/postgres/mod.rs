@@ -897,7 +897,9 @@ impl AuthStore for PgStore {
     }
 
     fn start_family(&self, request: StartFamilyRequest) -> StoreFuture<StartFamilyResult> {
-        self.run("start a family", move |shared| start_family(shared, request))
+        self.run("start a family", move |shared| {
+            start_family(shared, request)
+        })
     }
 
     fn user(&self, id: UserId) -> StoreFuture<Option<User>> {
