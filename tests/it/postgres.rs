@@ -9,6 +9,7 @@ use wxauth::config::{StorageBackend, StorageConfig};
 use wxauth::secret::SessionKey;
 use wxauth::storage::model::{
     AuthStore, FamilyId, LoginRequest, LoginResult, RotateOutcome, RotateRequest,
+    StartFamilyRequest, StartFamilyResult,
 };
 use wxauth::storage::postgres::PgStore;
 
@@ -893,4 +894,63 @@ fn fifty_concurrent_phone_requests_over_two_cold_nodes_make_one_stable_token_cal
         (1, 0),
         "one stable_token call for both nodes"
     );
+}
+
+/// A web login's session: the family starts at generation 1 with the user's current
+/// token stamp, in the database every node reads; a missing, disabled or erased user
+/// gets none.
+#[test]
+fn a_started_family_records_the_users_stamp_and_a_refused_user_gets_none() {
+    let Some(pg) = cluster("a_started_family_records_the_users_stamp") else {
+        return;
+    };
+    let url = pg.create_database();
+    let (store, other_node) = (open(&url), open(&url));
+    let start = |user_id| StartFamilyRequest {
+        user_id,
+        family: FamilyId::random(),
+        family_exp: now_ms() / 1000 + 86_400,
+        now_ms: now_ms(),
+    };
+    assert!(matches!(
+        block_on(store.start_family(start(999_999))).unwrap(),
+        StartFamilyResult::Missing
+    ));
+    let (user, _) = logged_in(block_on(store.login(login_request("o_web"))).unwrap());
+    let revoked = block_on(store.revoke_tokens(user.id)).unwrap().unwrap();
+    assert_eq!(revoked.token_stamp, user.token_stamp + 1);
+    let StartFamilyResult::Started { user: read, family } =
+        block_on(store.start_family(start(user.id))).unwrap()
+    else {
+        panic!("an enabled user starts a family");
+    };
+    assert_eq!(read.id, user.id);
+    assert_eq!(read.token_stamp, revoked.token_stamp);
+    assert_eq!((family.generation, family.stamp), (1, revoked.token_stamp));
+    // Committed: the other node rotates it.
+    let rotated = block_on(other_node.rotate(RotateRequest {
+        user_id: user.id,
+        family: family.id,
+        presented: 1,
+        now_ms: now_ms(),
+        grace_ms: 1_000,
+        exp: family.exp,
+    }))
+    .unwrap();
+    assert_eq!(rotated, RotateOutcome::Rotated { generation: 2 });
+
+    block_on(store.set_disabled(user.id, true)).unwrap().unwrap();
+    assert!(matches!(
+        block_on(store.start_family(start(user.id))).unwrap(),
+        StartFamilyResult::Disabled
+    ));
+    let (erased, _) = logged_in(block_on(store.login(login_request("o_erased"))).unwrap());
+    let t = now_ms() / 1000;
+    block_on(store.delete_user(erased.id, t, t, false))
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        block_on(store.start_family(start(erased.id))).unwrap(),
+        StartFamilyResult::Disabled
+    ));
 }
