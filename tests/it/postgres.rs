@@ -578,6 +578,14 @@ fn nodes_share_the_generated_key_and_keys_rotate_and_retire_reach_every_node() {
     .unwrap();
     let new_kid = made["kid"].as_str().expect("its kid").to_string();
     assert_ne!(new_kid, old_kid);
+    // A rotated key is published first and signs after `jwt.jwks_max_age`; activate it
+    // now (through the other node's CLI: the ring is the database's).
+    let out = nodes[1].cli(&["keys", "activate", &new_kid]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let codes = std::sync::atomic::AtomicUsize::new(2);
     for node in &nodes {
         wait_for(
@@ -939,7 +947,9 @@ fn a_started_family_records_the_users_stamp_and_a_refused_user_gets_none() {
     .unwrap();
     assert_eq!(rotated, RotateOutcome::Rotated { generation: 2 });
 
-    block_on(store.set_disabled(user.id, true)).unwrap().unwrap();
+    block_on(store.set_disabled(user.id, true))
+        .unwrap()
+        .unwrap();
     assert!(matches!(
         block_on(store.start_family(start(user.id))).unwrap(),
         StartFamilyResult::Disabled
