@@ -114,11 +114,11 @@ pub async fn update_user(
 ) -> Result<HttpResponse, ApiError> {
     let change = ProfileChange {
         nickname: fields
-            .optional_str("nickname")?
+            .optional_str_not_null("nickname")?
             .map(valid_nickname)
             .transpose()?,
         avatar_url: fields
-            .optional_str("avatar_url")?
+            .optional_str_not_null("avatar_url")?
             .map(valid_avatar_url)
             .transpose()?,
     };

@@ -56,6 +56,17 @@ impl Fields {
             ))),
         }
     }
+
+    /// Like [`optional_str`](Self::optional_str), but an explicit `null` is refused:
+    /// for fields where `null` could be read as "clear it", which they cannot do.
+    pub fn optional_str_not_null(&self, name: &str) -> Result<Option<&str>, ApiError> {
+        match self.0.get(name) {
+            Some(Value::Null) => Err(ApiError::InvalidRequest(format!(
+                "The field `{name}` must be a string."
+            ))),
+            _ => self.optional_str(name),
+        }
+    }
 }
 
 fn body_kind(req: &HttpRequest) -> Result<Option<BodyKind>, ApiError> {

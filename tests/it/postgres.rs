@@ -521,11 +521,15 @@ fn a_disable_through_the_cli_refuses_the_users_token_on_every_node_within_a_seco
 }
 
 /// A node that signs with the database's generated key (no key file configured).
+/// A node on `url` whose rotated keys sign at once (`jwt.jwks_max_age = 0s`): here
+/// the point is that every node follows the database's key ring; publishing before
+/// signing is tested in `keys`.
 fn node_with_database_keys(mock: &MockWeChat, url: &str) -> TestServer {
     TestServer::start(
         TestConfig::against(mock)
             .with_env("WXAUTH_STORAGE__BACKEND", "postgres")
-            .with_env("WXAUTH_STORAGE__POSTGRES_URL", url),
+            .with_env("WXAUTH_STORAGE__POSTGRES_URL", url)
+            .with_env("WXAUTH_JWT__JWKS_MAX_AGE", "0s"),
     )
 }
 
@@ -771,13 +775,10 @@ fn while_the_database_is_down_requests_get_503_never_500_and_service_returns_whe
     });
     assert_eq!(again.json()["user"]["id"], login["user"]["id"]);
     refresh(&node, &refresh_token);
-    // `/readyz` shares its last verdict for a second: the one from while it was down
-    // may still be served.
-    wait_for(
-        Duration::from_secs(5),
-        "/readyz to answer 200 again",
-        || (get(&node.url("/readyz"), None).status == 200).then_some(()),
-    );
+    // /readyz shares one probe a second: the verdict from the outage may stand that long.
+    wait_for(Duration::from_secs(5), "/readyz to be 200 again", || {
+        (get(&node.url("/readyz"), None).status == 200).then_some(())
+    });
 }
 
 #[test]
