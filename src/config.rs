@@ -31,6 +31,7 @@ pub struct Config {
     pub web_login: WebLoginConfig,
     pub users: UsersConfig,
     pub events: EventsConfig,
+    pub admin: AdminConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -339,6 +340,37 @@ impl EventsConfig {
             timeout: self.timeout,
             retry_for: self.retry_for,
         }))
+    }
+}
+
+/// `admin.*`: the admin socket (docs/CONFIGURATION.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AdminConfig {
+    /// A client that sends nothing, or takes none of the output, for this long is
+    /// dropped.
+    #[serde(deserialize_with = "de_duration")]
+    pub io_timeout: Duration,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            io_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl AdminConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.io_timeout < Duration::from_millis(100) || self.io_timeout > Duration::from_secs(600)
+        {
+            return Err(ConfigError::new(
+                "admin.io_timeout",
+                "must be between 100ms and 10m",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -816,6 +848,7 @@ impl Config {
             return Err(ConfigError::new("log.format", "must be text or json"));
         }
         self.web_login.validate()?;
+        self.admin.validate()?;
         Ok(apps)
     }
 

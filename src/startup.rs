@@ -304,6 +304,7 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         commit: commit.clone(),
         runtime: tokio::runtime::Handle::current(),
         keys: keys.clone(),
+        io_timeout: cfg.admin.io_timeout,
     })?);
 
     let reader: Arc<dyn ReadStore> = store.clone();

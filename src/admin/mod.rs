@@ -12,7 +12,7 @@
 //! - [`commands`]: what each request does;
 //! - [`backup`]: backup and restore; `files`: the file-system helpers restore uses.
 //!
-//! A client that stops sending or stops reading for [`CLIENT_IO_TIMEOUT`] is dropped.
+//! A client that stops sending or stops reading for `admin.io_timeout` is dropped.
 
 mod backup;
 mod client;
@@ -27,7 +27,7 @@ pub use commands::{execute, user_view, WriteTarget};
 pub use protocol::{
     parse_request, read_request_line, Request, RequestError, MAX_REQUEST_LINE, SOCKET_FILE,
 };
-pub use server::{serve, ServerContext, CLIENT_IO_TIMEOUT};
+pub use server::{serve, ServerContext};
 
 use crate::storage::StorageError;
 use crate::users::UserId;

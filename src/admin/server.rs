@@ -17,10 +17,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long the server waits for an admin client to send its request, or to take
-/// the next part of the output (a stalled backup reader is dropped after this).
-pub const CLIENT_IO_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// The running server's side: what a connection needs to execute requests.
 #[derive(Clone)]
 pub struct ServerContext {
@@ -32,6 +28,10 @@ pub struct ServerContext {
     pub commit: GroupCommit,
     pub runtime: tokio::runtime::Handle,
     pub keys: Arc<crate::tokens::JwtKeys>,
+    /// How long the server waits for a client to send its request, or to take the
+    /// next part of the output (`admin.io_timeout`; a stalled backup reader is
+    /// dropped after this).
+    pub io_timeout: Duration,
 }
 
 /// Binds `admin.sock` in the data directory (mode 0600) and serves it on plain
@@ -60,8 +60,8 @@ fn serve_connection(stream: UnixStream, ctx: &ServerContext) {
     // A client that stops sending, or stops reading a backup, is dropped: it never
     // holds this thread (or anything else) for longer than the timeout.
     let timeouts = stream
-        .set_read_timeout(Some(CLIENT_IO_TIMEOUT))
-        .and_then(|()| stream.set_write_timeout(Some(CLIENT_IO_TIMEOUT)));
+        .set_read_timeout(Some(ctx.io_timeout))
+        .and_then(|()| stream.set_write_timeout(Some(ctx.io_timeout)));
     let Ok(reader) = timeouts.and_then(|()| stream.try_clone()) else {
         return;
     };
@@ -72,6 +72,7 @@ fn serve_connection(stream: UnixStream, ctx: &ServerContext) {
     };
     let mut out = std::io::BufWriter::new(ClientWriter {
         stream,
+        timeout: ctx.io_timeout,
         failed: false,
     });
     let result = match request {
@@ -121,6 +122,7 @@ fn serve_connection(stream: UnixStream, ctx: &ServerContext) {
 /// once instead of waiting out the timeout again.
 struct ClientWriter {
     stream: UnixStream,
+    timeout: Duration,
     failed: bool,
 }
 
@@ -133,7 +135,7 @@ impl Write for ClientWriter {
         let written = self.stream.write(buf);
         // The kernel fails a write only when it sent nothing before the timeout; one
         // that sent a part and then waited out the timeout is a stalled client too.
-        if written.is_err() || started.elapsed() >= CLIENT_IO_TIMEOUT {
+        if written.is_err() || started.elapsed() >= self.timeout {
             self.failed = true;
         }
         written

@@ -12,8 +12,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-/// The server-side timeout for a client that stops reading (src/admin.rs).
-const CLIENT_IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// The server-side timeout for a client that stops reading (`admin.io_timeout`).
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Names of the server's admin connection threads (15 bytes: Linux cuts the rest).
 const ADMIN_CONNECTION_THREAD: &str = "wxauth-admin-co";
 
@@ -139,15 +139,19 @@ fn a_backup_nobody_reads_does_not_block_logins() {
 
 #[test]
 fn a_stalled_backup_reader_is_dropped() {
-    let (_mock, server) = start_with_mock();
+    let mock = MockWeChat::start();
+    let server = TestServer::start(
+        TestConfig::against(&mock).with_env("WXAUTH_ADMIN__IO_TIMEOUT", "2s"),
+    );
     create_users(&server, 1000);
     let pid = server.pid();
 
     let (stream, _head) = stalled_backup(&server);
     assert_eq!(admin_connection_threads(pid), 1);
-    // The server gives up on a reader that took nothing for CLIENT_IO_TIMEOUT.
+    // The server gives up on a reader that took nothing for `admin.io_timeout`
+    // (well before its default of 30 s).
     wait_for(
-        CLIENT_IO_TIMEOUT + Duration::from_secs(30),
+        IO_TIMEOUT + Duration::from_secs(10),
         "the server to drop the stalled backup reader",
         || (admin_connection_threads(pid) == 0).then_some(()),
     );

@@ -127,6 +127,10 @@ fn bad_values_stop_the_start_with_exit_2_and_the_key() {
             "[wechat]\nmock = true\n[metrics]\nbind = \"here\"\n",
             "metrics.bind",
         ),
+        (
+            "[wechat]\nmock = true\n[admin]\nio_timeout = \"20m\"\n",
+            "admin.io_timeout",
+        ),
         ("this is not toml", "config"),
     ];
     for (toml, key) in cases {
