@@ -55,6 +55,8 @@ pub struct ServerConfig {
     /// A connection past this age is closed after its next answer.
     #[serde(deserialize_with = "de_duration")]
     pub max_connection_lifetime: Duration,
+    /// Once every listener is bound, their addresses are written here as JSON.
+    pub announce_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -68,6 +70,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             max_connections_per_ip: 256,
             max_connection_lifetime: Duration::from_secs(600),
+            announce_file: None,
         }
     }
 }

@@ -100,6 +100,11 @@ pub enum StartError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("cannot write server.announce_file {path}")]
+    Announce {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("server error")]
     Server(#[from] std::io::Error),
 }
@@ -122,7 +127,7 @@ fn start_local_listener(
     secret: Option<web::Data<http::EndpointSecret>>,
     limits: ListenerLimits,
     routes: fn(&mut web::ServiceConfig),
-) -> Result<actix_server::Server, StartError> {
+) -> Result<(actix_server::Server, SocketAddr), StartError> {
     let listener = bind(bind_to)?;
     let addr = listener.local_addr()?;
     let request_timeout = limits.request_timeout;
@@ -149,7 +154,7 @@ fn start_local_listener(
         },
     )?;
     tracing::info!(address = %addr, "serving {name}");
-    Ok(server)
+    Ok((server, addr))
 }
 
 /// The Prometheus listener on `metrics.bind` (none when it is empty): its own
@@ -158,7 +163,7 @@ fn start_metrics_listener(
     bind_to: Option<SocketAddr>,
     state: web::Data<AppState>,
     limits: ListenerLimits,
-) -> Result<Option<actix_server::Server>, StartError> {
+) -> Result<Option<(actix_server::Server, SocketAddr)>, StartError> {
     bind_to
         .map(|addr| {
             start_local_listener("metrics", addr, state, None, limits, http::metrics_routes)
@@ -175,7 +180,7 @@ fn start_token_listener(
     secret: Option<crate::secret::Secret>,
     state: web::Data<AppState>,
     limits: ListenerLimits,
-) -> Result<Option<actix_server::Server>, StartError> {
+) -> Result<Option<(actix_server::Server, SocketAddr)>, StartError> {
     let (Some(bind_to), Some(secret)) = (bind_to, secret) else {
         return Ok(None);
     };
@@ -428,6 +433,25 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         state,
         side_limits(METRICS_MAX_CONNECTIONS),
     )?;
+    let (metrics_server, metrics_addr) = metrics_server.unzip();
+    let (token_server, token_addr) = token_server.unzip();
+    let _announced = match &cfg.server.announce_file {
+        Some(path) => {
+            let addresses = serde_json::json!({
+                "api": addrs[0].to_string(),
+                "metrics": metrics_addr.map(|a| a.to_string()),
+                "access_token": token_addr.map(|a| a.to_string()),
+                "admin": admin_socket.0.display().to_string(),
+            });
+            crate::fsutil::write_atomically(path, format!("{addresses}\n").as_bytes())
+                .map_err(|source| StartError::Announce {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            Some(RemovedOnDrop(path.clone()))
+        }
+        None => None,
+    };
 
     // READY=1 only now that the sockets listen (Type=notify); a no-op outside systemd.
     let _ = sd_notify::notify(false, &[NotifyState::Ready]);
@@ -470,7 +494,7 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     Ok(())
 }
 
-/// A file removed when this is dropped (the admin socket).
+/// A file removed when this is dropped (the admin socket, the announce file).
 struct RemovedOnDrop(std::path::PathBuf);
 
 impl Drop for RemovedOnDrop {

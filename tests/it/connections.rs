@@ -275,10 +275,10 @@ fn stalled_metrics_connections_leave_the_api_its_descriptors() {
     }
     let (_mock, server) = server_with(&[("WXAUTH_METRICS__BIND", "127.0.0.1:0")]);
     let addr = api_addr(&server);
-    let metrics: SocketAddr = wait_for(MARGIN, "the metrics address in the log", || {
-        server.log_field("serving metrics", "address")
-    })
-    .parse()
+    let metrics: SocketAddr = server
+        .metrics_addr()
+        .expect("the metrics listener")
+        .parse()
     .expect("the metrics address");
     let limited = Command::new("prlimit")
         .arg(format!("--pid={}", server.pid()))

@@ -215,9 +215,7 @@ fn readiness_probes_storage_at_most_once_a_second() {
     let server = TestServer::start(
         TestConfig::against(&mock).with_env("WXAUTH_METRICS__BIND", "127.0.0.1:0"),
     );
-    let addr = wait_for(Duration::from_secs(10), "the metrics listener", || {
-        server.log_field("serving metrics", "address")
-    });
+    let addr = server.metrics_addr().expect("the metrics listener");
     let flushes = || -> u64 {
         let text = get(&format!("http://{addr}/metrics"), None).text;
         text.lines()

@@ -200,11 +200,7 @@ fn schemathesis_finds_nothing_against_the_real_server() {
         return;
     };
     let server = mock_server();
-    let metrics_addr = wait_for(
-        Duration::from_secs(10),
-        "the metrics address in the log",
-        || server.log_field("serving metrics", "address"),
-    );
+    let metrics_addr = server.metrics_addr().expect("the metrics listener");
     let document = server.dir.path().join("openapi.json");
     std::fs::write(&document, get(&server.url("/openapi.json"), None).text).unwrap();
     // A token for the operations behind bearerAuth, from a real login on the mock.

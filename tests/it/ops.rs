@@ -614,3 +614,27 @@ fn restore_into_the_services_empty_directory_keeps_its_owner_and_cleans_up_on_fa
         );
     }
 }
+
+#[test]
+fn the_announce_file_names_every_listener_and_goes_at_a_clean_exit() {
+    let mock = MockWeChat::start();
+    let (mut server, token_url, _secret_dir) = start_with_token_endpoint(&mock);
+    let file = server.announce_file();
+    let announced: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(
+        format!("http://{}", announced["api"].as_str().unwrap()),
+        server.base
+    );
+    assert_eq!(announced["metrics"], serde_json::Value::Null, "off");
+    let token = announced["access_token"].as_str().expect("its address");
+    assert!(token_url.starts_with(&format!("http://{token}/")));
+    get(&token_url, None).assert_error(401, "not_authenticated");
+    assert_eq!(
+        announced["admin"].as_str(),
+        server.data_dir().join("admin.sock").to_str(),
+        "{announced}"
+    );
+    assert_eq!(server.terminate().code(), Some(0));
+    assert!(!file.exists(), "the announce file outlived the server");
+}

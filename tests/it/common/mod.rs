@@ -88,6 +88,8 @@ pub struct TestServer {
     env: Vec<(String, String)>,
     child: Option<Child>,
     pub base: String,
+    /// The listeners' addresses, as the server wrote them to `server.announce_file`.
+    announced: Value,
     starts: usize,
     /// The wxauth binary this server (and its `cli`) runs.
     bin: PathBuf,
@@ -116,6 +118,7 @@ impl TestServer {
             env: config.env,
             child: None,
             base: String::new(),
+            announced: Value::Null,
             starts: 0,
             bin: bin.to_path_buf(),
         };
@@ -132,9 +135,14 @@ impl TestServer {
         self.dir.path().join(format!("server-{n}.log"))
     }
 
+    fn announce_path(&self, n: usize) -> PathBuf {
+        self.dir.path().join(format!("announce-{n}.json"))
+    }
+
     fn spawn(&mut self) {
         self.starts += 1;
         let log = self.log_path(self.starts);
+        let announce = self.announce_path(self.starts);
         let mut cmd = Command::new(&self.bin);
         cmd.arg("--config")
             .arg(&self.config)
@@ -142,32 +150,54 @@ impl TestServer {
             .current_dir(self.dir.path())
             .env_remove("RUST_LOG")
             .env("WXAUTH_LOG__LEVEL", "debug")
+            .env("WXAUTH_SERVER__ANNOUNCE_FILE", &announce)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).expect("log file"));
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
+        let this_release = self.bin == Path::new(env!("CARGO_BIN_EXE_wxauth"));
         let mut child = cmd.spawn().expect("spawn wxauth");
-        let addr = wait_for(Duration::from_secs(20), "the server to listen", || {
+        let announced = wait_for(Duration::from_secs(20), "the server to listen", || {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!(
                     "wxauth exited during start-up ({status}):\n{}",
                     std::fs::read_to_string(&log).unwrap_or_default()
                 );
             }
-            let text = std::fs::read_to_string(&log).ok()?;
-            let line = text.lines().find(|l| l.contains("listening"))?;
-            if line.starts_with('{') {
-                // log.format = "json"
-                let event: Value = serde_json::from_str(line).ok()?;
-                return event["address"].as_str().map(str::to_string);
+            if this_release {
+                // Written atomically: once it exists, it is whole.
+                let text = std::fs::read_to_string(&announce).ok()?;
+                Some(serde_json::from_str::<Value>(&text).expect("the announce file is JSON"))
+            } else {
+                // Another release's binary may predate `server.announce_file`: its
+                // text log line gives the API address.
+                let text = std::fs::read_to_string(&log).ok()?;
+                let line = text.lines().find(|l| l.contains("listening"))?;
+                let addr = line.split("address=").nth(1)?.split_whitespace().next()?;
+                Some(serde_json::json!({ "api": addr }))
             }
-            let addr = line.split("address=").nth(1)?.split_whitespace().next()?;
-            Some(addr.to_string())
         });
-        self.base = format!("http://{addr}");
+        let api = announced["api"].as_str().expect("the API address");
+        self.base = format!("http://{api}");
+        self.announced = announced;
         self.child = Some(child);
+    }
+
+    /// The file the latest start announced its listeners in.
+    pub fn announce_file(&self) -> PathBuf {
+        self.announce_path(self.starts)
+    }
+
+    /// The metrics listener's address (`None` when it is off).
+    pub fn metrics_addr(&self) -> Option<String> {
+        self.announced["metrics"].as_str().map(str::to_string)
+    }
+
+    /// The access-token listener's address (`None` when it is off).
+    pub fn token_endpoint_addr(&self) -> Option<String> {
+        self.announced["access_token"].as_str().map(str::to_string)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -506,12 +536,7 @@ pub fn start_with_metrics() -> (MockWeChat, TestServer, String) {
     let server = TestServer::start(
         TestConfig::against(&mock).with_env("WXAUTH_METRICS__BIND", "127.0.0.1:0"),
     );
-    // Logged just after "listening" (where the harness stops waiting): poll for it.
-    let metrics_addr = wait_for(
-        Duration::from_secs(10),
-        "the metrics address in the log",
-        || server.log_field("serving metrics", "address"),
-    );
+    let metrics_addr = server.metrics_addr().expect("the metrics listener");
     (mock, server, metrics_addr)
 }
 
@@ -558,9 +583,9 @@ pub fn start_with_token_endpoint(mock: &MockWeChat) -> (TestServer, String, temp
                 secret_file.to_str().expect("a UTF-8 path"),
             ),
     );
-    let addr = wait_for(Duration::from_secs(10), "the token listener", || {
-        server.log_field("serving the access token endpoint", "address")
-    });
+    let addr = server
+        .token_endpoint_addr()
+        .expect("the access-token listener");
     let url = format!("http://{addr}/api/weixin/access_token/");
     (server, url, dir)
 }
