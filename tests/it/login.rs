@@ -263,8 +263,17 @@ fn a_slow_wechat_is_504_and_never_retried() {
         started.elapsed() < Duration::from_millis(2900),
         "the timeout did not cut the call short"
     );
-    // The code may have been spent: it must not be sent again.
-    std::thread::sleep(Duration::from_millis(100));
+    // The code may have been spent: it must not be sent again. Once the exchange
+    // has given up (it logs so, after its last call), the count is final.
+    wait_for(Duration::from_secs(10), "the exchange to give up", || {
+        server
+            .logs()
+            .contains("jscode2session failed")
+            .then_some(())
+    });
+    wait_for(Duration::from_secs(10), "the call to reach WeChat", || {
+        (mock.calls("slow3000:gus") > 0).then_some(())
+    });
     assert_eq!(mock.calls("slow3000:gus"), 1);
 }
 
