@@ -2,8 +2,9 @@
 //!
 //! The crate is laid out by architecture (see `docs/ARCHITECTURE.md`):
 //! - [`http`]: thin actix-web handlers and extractors; no state of their own.
-//! - [`actors`]: the three state owners (WeChat client, user registry, token issuer).
-//! - [`storage`]: the one module that knows the embedded engine (sled) and the group commit.
+//! - [`actors`]: the WeChat client and its workers, the access-token keeper, and the
+//!   two state owners (user registry, token issuer).
+//! - [`storage`]: the one module that knows the engines (sled, PostgreSQL) and the group commit.
 //! - [`users`], [`tokens`]: the domain records and the JWT codec they share.
 //! - [`error`]: every error type meets the contract's JSON in one place.
 #![forbid(unsafe_code)]

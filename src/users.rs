@@ -60,8 +60,8 @@ pub struct User {
     /// and tokens from before stamps existed).
     #[serde(default)]
     pub token_stamp: u64,
-    /// Legacy: revokes made before token stamps refused tokens issued before this unix
-    /// second. No longer written; still honoured so that those revokes stay in force.
+    /// Legacy: revokes made before token stamps existed refused tokens issued before
+    /// this unix second. Never written; honoured so that those revokes stay in force.
     #[serde(default)]
     pub tokens_not_before: i64,
     /// From `POST /api/weixin/phone/` (WeChat's getuserphonenumber); `None` until then.

@@ -80,7 +80,8 @@ pub(super) fn backup(
     let mut entries: u64 = 0;
     store.snapshot(&mut |tree, key, value| {
         let mut entry = json!({ "tree": tree.name(), "key": hex::encode(key) });
-        // Records are JSON: keep them readable. Anything else (counters) as hex.
+        // Records are JSON: keep them readable. Anything else (ids, times, the format
+        // version) as hex.
         match serde_json::from_slice::<Value>(value) {
             Ok(record) if record.is_object() => entry["value"] = record,
             _ => entry["value_hex"] = Value::String(hex::encode(value)),

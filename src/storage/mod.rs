@@ -43,7 +43,8 @@ use tokio::sync::oneshot;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Tree {
     /// `format_version` (the storage format, [`upgrade::FORMAT_VERSION`]),
-    /// `next_user_id` (older releases' counter, read only), WeChat access tokens.
+    /// `next_user_id` (format 1's counter, read only), `last_probe` (readiness),
+    /// WeChat access tokens, deletion marks, and the events outbox.
     Meta,
     /// user id (u64 BE) → user record.
     Users,

@@ -5,7 +5,9 @@
 //!
 //! In order (the first failing rule answers):
 //! 1. the header has no `crit` (RFC 7515 §4.1.11: we implement no extension);
-//! 2. the algorithm is the configured one and the signature is right;
+//! 2. the key is the live key the header's `kid` names (an unknown `kid` is
+//!    refused), or without a `kid` any live key; `alg` is that key's algorithm
+//!    (`jwt.algorithm`, or a previous or rotated key's) and the signature is right;
 //! 3. the claims have their types (`token_type` access/refresh, integer `user_id`...);
 //! 4. `iat` and `nbf` are not in the future, `exp` is not past (PyJWT's rules,
 //!    in milliseconds, `jwt.leeway` allowed each way);
