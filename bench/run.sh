@@ -191,7 +191,7 @@ x_healthz() { # SCENARIO: its server CPU per request as a multiple of /healthz's
     check "login-new (http) req/s, every creation fsync'd" "${RPS[login-new (http)]}" ">=" 10000
     check "login-returning (http) > login-new (http)" "${RPS[login-returning (http)]}" ">=" "${RPS[login-new (http)]}"
     check "refresh req/s, durable rotation" "${RPS[refresh]}" ">=" 8000
-    # Server CPU per request (issue 13): steadier than req/s on a shared machine.
+    # Server CPU per request: steadier than req/s on a shared machine.
     check "login-new (http) server CPU us/req" "$(us1 "${SUS[login-new (http)]}")" "<=" 120
     check "login-returning (http) server CPU us/req" "$(us1 "${SUS[login-returning (http)]}")" "<=" 90
     check "refresh server CPU us/req, durable rotation" "$(us1 "${SUS[refresh]}")" "<=" 60

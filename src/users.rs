@@ -117,7 +117,7 @@ impl User {
 impl User {
     /// Erases the personal data in place: what stays is the id, the app, the
     /// timestamps and the erasure's time. Disabled, with a new token stamp: no
-    /// token issued before reaches it, and no index points at it any more.
+    /// token issued before reaches it, and no index points at it.
     pub fn erase(&mut self, now: i64) {
         self.openid = String::new();
         self.unionid = None;

@@ -8,6 +8,7 @@ mod admin_socket;
 mod config;
 mod connections;
 mod crash;
+mod doc_links;
 mod durability;
 mod edges;
 mod events;

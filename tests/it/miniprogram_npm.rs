@@ -88,7 +88,7 @@ fn install_way(scratch: &Path, way: &str) {
     match way {
         "npmrc" => {
             let line = "echo 'install-links=true' >> .npmrc";
-            assert!(readme.contains(line), "the README no longer says {line:?}");
+            assert!(readme.contains(line), "the README does not say {line:?}");
             std::fs::write(project.join(".npmrc"), "install-links=true\n").unwrap();
             npm_install(
                 &project,
@@ -97,7 +97,7 @@ fn install_way(scratch: &Path, way: &str) {
         }
         "tarball" => {
             let line = "npm pack path/to/wxauth/clients/miniprogram";
-            assert!(readme.contains(line), "the README no longer says {line:?}");
+            assert!(readme.contains(line), "the README does not say {line:?}");
             let packed = run(&project, "npm", &["pack", "--loglevel=error", package]);
             let tarball = packed
                 .lines()

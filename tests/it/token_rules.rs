@@ -217,7 +217,7 @@ fn every_endpoint_refuses_the_tokens_of_a_disabled_user_alike() {
 
     data(&server, access).assert_error(401, "user_inactive");
     refresh(&server, refresh_token).assert_error(401, "no_active_account");
-    // Logout used to ignore the user's state; now it is the same check.
+    // Logout asks the same check as refresh: the user's state counts there too.
     blacklist(&server, refresh_token).assert_error(401, "no_active_account");
     // Verify answers only token_not_valid (the contract), here "Token is invalid".
     assert_refused(&verify(&server, access), "Token is invalid");

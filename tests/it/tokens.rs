@@ -320,7 +320,7 @@ fn verify_accepts_valid_tokens_and_refuses_the_rest() {
         "Token is invalid",
     );
     post_json(&url, &json!({ "refresh": "wrong field" })).assert_error(400, "invalid_request");
-    // A rotated-out refresh token no longer verifies.
+    // A rotated-out refresh token does not verify.
     let old = body["refresh"].as_str().unwrap();
     assert_eq!(refresh(&server, old).status, 200);
     assert_refused(

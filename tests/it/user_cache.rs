@@ -1,4 +1,4 @@
-//! The token check's cache of decoded users (issue 13): every write of the user
+//! The token check's cache of decoded users: every write of the user
 //! registry shows from the very next request, however warm the cache is.
 
 use crate::common;

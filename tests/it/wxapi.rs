@@ -1,4 +1,4 @@
-//! Beyond login (issue 11): the access-token keeper, the phone number, encrypted
+//! Beyond login: the access-token keeper, the phone number, encrypted
 //! data and the session-key check, through the real binary against the mock WeChat.
 
 use crate::common;
