@@ -366,7 +366,8 @@ impl Default for AdminConfig {
 
 impl AdminConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.io_timeout < Duration::from_millis(100) || self.io_timeout > Duration::from_secs(600)
+        if self.io_timeout < Duration::from_millis(100)
+            || self.io_timeout > Duration::from_secs(600)
         {
             return Err(ConfigError::new(
                 "admin.io_timeout",

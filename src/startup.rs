@@ -443,11 +443,12 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
                 "access_token": token_addr.map(|a| a.to_string()),
                 "admin": admin_socket.0.display().to_string(),
             });
-            crate::fsutil::write_atomically(path, format!("{addresses}\n").as_bytes())
-                .map_err(|source| StartError::Announce {
+            crate::fsutil::write_atomically(path, format!("{addresses}\n").as_bytes()).map_err(
+                |source| StartError::Announce {
                     path: path.display().to_string(),
                     source,
-                })?;
+                },
+            )?;
             Some(RemovedOnDrop(path.clone()))
         }
         None => None,

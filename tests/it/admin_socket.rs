@@ -140,9 +140,8 @@ fn a_backup_nobody_reads_does_not_block_logins() {
 #[test]
 fn a_stalled_backup_reader_is_dropped() {
     let mock = MockWeChat::start();
-    let server = TestServer::start(
-        TestConfig::against(&mock).with_env("WXAUTH_ADMIN__IO_TIMEOUT", "2s"),
-    );
+    let server =
+        TestServer::start(TestConfig::against(&mock).with_env("WXAUTH_ADMIN__IO_TIMEOUT", "2s"));
     create_users(&server, 1000);
     let pid = server.pid();
 

@@ -279,7 +279,7 @@ fn stalled_metrics_connections_leave_the_api_its_descriptors() {
         .metrics_addr()
         .expect("the metrics listener")
         .parse()
-    .expect("the metrics address");
+        .expect("the metrics address");
     let limited = Command::new("prlimit")
         .arg(format!("--pid={}", server.pid()))
         .arg("--nofile=128:128")

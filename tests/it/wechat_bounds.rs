@@ -83,7 +83,10 @@ fn an_ordinary_login_is_answered_within_its_deadline_while_150_slow_logins_run()
         wait_for(
             Duration::from_secs(20),
             "the rest of the batch to wait for a call slot",
-            || (occurrences(server, "login waits for a WeChat call slot") >= 150 - 16).then_some(()),
+            || {
+                (occurrences(server, "login waits for a WeChat call slot") >= 150 - 16)
+                    .then_some(())
+            },
         );
         let ordinary = timed_login(server, "ok:ordinary");
         let batch: Vec<_> = batch.into_iter().map(|h| h.join().unwrap()).collect();
