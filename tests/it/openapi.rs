@@ -14,7 +14,6 @@ use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 /// Examples per operation and phase; the whole run stays well under three minutes.
 const MAX_EXAMPLES: &str = "100";
