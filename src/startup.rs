@@ -9,7 +9,8 @@ use crate::http::{self, AppState, LoginLimiter};
 use crate::metrics::Metrics;
 use crate::storage::model::AuthStore;
 use crate::storage::postgres::PgStore;
-use crate::storage::{GroupCommit, ReadStore, SledModel, StorageError, Store};
+use crate::storage::sled_model::SledModel;
+use crate::storage::{GroupCommit, ReadStore, StorageError, Store};
 use crate::tokens::JwtKeys;
 use crate::users::cache::UserCache;
 use actix::{Actor, Arbiter};
@@ -233,7 +234,7 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     };
     let store: Arc<dyn Store> = match &postgres {
         Some(pg) => pg.clone(),
-        None => crate::storage::open(&cfg.storage)?,
+        None => crate::storage::upgrade::open(&cfg.storage)?,
     };
     if let Some(pg) = &postgres {
         // Every node signs with the database's keys (created there by the first).

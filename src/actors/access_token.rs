@@ -28,6 +28,7 @@ use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::storage::model::AuthStore;
 use crate::storage::{GroupCommit, ReadStore, StorageError, Store, Tree, WriteBatch};
+use crate::wechat::token_key;
 
 /// How often a process that does not hold an app's lease looks for the token the
 /// holder fetches.
@@ -55,7 +56,7 @@ const TOKEN_ERRCODES: &[i64] = &[40001, 40014, 42001];
 /// Errcodes that mean our own appid/secret is wrong (stable_token).
 const CONFIG_ERRCODES: &[i64] = &[40002, 40013, 40125, 40164, 41002, 41004, 48001, 61024];
 
-/// Every way a token-authenticated WeChat API can fail; `error.rs` maps each.
+/// Every way a token-authenticated WeChat API can fail; `http/error.rs` maps each.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WxApiError {
     /// getuserphonenumber's 40029: the getPhoneNumber code is invalid or expired.
@@ -111,14 +112,8 @@ pub struct TokenStatus {
     pub forced_refreshes_last_24h: usize,
 }
 
-pub fn token_key(appid: &str) -> Vec<u8> {
-    let mut key = b"wechat_access_token\0".to_vec();
-    key.extend_from_slice(appid.as_bytes());
-    key
-}
-
 fn now_ms() -> i64 {
-    crate::tokens::now_ms()
+    crate::clock::now_ms()
 }
 
 fn load_record(store: &dyn ReadStore, appid: &str) -> Result<Option<TokenRecord>, StorageError> {
@@ -150,7 +145,7 @@ pub fn status(store: &dyn ReadStore, appid: &str) -> Result<TokenStatus, Storage
         Some(r) => TokenStatus {
             appid: appid.to_string(),
             present: true,
-            expires_at: Some(crate::users::rfc3339(r.expires_at_ms.div_euclid(1000))),
+            expires_at: Some(crate::clock::rfc3339(r.expires_at_ms.div_euclid(1000))),
             expires_in_secs: Some((r.expires_at_ms - now).div_euclid(1000)),
             age_secs: Some((now - r.fetched_at_ms).div_euclid(1000)),
             forced_refreshes_last_24h: r.forced_ms.iter().filter(|&&t| now - t < DAY_MS).count(),
@@ -422,7 +417,7 @@ pub fn start(
         // A token fetch, a call, a forced fetch and a retry, each with its retries.
         deadline: cfg.timeout * 4,
         leases,
-        holder: crate::random_hex(8),
+        holder: crate::ids::random_hex(8),
         lease_ms: i64::try_from((cfg.timeout * (cfg.retries + 1)).as_millis()).unwrap_or(i64::MAX),
     };
     let keeper = Arc::new(keeper);
@@ -850,7 +845,10 @@ impl Upstream {
     ) -> Result<(String, i64), WxApiError> {
         let reply = match self {
             Upstream::Mock => {
-                return Ok((format!("mock-access-token-{}", crate::random_hex(16)), 7200))
+                return Ok((
+                    format!("mock-access-token-{}", crate::ids::random_hex(16)),
+                    7200,
+                ))
             }
             Upstream::Http(http) => http.post(
                 "/cgi-bin/stable_token",

@@ -30,15 +30,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
-/// What WeChat tells us about a code.
-#[derive(Debug, Clone)]
-pub struct Session {
-    pub openid: String,
-    pub unionid: Option<String>,
-    pub session_key: SessionKey,
-}
-
-/// Every way a code exchange can fail; `error.rs` maps each to the contract's row
+/// Every way a code exchange can fail; `http/error.rs` maps each to the contract's row
 /// and its API wording. The messages here are for logs and operators.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WeChatError {
@@ -350,7 +342,7 @@ fn mock_exchange(code: &str) -> Result<Session, WeChatError> {
     match code.split_once('.') {
         // Checked like WeChat's answers: nothing unchecked is ever stored.
         Some((name, _)) if !name.is_empty() => {
-            checked_session(mock_openid(name), None, crate::random_hex(12))
+            checked_session(mock_openid(name), None, crate::ids::random_hex(12))
         }
         _ => Err(WeChatError::CodeInvalid),
     }

@@ -106,7 +106,7 @@ fn serve_connection(stream: UnixStream, ctx: &ServerContext) {
     };
     let status = match result {
         Ok(()) => json!({ STATUS_KEY: "ok" }),
-        Err(e) => json!({ STATUS_KEY: "error", "error": crate::error::cause_chain(&e) }),
+        Err(e) => json!({ STATUS_KEY: "error", "error": crate::cause::cause_chain(&e) }),
     };
     if write_line(&mut out, &status)
         .and_then(|_| out.flush())

@@ -9,7 +9,7 @@
 
 use super::AppState;
 use crate::actors::access_token::GetToken;
-use crate::error::{ApiError, AuthError};
+use crate::http::error::{ApiError, AuthError};
 use crate::secret::Secret;
 use actix_web::{http::header, web, HttpRequest, HttpResponse};
 use serde::Deserialize;
@@ -66,7 +66,7 @@ fn log_refusal() {
     static REFUSED: AtomicU64 = AtomicU64::new(0);
     static NEXT_WARN_AT: AtomicI64 = AtomicI64::new(0);
     REFUSED.fetch_add(1, Ordering::Relaxed);
-    let now = crate::now_unix();
+    let now = crate::clock::now_unix();
     let next = NEXT_WARN_AT.load(Ordering::Relaxed);
     if now >= next
         && NEXT_WARN_AT

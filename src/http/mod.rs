@@ -9,6 +9,7 @@ pub mod connection;
 mod data;
 pub mod deadline;
 mod decrypt;
+pub mod error;
 mod forward_auth;
 mod health;
 mod jwks;
@@ -32,7 +33,7 @@ use crate::actors::{
     access_token::AccessTokenKeeper, issuer::TokenIssuer, registry::UserRegistry,
     wechat::WeChatClient,
 };
-use crate::error::{status_error_body, ApiError};
+use crate::http::error::{status_error_body, ApiError};
 use crate::metrics::Metrics;
 use crate::storage::{GroupCommit, ReadStore};
 use crate::tokens::JwtKeys;

@@ -28,7 +28,7 @@ pub fn request_id(req: &ServiceRequest) -> String {
     }
     static PREFIX: OnceLock<String> = OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(1);
-    let prefix = PREFIX.get_or_init(|| crate::random_hex(4));
+    let prefix = PREFIX.get_or_init(|| crate::ids::random_hex(4));
     format!("{prefix}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 

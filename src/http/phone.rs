@@ -6,7 +6,7 @@
 use super::{auth::Authenticated, body::Fields, AppState};
 use crate::actors::access_token::GetPhoneNumber;
 use crate::actors::registry::SetPhone;
-use crate::error::{ApiError, AuthError};
+use crate::http::error::{ApiError, AuthError};
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 

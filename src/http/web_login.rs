@@ -13,7 +13,7 @@
 use super::{auth::Authenticated, AppState};
 use crate::actors::access_token::GetWxaCode;
 use crate::actors::registry::{SessionOutcome, StartSession};
-use crate::error::{ApiError, AuthError};
+use crate::http::error::{ApiError, AuthError};
 use crate::web_login::{self, Status, WebLoginError, WebLogins, WebTokens};
 use actix_web::{http::header, web, HttpRequest, HttpResponse};
 use base64::Engine;

@@ -3,6 +3,7 @@
 
 use crate::actors::access_token::WxApiError;
 use crate::actors::wechat::WeChatError;
+use crate::cause::cause_chain;
 use crate::storage::StorageError;
 use crate::tokens::check::Refusal;
 use crate::tokens::TokenError;
@@ -319,19 +320,6 @@ fn wechat_detail(e: &WeChatError) -> String {
         WeChatError::Unavailable => "The WeChat client is unavailable.",
     };
     sentence.to_string()
-}
-
-/// An error and its causes, outermost first, as one line: logged once, where the
-/// 5xx answer is made, and printed by the CLI.
-pub fn cause_chain(e: &dyn std::error::Error) -> String {
-    let mut chain = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        chain.push_str(": ");
-        chain.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    chain
 }
 
 /// A JSON error body for a bare status (used for errors actix-web raises itself).
