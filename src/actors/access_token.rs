@@ -21,14 +21,15 @@
 //! Login never goes through here: `jscode2session` needs no access token.
 //! The blocking HTTP calls run on tokio's blocking pool, never on this actor's thread.
 
-use crate::actors::resolver;
-use crate::actors::wechat::{self as wx, WeChatError};
 use crate::config::{WeChatApp, WeChatConfig};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::storage::model::AuthStore;
 use crate::storage::{GroupCommit, ReadStore, StorageError, Store, Tree, WriteBatch};
+use crate::wechat::errors::{WeChatError, WxApiError};
+use crate::wechat::resolver;
 use crate::wechat::token_key;
+use crate::wechat::wire::{self as wx, read_body};
 
 /// How often a process that does not hold an app's lease looks for the token the
 /// holder fetches.
@@ -55,33 +56,6 @@ const MAX_REPLY_BYTES: u64 = 64 * 1024;
 const TOKEN_ERRCODES: &[i64] = &[40001, 40014, 42001];
 /// Errcodes that mean our own appid/secret is wrong (stable_token).
 const CONFIG_ERRCODES: &[i64] = &[40002, 40013, 40125, 40164, 41002, 41004, 48001, 61024];
-
-/// Every way a token-authenticated WeChat API can fail; `http/error.rs` maps each.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum WxApiError {
-    /// getuserphonenumber's 40029: the getPhoneNumber code is invalid or expired.
-    #[error("The phone number code is invalid or has expired.")]
-    PhoneCodeInvalid,
-    /// WeChat refused the token and the forced-refresh guard (20 a day, 30 s apart)
-    /// allows no refresh now.
-    #[error("WeChat refused the access token and it cannot be refreshed again yet.")]
-    ForcedRefreshLimited { retry_after_secs: u64 },
-    /// WeChat refused even a freshly forced token.
-    #[error("WeChat refused a freshly refreshed access token.")]
-    TokenRejected,
-    #[error("No mini-program with appid {0:?} is configured.")]
-    UnknownApp(String),
-    /// getwxacodeunlimit's 41030: `web_login.page` is not a published page of the
-    /// mini-program (or `check_path` is on for an unpublished one).
-    #[error("WeChat refused web_login.page: it is not a published page of the mini-program (errcode 41030).")]
-    CodePageInvalid,
-    /// The stored token could not be read: our fault, not WeChat's.
-    #[error(transparent)]
-    Storage(#[from] StorageError),
-    /// Everything login's calls can meet too (busy, timeout, config, HTTP, …).
-    #[error(transparent)]
-    WeChat(#[from] WeChatError),
-}
 
 /// A token as handed out: the value and how long it lives.
 #[derive(Debug, Clone)]
@@ -1084,7 +1058,10 @@ impl HttpApi {
 
     /// A POST whose successful answer is not JSON (an image): the raw body.
     fn post_for_bytes(&self, path: &str, query: &str, body: &Value) -> Result<Vec<u8>, WxApiError> {
-        read_body(self.send_post(path, query, body), MAX_IMAGE_BYTES)
+        Ok(read_body(
+            self.send_post(path, query, body),
+            MAX_IMAGE_BYTES,
+        )?)
     }
 
     fn get(&self, path: &str, query: &str) -> Result<Value, WxApiError> {
@@ -1108,29 +1085,6 @@ fn read_reply(
         Ok(value @ Value::Object(_)) => Ok(value),
         _ => Err(WeChatError::Malformed("not a JSON object".into()).into()),
     }
-}
-
-/// A 200 answer's body, at most `limit` bytes.
-fn read_body(
-    response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-    limit: u64,
-) -> Result<Vec<u8>, WxApiError> {
-    let mut response = response.map_err(wx::transport_error)?;
-    let status = response.status().as_u16();
-    if status != 200 {
-        return Err(WeChatError::Http(status).into());
-    }
-    Ok(response
-        .body_mut()
-        .with_config()
-        .limit(limit)
-        .read_to_vec()
-        .map_err(|e| match e {
-            ureq::Error::Timeout(_) => WeChatError::Timeout,
-            other => {
-                WeChatError::Malformed(format!("reading the body: {}", wx::error_kind(&other)))
-            }
-        })?)
 }
 
 #[cfg(test)]

@@ -17,10 +17,12 @@
 //! clients have all gone by the time its slot comes up is never sent: the code stays
 //! unspent.
 
-use crate::actors::resolver;
 use crate::config::{WeChatApp, WeChatConfig};
 use crate::metrics::Metrics;
 use crate::secret::{Secret, SessionKey};
+use crate::wechat::errors::WeChatError;
+use crate::wechat::resolver;
+use crate::wechat::wire::{error_kind, json_error_kind, transport_error};
 use actix::prelude::*;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde::Deserialize;
@@ -29,39 +31,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
-
-/// Every way a code exchange can fail; `http/error.rs` maps each to the contract's row
-/// and its API wording. The messages here are for logs and operators.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum WeChatError {
-    #[error("the code is invalid")]
-    CodeInvalid,
-    #[error("the code was already used")]
-    CodeUsed,
-    #[error("the user is flagged high-risk")]
-    UserBlocked,
-    #[error("WeChat's frequency limit was reached")]
-    RateLimited,
-    #[error("WeChat rejected the appid or secret (errcode {0})")]
-    Config(i64),
-    #[error("WeChat is busy")]
-    Busy,
-    /// Every call slot stayed busy for `wechat.queue_timeout`: refused before any call.
-    #[error("no call slot became free within wechat.queue_timeout")]
-    NoCallSlot,
-    #[error("WeChat did not answer before the deadline")]
-    Timeout,
-    #[error("WeChat answered with HTTP status {0}")]
-    Http(u16),
-    #[error("WeChat's answer is malformed: {0}")]
-    Malformed(String),
-    #[error("WeChat answered with unknown errcode {0}")]
-    Unknown(i64),
-    #[error("cannot reach WeChat: {0}")]
-    Connect(String),
-    #[error("the WeChat client actor is gone")]
-    Unavailable,
-}
 
 /// A `wx.login()` code to exchange for a session. `appid` must be a configured app.
 pub struct Code2Session {
@@ -500,59 +469,6 @@ fn outcome_label(result: &Result<Session, WeChatError>) -> &'static str {
             WeChatError::Unavailable => "unavailable",
         },
     }
-}
-
-pub(crate) fn transport_error(e: ureq::Error) -> WeChatError {
-    match e {
-        ureq::Error::Timeout(_) => WeChatError::Timeout,
-        ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {
-            WeChatError::Connect(e.to_string())
-        }
-        ureq::Error::Io(io)
-            if matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
-            ) =>
-        {
-            WeChatError::Connect(io.kind().to_string())
-        }
-        // Its text would contain the URL, and so the secret.
-        ureq::Error::BadUri(_) => WeChatError::Malformed("bad URL: check wechat.api_base".into()),
-        // Anything else may have happened after the request left: not retried. Only
-        // the kind is kept: some ureq errors carry the URL (the secret) or header values.
-        other => WeChatError::Malformed(format!("transport error: {}", error_kind(&other))),
-    }
-}
-
-/// What was wrong with a JSON answer, without serde's text: that quotes the
-/// offending value, which WeChat (or whoever answers in its place) chose.
-pub(crate) fn json_error_kind(e: &serde_json::Error) -> String {
-    let kind = match e.classify() {
-        serde_json::error::Category::Io => "unreadable",
-        serde_json::error::Category::Syntax => "not JSON",
-        serde_json::error::Category::Data => "JSON of the wrong shape",
-        serde_json::error::Category::Eof => "truncated JSON",
-    };
-    format!("{kind} (line {}, column {})", e.line(), e.column())
-}
-
-/// A ureq error's kind, without its text (which may hold the URL or what WeChat sent).
-pub(crate) fn error_kind(e: &ureq::Error) -> String {
-    let kind = match e {
-        ureq::Error::Io(io) => return format!("I/O ({})", io.kind()),
-        ureq::Error::Protocol(_) => "HTTP protocol",
-        ureq::Error::Http(_) => "HTTP request",
-        ureq::Error::BadUri(_) => "bad URL",
-        ureq::Error::Timeout(_) => "timeout",
-        ureq::Error::HostNotFound => "host not found",
-        ureq::Error::ConnectionFailed => "connection failed",
-        ureq::Error::TooManyRedirects | ureq::Error::RedirectFailed => "redirect",
-        ureq::Error::LargeResponseHeader(..) => "response header too large",
-        ureq::Error::Tls(_) | ureq::Error::Rustls(_) | ureq::Error::Pem(_) => "TLS",
-        ureq::Error::Decompress(..) => "decompression",
-        _ => "other",
-    };
-    kind.to_string()
 }
 
 /// Longest openid or unionid accepted (WeChat's are 28 characters).

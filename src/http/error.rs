@@ -1,13 +1,13 @@
 //! The one place where every error becomes the contract's JSON:
 //! `{"code": "<snake_case>", "detail": "<one English sentence>"}` with its status.
 
-use crate::actors::access_token::WxApiError;
-use crate::actors::wechat::WeChatError;
 use crate::cause::cause_chain;
 use crate::storage::StorageError;
 use crate::tokens::check::Refusal;
 use crate::tokens::TokenError;
 use crate::web_login::WebLoginError;
+use crate::wechat::errors::WeChatError;
+use crate::wechat::errors::WxApiError;
 use crate::wechat_crypto::DecryptError;
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};

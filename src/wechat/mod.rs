@@ -1,6 +1,10 @@
 //! WeChat: what its API answers, shared by the login workers, the access-token
 //! keeper and the storage model.
 
+pub mod errors;
+pub mod resolver;
+pub mod wire;
+
 use crate::secret::SessionKey;
 
 /// What WeChat tells us about a code.
