@@ -18,6 +18,7 @@
 //! unspent.
 
 use crate::config::{WeChatApp, WeChatConfig};
+use crate::wechat::Session;
 use crate::metrics::Metrics;
 use crate::secret::{Secret, SessionKey};
 use crate::wechat::errors::WeChatError;
