@@ -42,7 +42,7 @@ pub enum WriteTarget {
     Server {
         registry: Addr<UserRegistry>,
         issuer: Addr<TokenIssuer>,
-        keeper: Addr<AccessTokenKeeper>,
+        keeper: AccessTokenKeeper,
         commit: GroupCommit,
         runtime: tokio::runtime::Handle,
         keys: Arc<JwtKeys>,
@@ -107,7 +107,7 @@ impl WriteTarget {
                 keeper, runtime, ..
             } => runtime.block_on(async {
                 keeper
-                    .send(CheckSession {
+                    .check_session(CheckSession {
                         appid: user.appid.clone(),
                         openid: user.openid.clone(),
                         signature: crate::wechat_crypto::checksession_signature(
@@ -115,7 +115,6 @@ impl WriteTarget {
                         ),
                     })
                     .await
-                    .map_err(mailbox)?
                     .map_err(|e| AdminError::Server(format!("WeChat: {e}")))
             }),
             WriteTarget::Direct { .. } => Err(AdminError::Refused(

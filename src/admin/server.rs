@@ -28,7 +28,7 @@ pub struct ServerContext {
     pub data_dir: PathBuf,
     pub registry: Addr<UserRegistry>,
     pub issuer: Addr<TokenIssuer>,
-    pub keeper: Addr<crate::actors::access_token::AccessTokenKeeper>,
+    pub keeper: crate::actors::access_token::AccessTokenKeeper,
     pub commit: GroupCommit,
     pub runtime: tokio::runtime::Handle,
     pub keys: Arc<crate::tokens::JwtKeys>,

@@ -41,7 +41,7 @@ pub async fn access_token(
         return Err(AuthError::NotAuthenticated.into());
     }
     let appid = state.resolve_app(query.appid.as_deref())?.to_string();
-    let token = state.keeper.send(GetToken { appid }).await??;
+    let token = state.keeper.token(GetToken { appid }).await?;
     Ok(HttpResponse::Ok().json(json!({
         "access_token": token.access_token.expose(),
         "expires_in": token.expires_in_secs,

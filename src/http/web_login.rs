@@ -58,10 +58,10 @@ pub async fn create(
     let appid = state.resolve_app(None)?.to_string();
     let issued = web.tickets.create()?;
     let cfg = &web.config;
-    // No ACTOR_TIMEOUT: the keeper bounds its own work.
+    // The keeper bounds its own work.
     let code = state
         .keeper
-        .send(GetWxaCode {
+        .wxa_code(GetWxaCode {
             appid,
             scene: issued.ticket.clone(),
             page: cfg.page.clone(),
@@ -71,11 +71,7 @@ pub async fn create(
         })
         .await;
     let code = match code {
-        Ok(Ok(code)) => code,
-        Ok(Err(e)) => {
-            web.tickets.forget(&issued.ticket);
-            return Err(e.into());
-        }
+        Ok(code) => code,
         Err(e) => {
             web.tickets.forget(&issued.ticket);
             return Err(e.into());
