@@ -67,6 +67,7 @@ impl Config {
         config.storage.postgres = config.storage.resolve_postgres(&mut Vec::new())?;
         Ok(config)
     }
+}
 
 /// For `Env::filter` (which sees names with the prefix already taken off): keeps a
 /// `WXAUTH_` variable unless its value is empty. An empty variable means unset, the

@@ -5,10 +5,10 @@
 mod load;
 mod units;
 
-pub use load::{read_secret_file, resolve_credential_path};
 use load::resolve_app;
-pub use units::{parse_duration, parse_size, ByteSize};
+pub use load::{read_secret_file, resolve_credential_path};
 use units::{de_duration, de_ip_addrs, de_metrics_bind, de_server_bind, de_size};
+pub use units::{parse_duration, parse_size, ByteSize};
 
 use crate::secret::Secret;
 use serde::{Deserialize, Deserializer};
@@ -496,6 +496,7 @@ pub struct Loaded {
     pub source: Option<PathBuf>,
 }
 
+impl Config {
     /// Cross-field checks and secret files. Returns the mini-programs, first = default.
     fn validate(&self, warnings: &mut Vec<String>) -> Result<Vec<WeChatApp>, ConfigError> {
         let bind = self.server.bind;

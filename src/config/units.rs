@@ -16,7 +16,9 @@ pub(super) fn de_server_bind<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAd
 
 /// `""` (in a file) or `"off"` (from the environment, where empty means unset):
 /// no listener. (`metrics.bind` and `wechat.token_endpoint_bind`.)
-pub(super) fn de_metrics_bind<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+pub(super) fn de_metrics_bind<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<SocketAddr>, D::Error> {
     match String::deserialize(d)?.as_str() {
         "" | "off" => Ok(None),
         text => parse_addr(text).map(Some).map_err(serde::de::Error::custom),
