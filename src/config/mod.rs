@@ -497,16 +497,61 @@ pub struct Loaded {
 }
 
 impl Config {
-    /// Cross-field checks and secret files. Returns the mini-programs, first = default.
+    /// Cross-field checks and secret files, section by section. Returns the
+    /// mini-programs, first = default.
     fn validate(&self, warnings: &mut Vec<String>) -> Result<Vec<WeChatApp>, ConfigError> {
-        let bind = self.server.bind;
-        if self.server.workers == 0 || self.server.workers > 1024 {
+        self.server.validate()?;
+        self.storage.validate()?;
+        let apps = self.wechat.validate(self.server.bind, warnings)?;
+        self.jwt.validate()?;
+        self.events.validate(self.storage.backend)?;
+        self.users.validate()?;
+        self.limits.validate()?;
+        self.log.validate()?;
+        self.web_login.validate()?;
+        Ok(apps)
+    }
+
+    /// `wechat.token_endpoint_bind` must be loopback (it hands out WeChat's access
+    /// token) and comes with a non-empty bearer secret from a file.
+    fn token_endpoint_secret(&self) -> Result<Option<Secret>, ConfigError> {
+        let w = &self.wechat;
+        let Some(addr) = w.token_endpoint_bind else {
+            return Ok(None);
+        };
+        if !addr.ip().is_loopback() {
+            return Err(ConfigError::new(
+                "wechat.token_endpoint_bind",
+                "must be a loopback address (127.0.0.1 or ::1): it hands out WeChat's access token",
+            ));
+        }
+        let Some(path) = &w.token_endpoint_secret_file else {
+            return Err(ConfigError::new(
+                "wechat.token_endpoint_secret_file",
+                "is required when wechat.token_endpoint_bind is set",
+            ));
+        };
+        let secret = read_secret_file("wechat.token_endpoint_secret_file", path)?;
+        if secret.expose().len() < 16 {
+            return Err(ConfigError::new(
+                "wechat.token_endpoint_secret_file",
+                "must hold a secret of at least 16 characters",
+            ));
+        }
+        Ok(Some(secret))
+    }
+}
+
+impl ServerConfig {
+    /// `server.*`.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.workers == 0 || self.workers > 1024 {
             return Err(ConfigError::new(
                 "server.workers",
                 "must be between 1 and 1024",
             ));
         }
-        match (&self.server.tls.cert, &self.server.tls.key) {
+        match (&self.tls.cert, &self.tls.key) {
             (None, None) => {}
             (Some(_), None) => {
                 return Err(ConfigError::new(
@@ -532,46 +577,63 @@ impl Config {
                 }
             }
         }
-        if self.server.request_timeout < Duration::from_millis(100)
-            || self.server.request_timeout > Duration::from_secs(600)
+        if self.request_timeout < Duration::from_millis(100)
+            || self.request_timeout > Duration::from_secs(600)
         {
             return Err(ConfigError::new(
                 "server.request_timeout",
                 "must be between 100ms and 10m",
             ));
         }
-        if self.server.max_connections == 0 || self.server.max_connections > 1_000_000 {
+        if self.max_connections == 0 || self.max_connections > 1_000_000 {
             return Err(ConfigError::new(
                 "server.max_connections",
                 "must be between 1 and 1000000",
             ));
         }
-        if self.server.max_connections_per_ip == 0 || self.server.max_connections_per_ip > 1_000_000
-        {
+        if self.max_connections_per_ip == 0 || self.max_connections_per_ip > 1_000_000 {
             return Err(ConfigError::new(
                 "server.max_connections_per_ip",
                 "must be between 1 and 1000000",
             ));
         }
-        if self.server.max_connection_lifetime < Duration::from_secs(1)
-            || self.server.max_connection_lifetime > Duration::from_secs(24 * 3600)
+        if self.max_connection_lifetime < Duration::from_secs(1)
+            || self.max_connection_lifetime > Duration::from_secs(24 * 3600)
         {
             return Err(ConfigError::new(
                 "server.max_connection_lifetime",
                 "must be between 1s and 24h",
             ));
         }
-        if self.storage.path.as_os_str().is_empty() {
+        Ok(())
+    }
+}
+
+impl StorageConfig {
+    /// `storage.*` (the PostgreSQL keys: [`StorageConfig::resolve_postgres`]).
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.path.as_os_str().is_empty() {
             return Err(ConfigError::new("storage.path", "must not be empty"));
         }
-        if self.storage.cache_capacity.bytes() < 1024 * 1024 {
+        if self.cache_capacity.bytes() < 1024 * 1024 {
             return Err(ConfigError::new(
                 "storage.cache_capacity",
                 "must be at least 1MiB",
             ));
         }
+        Ok(())
+    }
+}
 
-        let w = &self.wechat;
+impl WeChatConfig {
+    /// `wechat.*` and the app secrets: the mini-programs, first = default.
+    /// `bind`: `server.bind` (the mock runs only on loopback).
+    fn validate(
+        &self,
+        bind: SocketAddr,
+        warnings: &mut Vec<String>,
+    ) -> Result<Vec<WeChatApp>, ConfigError> {
+        let w = self;
         if !(w.api_base.starts_with("https://") || w.api_base.starts_with("http://")) {
             return Err(ConfigError::new(
                 "wechat.api_base",
@@ -645,8 +707,14 @@ impl Config {
                 "is required (with wechat.secret or wechat.secret_file) unless wechat.mock = true",
             ));
         }
+        Ok(apps)
+    }
+}
 
-        let j = &self.jwt;
+impl JwtConfig {
+    /// `jwt.*`.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let j = self;
         if !j.algorithm.is_hmac() && j.signing_key_file.is_none() {
             return Err(ConfigError::new(
                 "jwt.signing_key_file",
@@ -718,36 +786,62 @@ impl Config {
                 "must be at least 1s",
             ));
         }
-        if let Some(url) = &self.events.webhook_url {
+        Ok(())
+    }
+}
+
+impl EventsConfig {
+    /// `events.*`; `backend`: `storage.backend`.
+    fn validate(&self, backend: StorageBackend) -> Result<(), ConfigError> {
+        if let Some(url) = &self.webhook_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(ConfigError::new(
                     "events.webhook_url",
                     "must be an http:// or https:// URL",
                 ));
             }
-            if self.storage.backend == StorageBackend::Postgres {
+            if backend == StorageBackend::Postgres {
                 return Err(ConfigError::new(
                     "events.webhook_url",
                     "events are not available with storage.backend = \"postgres\" yet",
                 ));
             }
         }
-        if self.events.timeout < Duration::from_millis(100)
-            || self.events.timeout > Duration::from_secs(60)
-        {
+        if self.timeout < Duration::from_millis(100) || self.timeout > Duration::from_secs(60) {
             return Err(ConfigError::new("events.timeout", "100 ms – 60 s"));
         }
-        if self.users.deletion_delay > MAX_TOKEN_DURATION {
+        Ok(())
+    }
+}
+
+impl UsersConfig {
+    /// `users.*`.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.deletion_delay > MAX_TOKEN_DURATION {
             return Err(ConfigError::new("users.deletion_delay", "at most 10 years"));
         }
-        if !(1..=128).contains(&self.limits.ipv6_prefix) {
+        Ok(())
+    }
+}
+
+impl LimitsConfig {
+    /// `limits.*`.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=128).contains(&self.ipv6_prefix) {
             return Err(ConfigError::new(
                 "limits.ipv6_prefix",
                 "must be between 1 and 128",
             ));
         }
+        Ok(())
+    }
+}
+
+impl LogConfig {
+    /// `log.*`.
+    fn validate(&self) -> Result<(), ConfigError> {
         if !matches!(
-            self.log.level.as_str(),
+            self.level.as_str(),
             "trace" | "debug" | "info" | "warn" | "error"
         ) {
             return Err(ConfigError::new(
@@ -755,40 +849,10 @@ impl Config {
                 "must be one of trace, debug, info, warn, error",
             ));
         }
-        if !matches!(self.log.format.as_str(), "text" | "json") {
+        if !matches!(self.format.as_str(), "text" | "json") {
             return Err(ConfigError::new("log.format", "must be text or json"));
         }
-        self.web_login.validate()?;
-        Ok(apps)
-    }
-
-    /// `wechat.token_endpoint_bind` must be loopback (it hands out WeChat's access
-    /// token) and comes with a non-empty bearer secret from a file.
-    fn token_endpoint_secret(&self) -> Result<Option<Secret>, ConfigError> {
-        let w = &self.wechat;
-        let Some(addr) = w.token_endpoint_bind else {
-            return Ok(None);
-        };
-        if !addr.ip().is_loopback() {
-            return Err(ConfigError::new(
-                "wechat.token_endpoint_bind",
-                "must be a loopback address (127.0.0.1 or ::1): it hands out WeChat's access token",
-            ));
-        }
-        let Some(path) = &w.token_endpoint_secret_file else {
-            return Err(ConfigError::new(
-                "wechat.token_endpoint_secret_file",
-                "is required when wechat.token_endpoint_bind is set",
-            ));
-        };
-        let secret = read_secret_file("wechat.token_endpoint_secret_file", path)?;
-        if secret.expose().len() < 16 {
-            return Err(ConfigError::new(
-                "wechat.token_endpoint_secret_file",
-                "must hold a secret of at least 16 characters",
-            ));
-        }
-        Ok(Some(secret))
+        Ok(())
     }
 }
 
