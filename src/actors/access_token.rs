@@ -242,9 +242,6 @@ impl std::fmt::Debug for WxaCode {
 impl AccessTokenKeeper {
     /// A mini-program code from `getwxacodeunlimit`.
     pub async fn wxa_code(&self, msg: GetWxaCode) -> Result<WxaCode, WxApiError> {
-        let keeper = &self.keeper;
-        let deadline = keeper.deadline;
-        let until = Instant::now() + deadline;
         let body = json!({
             "scene": msg.scene,
             "page": msg.page,
@@ -252,12 +249,9 @@ impl AccessTokenKeeper {
             "check_path": msg.check_path,
             "width": msg.width,
         });
-        within(
-            deadline,
-            keeper.call_with_token(&msg.appid, until, move |api, token, time_left| {
-                api.wxa_code(token, &body, time_left)
-            }),
-        )
+        self.with_token(&msg.appid, move |api, token, time_left| {
+            api.wxa_code(token, &body, time_left)
+        })
         .await
     }
 
@@ -278,31 +272,30 @@ impl AccessTokenKeeper {
 
     /// The user's phone number for a getPhoneNumber code.
     pub async fn phone_number(&self, msg: GetPhoneNumber) -> Result<PhoneNumber, WxApiError> {
-        let keeper = &self.keeper;
-        let deadline = keeper.deadline;
-        let until = Instant::now() + deadline;
         let body = json!({ "code": msg.code, "openid": msg.openid });
-        within(
-            deadline,
-            keeper.call_with_token(&msg.appid, until, move |api, token, time_left| {
-                api.phone_number(token, &body, time_left)
-            }),
-        )
+        self.with_token(&msg.appid, move |api, token, time_left| {
+            api.phone_number(token, &body, time_left)
+        })
         .await
     }
 
     /// Whether WeChat still holds the session key the signature was made with.
     pub async fn check_session(&self, msg: CheckSession) -> Result<bool, WxApiError> {
-        let keeper = &self.keeper;
-        let deadline = keeper.deadline;
-        let until = Instant::now() + deadline;
-        within(
-            deadline,
-            keeper.call_with_token(&msg.appid, until, move |api, token, time_left| {
-                api.check_session(token, &msg.openid, &msg.signature, time_left)
-            }),
-        )
+        self.with_token(&msg.appid, move |api, token, time_left| {
+            api.check_session(token, &msg.openid, &msg.signature, time_left)
+        })
         .await
+    }
+
+    /// `call` with the app's token, all within the keeper's deadline.
+    async fn with_token<T, F>(&self, appid: &str, call: F) -> Result<T, WxApiError>
+    where
+        T: Send + 'static,
+        F: Fn(&Api, &str, Duration) -> Result<ApiReply<T>, WxApiError> + Send + Sync + 'static,
+    {
+        let deadline = self.keeper.deadline;
+        let until = Instant::now() + deadline;
+        within(deadline, self.keeper.call_with_token(appid, until, call)).await
     }
 }
 
