@@ -13,7 +13,6 @@ use std::sync::Arc;
 /// The key files of the data directory a backup carries: the generated signing key
 /// and the key ring of `wxauth keys rotate`.
 const KEY_FILES: [&str; 2] = [GENERATED_KEY_FILE, KEYRING_FILE];
-use crate::users;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Seek, Write};
 use std::path::Path;

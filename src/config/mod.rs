@@ -7,7 +7,7 @@ mod units;
 
 use load::resolve_app;
 pub use load::{read_secret_file, resolve_credential_path};
-use units::{de_duration, de_ip_addrs, de_metrics_bind, de_server_bind, de_size};
+use units::{de_duration, de_ip_addrs, de_metrics_bind, de_server_bind};
 pub use units::{parse_duration, parse_size, ByteSize};
 
 use crate::secret::Secret;

@@ -33,7 +33,7 @@ use std::ops::ControlFlow;
 pub fn open(
     config: &crate::config::StorageConfig,
 ) -> Result<std::sync::Arc<dyn Store>, StorageError> {
-    let store = super::SledStore::open(&config.path, config.cache_capacity.bytes())?;
+    let store = super::sled::SledStore::open(&config.path, config.cache_capacity.bytes())?;
     run(&store)?;
     Ok(std::sync::Arc::new(store))
 }
