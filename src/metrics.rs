@@ -252,7 +252,7 @@ impl Metrics {
             o,
             "wxauth_wechat_calls_total",
             "Calls to WeChat's jscode2session by outcome.",
-            &WECHAT_OUTCOMES,
+            WECHAT_OUTCOMES,
             &self.wechat_calls,
         );
         let name = "wxauth_wechat_call_duration_seconds";

@@ -51,7 +51,7 @@ pub fn run(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), A
     let mut writes = WriteTarget::Direct {
         model: Arc::new(model),
         runtime,
-        jwt: cfg.jwt.clone(),
+        jwt: Box::new(cfg.jwt.clone()),
         deletion_delay: cfg.users.deletion_delay,
     };
     let result = execute(request, store.as_ref(), data_dir, &mut writes, out);
@@ -76,7 +76,7 @@ fn direct_postgres(request: &Request, cfg: &Config, out: &mut dyn Write) -> Resu
     let mut writes = WriteTarget::Direct {
         model: store.clone(),
         runtime,
-        jwt: cfg.jwt.clone(),
+        jwt: Box::new(cfg.jwt.clone()),
         deletion_delay: cfg.users.deletion_delay,
     };
     let key_dir = std::env::temp_dir().join(format!("wxauth-keys-{}", crate::ids::random_hex(8)));

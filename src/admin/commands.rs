@@ -53,7 +53,7 @@ pub enum WriteTarget {
         /// Waits for the model's futures (they resolve once durable).
         runtime: tokio::runtime::Runtime,
         /// Keys are loaded only by the `keys` commands: listing users needs no key file.
-        jwt: JwtConfig,
+        jwt: Box<JwtConfig>,
         /// `users.deletion_delay`.
         deletion_delay: std::time::Duration,
     },
