@@ -408,6 +408,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_outcome_a_counter_does_not_list_is_counted_as_itself() {
+        let counts = OutcomeCounts::default();
+        counts.add(Outcome::Ok);
+        counts.add(Outcome::Unavailable);
+        counts.add(Outcome::CodeUsed);
+        let mut text = String::new();
+        counter_by_outcome(&mut text, "x_total", "x", &TOKEN_FETCH_OUTCOMES, &counts);
+        assert!(text.contains("x_total{outcome=\"ok\"} 1"), "{text}");
+        assert!(
+            text.contains("x_total{outcome=\"unavailable\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("x_total{outcome=\"code_used\"} 1"), "{text}");
+        assert!(
+            text.contains("x_total{outcome=\"connect_error\"} 0"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("code_invalid"),
+            "an unlisted outcome that never happened: {text}"
+        );
+    }
+
+    #[test]
     fn routes_fold_the_trailing_slash_and_unknown_is_other() {
         assert_eq!(route_label(Some("/api/weixin/login")), "/api/weixin/login/");
         assert_eq!(route_label(Some("/healthz/")), "/healthz");

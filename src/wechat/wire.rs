@@ -229,3 +229,53 @@ fn read_body(
             other => WeChatError::Malformed(format!("reading the body: {}", error_kind(&other))),
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retry_is_never_started_when_its_backoff_would_end_past_the_deadline() {
+        let mut calls = 0;
+        let deadline = Instant::now() + BUSY_BACKOFF / 2;
+        let result: Result<(), WeChatError> =
+            with_retries(5, deadline, WeChatError::is_transient, |_| {
+                calls += 1;
+                Err(WeChatError::Busy)
+            });
+        assert!(matches!(result, Err(WeChatError::Busy)));
+        assert_eq!(calls, 1, "no time for a backoff: no retry");
+
+        let mut calls = 0;
+        let far = Instant::now() + Duration::from_secs(3600);
+        let _: Result<(), WeChatError> = with_retries(2, far, WeChatError::is_transient, |_| {
+            calls += 1;
+            Err(WeChatError::Busy)
+        });
+        assert_eq!(calls, 3, "time enough: the call and its 2 retries");
+
+        let mut calls = 0;
+        let _: Result<(), WeChatError> = with_retries(2, far, WeChatError::is_transient, |_| {
+            calls += 1;
+            Err(WeChatError::CodeUsed)
+        });
+        assert_eq!(calls, 1, "what may have spent the code is never retried");
+    }
+
+    #[test]
+    fn every_api_reads_the_shared_errcodes_alike() {
+        assert!(common_error(0).is_none());
+        assert!(matches!(common_error(-1), Some(WeChatError::Busy)));
+        assert!(matches!(
+            common_error(45011),
+            Some(WeChatError::RateLimited)
+        ));
+        for code in CONFIG_ERRCODES {
+            assert!(matches!(common_error(*code), Some(WeChatError::Config(c)) if c == *code));
+        }
+        assert!(matches!(
+            common_error(99999),
+            Some(WeChatError::Unknown(99999))
+        ));
+    }
+}
