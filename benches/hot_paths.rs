@@ -29,13 +29,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use wxauth::actors::registry::{Login, LoginOutcome, UserRegistry};
-use wxauth::actors::wechat::Session;
 use wxauth::config::JwtConfig;
 use wxauth::secret::SessionKey;
-use wxauth::storage::{GroupCommit, SledModel, SledStore, Store, Tree, WriteBatch};
+use wxauth::storage::sled::SledStore;
+use wxauth::storage::sled_model::SledModel;
+use wxauth::storage::{GroupCommit, Store, Tree, WriteBatch};
 use wxauth::tokens::check::{self, Accept};
 use wxauth::tokens::{JwtKeys, TokenType};
 use wxauth::users::cache::UserCache;
+use wxauth::wechat::Session;
 
 /// The server's default `storage.cache_capacity`.
 const CACHE: u64 = 64 * 1024 * 1024;
@@ -112,7 +114,7 @@ fn data_path(c: &mut Criterion) {
     let user_id = registry.login(&system, "o-data".into());
     let token = fx
         .keys
-        .sign(TokenType::Access, user_id, 0, wxauth::now_unix())
+        .sign(TokenType::Access, user_id, 0, wxauth::clock::now_unix())
         .token;
 
     let mut group = c.benchmark_group("data");
@@ -122,7 +124,7 @@ fn data_path(c: &mut Criterion) {
                 &fx.keys,
                 black_box(&token),
                 Accept::Access,
-                wxauth::tokens::now_ms(),
+                wxauth::clock::now_ms(),
             )
             .expect("valid")
         })
@@ -150,7 +152,7 @@ fn data_path(c: &mut Criterion) {
                 &users,
                 black_box(&token),
                 Accept::Access,
-                wxauth::tokens::now_ms(),
+                wxauth::clock::now_ms(),
             )
             .expect("valid")
         })
@@ -163,7 +165,7 @@ fn token_pair_issue(c: &mut Criterion) {
     let fx = fixture();
     let mut group = c.benchmark_group("token_pair_issue");
     group.bench_function("sign", |b| {
-        let now = wxauth::now_unix();
+        let now = wxauth::clock::now_unix();
         b.iter(|| {
             let access = fx.keys.sign(TokenType::Access, black_box(7), 0, now);
             let refresh = fx.keys.sign(TokenType::Refresh, black_box(7), 0, now);

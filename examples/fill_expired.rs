@@ -14,7 +14,9 @@
 use std::path::PathBuf;
 use std::time::Instant;
 use wxauth::storage::model::{family_key, FamilyId, FamilyRecord};
-use wxauth::storage::{encode_family, SledStore, Store, Tree, WriteBatch};
+use wxauth::storage::sled::SledStore;
+use wxauth::storage::sled_model::encode_family;
+use wxauth::storage::{Store, Tree, WriteBatch};
 
 /// Families per batch.
 const BATCH: u64 = 1000;
@@ -42,7 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let started = Instant::now();
     let store = SledStore::open(&dir, CACHE_CAPACITY)?;
-    let expired_at = wxauth::now_unix() - 86_400;
+    let expired_at = wxauth::clock::now_unix() - 86_400;
     let mut done = 0u64;
     while done < families {
         let n = BATCH.min(families - done);

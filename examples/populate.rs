@@ -19,7 +19,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 use wxauth::secret::SessionKey;
-use wxauth::storage::{ReadStore, SledStore, Store, Tree, WriteBatch};
+use wxauth::storage::sled::SledStore;
+use wxauth::storage::{ReadStore, Store, Tree, WriteBatch};
 use wxauth::users::{self, User, NEXT_USER_ID_KEY};
 
 /// Users per atomic batch: large enough to amortize sled's transaction cost.
@@ -43,7 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(bytes) => users::decode_id(Tree::Meta, &bytes)?,
         None => 1,
     };
-    let now = wxauth::now_unix();
+    let now = wxauth::clock::now_unix();
     let mut done = 0u64;
     while done < count {
         let n = BATCH.min(count - done);

@@ -164,7 +164,7 @@ pub enum KeyAlgorithm {
 pub fn generate_key(algorithm: KeyAlgorithm) -> String {
     use crate::tokens::keys;
     match algorithm {
-        KeyAlgorithm::Hs256 => format!("{}\n", crate::random_hex(32)),
+        KeyAlgorithm::Hs256 => format!("{}\n", crate::ids::random_hex(32)),
         KeyAlgorithm::Es256 => keys::generate_es256_pem(),
         KeyAlgorithm::EdDsa => keys::generate_ed25519_pem(),
     }

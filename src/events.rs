@@ -104,7 +104,7 @@ impl StoredEvent {
             "timestamp": self.timestamp,
             "attempts": self.attempts,
             "next_attempt_at": (self.next_attempt_ms > 0)
-                .then(|| crate::users::rfc3339(self.next_attempt_ms.div_euclid(1000))),
+                .then(|| crate::clock::rfc3339(self.next_attempt_ms.div_euclid(1000))),
             "failed": self.failed,
             "last_error": self.last_error,
         })
@@ -189,7 +189,7 @@ impl Outbox {
     ) {
         data["user_id"] = json!(user_id);
         let event = StoredEvent {
-            id: format!("msg_{}", crate::random_hex(12)),
+            id: format!("msg_{}", crate::ids::random_hex(12)),
             user_id,
             kind: kind.as_str().to_string(),
             timestamp: rfc3339_ms(now_ms),
@@ -315,7 +315,7 @@ fn round(
     let mut wait_ms = 1_000;
     let mut flushed = false;
     for (seq, mut event) in events {
-        let now = crate::tokens::now_ms();
+        let now = crate::clock::now_ms();
         if event.failed || blocked.contains(&event.user_id) {
             continue;
         }
@@ -367,7 +367,7 @@ fn round(
 /// One POST; `Err`: why it did not count as delivered (no URL, no body in it).
 fn deliver(agent: &ureq::Agent, delivery: &Delivery, event: &StoredEvent) -> Result<(), String> {
     let body = event.body();
-    let timestamp = crate::now_unix();
+    let timestamp = crate::clock::now_unix();
     let signature = signature(&delivery.key, &event.id, timestamp, &body);
     let sent = agent
         .post(&delivery.url)

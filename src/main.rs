@@ -4,11 +4,11 @@ use clap::Parser;
 use std::path::Path;
 use std::process::ExitCode;
 use wxauth::admin::Request;
+use wxauth::cause::cause_chain;
 use wxauth::cli::{
     Cli, Command, EventsCommand, KeysCommand, TokensCommand, UsersCommand, WechatCommand,
 };
 use wxauth::config::{Config, ConfigError};
-use wxauth::error::cause_chain;
 use wxauth::startup::StartError;
 
 /// jemalloc: see Cargo.toml. Its background thread (turned on first thing in `main`)

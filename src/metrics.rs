@@ -3,6 +3,7 @@
 //! `metrics.bind` listener, which a reverse proxy in front of the API never exposes.
 
 use crate::storage::{GroupCommit, ReadStore};
+pub use crate::wechat::errors::Outcome;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -36,51 +37,39 @@ pub const ROUTES: [&str; 24] = [
 ];
 
 /// Outcomes of one HTTP call to WeChat (or the mock), as labels.
-pub const WECHAT_OUTCOMES: [&str; 13] = [
-    "ok",
-    "code_invalid",
-    "code_used",
-    "user_blocked",
-    "rate_limited",
-    "config_error",
-    "busy",
-    "timeout",
-    "http_error",
-    "malformed",
-    "unknown_errcode",
-    "connect_error",
-    "unavailable",
-];
+pub const WECHAT_OUTCOMES: &[Outcome] = Outcome::ALL.split_at(13).0;
 
 /// Outcomes of one access-token fetch (`cgi-bin/stable_token`), as labels.
-pub const TOKEN_FETCH_OUTCOMES: [&str; 11] = [
-    "ok",
-    "forced_ok",
-    "forced_refused",
-    "busy",
-    "rate_limited",
-    "config_error",
-    "timeout",
-    "http_error",
-    "malformed",
-    "unknown_errcode",
-    "connect_error",
+pub const TOKEN_FETCH_OUTCOMES: [Outcome; 12] = [
+    Outcome::Ok,
+    Outcome::ForcedOk,
+    Outcome::ForcedRefused,
+    Outcome::Busy,
+    Outcome::RateLimited,
+    Outcome::ConfigError,
+    Outcome::Timeout,
+    Outcome::HttpError,
+    Outcome::Malformed,
+    Outcome::UnknownErrcode,
+    Outcome::ConnectError,
+    Outcome::Unavailable,
 ];
 
 /// Outcomes of one call to a WeChat API that takes the access token, as labels.
-pub const WECHAT_API_OUTCOMES: [&str; 12] = [
-    "ok",
-    "token_invalid",
-    "code_invalid",
-    "forced_refused",
-    "busy",
-    "rate_limited",
-    "config_error",
-    "timeout",
-    "http_error",
-    "malformed",
-    "unknown_errcode",
-    "connect_error",
+pub const WECHAT_API_OUTCOMES: [Outcome; 13] = [
+    Outcome::Ok,
+    Outcome::TokenInvalid,
+    Outcome::CodeInvalid,
+    Outcome::ForcedRefused,
+    Outcome::Busy,
+    Outcome::RateLimited,
+    Outcome::ConfigError,
+    Outcome::Timeout,
+    Outcome::HttpError,
+    Outcome::Malformed,
+    Outcome::UnknownErrcode,
+    Outcome::ConnectError,
+    Outcome::Unavailable,
 ];
 
 /// Upper bounds of the latency buckets, in seconds.
@@ -143,15 +132,15 @@ impl Histogram {
 pub struct Metrics {
     requests: Vec<Vec<AtomicU64>>,
     latency: Vec<Histogram>,
-    wechat_calls: Vec<AtomicU64>,
+    wechat_calls: OutcomeCounts,
     wechat_latency: Histogram,
     access_issued: AtomicU64,
     refresh_issued: AtomicU64,
     reuse_detected: AtomicU64,
     events_pending: AtomicU64,
     event_delivery_failures: AtomicU64,
-    token_fetches: Vec<AtomicU64>,
-    wechat_api_calls: Vec<AtomicU64>,
+    token_fetches: OutcomeCounts,
+    wechat_api_calls: OutcomeCounts,
 }
 
 impl Default for Metrics {
@@ -162,21 +151,15 @@ impl Default for Metrics {
                 .map(|_| (0..STATUSES).map(|_| AtomicU64::new(0)).collect())
                 .collect(),
             latency: ROUTES.iter().map(|_| Histogram::new()).collect(),
-            wechat_calls: WECHAT_OUTCOMES.iter().map(|_| AtomicU64::new(0)).collect(),
+            wechat_calls: OutcomeCounts::default(),
             wechat_latency: Histogram::new(),
             access_issued: AtomicU64::new(0),
             refresh_issued: AtomicU64::new(0),
             reuse_detected: AtomicU64::new(0),
             events_pending: AtomicU64::new(0),
             event_delivery_failures: AtomicU64::new(0),
-            token_fetches: TOKEN_FETCH_OUTCOMES
-                .iter()
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-            wechat_api_calls: WECHAT_API_OUTCOMES
-                .iter()
-                .map(|_| AtomicU64::new(0))
-                .collect(),
+            token_fetches: OutcomeCounts::default(),
+            wechat_api_calls: OutcomeCounts::default(),
         }
     }
 }
@@ -205,31 +188,19 @@ impl Metrics {
         self.latency[r].observe(elapsed);
     }
 
-    pub fn observe_wechat(&self, outcome: &str, elapsed: Duration) {
-        let i = WECHAT_OUTCOMES
-            .iter()
-            .position(|x| *x == outcome)
-            .unwrap_or(WECHAT_OUTCOMES.len() - 1);
-        self.wechat_calls[i].fetch_add(1, Relaxed);
+    pub fn observe_wechat(&self, outcome: Outcome, elapsed: Duration) {
+        self.wechat_calls.add(outcome);
         self.wechat_latency.observe(elapsed);
     }
 
-    /// One access-token fetch by the keeper (an unknown outcome counts as the last label).
-    pub fn observe_token_fetch(&self, outcome: &str) {
-        let i = TOKEN_FETCH_OUTCOMES
-            .iter()
-            .position(|x| *x == outcome)
-            .unwrap_or(TOKEN_FETCH_OUTCOMES.len() - 1);
-        self.token_fetches[i].fetch_add(1, Relaxed);
+    /// One access-token fetch by the keeper.
+    pub fn observe_token_fetch(&self, outcome: Outcome) {
+        self.token_fetches.add(outcome);
     }
 
     /// One call to a token-authenticated WeChat API (phone number, checksession).
-    pub fn observe_wechat_api(&self, outcome: &str) {
-        let i = WECHAT_API_OUTCOMES
-            .iter()
-            .position(|x| *x == outcome)
-            .unwrap_or(WECHAT_API_OUTCOMES.len() - 1);
-        self.wechat_api_calls[i].fetch_add(1, Relaxed);
+    pub fn observe_wechat_api(&self, outcome: Outcome) {
+        self.wechat_api_calls.add(outcome);
     }
 
     pub fn tokens_issued(&self, access: u64, refresh: u64) {
@@ -281,7 +252,7 @@ impl Metrics {
             o,
             "wxauth_wechat_calls_total",
             "Calls to WeChat's jscode2session by outcome.",
-            &WECHAT_OUTCOMES,
+            WECHAT_OUTCOMES,
             &self.wechat_calls,
         );
         let name = "wxauth_wechat_call_duration_seconds";
@@ -398,24 +369,67 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-/// A counter with one series per `outcome` label; `counts` follows `outcomes`' order.
+/// One counter per [`Outcome`]: whatever the outcome, it is counted as itself.
+struct OutcomeCounts([AtomicU64; Outcome::ALL.len()]);
+
+impl Default for OutcomeCounts {
+    fn default() -> Self {
+        OutcomeCounts(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl OutcomeCounts {
+    fn add(&self, outcome: Outcome) {
+        self.0[outcome.index()].fetch_add(1, Relaxed);
+    }
+}
+
+/// A counter with one series per `outcome` label: each of `listed` always, and any
+/// other outcome once it has happened.
 fn counter_by_outcome(
     out: &mut String,
     name: &str,
     help: &str,
-    outcomes: &[&str],
-    counts: &[AtomicU64],
+    listed: &[Outcome],
+    counts: &OutcomeCounts,
 ) {
     header(out, name, "counter", help);
-    for (outcome, count) in outcomes.iter().zip(counts) {
-        let n = count.load(Relaxed);
-        let _ = writeln!(out, "{name}{{outcome=\"{outcome}\"}} {n}");
+    let others = Outcome::ALL.into_iter().filter(|o| !listed.contains(o));
+    for outcome in listed.iter().copied().chain(others) {
+        let n = counts.0[outcome.index()].load(Relaxed);
+        if n > 0 || listed.contains(&outcome) {
+            let _ = writeln!(out, "{name}{{outcome=\"{}\"}} {n}", outcome.label());
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outcome_a_counter_does_not_list_is_counted_as_itself() {
+        let counts = OutcomeCounts::default();
+        counts.add(Outcome::Ok);
+        counts.add(Outcome::Unavailable);
+        counts.add(Outcome::CodeUsed);
+        let mut text = String::new();
+        counter_by_outcome(&mut text, "x_total", "x", &TOKEN_FETCH_OUTCOMES, &counts);
+        assert!(text.contains("x_total{outcome=\"ok\"} 1"), "{text}");
+        assert!(
+            text.contains("x_total{outcome=\"unavailable\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("x_total{outcome=\"code_used\"} 1"), "{text}");
+        assert!(
+            text.contains("x_total{outcome=\"connect_error\"} 0"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("code_invalid"),
+            "an unlisted outcome that never happened: {text}"
+        );
+    }
 
     #[test]
     fn routes_fold_the_trailing_slash_and_unknown_is_other() {

@@ -1,4 +1,4 @@
-//! `storage.postgres_url`: a libpq-style URL, parsed once (in config.rs) into the
+//! `storage.postgres_url`: a libpq-style URL, parsed once (in src/config/) into the
 //! client's settings and how TLS is checked.
 //!
 //! tokio-postgres knows `sslmode` `disable`, `prefer` and `require` only, and no
@@ -62,7 +62,7 @@ impl std::fmt::Debug for PostgresUrl {
 
 impl PostgresUrl {
     /// The rustls client config for [`tls`](Self::tls), ring provider only. Reads the
-    /// `sslrootcert` file (already resolved by config.rs); errors name the file.
+    /// `sslrootcert` file (already resolved by src/config/); errors name the file.
     pub fn tls_config(&self) -> Result<rustls::ClientConfig, String> {
         use rustls::client::danger::ServerCertVerifier;
         use rustls::client::WebPkiServerVerifier;

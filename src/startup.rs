@@ -9,17 +9,15 @@ use crate::http::{self, AppState, LoginLimiter};
 use crate::metrics::Metrics;
 use crate::storage::model::AuthStore;
 use crate::storage::postgres::PgStore;
-use crate::storage::{GroupCommit, ReadStore, SledModel, StorageError, Store};
+use crate::storage::sled_model::SledModel;
+use crate::storage::{GroupCommit, ReadStore, StorageError, Store};
 use crate::tokens::JwtKeys;
 use crate::users::cache::UserCache;
 use actix::{Actor, Arbiter};
-use actix_web::dev::Service;
-use actix_web::{middleware, web, App};
+use actix_web::web;
 use sd_notify::NotifyState;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
-use tracing::Instrument;
 
 /// How long SIGTERM waits for in-flight requests before closing connections.
 const SHUTDOWN_GRACE_SECS: u64 = 30;
@@ -117,83 +115,54 @@ fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, StartError> {
     })
 }
 
-/// A loopback listener beside the API (metrics, the access-token endpoint): one
-/// worker, `routes` only, its own connection cap in `limits`, answers `no-store`.
-/// `secret`: the access-token endpoint's bearer secret, for its routes.
+/// Binds `addr` and serves `app` there (HTTPS with `tls`) on `workers` threads,
+/// every connection under `limits`. Returns the server and the bound address.
+fn listen(
+    name: &'static str,
+    addr: SocketAddr,
+    tls: Option<rustls::ServerConfig>,
+    workers: usize,
+    limits: ListenerLimits,
+    app: http::AppParts,
+) -> Result<(actix_server::Server, SocketAddr), StartError> {
+    let listener = bind(addr)?;
+    let bound = listener.local_addr()?;
+    let server = http::connection::serve(
+        name,
+        listener,
+        tls,
+        workers,
+        SHUTDOWN_GRACE_SECS,
+        limits,
+        move || http::app(&app),
+    )?;
+    Ok((server, bound))
+}
+
+/// A loopback listener beside the API (metrics, the access-token endpoint), when
+/// `addr` is set: one worker, `routes` only, its own connection cap in `limits`, no
+/// observation. `secret`: the access-token endpoint's bearer secret.
 fn start_local_listener(
     name: &'static str,
-    bind_to: SocketAddr,
+    addr: Option<SocketAddr>,
     state: web::Data<AppState>,
     secret: Option<web::Data<http::EndpointSecret>>,
     limits: ListenerLimits,
     routes: fn(&mut web::ServiceConfig),
-) -> Result<(actix_server::Server, SocketAddr), StartError> {
-    let listener = bind(bind_to)?;
-    let addr = listener.local_addr()?;
-    let request_timeout = limits.request_timeout;
-    let server = http::connection::serve(
-        name,
-        listener,
-        None,
-        1,
-        SHUTDOWN_GRACE_SECS,
-        limits,
-        move || {
-            let secret = secret.clone();
-            App::new()
-                .app_data(state.clone())
-                .configure(move |config| {
-                    if let Some(secret) = secret {
-                        config.app_data(secret);
-                    }
-                })
-                .wrap_fn(move |req, srv| http::deadline::guard(req, srv, request_timeout))
-                .wrap(http::json_errors())
-                .wrap(middleware::DefaultHeaders::new().add(("Cache-Control", "no-store")))
-                .configure(routes)
-        },
-    )?;
-    tracing::info!(address = %addr, "serving {name}");
-    Ok((server, addr))
-}
-
-/// The Prometheus listener on `metrics.bind` (none when it is empty): its own
-/// socket, so that a reverse proxy in front of the API never exposes it.
-fn start_metrics_listener(
-    bind_to: Option<SocketAddr>,
-    state: web::Data<AppState>,
-    limits: ListenerLimits,
 ) -> Result<Option<(actix_server::Server, SocketAddr)>, StartError> {
-    bind_to
-        .map(|addr| {
-            start_local_listener("metrics", addr, state, None, limits, http::metrics_routes)
-        })
-        .transpose()
-}
-
-/// The access-token listener on `wechat.token_endpoint_bind` (none when empty).
-/// Its own loopback socket rather than a route on the API listener: a reverse proxy
-/// in front of the API can never expose it, and no peer-address check (which a
-/// proxy on the same host would pass) is needed.
-fn start_token_listener(
-    bind_to: Option<SocketAddr>,
-    secret: Option<crate::secret::Secret>,
-    state: web::Data<AppState>,
-    limits: ListenerLimits,
-) -> Result<Option<(actix_server::Server, SocketAddr)>, StartError> {
-    let (Some(bind_to), Some(secret)) = (bind_to, secret) else {
+    let Some(addr) = addr else {
         return Ok(None);
     };
-    let secret = web::Data::new(http::EndpointSecret(secret));
-    start_local_listener(
-        "the access token endpoint",
-        bind_to,
+    let app = http::AppParts {
         state,
-        Some(secret),
-        limits,
-        http::access_token_routes,
-    )
-    .map(Some)
+        routes,
+        secret,
+        request_timeout: limits.request_timeout,
+        observe: false,
+    };
+    let (server, bound) = listen(name, addr, None, 1, limits, app)?;
+    tracing::info!(address = %bound, "serving {name}");
+    Ok(Some((server, bound)))
 }
 
 /// SIGTERM (systemd, kill) or SIGINT (Ctrl-C).
@@ -238,7 +207,7 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     };
     let store: Arc<dyn Store> = match &postgres {
         Some(pg) => pg.clone(),
-        None => crate::storage::open(&cfg.storage)?,
+        None => crate::storage::upgrade::open(&cfg.storage)?,
     };
     if let Some(pg) = &postgres {
         // Every node signs with the database's keys (created there by the first).
@@ -287,9 +256,9 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     .with_family_limit(cfg.limits.refresh_per_family_per_minute);
     let issuer = TokenIssuer::start_in_arbiter(&issuer_arbiter.handle(), move |_| issuer);
     let wechat = wechat::start(&cfg.wechat, &loaded.apps, metrics.clone());
-    // Its own thread: token fetches and the calls that use the token never wait
-    // behind the registry or the issuer, and logins never wait behind them.
-    let keeper_arbiter = Arbiter::new();
+    // A shared handle, not an actor: each caller runs the keeper's work on its own
+    // thread (the blocking calls on tokio's blocking pool), so token fetches and the
+    // calls that use the token never wait behind the registry or the issuer.
     let keeper = access_token::start(
         &cfg.wechat,
         &loaded.apps,
@@ -297,7 +266,6 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         commit.clone(),
         model.clone(),
         metrics.clone(),
-        &keeper_arbiter.handle(),
     );
     // Removed on every way out from here on, a listener that cannot bind included.
     let admin_socket = RemovedOnDrop(admin::serve(admin::ServerContext {
@@ -382,63 +350,55 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         per_ip: None,
         ..limits.clone()
     };
-    let listener = bind(cfg.server.bind)?;
-    let addrs = vec![listener.local_addr()?];
     let https = tls.is_some();
-    let server = http::connection::serve(
+    let api = http::AppParts {
+        state: api_state,
+        routes: http::routes,
+        secret: None,
+        request_timeout,
+        observe: true,
+    };
+    let (server, addr) = listen(
         "api",
-        listener,
+        cfg.server.bind,
         tls,
         cfg.server.workers,
-        SHUTDOWN_GRACE_SECS,
         limits.clone(),
-        move || {
-            App::new()
-                .app_data(api_state.clone())
-                // Innermost: the body's deadline, around the extractors that read it.
-                .wrap_fn(move |req, srv| http::deadline::guard(req, srv, request_timeout))
-                .wrap(http::json_errors())
-                .wrap(middleware::DefaultHeaders::new().add(("Cache-Control", "no-store")))
-                // Outermost: sees the final status, after errors became JSON.
-                .wrap_fn(|req, srv| {
-                    let started = Instant::now();
-                    let id = http::request_id(&req);
-                    let method = req.method().clone();
-                    // Every line logged while handling the request (in the handler and in
-                    // the actors its messages reach) carries the id. The access line is
-                    // written after it, outside the span: its fields stay as they were.
-                    let span = tracing::info_span!("request", request_id = %id);
-                    let response = span.in_scope(|| srv.call(req)).instrument(span);
-                    async move {
-                        let mut response = response.await?;
-                        http::finish_request(&mut response, &id, &method, started);
-                        Ok(response)
-                    }
-                })
-                .configure(http::routes)
-        },
+        api,
     )?;
     let users = crate::users::count(store.as_ref())?;
-    for addr in &addrs {
-        tracing::info!(address = %addr, tls = https, kid = keys.kid(), users, "listening");
-    }
-    let token_server = start_token_listener(
-        cfg.wechat.token_endpoint_bind,
-        loaded.token_endpoint_secret.clone(),
+    tracing::info!(address = %addr, tls = https, kid = keys.kid(), users, "listening");
+    // The access-token endpoint: its own loopback socket rather than a route on the
+    // API listener, so that a reverse proxy in front of the API can never expose it,
+    // and no peer-address check (which a proxy on the same host would pass) is
+    // needed. Only with its secret.
+    let token_secret = loaded.token_endpoint_secret.clone();
+    let token_server = start_local_listener(
+        "the access token endpoint",
+        cfg.wechat
+            .token_endpoint_bind
+            .filter(|_| token_secret.is_some()),
         state.clone(),
+        token_secret.map(|secret| web::Data::new(http::EndpointSecret(secret))),
         side_limits(TOKEN_MAX_CONNECTIONS),
+        http::access_token_routes,
     )?;
-    let metrics_server = start_metrics_listener(
+    // Prometheus on `metrics.bind`: its own socket, so that a reverse proxy in front
+    // of the API never exposes it.
+    let metrics_server = start_local_listener(
+        "metrics",
         cfg.metrics.bind,
         state,
+        None,
         side_limits(METRICS_MAX_CONNECTIONS),
+        http::metrics_routes,
     )?;
     let (metrics_server, metrics_addr) = metrics_server.unzip();
     let (token_server, token_addr) = token_server.unzip();
     let _announced = match &cfg.server.announce_file {
         Some(path) => {
             let addresses = serde_json::json!({
-                "api": addrs[0].to_string(),
+                "api": addr.to_string(),
                 "metrics": metrics_addr.map(|a| a.to_string()),
                 "access_token": token_addr.map(|a| a.to_string()),
                 "admin": admin_socket.0.display().to_string(),
@@ -485,7 +445,7 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     // Every answered request already waited for its commit; this flushes the rest.
     commit.shutdown();
     let flushed = store.flush();
-    for arbiter in [registry_arbiter, issuer_arbiter, keeper_arbiter] {
+    for arbiter in [registry_arbiter, issuer_arbiter] {
         arbiter.stop();
         let _ = arbiter.join();
     }

@@ -267,17 +267,6 @@ pub fn first_free_id(store: &dyn ReadStore) -> Result<UserId, StorageError> {
     Ok(counter.max(after_last))
 }
 
-/// RFC 3339 text for a unix timestamp, as the API shows it.
-pub fn rfc3339(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -67,7 +67,7 @@ impl Status {
     }
 }
 
-/// Every refusal of a ticket operation; `error.rs` maps each.
+/// Every refusal of a ticket operation; `http/error.rs` maps each.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WebLoginError {
     #[error("Too many web logins are open; try again shortly.")]
@@ -172,8 +172,8 @@ impl WebLogins {
         if tickets.len() >= self.max_tickets {
             return Err(WebLoginError::TooManyTickets);
         }
-        let ticket = crate::random_hex(16);
-        let poll_secret = crate::random_hex(32);
+        let ticket = crate::ids::random_hex(16);
+        let poll_secret = crate::ids::random_hex(32);
         tickets.insert(
             ticket.clone(),
             Ticket {

@@ -13,7 +13,8 @@
 //!   tokens overlap, so that is safe; a failed refresh keeps serving the old token
 //!   until it really expires;
 //! - the token is stored (meta tree) with its expiry: a restart does not refetch;
-//! - -1 (busy) is retried `wechat.retries` times;
+//! - -1 (busy) is retried `wechat.retries` times, while the backoff still fits the
+//!   request's deadline;
 //! - on 40001/40014/42001 from an API that used the token, one `force_refresh: true`
 //!   fetch and one retry; WeChat allows 20 forced refreshes a day, 30 s apart, and the
 //!   keeper keeps (and stores) that count so it never spends more.
@@ -21,19 +22,22 @@
 //! Login never goes through here: `jscode2session` needs no access token.
 //! The blocking HTTP calls run on tokio's blocking pool, never on this actor's thread.
 
-use crate::actors::resolver;
-use crate::actors::wechat::{self as wx, WeChatError};
 use crate::config::{WeChatApp, WeChatConfig};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::storage::model::AuthStore;
 use crate::storage::{GroupCommit, ReadStore, StorageError, Store, Tree, WriteBatch};
+use crate::wechat::errors::{Outcome, WeChatError, WxApiError};
+use crate::wechat::token_key;
+use crate::wechat::wire::{
+    self as wx, common_error, encode, json_object, mock_hash, with_retries, Upstream,
+    MAX_REPLY_BYTES,
+};
 
 /// How often a process that does not hold an app's lease looks for the token the
 /// holder fetches.
 const LEASE_POLL: Duration = Duration::from_millis(50);
 use crate::users::PhoneNumber;
-use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -48,39 +52,8 @@ const DAY_MS: i64 = 24 * 3600 * 1000;
 /// After a failed fetch, requests within this time get the same failure instead of
 /// another fetch each (50 waiting requests must not become 50 fetches).
 const FAILURE_HOLD: Duration = Duration::from_secs(1);
-const BUSY_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_REPLY_BYTES: u64 = 64 * 1024;
 /// Errcodes that mean "this access token is invalid or expired".
 const TOKEN_ERRCODES: &[i64] = &[40001, 40014, 42001];
-/// Errcodes that mean our own appid/secret is wrong (stable_token).
-const CONFIG_ERRCODES: &[i64] = &[40002, 40013, 40125, 40164, 41002, 41004, 48001, 61024];
-
-/// Every way a token-authenticated WeChat API can fail; `error.rs` maps each.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum WxApiError {
-    /// getuserphonenumber's 40029: the getPhoneNumber code is invalid or expired.
-    #[error("The phone number code is invalid or has expired.")]
-    PhoneCodeInvalid,
-    /// WeChat refused the token and the forced-refresh guard (20 a day, 30 s apart)
-    /// allows no refresh now.
-    #[error("WeChat refused the access token and it cannot be refreshed again yet.")]
-    ForcedRefreshLimited { retry_after_secs: u64 },
-    /// WeChat refused even a freshly forced token.
-    #[error("WeChat refused a freshly refreshed access token.")]
-    TokenRejected,
-    #[error("No mini-program with appid {0:?} is configured.")]
-    UnknownApp(String),
-    /// getwxacodeunlimit's 41030: `web_login.page` is not a published page of the
-    /// mini-program (or `check_path` is on for an unpublished one).
-    #[error("WeChat refused web_login.page: it is not a published page of the mini-program (errcode 41030).")]
-    CodePageInvalid,
-    /// The stored token could not be read: our fault, not WeChat's.
-    #[error(transparent)]
-    Storage(#[from] StorageError),
-    /// Everything login's calls can meet too (busy, timeout, config, HTTP, …).
-    #[error(transparent)]
-    WeChat(#[from] WeChatError),
-}
 
 /// A token as handed out: the value and how long it lives.
 #[derive(Debug, Clone)]
@@ -111,14 +84,8 @@ pub struct TokenStatus {
     pub forced_refreshes_last_24h: usize,
 }
 
-pub fn token_key(appid: &str) -> Vec<u8> {
-    let mut key = b"wechat_access_token\0".to_vec();
-    key.extend_from_slice(appid.as_bytes());
-    key
-}
-
 fn now_ms() -> i64 {
-    crate::tokens::now_ms()
+    crate::clock::now_ms()
 }
 
 fn load_record(store: &dyn ReadStore, appid: &str) -> Result<Option<TokenRecord>, StorageError> {
@@ -150,7 +117,7 @@ pub fn status(store: &dyn ReadStore, appid: &str) -> Result<TokenStatus, Storage
         Some(r) => TokenStatus {
             appid: appid.to_string(),
             present: true,
-            expires_at: Some(crate::users::rfc3339(r.expires_at_ms.div_euclid(1000))),
+            expires_at: Some(crate::clock::rfc3339(r.expires_at_ms.div_euclid(1000))),
             expires_in_secs: Some((r.expires_at_ms - now).div_euclid(1000)),
             age_secs: Some((now - r.fetched_at_ms).div_euclid(1000)),
             forced_refreshes_last_24h: r.forced_ms.iter().filter(|&&t| now - t < DAY_MS).count(),
@@ -182,20 +149,15 @@ struct Slot {
     last_failure: Option<(Instant, WxApiError)>,
 }
 
-/// Where the calls go: WeChat over HTTP, or the built-in mock.
-enum Upstream {
-    Http(HttpApi),
-    Mock,
-}
-
-struct HttpApi {
-    agent: ureq::Agent,
-    api_base: String,
+/// The calls that take the access token, each cut off at `wechat.timeout` or the
+/// request's deadline, whichever comes first.
+struct Api {
+    upstream: Upstream,
     timeout: Duration,
 }
 
 struct Keeper {
-    upstream: Arc<Upstream>,
+    api: Arc<Api>,
     secrets: HashMap<String, Secret>,
     slots: HashMap<String, Arc<tokio::sync::Mutex<Slot>>>,
     store: Arc<dyn Store>,
@@ -219,24 +181,21 @@ struct Keeper {
     lease_ms: i64,
 }
 
+/// The keeper: a shared handle, cheap to clone, called on the caller's own thread
+/// (an HTTP worker, the admin thread). Not an actor: its state is per app, behind
+/// each app's own lock (the single flight), and its blocking calls run on tokio's
+/// blocking pool, so a mailbox would add a thread hop and nothing else.
+#[derive(Clone)]
 pub struct AccessTokenKeeper {
     keeper: Arc<Keeper>,
 }
 
-impl Actor for AccessTokenKeeper {
-    type Context = Context<Self>;
-}
-
 /// The app's current token (fetched first if needed).
-#[derive(Message)]
-#[rtype(result = "Result<IssuedToken, WxApiError>")]
 pub struct GetToken {
     pub appid: String,
 }
 
 /// `wxa/business/getuserphonenumber` for a getPhoneNumber code.
-#[derive(Message)]
-#[rtype(result = "Result<PhoneNumber, WxApiError>")]
 pub struct GetPhoneNumber {
     pub appid: String,
     pub openid: String,
@@ -244,8 +203,6 @@ pub struct GetPhoneNumber {
 }
 
 /// `wxa/checksession`: does WeChat still hold this session key? `Ok(false)`: no.
-#[derive(Message)]
-#[rtype(result = "Result<bool, WxApiError>")]
 pub struct CheckSession {
     pub appid: String,
     pub openid: String,
@@ -254,8 +211,6 @@ pub struct CheckSession {
 
 /// `wxa/getwxacodeunlimit`: a mini-program code (an image) that opens `page`
 /// with `scene`.
-#[derive(Message)]
-#[rtype(result = "Result<WxaCode, WxApiError>")]
 pub struct GetWxaCode {
     pub appid: String,
     pub scene: String,
@@ -284,85 +239,63 @@ impl std::fmt::Debug for WxaCode {
     }
 }
 
-impl Handler<GetWxaCode> for AccessTokenKeeper {
-    type Result = ResponseFuture<Result<WxaCode, WxApiError>>;
-
-    fn handle(&mut self, msg: GetWxaCode, _: &mut Context<Self>) -> Self::Result {
-        let keeper = self.keeper.clone();
-        Box::pin(async move {
-            let deadline = keeper.deadline;
-            let body = json!({
-                "scene": msg.scene,
-                "page": msg.page,
-                "env_version": msg.env_version,
-                "check_path": msg.check_path,
-                "width": msg.width,
-            });
-            within(
-                deadline,
-                keeper.call_with_token(&msg.appid, move |upstream, token| {
-                    upstream.wxa_code(token, &body)
-                }),
-            )
-            .await
+impl AccessTokenKeeper {
+    /// A mini-program code from `getwxacodeunlimit`.
+    pub async fn wxa_code(&self, msg: GetWxaCode) -> Result<WxaCode, WxApiError> {
+        let body = json!({
+            "scene": msg.scene,
+            "page": msg.page,
+            "env_version": msg.env_version,
+            "check_path": msg.check_path,
+            "width": msg.width,
+        });
+        self.with_token(&msg.appid, move |api, token, time_left| {
+            api.wxa_code(token, &body, time_left)
         })
+        .await
     }
-}
 
-impl Handler<GetToken> for AccessTokenKeeper {
-    type Result = ResponseFuture<Result<IssuedToken, WxApiError>>;
-
-    fn handle(&mut self, msg: GetToken, _: &mut Context<Self>) -> Self::Result {
-        let keeper = self.keeper.clone();
-        Box::pin(async move {
-            let deadline = keeper.deadline;
-            within(deadline, async {
-                let record = keeper.token(&msg.appid).await?;
-                Ok(IssuedToken {
-                    access_token: Secret::new(record.access_token),
-                    expires_in_secs: (record.expires_at_ms - now_ms()).div_euclid(1000),
-                })
+    /// The app's current token (fetched first if needed).
+    pub async fn token(&self, msg: GetToken) -> Result<IssuedToken, WxApiError> {
+        let keeper = &self.keeper;
+        let deadline = keeper.deadline;
+        let until = Instant::now() + deadline;
+        within(deadline, async {
+            let record = keeper.token(&msg.appid, until).await?;
+            Ok(IssuedToken {
+                access_token: Secret::new(record.access_token),
+                expires_in_secs: (record.expires_at_ms - now_ms()).div_euclid(1000),
             })
-            .await
         })
+        .await
     }
-}
 
-impl Handler<GetPhoneNumber> for AccessTokenKeeper {
-    type Result = ResponseFuture<Result<PhoneNumber, WxApiError>>;
-
-    fn handle(&mut self, msg: GetPhoneNumber, _: &mut Context<Self>) -> Self::Result {
-        let keeper = self.keeper.clone();
-        Box::pin(async move {
-            let deadline = keeper.deadline;
-            let body = json!({ "code": msg.code, "openid": msg.openid });
-            let reply = within(
-                deadline,
-                keeper.call_with_token(&msg.appid, move |upstream, token| {
-                    upstream.phone_number(token, &body)
-                }),
-            )
-            .await?;
-            Ok(reply)
+    /// The user's phone number for a getPhoneNumber code.
+    pub async fn phone_number(&self, msg: GetPhoneNumber) -> Result<PhoneNumber, WxApiError> {
+        let body = json!({ "code": msg.code, "openid": msg.openid });
+        self.with_token(&msg.appid, move |api, token, time_left| {
+            api.phone_number(token, &body, time_left)
         })
+        .await
     }
-}
 
-impl Handler<CheckSession> for AccessTokenKeeper {
-    type Result = ResponseFuture<Result<bool, WxApiError>>;
-
-    fn handle(&mut self, msg: CheckSession, _: &mut Context<Self>) -> Self::Result {
-        let keeper = self.keeper.clone();
-        Box::pin(async move {
-            let deadline = keeper.deadline;
-            within(
-                deadline,
-                keeper.call_with_token(&msg.appid, move |upstream, token| {
-                    upstream.check_session(token, &msg.openid, &msg.signature)
-                }),
-            )
-            .await
+    /// Whether WeChat still holds the session key the signature was made with.
+    pub async fn check_session(&self, msg: CheckSession) -> Result<bool, WxApiError> {
+        self.with_token(&msg.appid, move |api, token, time_left| {
+            api.check_session(token, &msg.openid, &msg.signature, time_left)
         })
+        .await
+    }
+
+    /// `call` with the app's token, all within the keeper's deadline.
+    async fn with_token<T, F>(&self, appid: &str, call: F) -> Result<T, WxApiError>
+    where
+        T: Send + 'static,
+        F: Fn(&Api, &str, Duration) -> Result<ApiReply<T>, WxApiError> + Send + Sync + 'static,
+    {
+        let deadline = self.keeper.deadline;
+        let until = Instant::now() + deadline;
+        within(deadline, self.keeper.call_with_token(appid, until, call)).await
     }
 }
 
@@ -382,7 +315,7 @@ enum ApiReply<T> {
     TokenInvalid,
 }
 
-/// Starts the keeper on its own arbiter.
+/// The keeper's handle.
 pub fn start(
     cfg: &WeChatConfig,
     apps: &[WeChatApp],
@@ -390,20 +323,12 @@ pub fn start(
     commit: GroupCommit,
     leases: Arc<dyn AuthStore>,
     metrics: Arc<Metrics>,
-    arbiter: &actix::ArbiterHandle,
-) -> Addr<AccessTokenKeeper> {
-    let upstream = Arc::new(if cfg.mock {
-        Upstream::Mock
-    } else {
-        let config = resolver::wechat_config(cfg.timeout).build();
-        Upstream::Http(HttpApi {
-            agent: resolver::agent(config),
-            api_base: cfg.api_base.trim_end_matches('/').to_string(),
-            timeout: cfg.timeout,
-        })
-    });
+) -> AccessTokenKeeper {
     let keeper = Keeper {
-        upstream,
+        api: Arc::new(Api {
+            upstream: Upstream::new(cfg, None),
+            timeout: cfg.timeout,
+        }),
         secrets: apps
             .iter()
             .map(|a| (a.appid.clone(), a.secret.clone()))
@@ -422,11 +347,12 @@ pub fn start(
         // A token fetch, a call, a forced fetch and a retry, each with its retries.
         deadline: cfg.timeout * 4,
         leases,
-        holder: crate::random_hex(8),
+        holder: crate::ids::random_hex(8),
         lease_ms: i64::try_from((cfg.timeout * (cfg.retries + 1)).as_millis()).unwrap_or(i64::MAX),
     };
-    let keeper = Arc::new(keeper);
-    AccessTokenKeeper::start_in_arbiter(arbiter, move |_| AccessTokenKeeper { keeper })
+    AccessTokenKeeper {
+        keeper: Arc::new(keeper),
+    }
 }
 
 impl Keeper {
@@ -438,7 +364,7 @@ impl Keeper {
     }
 
     /// The app's token: cached, stored, or fetched (one fetch at a time per app).
-    async fn token(&self, appid: &str) -> Result<TokenRecord, WxApiError> {
+    async fn token(&self, appid: &str, until: Instant) -> Result<TokenRecord, WxApiError> {
         let slot = self.slot(appid)?;
         let mut slot = slot.lock().await;
         if !slot.loaded {
@@ -461,7 +387,7 @@ impl Keeper {
             slot.record = Some(record.clone());
             return Ok(record);
         }
-        match self.fetch(appid, false).await {
+        match self.fetch(appid, false, until).await {
             Ok((token, expires_in)) => {
                 let forced_ms = slot
                     .record
@@ -526,7 +452,12 @@ impl Keeper {
     /// One forced refresh after WeChat refused `rejected`, if the guard allows it.
     /// A token other than `rejected` already in hand (someone else refreshed) is
     /// returned as it is.
-    async fn force(&self, appid: &str, rejected: &str) -> Result<TokenRecord, WxApiError> {
+    async fn force(
+        &self,
+        appid: &str,
+        rejected: &str,
+        until: Instant,
+    ) -> Result<TokenRecord, WxApiError> {
         let slot = self.slot(appid)?;
         let mut slot = slot.lock().await;
         // Another process on the same store (a PostgreSQL node) may have replaced it.
@@ -549,7 +480,7 @@ impl Keeper {
         forced_ms.retain(|&t| now - t < DAY_MS);
         let wait_ms = forced_refresh_wait_ms(&forced_ms, now);
         if wait_ms > 0 {
-            self.metrics.observe_token_fetch("forced_refused");
+            self.metrics.observe_token_fetch(Outcome::ForcedRefused);
             tracing::warn!(
                 appid,
                 forced_last_24h = forced_ms.len(),
@@ -574,7 +505,7 @@ impl Keeper {
             let record = record.clone();
             self.store_record(appid, &record).await;
         }
-        let (token, expires_in) = self.fetch(appid, true).await?;
+        let (token, expires_in) = self.fetch(appid, true, until).await?;
         Ok(self
             .keep(appid, &mut slot, token, expires_in, forced_ms)
             .await)
@@ -621,25 +552,30 @@ impl Keeper {
     }
 
     /// One `stable_token` fetch with its retries on -1, on the blocking pool.
-    async fn fetch(&self, appid: &str, force: bool) -> Result<(String, i64), WxApiError> {
+    async fn fetch(
+        &self,
+        appid: &str,
+        force: bool,
+        until: Instant,
+    ) -> Result<(String, i64), WxApiError> {
         let secret = self
             .secrets
             .get(appid)
             .cloned()
             .ok_or_else(|| WxApiError::UnknownApp(appid.to_string()))?;
-        let upstream = self.upstream.clone();
+        let api = self.api.clone();
         let appid_owned = appid.to_string();
         let retries = self.retries;
         let result = blocking(move || {
-            with_retries(retries, || {
-                upstream.stable_token(&appid_owned, secret.expose(), force)
+            with_retries(retries, until, WxApiError::is_transient, |time_left| {
+                api.stable_token(&appid_owned, secret.expose(), force, time_left)
             })
         })
         .await;
         let outcome = match (&result, force) {
-            (Ok(_), false) => "ok",
-            (Ok(_), true) => "forced_ok",
-            (Err(e), _) => error_label(e),
+            (Ok(_), false) => Outcome::Ok,
+            (Ok(_), true) => Outcome::ForcedOk,
+            (Err(e), _) => e.metric_label(),
         };
         self.metrics.observe_token_fetch(outcome);
         if let Err(e) = &result {
@@ -657,21 +593,26 @@ impl Keeper {
 
     /// Runs `call` with the app's token; on a token error, one forced refresh and
     /// one retry.
-    async fn call_with_token<T, F>(&self, appid: &str, call: F) -> Result<T, WxApiError>
+    async fn call_with_token<T, F>(
+        &self,
+        appid: &str,
+        until: Instant,
+        call: F,
+    ) -> Result<T, WxApiError>
     where
         T: Send + 'static,
-        F: Fn(&Upstream, &str) -> Result<ApiReply<T>, WxApiError> + Send + Sync + 'static,
+        F: Fn(&Api, &str, Duration) -> Result<ApiReply<T>, WxApiError> + Send + Sync + 'static,
     {
         let call = Arc::new(call);
-        let token = self.token(appid).await?;
+        let token = self.token(appid, until).await?;
         match self
-            .call_once(call.clone(), token.access_token.clone())
+            .call_once(call.clone(), token.access_token.clone(), until)
             .await?
         {
             ApiReply::Ok(answer) => Ok(answer),
             ApiReply::TokenInvalid => {
-                let fresh = self.force(appid, &token.access_token).await?;
-                match self.call_once(call, fresh.access_token).await? {
+                let fresh = self.force(appid, &token.access_token, until).await?;
+                match self.call_once(call, fresh.access_token, until).await? {
                     ApiReply::Ok(answer) => Ok(answer),
                     ApiReply::TokenInvalid => Err(WxApiError::TokenRejected),
                 }
@@ -679,10 +620,15 @@ impl Keeper {
         }
     }
 
-    async fn call_once<T, F>(&self, call: Arc<F>, token: String) -> Result<ApiReply<T>, WxApiError>
+    async fn call_once<T, F>(
+        &self,
+        call: Arc<F>,
+        token: String,
+        until: Instant,
+    ) -> Result<ApiReply<T>, WxApiError>
     where
         T: Send + 'static,
-        F: Fn(&Upstream, &str) -> Result<ApiReply<T>, WxApiError> + Send + Sync + 'static,
+        F: Fn(&Api, &str, Duration) -> Result<ApiReply<T>, WxApiError> + Send + Sync + 'static,
     {
         let _slot = match tokio::time::timeout(self.queue_timeout, self.call_slots.acquire()).await
         {
@@ -695,16 +641,16 @@ impl Keeper {
                 return Err(WeChatError::NoCallSlot.into());
             }
         };
-        let upstream = self.upstream.clone();
+        let api = self.api.clone();
         let retries = self.retries;
         let metrics = self.metrics.clone();
         blocking(move || {
-            with_retries(retries, || {
-                let result = call(&upstream, &token);
+            with_retries(retries, until, WxApiError::is_transient, |time_left| {
+                let result = call(&api, &token, time_left);
                 let outcome = match &result {
-                    Ok(ApiReply::Ok(_)) => "ok",
-                    Ok(ApiReply::TokenInvalid) => "token_invalid",
-                    Err(e) => error_label(e),
+                    Ok(ApiReply::Ok(_)) => Outcome::Ok,
+                    Ok(ApiReply::TokenInvalid) => Outcome::TokenInvalid,
+                    Err(e) => e.metric_label(),
                 };
                 metrics.observe_wechat_api(outcome);
                 result
@@ -742,59 +688,11 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or(Err(WxApiError::WeChat(WeChatError::Unavailable)))
 }
 
-/// Retries WeChat's -1 (busy) and a connection refused before sending.
-fn with_retries<T>(
-    retries: u32,
-    mut call: impl FnMut() -> Result<T, WxApiError>,
-) -> Result<T, WxApiError> {
-    let mut attempt = 0;
-    loop {
-        match call() {
-            Err(WxApiError::WeChat(WeChatError::Busy | WeChatError::Connect(_)))
-                if attempt < retries =>
-            {
-                attempt += 1;
-                std::thread::sleep(BUSY_BACKOFF * attempt);
-            }
-            other => return other,
-        }
-    }
-}
-
-/// The `outcome` label of a failed call.
-fn error_label(e: &WxApiError) -> &'static str {
-    match e {
-        WxApiError::PhoneCodeInvalid => "code_invalid",
-        WxApiError::ForcedRefreshLimited { .. } => "forced_refused",
-        WxApiError::TokenRejected => "token_invalid",
-        WxApiError::UnknownApp(_) | WxApiError::CodePageInvalid => "config_error",
-        WxApiError::Storage(_) => "unavailable",
-        WxApiError::WeChat(e) => match e {
-            WeChatError::RateLimited => "rate_limited",
-            WeChatError::Config(_) => "config_error",
-            WeChatError::Busy | WeChatError::NoCallSlot => "busy",
-            WeChatError::Timeout => "timeout",
-            WeChatError::Http(_) => "http_error",
-            WeChatError::Malformed(_) => "malformed",
-            WeChatError::Unknown(_) => "unknown_errcode",
-            WeChatError::Connect(_) => "connect_error",
-            WeChatError::CodeInvalid
-            | WeChatError::CodeUsed
-            | WeChatError::UserBlocked
-            | WeChatError::Unavailable => "unavailable",
-        },
-    }
-}
-
-/// An errcode every API shares: 0 is `None`.
-fn common_error(errcode: i64) -> Option<WxApiError> {
-    match errcode {
-        0 => None,
-        -1 => Some(WeChatError::Busy.into()),
-        45011 => Some(WeChatError::RateLimited.into()),
-        code if CONFIG_ERRCODES.contains(&code) => Some(WeChatError::Config(code).into()),
-        code => Some(WeChatError::Unknown(code).into()),
-    }
+/// An errcode of a call that took the token, as its error.
+fn api_error(errcode: i64) -> WxApiError {
+    common_error(errcode)
+        .unwrap_or(WeChatError::Unknown(errcode))
+        .into()
 }
 
 fn errcode_of(reply: &Value) -> i64 {
@@ -841,30 +739,54 @@ fn phone_from_reply(reply: &Value) -> Result<PhoneNumber, WxApiError> {
     }
 }
 
-impl Upstream {
+impl Api {
+    /// A JSON answer: POST with a JSON body, or GET (`body` `None`).
+    fn reply(
+        &self,
+        path: &str,
+        query: &str,
+        body: Option<&Value>,
+        time_left: Duration,
+    ) -> Result<Value, WxApiError> {
+        let Upstream::Http(http) = &self.upstream else {
+            return Err(WeChatError::Unavailable.into());
+        };
+        let time_left = time_left.min(self.timeout);
+        let bytes = match body {
+            Some(body) => http.post(path, query, body, time_left, MAX_REPLY_BYTES)?,
+            None => http.get(path, query, time_left, MAX_REPLY_BYTES)?,
+        };
+        Ok(json_object(&bytes)?)
+    }
+
     fn stable_token(
         &self,
         appid: &str,
         secret: &str,
         force: bool,
+        time_left: Duration,
     ) -> Result<(String, i64), WxApiError> {
-        let reply = match self {
+        let reply = match &self.upstream {
             Upstream::Mock => {
-                return Ok((format!("mock-access-token-{}", crate::random_hex(16)), 7200))
+                return Ok((
+                    format!("mock-access-token-{}", crate::ids::random_hex(16)),
+                    7200,
+                ))
             }
-            Upstream::Http(http) => http.post(
+            Upstream::Http(_) => self.reply(
                 "/cgi-bin/stable_token",
                 "",
-                &json!({
+                Some(&json!({
                     "grant_type": "client_credential",
                     "appid": appid,
                     "secret": secret,
                     "force_refresh": force,
-                }),
+                })),
+                time_left,
             )?,
         };
         if let Some(e) = common_error(errcode_of(&reply)) {
-            return Err(e);
+            return Err(e.into());
         }
         let token = reply.get("access_token").and_then(Value::as_str);
         let expires_in = reply.get("expires_in").and_then(Value::as_i64);
@@ -884,20 +806,26 @@ impl Upstream {
         }
     }
 
-    fn phone_number(&self, token: &str, body: &Value) -> Result<ApiReply<PhoneNumber>, WxApiError> {
-        let reply = match self {
+    fn phone_number(
+        &self,
+        token: &str,
+        body: &Value,
+        time_left: Duration,
+    ) -> Result<ApiReply<PhoneNumber>, WxApiError> {
+        let reply = match &self.upstream {
             Upstream::Mock => return mock_phone(body["code"].as_str().unwrap_or("")),
-            Upstream::Http(http) => http.post(
+            Upstream::Http(_) => self.reply(
                 "/wxa/business/getuserphonenumber",
                 &format!("access_token={}", encode(token)),
-                body,
+                Some(body),
+                time_left,
             )?,
         };
         match errcode_of(&reply) {
             0 => phone_from_reply(&reply).map(ApiReply::Ok),
             40029 => Err(WxApiError::PhoneCodeInvalid),
             code if TOKEN_ERRCODES.contains(&code) => Ok(ApiReply::TokenInvalid),
-            code => Err(common_error(code).unwrap_or(WeChatError::Unknown(code).into())),
+            code => Err(api_error(code)),
         }
     }
 
@@ -906,10 +834,11 @@ impl Upstream {
         token: &str,
         openid: &str,
         signature: &str,
+        time_left: Duration,
     ) -> Result<ApiReply<bool>, WxApiError> {
-        let reply = match self {
+        let reply = match &self.upstream {
             Upstream::Mock => return Ok(ApiReply::Ok(true)),
-            Upstream::Http(http) => http.get(
+            Upstream::Http(_) => self.reply(
                 "/wxa/checksession",
                 &format!(
                     "access_token={}&signature={}&openid={}&sig_method=hmac_sha256",
@@ -917,6 +846,8 @@ impl Upstream {
                     encode(signature),
                     encode(openid)
                 ),
+                None,
+                time_left,
             )?,
         };
         match errcode_of(&reply) {
@@ -924,7 +855,7 @@ impl Upstream {
             // "invalid signature": WeChat holds another session key (or none).
             87009 => Ok(ApiReply::Ok(false)),
             code if TOKEN_ERRCODES.contains(&code) => Ok(ApiReply::TokenInvalid),
-            code => Err(common_error(code).unwrap_or(WeChatError::Unknown(code).into())),
+            code => Err(api_error(code)),
         }
     }
 }
@@ -933,10 +864,15 @@ impl Upstream {
 /// smaller).
 const MAX_IMAGE_BYTES: u64 = 2 * 1024 * 1024;
 
-impl Upstream {
+impl Api {
     /// WeChat answers the image's bytes on success and a JSON errcode on failure.
-    fn wxa_code(&self, token: &str, body: &Value) -> Result<ApiReply<WxaCode>, WxApiError> {
-        let bytes = match self {
+    fn wxa_code(
+        &self,
+        token: &str,
+        body: &Value,
+        time_left: Duration,
+    ) -> Result<ApiReply<WxaCode>, WxApiError> {
+        let bytes = match &self.upstream {
             Upstream::Mock => {
                 let scene = body["scene"].as_str().unwrap_or("");
                 let width = body["width"].as_u64().unwrap_or(430) as u32;
@@ -945,10 +881,12 @@ impl Upstream {
                     bytes: mock_code_png(scene, width),
                 }));
             }
-            Upstream::Http(http) => http.post_for_bytes(
+            Upstream::Http(http) => http.post(
                 "/wxa/getwxacodeunlimit",
                 &format!("access_token={}", encode(token)),
                 body,
+                time_left.min(self.timeout),
+                MAX_IMAGE_BYTES,
             )?,
         };
         if let Some(content_type) = image_type(&bytes) {
@@ -975,7 +913,7 @@ impl Upstream {
             45009 => Err(WeChatError::RateLimited.into()),
             41030 => Err(WxApiError::CodePageInvalid),
             code if TOKEN_ERRCODES.contains(&code) => Ok(ApiReply::TokenInvalid),
-            code => Err(common_error(code).unwrap_or(WeChatError::Unknown(code).into())),
+            code => Err(api_error(code)),
         }
     }
 }
@@ -1031,20 +969,12 @@ pub fn mock_code_png(scene: &str, width: u32) -> Vec<u8> {
     out
 }
 
-fn encode(text: &str) -> String {
-    percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
-}
-
 /// The built-in mock: `name.anything` gives a mainland number derived from `name`;
 /// anything else is 40029.
 fn mock_phone(code: &str) -> Result<ApiReply<PhoneNumber>, WxApiError> {
     match code.split_once('.') {
         Some((name, _)) if !name.is_empty() => {
-            // FNV-1a: the same name, the same number, on every run.
-            let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-            });
-            let pure = format!("138{:08}", hash % 100_000_000);
+            let pure = format!("138{:08}", mock_hash(name) % 100_000_000);
             Ok(ApiReply::Ok(PhoneNumber {
                 phone_number: pure.clone(),
                 pure_phone_number: pure,
@@ -1053,86 +983,6 @@ fn mock_phone(code: &str) -> Result<ApiReply<PhoneNumber>, WxApiError> {
         }
         _ => Err(WxApiError::PhoneCodeInvalid),
     }
-}
-
-impl HttpApi {
-    /// The URL carries the token: it is built here and never logged.
-    fn url(&self, path: &str, query: &str) -> String {
-        if query.is_empty() {
-            format!("{}{path}", self.api_base)
-        } else {
-            format!("{}{path}?{query}", self.api_base)
-        }
-    }
-
-    fn send_post(
-        &self,
-        path: &str,
-        query: &str,
-        body: &Value,
-    ) -> Result<ureq::http::Response<ureq::Body>, ureq::Error> {
-        self.agent
-            .post(&self.url(path, query))
-            .config()
-            .timeout_global(Some(self.timeout))
-            .build()
-            .header("Content-Type", "application/json")
-            .send(body.to_string())
-    }
-
-    fn post(&self, path: &str, query: &str, body: &Value) -> Result<Value, WxApiError> {
-        read_reply(self.send_post(path, query, body))
-    }
-
-    /// A POST whose successful answer is not JSON (an image): the raw body.
-    fn post_for_bytes(&self, path: &str, query: &str, body: &Value) -> Result<Vec<u8>, WxApiError> {
-        read_body(self.send_post(path, query, body), MAX_IMAGE_BYTES)
-    }
-
-    fn get(&self, path: &str, query: &str) -> Result<Value, WxApiError> {
-        let response = self
-            .agent
-            .get(&self.url(path, query))
-            .config()
-            .timeout_global(Some(self.timeout))
-            .build()
-            .call();
-        read_reply(response)
-    }
-}
-
-/// WeChat answers HTTP 200 with JSON, labelled text/plain or not.
-fn read_reply(
-    response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-) -> Result<Value, WxApiError> {
-    let body = read_body(response, MAX_REPLY_BYTES)?;
-    match serde_json::from_slice(&body) {
-        Ok(value @ Value::Object(_)) => Ok(value),
-        _ => Err(WeChatError::Malformed("not a JSON object".into()).into()),
-    }
-}
-
-/// A 200 answer's body, at most `limit` bytes.
-fn read_body(
-    response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-    limit: u64,
-) -> Result<Vec<u8>, WxApiError> {
-    let mut response = response.map_err(wx::transport_error)?;
-    let status = response.status().as_u16();
-    if status != 200 {
-        return Err(WeChatError::Http(status).into());
-    }
-    Ok(response
-        .body_mut()
-        .with_config()
-        .limit(limit)
-        .read_to_vec()
-        .map_err(|e| match e {
-            ureq::Error::Timeout(_) => WeChatError::Timeout,
-            other => {
-                WeChatError::Malformed(format!("reading the body: {}", wx::error_kind(&other)))
-            }
-        })?)
 }
 
 #[cfg(test)]

@@ -176,7 +176,7 @@ impl TokenIssuer {
     /// check); the family's step is the store's compare-and-swap. A retry inside the
     /// grace gets a pair for the family's current generation and writes nothing.
     fn refresh(&mut self, token: &str) -> Answer<Refreshed> {
-        let now_ms = crate::tokens::now_ms();
+        let now_ms = crate::clock::now_ms();
         let now = now_ms.div_euclid(1000);
         if !self.rotate {
             // No rotation: the token must count as it is (its family read here).
@@ -266,7 +266,7 @@ impl TokenIssuer {
     /// within the grace logs out too; past the grace it is a reuse (family revoked,
     /// 401). A token the check refuses otherwise changes nothing.
     fn blacklist(&mut self, token: &str) -> Answer<()> {
-        let now_ms = crate::tokens::now_ms();
+        let now_ms = crate::clock::now_ms();
         let accepted = match self.check_standing(token, now_ms) {
             Ok(accepted) => accepted,
             Err(answer) => return answer,
@@ -292,7 +292,7 @@ impl TokenIssuer {
                 Ok(progress) => progress,
                 Err(e) => {
                     this.purging = false;
-                    tracing::error!(error = %crate::error::cause_chain(&e), "purging expired token records failed");
+                    tracing::error!(error = %crate::cause::cause_chain(&e), "purging expired token records failed");
                     return;
                 }
             };
@@ -341,7 +341,7 @@ impl Actor for TokenIssuer {
             }
             let step = PurgeStep {
                 from: None,
-                cutoff: crate::now_unix() - this.purge_margin,
+                cutoff: crate::clock::now_unix() - this.purge_margin,
                 purged: 0,
                 started: std::time::Instant::now(),
             };
@@ -407,7 +407,7 @@ impl Handler<RevokeFamily> for TokenIssuer {
 
     fn handle(&mut self, msg: RevokeFamily, _: &mut Context<Self>) -> Self::Result {
         self.model
-            .revoke_family(msg.user_id, msg.family, crate::tokens::now_ms())
+            .revoke_family(msg.user_id, msg.family, crate::clock::now_ms())
     }
 }
 
@@ -424,7 +424,7 @@ impl Handler<RevokeAllFamilies> for TokenIssuer {
 
     fn handle(&mut self, msg: RevokeAllFamilies, _: &mut Context<Self>) -> Self::Result {
         self.model
-            .revoke_families(msg.user_id, crate::tokens::now_ms())
+            .revoke_families(msg.user_id, crate::clock::now_ms())
     }
 }
 

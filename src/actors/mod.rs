@@ -13,5 +13,4 @@
 pub mod access_token;
 pub mod issuer;
 pub mod registry;
-pub mod resolver;
 pub mod wechat;

@@ -7,7 +7,6 @@
 //! new family are one durable unit, and `Login` answers once it is durable. The
 //! operator's messages and `SetPhone` answer once their write is durable too.
 
-use crate::actors::wechat::Session;
 use crate::storage::model::{
     AuthStore, Deletion, FamilyId, LoginRequest, LoginResult, ProfileChange, StartFamilyRequest,
     StartFamilyResult,
@@ -16,6 +15,7 @@ use crate::storage::{StorageError, Store, Tree, WriteBatch};
 use crate::tokens::issue::{self, TokenPair};
 use crate::tokens::JwtKeys;
 use crate::users::{self, User, UserId};
+use crate::wechat::Session;
 use actix::prelude::*;
 use std::sync::Arc;
 
@@ -52,7 +52,7 @@ impl UserRegistry {
     /// Erases the accounts whose deletion is due (one bounded step; the marks are
     /// in the store, so a restart picks up where this left off).
     fn sweep(&mut self, ctx: &mut Context<Self>) {
-        let now = crate::now_unix();
+        let now = crate::clock::now_unix();
         let due = self.model.due_deletions(now, DELETION_SWEEP_LIMIT);
         let model = self.model.clone();
         let erase = async move {
@@ -115,7 +115,7 @@ impl Handler<Login> for UserRegistry {
 
     fn handle(&mut self, msg: Login, _: &mut Context<Self>) -> Self::Result {
         let _request = msg.span.clone().entered();
-        let now_ms = crate::tokens::now_ms();
+        let now_ms = crate::clock::now_ms();
         let now = now_ms.div_euclid(1000);
         let keys = msg.keys;
         let login = self.model.login(LoginRequest {
@@ -173,7 +173,7 @@ impl Handler<StartSession> for UserRegistry {
 
     fn handle(&mut self, msg: StartSession, _: &mut Context<Self>) -> Self::Result {
         let _request = msg.span.clone().entered();
-        let now_ms = crate::tokens::now_ms();
+        let now_ms = crate::clock::now_ms();
         let now = now_ms.div_euclid(1000);
         let keys = msg.keys;
         let started = self.model.start_family(StartFamilyRequest {
@@ -212,7 +212,7 @@ impl Handler<Probe> for UserRegistry {
         batch.put(
             Tree::Meta,
             b"last_probe".as_slice(),
-            crate::now_unix().to_be_bytes(),
+            crate::clock::now_unix().to_be_bytes(),
         );
         self.store.apply(batch)
     }
@@ -302,7 +302,7 @@ impl Handler<DeleteUser> for UserRegistry {
     type Result = ResponseFuture<Result<Option<Deletion>, StorageError>>;
 
     fn handle(&mut self, msg: DeleteUser, _: &mut Context<Self>) -> Self::Result {
-        let now = crate::now_unix();
+        let now = crate::clock::now_unix();
         let due = if msg.at_once {
             now
         } else {

@@ -17,59 +17,21 @@
 //! clients have all gone by the time its slot comes up is never sent: the code stays
 //! unspent.
 
-use crate::actors::resolver;
 use crate::config::{WeChatApp, WeChatConfig};
 use crate::metrics::Metrics;
 use crate::secret::{Secret, SessionKey};
+use crate::wechat::errors::{Outcome, WeChatError};
+use crate::wechat::wire::{
+    common_error, encode, json_error_kind, mock_hash, with_retries, Upstream, MAX_REPLY_BYTES,
+};
+use crate::wechat::Session;
 use actix::prelude::*;
-use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
-
-/// What WeChat tells us about a code.
-#[derive(Debug, Clone)]
-pub struct Session {
-    pub openid: String,
-    pub unionid: Option<String>,
-    pub session_key: SessionKey,
-}
-
-/// Every way a code exchange can fail; `error.rs` maps each to the contract's row
-/// and its API wording. The messages here are for logs and operators.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum WeChatError {
-    #[error("the code is invalid")]
-    CodeInvalid,
-    #[error("the code was already used")]
-    CodeUsed,
-    #[error("the user is flagged high-risk")]
-    UserBlocked,
-    #[error("WeChat's frequency limit was reached")]
-    RateLimited,
-    #[error("WeChat rejected the appid or secret (errcode {0})")]
-    Config(i64),
-    #[error("WeChat is busy")]
-    Busy,
-    /// Every call slot stayed busy for `wechat.queue_timeout`: refused before any call.
-    #[error("no call slot became free within wechat.queue_timeout")]
-    NoCallSlot,
-    #[error("WeChat did not answer before the deadline")]
-    Timeout,
-    #[error("WeChat answered with HTTP status {0}")]
-    Http(u16),
-    #[error("WeChat's answer is malformed: {0}")]
-    Malformed(String),
-    #[error("WeChat answered with unknown errcode {0}")]
-    Unknown(i64),
-    #[error("cannot reach WeChat: {0}")]
-    Connect(String),
-    #[error("the WeChat client actor is gone")]
-    Unavailable,
-}
 
 /// A `wx.login()` code to exchange for a session. `appid` must be a configured app.
 pub struct Code2Session {
@@ -261,21 +223,15 @@ impl Calls {
     }
 }
 
-/// Where codes are exchanged: WeChat over HTTP, or the built-in mock.
-enum Upstream {
-    Http(HttpUpstream),
-    Mock,
-}
-
-struct HttpUpstream {
-    agent: ureq::Agent,
-    api_base: String,
+/// What the workers share: where codes are exchanged, and the apps' secrets.
+struct Exchanger {
+    upstream: Upstream,
     secrets: HashMap<String, Secret>,
     retries: u32,
 }
 
 pub struct WeChatWorker {
-    upstream: Arc<Upstream>,
+    exchanger: Arc<Exchanger>,
     metrics: Arc<Metrics>,
 }
 
@@ -292,18 +248,8 @@ impl Handler<Exchange> for WeChatWorker {
         if Instant::now() >= msg.deadline {
             return Err(WeChatError::Timeout);
         }
-        match self.upstream.as_ref() {
-            Upstream::Mock => {
-                let started = Instant::now();
-                let result = mock_exchange(&msg.code);
-                self.metrics
-                    .observe_wechat(outcome_label(&result), started.elapsed());
-                result
-            }
-            Upstream::Http(http) => {
-                http.exchange(&msg.appid, &msg.code, msg.deadline, &self.metrics)
-            }
-        }
+        self.exchanger
+            .exchange(&msg.appid, &msg.code, msg.deadline, &self.metrics)
     }
 }
 
@@ -311,27 +257,18 @@ impl Handler<Exchange> for WeChatWorker {
 /// per call slot) and returns the coalescing client.
 pub fn start(cfg: &WeChatConfig, apps: &[WeChatApp], metrics: Arc<Metrics>) -> WeChatClient {
     let threads = cfg.max_concurrent_calls;
-    let upstream = Arc::new(if cfg.mock {
-        Upstream::Mock
-    } else {
-        // Each call also gets the time left of its login's deadline (see `call`).
-        let config = resolver::wechat_config(cfg.timeout)
-            // One pooled connection per worker thread (the total defaults to 10).
-            .max_idle_connections(threads)
-            .max_idle_connections_per_host(threads)
-            .build();
-        Upstream::Http(HttpUpstream {
-            agent: resolver::agent(config),
-            api_base: cfg.api_base.trim_end_matches('/').to_string(),
-            secrets: apps
-                .iter()
-                .map(|a| (a.appid.clone(), a.secret.clone()))
-                .collect(),
-            retries: cfg.retries,
-        })
+    let exchanger = Arc::new(Exchanger {
+        // One pooled connection per worker thread (the total defaults to 10). Each
+        // call also gets the time left of its login's deadline (see `exchange`).
+        upstream: Upstream::new(cfg, Some(threads)),
+        secrets: apps
+            .iter()
+            .map(|a| (a.appid.clone(), a.secret.clone()))
+            .collect(),
+        retries: cfg.retries,
     });
     let workers = SyncArbiter::start(threads, move || WeChatWorker {
-        upstream: upstream.clone(),
+        exchanger: exchanger.clone(),
         metrics: metrics.clone(),
     });
     WeChatClient {
@@ -350,7 +287,7 @@ fn mock_exchange(code: &str) -> Result<Session, WeChatError> {
     match code.split_once('.') {
         // Checked like WeChat's answers: nothing unchecked is ever stored.
         Some((name, _)) if !name.is_empty() => {
-            checked_session(mock_openid(name), None, crate::random_hex(12))
+            checked_session(mock_openid(name), None, crate::ids::random_hex(12))
         }
         _ => Err(WeChatError::CodeInvalid),
     }
@@ -365,11 +302,7 @@ fn mock_openid(name: &str) -> String {
     if is_wechat_id(&readable) {
         return readable;
     }
-    // FNV-1a: the same name, the same user, on every run.
-    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    format!("{PREFIX}h{hash:016x}")
+    format!("{PREFIX}h{:016x}", mock_hash(name))
 }
 
 /// jscode2session's answer. `errmsg` is deliberately absent: it carries a varying
@@ -383,15 +316,7 @@ struct Jscode2SessionReply {
     unionid: Option<String>,
 }
 
-/// Errcodes that mean our own appid/secret/whitelist is wrong: the operator must act.
-const CONFIG_ERRCODES: &[i64] = &[
-    40001, 40002, 40013, 40125, 40164, 41002, 41004, 48001, 61024,
-];
-
-const BUSY_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_REPLY_BYTES: u64 = 64 * 1024;
-
-impl HttpUpstream {
+impl Exchanger {
     /// Calls (and retries) until an answer or `deadline`, the end of the login's time.
     fn exchange(
         &self,
@@ -400,167 +325,71 @@ impl HttpUpstream {
         deadline: Instant,
         metrics: &Metrics,
     ) -> Result<Session, WeChatError> {
+        let http = match &self.upstream {
+            Upstream::Mock => {
+                let started = Instant::now();
+                let result = mock_exchange(code);
+                metrics.observe_wechat(outcome(&result), started.elapsed());
+                return result;
+            }
+            Upstream::Http(http) => http,
+        };
         let Some(secret) = self.secrets.get(appid) else {
             return Err(WeChatError::Config(0));
         };
-        let enc = |s: &str| utf8_percent_encode(s, NON_ALPHANUMERIC).to_string();
-        // The URL holds the secret: it is built here and never logged.
-        let url = format!(
-            "{}/sns/jscode2session?appid={}&secret={}&js_code={}&grant_type=authorization_code",
-            self.api_base,
-            enc(appid),
-            enc(secret.expose()),
-            enc(code),
+        // The query holds the secret: it is built here and never logged.
+        let query = format!(
+            "appid={}&secret={}&js_code={}&grant_type=authorization_code",
+            encode(appid),
+            encode(secret.expose()),
+            encode(code),
         );
-        let mut attempt = 0;
-        loop {
-            let started = Instant::now();
-            let result = self.call(&url, deadline.saturating_duration_since(started));
-            metrics.observe_wechat(outcome_label(&result), started.elapsed());
-            match result {
-                // Retry only what cannot have spent the code: WeChat's explicit "busy",
-                // and a connection that failed before the request was sent; and only
-                // while the backoff leaves time for another call.
-                Err(WeChatError::Busy | WeChatError::Connect(_))
-                    if attempt < self.retries
-                        && Instant::now() + BUSY_BACKOFF * (attempt + 1) < deadline =>
-                {
-                    attempt += 1;
-                    std::thread::sleep(BUSY_BACKOFF * attempt);
-                }
-                Err(e) => {
-                    log_failure(appid, &e);
-                    return Err(e);
-                }
-                Ok(session) => return Ok(session),
-            }
-        }
-    }
-
-    /// One call, cut off after `time_left` (the rest of the login's deadline).
-    fn call(&self, url: &str, time_left: Duration) -> Result<Session, WeChatError> {
-        let mut response = self
-            .agent
-            .get(url)
-            .config()
-            .timeout_global(Some(time_left))
-            .build()
-            .call()
-            .map_err(transport_error)?;
-        // A 3xx lands here too (redirects are never followed). Only the status is
-        // kept: its Location is neither followed nor logged.
-        let status = response.status().as_u16();
-        if status != 200 {
-            return Err(WeChatError::Http(status));
-        }
-        // WeChat labels its JSON text/plain: read the bytes whatever the content type.
-        let body = response
-            .body_mut()
-            .with_config()
-            .limit(MAX_REPLY_BYTES)
-            .read_to_vec()
-            .map_err(|e| match e {
-                ureq::Error::Timeout(_) => WeChatError::Timeout,
-                other => {
-                    WeChatError::Malformed(format!("reading the body: {}", error_kind(&other)))
-                }
-            })?;
-        let reply: Jscode2SessionReply = serde_json::from_slice(&body)
-            .map_err(|e| WeChatError::Malformed(json_error_kind(&e)))?;
-        match reply.errcode {
-            0 => match (reply.openid, reply.session_key) {
-                (Some(openid), Some(session_key))
-                    if !openid.is_empty() && !session_key.is_empty() =>
-                {
-                    checked_session(openid, reply.unionid, session_key)
-                }
-                _ => Err(WeChatError::Malformed(
-                    "errcode 0 without openid or session_key".into(),
-                )),
+        // Retried: only what cannot have spent the code (see `is_transient`).
+        let result = with_retries(
+            self.retries,
+            deadline,
+            WeChatError::is_transient,
+            |time_left| {
+                let started = Instant::now();
+                let result = http
+                    .get("/sns/jscode2session", &query, time_left, MAX_REPLY_BYTES)
+                    .and_then(|body| session_from_reply(&body));
+                metrics.observe_wechat(outcome(&result), started.elapsed());
+                result
             },
-            -1 => Err(WeChatError::Busy),
-            40029 => Err(WeChatError::CodeInvalid),
-            40163 => Err(WeChatError::CodeUsed),
-            40226 => Err(WeChatError::UserBlocked),
-            45011 => Err(WeChatError::RateLimited),
-            code if CONFIG_ERRCODES.contains(&code) => Err(WeChatError::Config(code)),
-            code => Err(WeChatError::Unknown(code)),
+        );
+        if let Err(e) = &result {
+            log_failure(appid, e);
         }
+        result
     }
 }
 
-/// The `outcome` label of one call (see `metrics::WECHAT_OUTCOMES`).
-fn outcome_label(result: &Result<Session, WeChatError>) -> &'static str {
-    match result {
-        Ok(_) => "ok",
-        Err(e) => match e {
-            WeChatError::CodeInvalid => "code_invalid",
-            WeChatError::CodeUsed => "code_used",
-            WeChatError::UserBlocked => "user_blocked",
-            WeChatError::RateLimited => "rate_limited",
-            WeChatError::Config(_) => "config_error",
-            WeChatError::Busy | WeChatError::NoCallSlot => "busy",
-            WeChatError::Timeout => "timeout",
-            WeChatError::Http(_) => "http_error",
-            WeChatError::Malformed(_) => "malformed",
-            WeChatError::Unknown(_) => "unknown_errcode",
-            WeChatError::Connect(_) => "connect_error",
-            WeChatError::Unavailable => "unavailable",
+/// jscode2session's answer: the session, or WeChat's errcode as an error.
+fn session_from_reply(body: &[u8]) -> Result<Session, WeChatError> {
+    let reply: Jscode2SessionReply =
+        serde_json::from_slice(body).map_err(|e| WeChatError::Malformed(json_error_kind(&e)))?;
+    match reply.errcode {
+        0 => match (reply.openid, reply.session_key) {
+            (Some(openid), Some(session_key)) if !openid.is_empty() && !session_key.is_empty() => {
+                checked_session(openid, reply.unionid, session_key)
+            }
+            _ => Err(WeChatError::Malformed(
+                "errcode 0 without openid or session_key".into(),
+            )),
         },
+        40029 => Err(WeChatError::CodeInvalid),
+        40163 => Err(WeChatError::CodeUsed),
+        40226 => Err(WeChatError::UserBlocked),
+        code => Err(common_error(code).unwrap_or(WeChatError::Unknown(code))),
     }
 }
 
-pub(crate) fn transport_error(e: ureq::Error) -> WeChatError {
-    match e {
-        ureq::Error::Timeout(_) => WeChatError::Timeout,
-        ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {
-            WeChatError::Connect(e.to_string())
-        }
-        ureq::Error::Io(io)
-            if matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
-            ) =>
-        {
-            WeChatError::Connect(io.kind().to_string())
-        }
-        // Its text would contain the URL, and so the secret.
-        ureq::Error::BadUri(_) => WeChatError::Malformed("bad URL: check wechat.api_base".into()),
-        // Anything else may have happened after the request left: not retried. Only
-        // the kind is kept: some ureq errors carry the URL (the secret) or header values.
-        other => WeChatError::Malformed(format!("transport error: {}", error_kind(&other))),
-    }
-}
-
-/// What was wrong with a JSON answer, without serde's text: that quotes the
-/// offending value, which WeChat (or whoever answers in its place) chose.
-pub(crate) fn json_error_kind(e: &serde_json::Error) -> String {
-    let kind = match e.classify() {
-        serde_json::error::Category::Io => "unreadable",
-        serde_json::error::Category::Syntax => "not JSON",
-        serde_json::error::Category::Data => "JSON of the wrong shape",
-        serde_json::error::Category::Eof => "truncated JSON",
-    };
-    format!("{kind} (line {}, column {})", e.line(), e.column())
-}
-
-/// A ureq error's kind, without its text (which may hold the URL or what WeChat sent).
-pub(crate) fn error_kind(e: &ureq::Error) -> String {
-    let kind = match e {
-        ureq::Error::Io(io) => return format!("I/O ({})", io.kind()),
-        ureq::Error::Protocol(_) => "HTTP protocol",
-        ureq::Error::Http(_) => "HTTP request",
-        ureq::Error::BadUri(_) => "bad URL",
-        ureq::Error::Timeout(_) => "timeout",
-        ureq::Error::HostNotFound => "host not found",
-        ureq::Error::ConnectionFailed => "connection failed",
-        ureq::Error::TooManyRedirects | ureq::Error::RedirectFailed => "redirect",
-        ureq::Error::LargeResponseHeader(..) => "response header too large",
-        ureq::Error::Tls(_) | ureq::Error::Rustls(_) | ureq::Error::Pem(_) => "TLS",
-        ureq::Error::Decompress(..) => "decompression",
-        _ => "other",
-    };
-    kind.to_string()
+/// The `outcome` label of one call.
+fn outcome(result: &Result<Session, WeChatError>) -> Outcome {
+    result
+        .as_ref()
+        .map_or_else(WeChatError::metric_label, |_| Outcome::Ok)
 }
 
 /// Longest openid or unionid accepted (WeChat's are 28 characters).

@@ -13,7 +13,6 @@ use std::sync::Arc;
 /// The key files of the data directory a backup carries: the generated signing key
 /// and the key ring of `wxauth keys rotate`.
 const KEY_FILES: [&str; 2] = [GENERATED_KEY_FILE, KEYRING_FILE];
-use crate::users;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Seek, Write};
 use std::path::Path;
@@ -34,7 +33,7 @@ pub(super) fn spooled_backup(
     out: &mut dyn Write,
 ) -> Result<(), AdminError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let path = data_dir.join(format!(".backup-spool-{}", crate::random_hex(8)));
+    let path = data_dir.join(format!(".backup-spool-{}", crate::ids::random_hex(8)));
     // create_new: never a file (or symlink) someone else put there; 0600: it holds
     // the signing key and session keys.
     let mut spool = std::fs::OpenOptions::new()
@@ -67,7 +66,7 @@ pub(super) fn backup(
     let header = json!({
         "format": BACKUP_FORMAT,
         "version": BACKUP_VERSION,
-        "created_at": users::rfc3339(crate::now_unix()),
+        "created_at": crate::clock::rfc3339(crate::clock::now_unix()),
     });
     write_line(out, &header)?;
     for file in KEY_FILES {
@@ -140,7 +139,8 @@ fn restore_postgres(file: &Path, storage: &StorageConfig) -> Result<u64, AdminEr
         ));
     }
     let input = BufReader::new(std::fs::File::open(file)?);
-    let key_dir = std::env::temp_dir().join(format!("wxauth-restore-{}", crate::random_hex(8)));
+    let key_dir =
+        std::env::temp_dir().join(format!("wxauth-restore-{}", crate::ids::random_hex(8)));
     crate::fsutil::create_private_dir(&key_dir)?;
     let store: Arc<dyn Store> = Arc::new(pg.clone());
     let result = restore_entries(input, &store, &key_dir).and_then(|restored| {
@@ -152,14 +152,14 @@ fn restore_postgres(file: &Path, storage: &StorageConfig) -> Result<u64, AdminEr
     let _ = std::fs::remove_dir_all(&key_dir);
     if result.is_err() {
         if let Err(e) = pg.empty() {
-            tracing::error!(error = %crate::error::cause_chain(&e), "cannot empty the database after a failed restore");
+            tracing::error!(error = %crate::cause::cause_chain(&e), "cannot empty the database after a failed restore");
         }
     }
     result
 }
 
 fn restore_into(input: impl BufRead, storage: &StorageConfig) -> Result<u64, AdminError> {
-    let store = storage::open(storage)?;
+    let store = storage::upgrade::open(storage)?;
     restore_entries(input, &store, &storage.path)
 }
 

@@ -5,7 +5,8 @@ use super::commands::{execute, WriteTarget};
 use super::protocol::{Request, SOCKET_FILE, STATUS_KEY};
 use super::AdminError;
 use crate::config::{Config, StorageBackend};
-use crate::storage::{self, GroupCommit, SledModel, StorageError};
+use crate::storage::sled_model::SledModel;
+use crate::storage::{self, GroupCommit, StorageError};
 use crate::users::cache::UserCache;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
@@ -29,7 +30,7 @@ pub fn run(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), A
             data_dir.display()
         )));
     }
-    let store = match storage::open(&cfg.storage) {
+    let store = match storage::upgrade::open(&cfg.storage) {
         Ok(store) => store,
         Err(StorageError::Locked(path)) => {
             return Err(AdminError::Refused(format!(
@@ -50,7 +51,7 @@ pub fn run(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), A
     let mut writes = WriteTarget::Direct {
         model: Arc::new(model),
         runtime,
-        jwt: cfg.jwt.clone(),
+        jwt: Box::new(cfg.jwt.clone()),
         deletion_delay: cfg.users.deletion_delay,
     };
     let result = execute(request, store.as_ref(), data_dir, &mut writes, out);
@@ -75,10 +76,10 @@ fn direct_postgres(request: &Request, cfg: &Config, out: &mut dyn Write) -> Resu
     let mut writes = WriteTarget::Direct {
         model: store.clone(),
         runtime,
-        jwt: cfg.jwt.clone(),
+        jwt: Box::new(cfg.jwt.clone()),
         deletion_delay: cfg.users.deletion_delay,
     };
-    let key_dir = std::env::temp_dir().join(format!("wxauth-keys-{}", crate::random_hex(8)));
+    let key_dir = std::env::temp_dir().join(format!("wxauth-keys-{}", crate::ids::random_hex(8)));
     let result = (|| {
         store.pull_key_files(&key_dir, false)?;
         let pulled: Vec<Option<Vec<u8>>> = KEY_FILES

@@ -23,16 +23,16 @@ pub fn user_view(user: &User) -> Value {
         "appid": user.appid,
         "openid": (!user.openid.is_empty()).then_some(&user.openid),
         "unionid": user.unionid,
-        "created_at": users::rfc3339(user.created_at),
-        "last_login_at": users::rfc3339(user.last_login_at),
+        "created_at": crate::clock::rfc3339(user.created_at),
+        "last_login_at": crate::clock::rfc3339(user.last_login_at),
         "disabled": user.disabled,
         "phone_number": user.phone.as_ref().map(|p| &p.phone_number),
         "pure_phone_number": user.phone.as_ref().map(|p| &p.pure_phone_number),
         "country_code": user.phone.as_ref().map(|p| &p.country_code),
         "nickname": user.nickname,
         "avatar_url": user.avatar_url,
-        "deletion_scheduled_at": user.deletion_due.map(users::rfc3339),
-        "erased_at": user.erased_at.map(users::rfc3339),
+        "deletion_scheduled_at": user.deletion_due.map(crate::clock::rfc3339),
+        "erased_at": user.erased_at.map(crate::clock::rfc3339),
     })
 }
 
@@ -42,7 +42,7 @@ pub enum WriteTarget {
     Server {
         registry: Addr<UserRegistry>,
         issuer: Addr<TokenIssuer>,
-        keeper: Addr<AccessTokenKeeper>,
+        keeper: AccessTokenKeeper,
         commit: GroupCommit,
         runtime: tokio::runtime::Handle,
         keys: Arc<JwtKeys>,
@@ -53,7 +53,7 @@ pub enum WriteTarget {
         /// Waits for the model's futures (they resolve once durable).
         runtime: tokio::runtime::Runtime,
         /// Keys are loaded only by the `keys` commands: listing users needs no key file.
-        jwt: JwtConfig,
+        jwt: Box<JwtConfig>,
         /// `users.deletion_delay`.
         deletion_delay: std::time::Duration,
     },
@@ -107,7 +107,7 @@ impl WriteTarget {
                 keeper, runtime, ..
             } => runtime.block_on(async {
                 keeper
-                    .send(CheckSession {
+                    .check_session(CheckSession {
                         appid: user.appid.clone(),
                         openid: user.openid.clone(),
                         signature: crate::wechat_crypto::checksession_signature(
@@ -115,7 +115,6 @@ impl WriteTarget {
                         ),
                     })
                     .await
-                    .map_err(mailbox)?
                     .map_err(|e| AdminError::Server(format!("WeChat: {e}")))
             }),
             WriteTarget::Direct { .. } => Err(AdminError::Refused(
@@ -144,7 +143,7 @@ impl WriteTarget {
                 deletion_delay,
                 ..
             } => {
-                let now = crate::now_unix();
+                let now = crate::clock::now_unix();
                 let delay = i64::try_from(deletion_delay.as_secs()).unwrap_or(i64::MAX);
                 let due = if at_once {
                     now
@@ -179,9 +178,9 @@ impl WriteTarget {
 fn session_view(family: &FamilyRecord, user: &User, now: i64) -> Value {
     json!({
         "family": family.id.to_hex(),
-        "created_at": users::rfc3339(family.created_ms.div_euclid(1000)),
-        "last_rotated_at": users::rfc3339(family.rotated_ms.div_euclid(1000)),
-        "expires_at": users::rfc3339(family.exp),
+        "created_at": crate::clock::rfc3339(family.created_ms.div_euclid(1000)),
+        "last_rotated_at": crate::clock::rfc3339(family.rotated_ms.div_euclid(1000)),
+        "expires_at": crate::clock::rfc3339(family.exp),
         "generation": family.generation,
         "revoked": family.is_revoked(),
         "active": family.is_live(user.token_stamp, now),
@@ -193,9 +192,9 @@ fn live_families(store: &dyn ReadStore, id: UserId) -> Result<Option<usize>, Adm
     let Some(user) = users::load(store, id)? else {
         return Ok(None);
     };
-    let now = crate::now_unix();
+    let now = crate::clock::now_unix();
     Ok(Some(
-        crate::storage::user_families(store, id)?
+        crate::storage::sled_model::user_families(store, id)?
             .iter()
             .filter(|family| family.is_live(user.token_stamp, now))
             .count(),
@@ -228,16 +227,16 @@ pub fn execute(
         }
         Request::UsersSessions { id } => {
             let user = users::load(store, id)?.ok_or(AdminError::NoSuchUser(id))?;
-            let now = crate::now_unix();
-            for family in crate::storage::user_families(store, id)? {
+            let now = crate::clock::now_unix();
+            for family in crate::storage::sled_model::user_families(store, id)? {
                 write_line(out, &session_view(&family, &user, now))?;
             }
             Ok(())
         }
         Request::UsersExport { id } => {
             let user = users::load(store, id)?.ok_or(AdminError::NoSuchUser(id))?;
-            let families = crate::storage::user_families(store, id)?;
-            let view = users::export::export(&user, &families, crate::now_unix());
+            let families = crate::storage::sled_model::user_families(store, id)?;
+            let view = users::export::export(&user, &families, crate::clock::now_unix());
             Ok(write_line(out, &view)?)
         }
         Request::UsersDelete { id, now } => {
@@ -245,11 +244,11 @@ pub fn execute(
                 None => return Err(AdminError::NoSuchUser(id)),
                 Some(Deletion::Scheduled { due, .. }) => json!({
                     "user_id": id,
-                    "deletion_scheduled_at": users::rfc3339(due),
+                    "deletion_scheduled_at": crate::clock::rfc3339(due),
                 }),
                 Some(Deletion::Erased { user }) => json!({
                     "user_id": id,
-                    "erased_at": user.erased_at.map(users::rfc3339),
+                    "erased_at": user.erased_at.map(crate::clock::rfc3339),
                 }),
             };
             Ok(write_line(out, &line)?)

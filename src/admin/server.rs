@@ -24,7 +24,7 @@ pub struct ServerContext {
     pub data_dir: PathBuf,
     pub registry: Addr<UserRegistry>,
     pub issuer: Addr<TokenIssuer>,
-    pub keeper: Addr<crate::actors::access_token::AccessTokenKeeper>,
+    pub keeper: crate::actors::access_token::AccessTokenKeeper,
     pub commit: GroupCommit,
     pub runtime: tokio::runtime::Handle,
     pub keys: Arc<crate::tokens::JwtKeys>,
@@ -107,7 +107,7 @@ fn serve_connection(stream: UnixStream, ctx: &ServerContext) {
     };
     let status = match result {
         Ok(()) => json!({ STATUS_KEY: "ok" }),
-        Err(e) => json!({ STATUS_KEY: "error", "error": crate::error::cause_chain(&e) }),
+        Err(e) => json!({ STATUS_KEY: "error", "error": crate::cause::cause_chain(&e) }),
     };
     if write_line(&mut out, &status)
         .and_then(|_| out.flush())

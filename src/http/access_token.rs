@@ -9,7 +9,7 @@
 
 use super::AppState;
 use crate::actors::access_token::GetToken;
-use crate::error::{ApiError, AuthError};
+use crate::http::error::{ApiError, AuthError};
 use crate::secret::Secret;
 use actix_web::{http::header, web, HttpRequest, HttpResponse};
 use serde::Deserialize;
@@ -41,7 +41,7 @@ pub async fn access_token(
         return Err(AuthError::NotAuthenticated.into());
     }
     let appid = state.resolve_app(query.appid.as_deref())?.to_string();
-    let token = state.keeper.send(GetToken { appid }).await??;
+    let token = state.keeper.token(GetToken { appid }).await?;
     Ok(HttpResponse::Ok().json(json!({
         "access_token": token.access_token.expose(),
         "expires_in": token.expires_in_secs,
@@ -66,7 +66,7 @@ fn log_refusal() {
     static REFUSED: AtomicU64 = AtomicU64::new(0);
     static NEXT_WARN_AT: AtomicI64 = AtomicI64::new(0);
     REFUSED.fetch_add(1, Ordering::Relaxed);
-    let now = crate::now_unix();
+    let now = crate::clock::now_unix();
     let next = NEXT_WARN_AT.load(Ordering::Relaxed);
     if now >= next
         && NEXT_WARN_AT

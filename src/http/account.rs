@@ -7,11 +7,11 @@ use super::{body::Fields, AppState};
 use crate::actors::issuer::{RevokeAllFamilies, RevokeFamily};
 use crate::actors::registry::{DeleteUser, SetProfile};
 use crate::actors::wechat::Code2Session;
-use crate::error::{ApiError, AuthError};
+use crate::clock::rfc3339;
+use crate::http::error::{ApiError, AuthError};
 use crate::storage::model::{Deletion, FamilyId, ProfileChange};
-use crate::storage::user_families;
+use crate::storage::sled_model::user_families;
 use crate::users::export::{export, session_view};
-use crate::users::rfc3339;
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 use std::time::Instant;
@@ -24,7 +24,7 @@ pub async fn sessions(
     session: AuthenticatedSession,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let now = crate::now_unix();
+    let now = crate::clock::now_unix();
     let mut families = user_families(state.reader.as_ref(), session.user.id)?;
     families.retain(|family| family.is_live(session.user.token_stamp, now));
     families.sort_by_key(|family| family.created_ms);
@@ -75,7 +75,7 @@ pub async fn export_user(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let families = user_families(state.reader.as_ref(), user.id)?;
-    Ok(HttpResponse::Ok().json(export(&user, &families, crate::now_unix())))
+    Ok(HttpResponse::Ok().json(export(&user, &families, crate::clock::now_unix())))
 }
 
 /// `nickname`: 1 to 32 Unicode characters, none a control character.

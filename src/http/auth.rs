@@ -6,7 +6,7 @@
 //! Its refusals match simplejwt 5.5's `JWTAuthentication` for the same input.
 
 use super::AppState;
-use crate::error::{ApiError, AuthError};
+use crate::http::error::{ApiError, AuthError};
 use crate::tokens::check::{self, Accept, CheckError};
 use crate::tokens::TokenError;
 use crate::users::User;
@@ -68,7 +68,7 @@ fn accept(req: &HttpRequest) -> Result<check::Accepted, ApiError> {
         &state.users,
         token,
         Accept::Access,
-        crate::tokens::now_ms(),
+        crate::clock::now_ms(),
     ) {
         Ok(accepted) => Ok(accepted),
         Err(CheckError::Refused(refusal)) => Err(AuthError::from(refusal).into()),
@@ -128,6 +128,6 @@ pub fn fuzz_bearer(
         .insert_header((header::AUTHORIZATION, value))
         .to_http_request();
     let token = bearer_token(&req)?;
-    check::token_claims(keys, token, Accept::Access, crate::tokens::now_ms())
+    check::token_claims(keys, token, Accept::Access, crate::clock::now_ms())
         .map_err(AuthError::TokenNotValid)
 }

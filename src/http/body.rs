@@ -2,7 +2,7 @@
 //! 16 KiB, an object of fields. Each endpoint then asks for the fields it needs,
 //! and every failure is a contract error (400/413/415), never actix-web's text.
 
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 use actix_web::dev::Payload;
 use actix_web::http::header;
 use actix_web::{FromRequest, HttpRequest};

@@ -1,7 +1,7 @@
 //! GET /api/weixin/data/: the seed stack's "who am I", behind the access-token extractor.
 
 use super::auth::Authenticated;
-use crate::users::rfc3339;
+use crate::clock::rfc3339;
 use actix_web::HttpResponse;
 use serde::Serialize;
 

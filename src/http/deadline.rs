@@ -11,7 +11,7 @@
 //! unread bytes (lingering at most `client_disconnect_timeout`, 1 s).
 
 use super::connection::{ConnectionWatch, WatchState};
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::error::PayloadError;
 use actix_web::http::ConnectionType;

@@ -2,7 +2,7 @@
 //! with the user's stored session key. The watermark must name the user's own app.
 
 use super::{auth::Authenticated, body::Fields};
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 use crate::wechat_crypto;
 use actix_web::HttpResponse;
 use serde_json::json;

@@ -70,8 +70,8 @@ async fn probe(state: &AppState) -> Result<(), &'static str> {
             .commit
             .durable()
             .await
-            .map_err(|e| crate::error::cause_chain(&e)),
-        Ok(Err(e)) => Err(crate::error::cause_chain(&e)),
+            .map_err(|e| crate::cause::cause_chain(&e)),
+        Ok(Err(e)) => Err(crate::cause::cause_chain(&e)),
         Err(cause) => {
             tracing::warn!(%cause, "readiness probe: the user registry does not answer");
             return Err("The user registry does not answer.");

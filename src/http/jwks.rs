@@ -1,7 +1,7 @@
 //! `GET /.well-known/jwks.json`: the public keys that verify our tokens (RFC 7517).
 
 use super::AppState;
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 use actix_web::http::header;
 use actix_web::{web, HttpResponse};
 

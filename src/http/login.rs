@@ -3,7 +3,7 @@
 use super::{body::Fields, AppState};
 use crate::actors::registry::{Login, LoginOutcome};
 use crate::actors::wechat::Code2Session;
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 use crate::users::UserId;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Serialize;

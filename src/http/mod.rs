@@ -9,6 +9,7 @@ pub mod connection;
 mod data;
 pub mod deadline;
 mod decrypt;
+pub mod error;
 mod forward_auth;
 mod health;
 mod jwks;
@@ -22,7 +23,6 @@ mod web_login;
 
 pub use access_token::EndpointSecret;
 pub use body::MAX_BODY_BYTES;
-pub use observe::{finish as finish_request, request_id};
 pub use ratelimit::{canonical_ip, LoginLimiter};
 pub use web_login::WebLoginState;
 #[doc(hidden)]
@@ -32,16 +32,17 @@ use crate::actors::{
     access_token::AccessTokenKeeper, issuer::TokenIssuer, registry::UserRegistry,
     wechat::WeChatClient,
 };
-use crate::error::{status_error_body, ApiError};
+use crate::http::error::{status_error_body, ApiError};
 use crate::metrics::Metrics;
 use crate::storage::{GroupCommit, ReadStore};
 use crate::tokens::JwtKeys;
 use actix::Addr;
 use actix_web::body::EitherBody;
-use actix_web::dev::ServiceResponse;
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::http::header;
-use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::middleware::{self, ErrorHandlerResponse, ErrorHandlers};
+use actix_web::{web, App, HttpRequest, HttpResponse};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,7 +58,7 @@ pub struct AppState {
     pub registry: Addr<UserRegistry>,
     pub issuer: Addr<TokenIssuer>,
     /// WeChat's access token, and the calls that need it (phone number).
-    pub keeper: Addr<AccessTokenKeeper>,
+    pub keeper: AccessTokenKeeper,
     pub keys: Arc<JwtKeys>,
     pub reader: Arc<dyn ReadStore>,
     /// The user registry's cache of decoded users, for the token check.
@@ -234,6 +235,55 @@ where
                 })),
         );
     }
+}
+
+/// What one listener serves: its routes over the shared state.
+#[derive(Clone)]
+pub struct AppParts {
+    pub state: web::Data<AppState>,
+    pub routes: fn(&mut web::ServiceConfig),
+    /// The access-token endpoint's bearer secret, for its routes.
+    pub secret: Option<web::Data<EndpointSecret>>,
+    /// `server.request_timeout`: the deadline of each request's body.
+    pub request_timeout: Duration,
+    /// Whether each request gets an id, a span, an access line and its metrics (the
+    /// API listener; not the metrics or access-token listener).
+    pub observe: bool,
+}
+
+/// The app of every listener: `parts.routes`, the body's deadline around the
+/// extractors that read it, every error as the contract's JSON, `no-store`, and
+/// (`parts.observe`) outermost, so that it sees the final status, the observation.
+pub fn app(
+    parts: &AppParts,
+) -> App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    let request_timeout = parts.request_timeout;
+    let secret = parts.secret.clone();
+    App::new()
+        .app_data(parts.state.clone())
+        .configure(move |config| {
+            if let Some(secret) = secret {
+                config.app_data(secret);
+            }
+        })
+        // Innermost: the body's deadline, around the extractors that read it.
+        .wrap_fn(move |req, srv| deadline::guard(req, srv, request_timeout))
+        .wrap(json_errors())
+        .wrap(middleware::DefaultHeaders::new().add(("Cache-Control", "no-store")))
+        // Outermost: sees the final status, after errors became JSON.
+        .wrap(middleware::Condition::new(
+            parts.observe,
+            middleware::from_fn(observe::observe),
+        ))
+        .configure(parts.routes)
 }
 
 /// The metrics listener's only route (`metrics.bind`).

@@ -4,19 +4,22 @@
 
 use super::AppState;
 use crate::metrics::route_label;
+use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::http::Method;
+use actix_web::middleware::Next;
 use actix_web::{web, HttpResponse};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
+use tracing::Instrument;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The id for this request: the caller's `X-Request-Id` if it is 1–64 characters of
 /// `[A-Za-z0-9._-]`, else a new one (a per-process prefix and a counter).
-pub fn request_id(req: &ServiceRequest) -> String {
+fn request_id(req: &ServiceRequest) -> String {
     if let Some(given) = req.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()) {
         let sane = (1..=64).contains(&given.len())
             && given
@@ -28,12 +31,30 @@ pub fn request_id(req: &ServiceRequest) -> String {
     }
     static PREFIX: OnceLock<String> = OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(1);
-    let prefix = PREFIX.get_or_init(|| crate::random_hex(4));
+    let prefix = PREFIX.get_or_init(|| crate::ids::random_hex(4));
     format!("{prefix}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// The observation middleware: the request id, a `request` span around everything
+/// the request runs (in the handler and in the actors its messages reach, so every
+/// line they log carries the id), then [`finish`]. The access line is written after
+/// the span, outside it: its fields stay as they were.
+pub async fn observe(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let started = Instant::now();
+    let id = request_id(&req);
+    let method = req.method().clone();
+    let span = tracing::info_span!("request", request_id = %id);
+    let response = span.in_scope(|| next.call(req)).instrument(span);
+    let mut response = response.await?;
+    finish(&mut response, &id, &method, started);
+    Ok(response)
+}
+
 /// Records the finished request: metrics, the access-log line, the id header.
-pub fn finish<B>(res: &mut ServiceResponse<B>, id: &str, method: &Method, started: Instant) {
+fn finish<B>(res: &mut ServiceResponse<B>, id: &str, method: &Method, started: Instant) {
     let elapsed = started.elapsed();
     let status = res.status().as_u16();
     let route = route_label(res.request().match_pattern().as_deref());

@@ -6,7 +6,7 @@
 use super::{auth::Authenticated, body::Fields, AppState};
 use crate::actors::access_token::GetPhoneNumber;
 use crate::actors::registry::SetPhone;
-use crate::error::{ApiError, AuthError};
+use crate::http::error::{ApiError, AuthError};
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
@@ -19,16 +19,16 @@ pub async fn phone(
         limiter.check(user.id).map_err(ApiError::from)?;
     }
     let code = super::login::wechat_code(&fields)?;
-    // No ACTOR_TIMEOUT here: the keeper bounds its own work (a multiple of
-    // `wechat.timeout`: token fetch, call, forced refresh, retry).
+    // The keeper bounds its own work (a multiple of `wechat.timeout`: token fetch,
+    // call, forced refresh, retry).
     let phone = state
         .keeper
-        .send(GetPhoneNumber {
+        .phone_number(GetPhoneNumber {
             appid: user.appid.clone(),
             openid: user.openid.clone(),
             code: code.to_string(),
         })
-        .await??;
+        .await?;
     let stored = state
         .registry
         .send(SetPhone {

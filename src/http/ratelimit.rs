@@ -7,7 +7,7 @@
 //! what a dual-stack socket reports for an IPv4 peer) is that IPv4 address.
 //! The counting, and its bounded memory, is [`crate::ratelimit::KeyedLimiter`]'s.
 
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 use crate::ratelimit::KeyedLimiter;
 use std::net::{IpAddr, Ipv6Addr};
 

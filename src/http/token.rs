@@ -2,7 +2,7 @@
 
 use super::{body::Fields, AppState};
 use crate::actors::issuer::{Blacklist, Refresh};
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 use crate::tokens::check::{self, Accept, CheckError, RefreshStanding};
 use crate::tokens::TokenError;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -48,7 +48,7 @@ pub async fn verify(state: web::Data<AppState>, fields: Fields) -> Result<HttpRe
         &state.users,
         token,
         Accept::AnyType,
-        crate::tokens::now_ms(),
+        crate::clock::now_ms(),
     ) {
         Ok(accepted) => accepted,
         Err(CheckError::Refused(refusal)) => return Err(ApiError::from_verify_refusal(refusal)),

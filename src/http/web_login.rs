@@ -13,7 +13,7 @@
 use super::{auth::Authenticated, AppState};
 use crate::actors::access_token::GetWxaCode;
 use crate::actors::registry::{SessionOutcome, StartSession};
-use crate::error::{ApiError, AuthError};
+use crate::http::error::{ApiError, AuthError};
 use crate::web_login::{self, Status, WebLoginError, WebLogins, WebTokens};
 use actix_web::{http::header, web, HttpRequest, HttpResponse};
 use base64::Engine;
@@ -58,10 +58,10 @@ pub async fn create(
     let appid = state.resolve_app(None)?.to_string();
     let issued = web.tickets.create()?;
     let cfg = &web.config;
-    // No ACTOR_TIMEOUT: the keeper bounds its own work.
+    // The keeper bounds its own work.
     let code = state
         .keeper
-        .send(GetWxaCode {
+        .wxa_code(GetWxaCode {
             appid,
             scene: issued.ticket.clone(),
             page: cfg.page.clone(),
@@ -71,11 +71,7 @@ pub async fn create(
         })
         .await;
     let code = match code {
-        Ok(Ok(code)) => code,
-        Ok(Err(e)) => {
-            web.tickets.forget(&issued.ticket);
-            return Err(e.into());
-        }
+        Ok(code) => code,
         Err(e) => {
             web.tickets.forget(&issued.ticket);
             return Err(e.into());

@@ -10,26 +10,9 @@
 
 pub mod model;
 pub mod postgres;
-mod sled;
-mod sled_model;
+pub mod sled;
+pub mod sled_model;
 pub mod upgrade;
-
-/// For tests, benches and examples that fill a directory by hand; the binary and
-/// the CLI open storage only through [`open`].
-pub use self::sled::SledStore;
-pub use self::sled_model::{encode_family, load_family, user_families, SledModel};
-
-use crate::config::StorageConfig;
-
-/// Opens (creating it if missing) the data directory `config.path`: the one place
-/// the binary and the CLI get a store from, so only `sled.rs` names the engine.
-/// Its storage format is checked and, when an older release wrote it, upgraded
-/// ([`upgrade`]) before anything else reads it.
-pub fn open(config: &StorageConfig) -> Result<Arc<dyn Store>, StorageError> {
-    let store = SledStore::open(&config.path, config.cache_capacity.bytes())?;
-    upgrade::run(&store)?;
-    Ok(Arc::new(store))
-}
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -90,7 +73,7 @@ impl Tree {
 pub enum StorageError {
     #[error("the data directory {0} is in use by another wxauth process")]
     Locked(String),
-    /// `source`: the error underneath, kept for the log (see `error::cause_chain`).
+    /// `source`: the error underneath, kept for the log (see `cause::cause_chain`).
     #[error("storage I/O error: {context}")]
     Io {
         context: String,
@@ -402,7 +385,7 @@ fn commit_loop(shared: &CommitShared, store: &dyn Store, on_recovered: &dyn Fn()
             }
             Err(e) => {
                 shared.healthy.store(false, Ordering::Relaxed);
-                tracing::debug!(error = %crate::error::cause_chain(&e), "storage still cannot be reopened");
+                tracing::debug!(error = %crate::cause::cause_chain(&e), "storage still cannot be reopened");
             }
         }
         if !batch.is_empty() || stopping {
@@ -410,7 +393,7 @@ fn commit_loop(shared: &CommitShared, store: &dyn Store, on_recovered: &dyn Fn()
             shared.flushes.fetch_add(1, Ordering::Relaxed);
             shared.healthy.store(result.is_ok(), Ordering::Relaxed);
             if let Err(e) = &result {
-                tracing::error!(error = %crate::error::cause_chain(&e), "storage flush failed");
+                tracing::error!(error = %crate::cause::cause_chain(&e), "storage flush failed");
             }
             for waiter in batch {
                 let _ = waiter.send(result.clone());

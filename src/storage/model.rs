@@ -34,9 +34,9 @@
 //!
 //! Signing stays in `tokens`: the store says what happened, the caller signs.
 
-use crate::actors::wechat::Session;
 use crate::storage::StorageError;
 use crate::users::{PhoneNumber, User, UserId};
+use crate::wechat::Session;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -279,7 +279,7 @@ pub fn standing(
     } else if presented > family.generation {
         Standing::Ahead
     } else if presented.checked_add(1) == Some(family.generation)
-        && crate::tokens::check::within_grace(family.rotated_ms, now_ms, grace_ms)
+        && within_grace(family.rotated_ms, now_ms, grace_ms)
     {
         Standing::InGrace
     } else {
@@ -442,9 +442,25 @@ pub trait AuthStore: Send + Sync {
     }
 }
 
+/// A token rotated out at `rotated_at_ms` may still be presented at `now_ms` when the
+/// grace is on and has not ended: it ends at exactly `grace_ms` (one millisecond later
+/// is a reuse). A grace of 0 is off: any presentation after rotation is a reuse.
+pub fn within_grace(rotated_at_ms: i64, now_ms: i64, grace_ms: i64) -> bool {
+    grace_ms > 0 && now_ms.saturating_sub(rotated_at_ms) <= grace_ms
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_grace_ends_at_exactly_its_length_and_zero_turns_it_off() {
+        assert!(within_grace(1_000, 1_000, 1));
+        assert!(within_grace(1_000, 2_000, 1_000));
+        assert!(!within_grace(1_000, 2_001, 1_000));
+        assert!(!within_grace(1_000, 1_000, 0), "grace 0: refused at once");
+        assert!(!within_grace(i64::MIN, i64::MAX, i64::MAX - 1), "no wrap");
+    }
 
     fn family(generation: Generation, rotated_ms: i64) -> FamilyRecord {
         FamilyRecord {

@@ -163,7 +163,7 @@ impl SledModel {
     ) -> bool {
         match &self.events {
             Some(outbox) => {
-                outbox.add(batch, user_id, kind, data, crate::tokens::now_ms());
+                outbox.add(batch, user_id, kind, data, crate::clock::now_ms());
                 true
             }
             None => false,
@@ -208,7 +208,7 @@ impl SledModel {
     fn find(
         &self,
         appid: &str,
-        session: &crate::actors::wechat::Session,
+        session: &crate::wechat::Session,
         link_by_unionid: bool,
     ) -> Result<Option<(User, bool)>, StorageError> {
         let store = self.store.as_ref();
@@ -323,7 +323,7 @@ impl SledModel {
                     "appid": user.appid,
                     "openid": user.openid,
                     "unionid": user.unionid,
-                    "created_at": users::rfc3339(user.created_at),
+                    "created_at": crate::clock::rfc3339(user.created_at),
                 }),
             );
         if evented {
@@ -509,7 +509,7 @@ impl SledModel {
                 &mut batch,
                 id,
                 crate::events::EventType::DeletionScheduled,
-                serde_json::json!({ "deletion_scheduled_at": users::rfc3339(due) }),
+                serde_json::json!({ "deletion_scheduled_at": crate::clock::rfc3339(due) }),
             );
             // One atomic batch: the mark, the record and the event together.
             self.apply_with_event(batch, evented)?;
@@ -749,17 +749,13 @@ impl AuthStore for SledModel {
     }
 
     fn access_token(&self, appid: &str) -> StoreFuture<Option<Vec<u8>>> {
-        let key = crate::actors::access_token::token_key(appid);
+        let key = crate::wechat::token_key(appid);
         ready(self.store.get(Tree::Meta, &key))
     }
 
     fn put_access_token(&self, appid: &str, record: Vec<u8>) -> StoreFuture<()> {
         let mut batch = WriteBatch::default();
-        batch.put(
-            Tree::Meta,
-            crate::actors::access_token::token_key(appid),
-            record,
-        );
+        batch.put(Tree::Meta, crate::wechat::token_key(appid), record);
         let result = self.store.apply(batch);
         self.durable(true, result)
     }
@@ -768,7 +764,7 @@ impl AuthStore for SledModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::SledStore;
+    use crate::storage::sled::SledStore;
 
     fn model() -> (tempfile::TempDir, Arc<SledStore>, SledModel) {
         let dir = tempfile::tempdir().unwrap();
@@ -794,8 +790,8 @@ mod tests {
         }
     }
 
-    fn session(openid: &str) -> crate::actors::wechat::Session {
-        crate::actors::wechat::Session {
+    fn session(openid: &str) -> crate::wechat::Session {
+        crate::wechat::Session {
             openid: openid.into(),
             unionid: None,
             session_key: crate::secret::SessionKey::new("k"),

@@ -26,6 +26,18 @@ use serde::Deserialize;
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 
+/// Opens (creating it if missing) the data directory `config.path`: the one place
+/// the binary and the CLI get a store from, so only `sled.rs` names the engine.
+/// Its storage format is checked and, when an older release wrote it, upgraded
+/// (here) before anything else reads it.
+pub fn open(
+    config: &crate::config::StorageConfig,
+) -> Result<std::sync::Arc<dyn Store>, StorageError> {
+    let store = super::sled::SledStore::open(&config.path, config.cache_capacity.bytes())?;
+    run(&store)?;
+    Ok(std::sync::Arc::new(store))
+}
+
 /// The format this binary writes.
 pub const FORMAT_VERSION: u64 = 2;
 /// `meta` key of the format version.
@@ -204,7 +216,7 @@ pub fn legacy_refresh(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::SledStore;
+    use crate::storage::sled::SledStore;
 
     #[test]
     fn format_1_families_move_and_legacy_tokens_map_to_generations() {
@@ -231,7 +243,9 @@ mod tests {
         run(&store).unwrap();
         assert_eq!(stored_version(&store).unwrap(), Some(FORMAT_VERSION));
         let id = FamilyId::from_hex(fam).unwrap();
-        let family = crate::storage::load_family(&store, 3, id).unwrap().unwrap();
+        let family = crate::storage::sled_model::load_family(&store, 3, id)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             (
                 family.generation,

@@ -1,7 +1,7 @@
 //! The one definition of a token that counts. The access-token extractor,
 //! `POST /api/token/verify/`, and the issuer's refresh and logout all ask [`check`],
 //! and each maps its typed answer to the status and body its endpoint owes
-//! (`src/error.rs`): the rules cannot drift apart between endpoints.
+//! (`src/http/error.rs`): the rules cannot drift apart between endpoints.
 //!
 //! In order (the first failing rule answers):
 //! 1. the header has no `crit` (RFC 7515 §4.1.11: we implement no extension);
@@ -237,8 +237,8 @@ fn refresh_standing(
     now_ms: i64,
 ) -> Result<RefreshStanding, CheckError> {
     let (id, generation) = refresh_family(store, claims)?;
-    let family =
-        crate::storage::load_family(store, claims.user_id, id)?.ok_or(Refusal::NotIssued)?;
+    let family = crate::storage::sled_model::load_family(store, claims.user_id, id)?
+        .ok_or(Refusal::NotIssued)?;
     Ok(
         match model::standing(&family, generation, now_ms, keys.reuse_grace_ms) {
             Standing::Current => RefreshStanding::Current { family },
@@ -254,13 +254,6 @@ fn refresh_standing(
             Standing::Ahead => return Err(TokenError::Invalid.into()),
         },
     )
-}
-
-/// A token rotated out at `rotated_at_ms` may still be presented at `now_ms` when the
-/// grace is on and has not ended: it ends at exactly `grace_ms` (one millisecond later
-/// is a reuse). A grace of 0 is off: any presentation after rotation is a reuse.
-pub fn within_grace(rotated_at_ms: i64, now_ms: i64, grace_ms: i64) -> bool {
-    grace_ms > 0 && now_ms.saturating_sub(rotated_at_ms) <= grace_ms
 }
 
 /// `sub` names `user_id` exactly (`"7"`, not `"07"` or `"+7"`), without allocating.
@@ -438,15 +431,6 @@ mod tests {
     }
 
     #[test]
-    fn the_grace_ends_at_exactly_its_length_and_zero_turns_it_off() {
-        assert!(within_grace(1_000, 1_000, 1));
-        assert!(within_grace(1_000, 2_000, 1_000));
-        assert!(!within_grace(1_000, 2_001, 1_000));
-        assert!(!within_grace(1_000, 1_000, 0), "grace 0: refused at once");
-        assert!(!within_grace(i64::MIN, i64::MAX, i64::MAX - 1), "no wrap");
-    }
-
-    #[test]
     fn sub_must_spell_the_user_id() {
         assert!(names_user("7", 7));
         assert!(names_user("0", 0));
@@ -543,7 +527,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let keys = JwtKeys::load(&crate::config::JwtConfig::default(), dir.path()).unwrap();
         let good = keys
-            .sign(TokenType::Access, 7, 0, super::super::now_ms() / 1000)
+            .sign(TokenType::Access, 7, 0, crate::clock::now_ms() / 1000)
             .token;
         assert!(verified_claims(&keys, &good).is_ok());
         let mut parts = good.split('.');
@@ -569,7 +553,7 @@ mod tests {
         // Claims as an array, correctly signed: not a claims set (PyJWT refuses it;
         // serde alone would read it as the fields in order).
         let secret = std::fs::read(dir.path().join(super::super::GENERATED_KEY_FILE)).unwrap();
-        let exp = super::super::now_ms() / 1000 + 60;
+        let exp = crate::clock::now_ms() / 1000 + 60;
         let array = jsonwebtoken::encode(
             &jsonwebtoken::Header::default(),
             &serde_json::json!(["access", exp, exp - 60, "jti", 7]),

@@ -177,7 +177,7 @@ impl KeySet {
 
     /// The key that signs now.
     pub fn signing(&self) -> &Key {
-        self.signing_at(super::now_ms())
+        self.signing_at(crate::clock::now_ms())
     }
 
     pub fn by_kid(&self, kid: &str) -> Option<&Key> {

@@ -10,6 +10,7 @@ pub mod check;
 pub mod issue;
 pub mod keys;
 
+use crate::clock::now_ms;
 use crate::config::{ConfigError, JwtConfig, SigningAlgorithm};
 use crate::secret::Secret;
 use crate::users::UserId;
@@ -21,14 +22,6 @@ use std::sync::{Arc, Mutex, RwLock};
 
 /// File (in the data directory) holding the generated HMAC key.
 pub const GENERATED_KEY_FILE: &str = "jwt_signing_key";
-
-/// Milliseconds since the Unix epoch: the clock of every token rule (claims are
-/// whole seconds; rotation times and the grace and leeway are milliseconds).
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -439,7 +432,7 @@ impl JwtKeys {
             token_type: kind,
             exp: now.saturating_add(ttl),
             iat: now,
-            jti: crate::random_hex(16),
+            jti: crate::ids::random_hex(16),
             user_id,
             sub: Some(user_id.to_string()),
             stamp,
@@ -513,7 +506,7 @@ pub enum KeyState {
 /// What `wxauth keys list`, `rotate` and `activate` print for a key: never its
 /// material.
 fn key_view(key: &Key, signing: bool) -> serde_json::Value {
-    let rfc3339 = |ms: i64| crate::users::rfc3339(ms.div_euclid(1000));
+    let rfc3339 = |ms: i64| crate::clock::rfc3339(ms.div_euclid(1000));
     serde_json::json!({
         "kid": key.kid,
         "algorithm": keys::algorithm_name(key.algorithm),
@@ -529,8 +522,8 @@ fn key_view(key: &Key, signing: bool) -> serde_json::Value {
 /// A new key of `algorithm` for the ring.
 fn generate_material(algorithm: Algorithm) -> Result<String, KeyError> {
     Ok(match algorithm {
-        Algorithm::HS512 => crate::random_hex(64),
-        Algorithm::HS256 | Algorithm::HS384 => crate::random_hex(32),
+        Algorithm::HS512 => crate::ids::random_hex(64),
+        Algorithm::HS256 | Algorithm::HS384 => crate::ids::random_hex(32),
         Algorithm::ES256 => keys::generate_es256_pem(),
         Algorithm::EdDSA => keys::generate_ed25519_pem(),
         _ => return Err(KeyError::CannotGenerate),
@@ -651,7 +644,7 @@ fn build_set(
 fn load_or_generate_hmac_key(data_dir: &Path) -> std::io::Result<crate::secret::Secret> {
     // 256 random bits as 64 hex characters: a shorter file is damage, not a key.
     crate::fsutil::read_or_create_secret(&data_dir.join(GENERATED_KEY_FILE), 64, || {
-        crate::random_hex(32)
+        crate::ids::random_hex(32)
     })
 }
 

@@ -2,7 +2,8 @@
 //! `wxauth users export ID` answer it: everything personal, nothing secret (never
 //! the session key, never a token).
 
-use super::{rfc3339, User};
+use super::User;
+use crate::clock::rfc3339;
 use crate::storage::model::{FamilyId, FamilyRecord};
 use serde_json::{json, Value};
 

@@ -4,7 +4,6 @@
 
 use crate::common::postgres::{cluster, PgCluster};
 use std::sync::{Arc, Barrier};
-use wxauth::actors::wechat::Session;
 use wxauth::config::{StorageBackend, StorageConfig};
 use wxauth::secret::SessionKey;
 use wxauth::storage::model::{
@@ -12,6 +11,7 @@ use wxauth::storage::model::{
     StartFamilyRequest, StartFamilyResult,
 };
 use wxauth::storage::postgres::PgStore;
+use wxauth::wechat::Session;
 
 fn storage_config(url: &str) -> StorageConfig {
     StorageConfig {
@@ -102,7 +102,7 @@ fn a_database_newer_than_the_binary_is_refused_with_a_reason() {
     let err = PgStore::open(&storage_config(&url))
         .err()
         .expect("a newer schema is refused");
-    let text = wxauth::error::cause_chain(&err);
+    let text = wxauth::cause::cause_chain(&err);
     assert!(
         text.contains("version 999") && text.contains("newer than this wxauth"),
         "{text}"
@@ -159,7 +159,7 @@ fn tls_require_and_verify_full_connect_and_a_wrong_ca_is_refused() {
     ))
     .err()
     .expect("an unknown CA is refused");
-    let text = wxauth::error::cause_chain(&err);
+    let text = wxauth::cause::cause_chain(&err);
     assert!(
         text.to_lowercase().contains("certificate") || text.contains("UnknownIssuer"),
         "{text}"

@@ -373,7 +373,8 @@ fn a_disabled_user_cannot_log_in_refresh_or_use_its_tokens() {
     // Disable the user in the data directory while the server is down (the admin
     // CLI is not there yet), through the same storage code the server uses.
     {
-        use wxauth::storage::{SledStore, Store, Tree, WriteBatch};
+        use wxauth::storage::sled::SledStore;
+        use wxauth::storage::{Store, Tree, WriteBatch};
         let store = SledStore::open(&server.data_dir(), 8 << 20).unwrap();
         let mut user = wxauth::users::load(&store, user_id).unwrap().expect("user");
         user.disabled = true;

@@ -217,7 +217,7 @@ fn a_newer_storage_format_refuses_to_start_saying_so() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     {
-        let store = wxauth::storage::SledStore::open(&data, 1 << 20).unwrap();
+        let store = wxauth::storage::sled::SledStore::open(&data, 1 << 20).unwrap();
         let mut batch = wxauth::storage::WriteBatch::default();
         batch.put(
             wxauth::storage::Tree::Meta,

@@ -83,7 +83,7 @@ impl PgStore {
     pub fn pull_key_files(&self, data_dir: &Path, generate: bool) -> Result<(), StorageError> {
         if generate {
             // 256 random bits as 64 hex characters, as the embedded store's key.
-            let key = crate::random_hex(32).into_bytes();
+            let key = crate::ids::random_hex(32).into_bytes();
             self.wait(
                 self.run("create the signing key", move |shared| async move {
                     let client = shared.client().await?;
@@ -188,7 +188,7 @@ impl PgStore {
                     let current = match store.key_file(KEYRING_FILE) {
                         Ok(current) => current,
                         Err(e) => {
-                            tracing::debug!(error = %crate::error::cause_chain(&e), "cannot read the key ring");
+                            tracing::debug!(error = %crate::cause::cause_chain(&e), "cannot read the key ring");
                             continue;
                         }
                     };
@@ -196,7 +196,7 @@ impl PgStore {
                         continue;
                     }
                     let reloaded = write_local(&data_dir, KEYRING_FILE, current.as_deref())
-                        .map_err(|e| crate::error::cause_chain(&e))
+                        .map_err(|e| crate::cause::cause_chain(&e))
                         .and_then(|()| keys.reload().map_err(|e| e.to_string()));
                     match reloaded {
                         Ok(()) => {

@@ -100,7 +100,9 @@ pub(super) async fn get<C: GenericClient>(
                 .await
                 .map_err(e)?
             {
-                Some(row) => Some(crate::storage::encode_family(&family_from_row(&row)?)),
+                Some(row) => Some(crate::storage::sled_model::encode_family(&family_from_row(
+                    &row,
+                )?)),
                 None => None,
             }
         }
@@ -363,7 +365,7 @@ async fn page<C: GenericClient>(
                 let f = family_from_row(row)?;
                 entries.push((
                     family_key(f.user_id, f.id).to_vec(),
-                    crate::storage::encode_family(&f),
+                    crate::storage::sled_model::encode_family(&f),
                 ));
             }
             return Ok(entries);

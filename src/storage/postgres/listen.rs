@@ -32,7 +32,7 @@ pub(super) fn start(
                 }
                 Err(e) => {
                     if !announced_loss {
-                        tracing::warn!(error = %crate::error::cause_chain(&e), "cannot listen for user changes on PostgreSQL: users cache emptied; retrying");
+                        tracing::warn!(error = %crate::cause::cause_chain(&e), "cannot listen for user changes on PostgreSQL: users cache emptied; retrying");
                         announced_loss = true;
                     }
                 }

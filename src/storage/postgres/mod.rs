@@ -1080,7 +1080,7 @@ impl AuthStore for PgStore {
     }
 
     fn access_token(&self, appid: &str) -> StoreFuture<Option<Vec<u8>>> {
-        let key = crate::actors::access_token::token_key(appid);
+        let key = crate::wechat::token_key(appid);
         self.run("read an access token", move |shared| async move {
             let client = shared.client().await?;
             kv::get(&client, Tree::Meta, &key).await
@@ -1088,7 +1088,7 @@ impl AuthStore for PgStore {
     }
 
     fn put_access_token(&self, appid: &str, record: Vec<u8>) -> StoreFuture<()> {
-        let key = crate::actors::access_token::token_key(appid);
+        let key = crate::wechat::token_key(appid);
         self.run("store an access token", move |shared| async move {
             let client = shared.client().await?;
             kv::put(&client, Tree::Meta, &key, &record).await

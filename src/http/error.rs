@@ -1,12 +1,13 @@
 //! The one place where every error becomes the contract's JSON:
 //! `{"code": "<snake_case>", "detail": "<one English sentence>"}` with its status.
 
-use crate::actors::access_token::WxApiError;
-use crate::actors::wechat::WeChatError;
+use crate::cause::cause_chain;
 use crate::storage::StorageError;
 use crate::tokens::check::Refusal;
 use crate::tokens::TokenError;
 use crate::web_login::WebLoginError;
+use crate::wechat::errors::WeChatError;
+use crate::wechat::errors::WxApiError;
 use crate::wechat_crypto::DecryptError;
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
@@ -127,29 +128,8 @@ impl ApiError {
             ApiError::SessionNotFound => "session_not_found",
             ApiError::CodeMismatch => "code_mismatch",
             ApiError::RateLimited { .. } => "rate_limited",
-            ApiError::WeChat(e) => match e {
-                WeChatError::CodeInvalid => "code_invalid",
-                WeChatError::CodeUsed => "code_used",
-                WeChatError::UserBlocked => "user_blocked",
-                WeChatError::RateLimited => "rate_limited",
-                WeChatError::Config(_) => "wechat_config_error",
-                WeChatError::Busy | WeChatError::NoCallSlot => "upstream_busy",
-                WeChatError::Timeout => "upstream_timeout",
-                WeChatError::Http(_)
-                | WeChatError::Malformed(_)
-                | WeChatError::Unknown(_)
-                | WeChatError::Connect(_)
-                | WeChatError::Unavailable => "upstream_error",
-            },
-            ApiError::WxApi(e) => match e {
-                WxApiError::PhoneCodeInvalid => "phone_code_invalid",
-                WxApiError::ForcedRefreshLimited { .. } => "access_token_unavailable",
-                WxApiError::TokenRejected => "upstream_error",
-                WxApiError::UnknownApp(_) => "unknown_app",
-                WxApiError::CodePageInvalid => "wechat_config_error",
-                WxApiError::Storage(e) => ApiError::Storage(e.clone()).code(),
-                WxApiError::WeChat(e) => ApiError::WeChat(e.clone()).code(),
-            },
+            ApiError::WeChat(e) => e.code(),
+            ApiError::WxApi(e) => e.code(),
             ApiError::Decrypt(e) => match e {
                 DecryptError::BadInput(_) => "invalid_request",
                 DecryptError::Failed => "decrypt_failed",
@@ -190,12 +170,8 @@ impl ApiError {
     fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
-            ApiError::WeChat(WeChatError::RateLimited) => Some(60),
-            ApiError::WeChat(WeChatError::Busy | WeChatError::NoCallSlot) => Some(1),
-            ApiError::WxApi(WxApiError::ForcedRefreshLimited { retry_after_secs }) => {
-                Some(*retry_after_secs)
-            }
-            ApiError::WxApi(WxApiError::WeChat(e)) => ApiError::WeChat(e.clone()).retry_after(),
+            ApiError::WeChat(e) => e.retry_after(),
+            ApiError::WxApi(e) => e.retry_after(),
             ApiError::WebLogin(WebLoginError::TooManyTickets) => Some(5),
             ApiError::WebLogin(WebLoginError::TooManyWaiters) => Some(1),
             ApiError::Storage(StorageError::Corrupt { .. }) => None,
@@ -218,26 +194,8 @@ impl ResponseError for ApiError {
             ApiError::UserDisabled | ApiError::CodeMismatch => StatusCode::FORBIDDEN,
             ApiError::SessionNotFound => StatusCode::NOT_FOUND,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::WeChat(e) => match e {
-                WeChatError::CodeInvalid | WeChatError::CodeUsed => StatusCode::UNAUTHORIZED,
-                WeChatError::UserBlocked => StatusCode::FORBIDDEN,
-                WeChatError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-                WeChatError::Busy | WeChatError::NoCallSlot => StatusCode::SERVICE_UNAVAILABLE,
-                WeChatError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-                WeChatError::Config(_)
-                | WeChatError::Http(_)
-                | WeChatError::Malformed(_)
-                | WeChatError::Unknown(_)
-                | WeChatError::Connect(_)
-                | WeChatError::Unavailable => StatusCode::BAD_GATEWAY,
-            },
-            ApiError::WxApi(e) => match e {
-                WxApiError::PhoneCodeInvalid | WxApiError::UnknownApp(_) => StatusCode::BAD_REQUEST,
-                WxApiError::ForcedRefreshLimited { .. } => StatusCode::SERVICE_UNAVAILABLE,
-                WxApiError::TokenRejected | WxApiError::CodePageInvalid => StatusCode::BAD_GATEWAY,
-                WxApiError::Storage(e) => ApiError::Storage(e.clone()).status_code(),
-                WxApiError::WeChat(e) => ApiError::WeChat(e.clone()).status_code(),
-            },
+            ApiError::WeChat(e) => e.status(),
+            ApiError::WxApi(e) => e.status(),
             ApiError::Decrypt(_) => StatusCode::BAD_REQUEST,
             ApiError::WebLogin(e) => match e {
                 WebLoginError::TooManyTickets | WebLoginError::TooManyWaiters => {
@@ -319,19 +277,6 @@ fn wechat_detail(e: &WeChatError) -> String {
         WeChatError::Unavailable => "The WeChat client is unavailable.",
     };
     sentence.to_string()
-}
-
-/// An error and its causes, outermost first, as one line: logged once, where the
-/// 5xx answer is made, and printed by the CLI.
-pub fn cause_chain(e: &dyn std::error::Error) -> String {
-    let mut chain = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        chain.push_str(": ");
-        chain.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    chain
 }
 
 /// A JSON error body for a bare status (used for errors actix-web raises itself).

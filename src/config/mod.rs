@@ -2,9 +2,15 @@
 //! environment variables (figment). [`Config::load`] returns a validated config or one
 //! [`ConfigError`] naming the key; unknown keys come back as warnings, not silence.
 
+mod load;
+mod units;
+
+use load::resolve_app;
+pub use load::{read_secret_file, resolve_credential_path};
+use units::{de_duration, de_ip_addrs, de_metrics_bind, de_server_bind};
+pub use units::{parse_duration, parse_size, ByteSize};
+
 use crate::secret::Secret;
-use figment::providers::{Env, Format, Toml};
-use figment::Figment;
 use serde::{Deserialize, Deserializer};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -527,79 +533,62 @@ pub struct Loaded {
 }
 
 impl Config {
-    /// Which file to read: the explicit path (flag or `WXAUTH_CONFIG`), else
-    /// `./config.toml` when it exists, else none (defaults and environment only).
-    pub fn locate(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
-        match explicit {
-            Some(path) if path.is_file() => Ok(Some(path.to_path_buf())),
-            Some(path) => Err(ConfigError::new(
-                "--config",
-                format!("{} does not exist or is not a file", path.display()),
-            )),
-            None => {
-                let default = Path::new(DEFAULT_CONFIG_FILE);
-                Ok(default.is_file().then(|| default.to_path_buf()))
-            }
-        }
-    }
-
-    /// The file (if any) and the environment, over the defaults.
-    fn merged(explicit: Option<&Path>) -> Result<(Figment, Option<PathBuf>), ConfigError> {
-        let source = Self::locate(explicit)?;
-        let mut figment = Figment::new();
-        if let Some(path) = &source {
-            figment = figment.merge(Toml::file_exact(path));
-        }
-        figment = figment.merge(
-            Env::prefixed(ENV_PREFIX)
-                .filter(not_empty_in_env())
-                .split("__")
-                .ignore(&["config"]),
-        );
-        Ok((figment, source))
-    }
-
-    /// Loads and validates everything the server needs, secret files included.
-    pub fn load(explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
-        let (figment, source) = Self::merged(explicit)?;
-        let config: Config = figment.extract().map_err(from_figment)?;
-        let mut warnings = unknown_keys(&figment);
-        let apps = config.validate(&mut warnings)?;
-        let mut config = config;
-        config.storage.postgres = config.storage.resolve_postgres(&mut warnings)?;
-        let token_endpoint_secret = config.token_endpoint_secret()?;
-        Ok(Loaded {
-            config,
-            apps,
-            token_endpoint_secret,
-            warnings,
-            source,
-        })
-    }
-
-    /// For the admin commands: only what they use (where the data and the server
-    /// are), so an operator needs no access to the WeChat secret or TLS key files.
-    pub fn load_for_admin(explicit: Option<&Path>) -> Result<Config, ConfigError> {
-        let (figment, _) = Self::merged(explicit)?;
-        let config: Config = figment.extract().map_err(from_figment)?;
-        if config.storage.path.as_os_str().is_empty() {
-            return Err(ConfigError::new("storage.path", "must not be empty"));
-        }
-        let mut config = config;
-        config.storage.postgres = config.storage.resolve_postgres(&mut Vec::new())?;
-        Ok(config)
-    }
-
-    /// Cross-field checks and secret files. Returns the mini-programs, first = default.
+    /// Cross-field checks and secret files, section by section. Returns the
+    /// mini-programs, first = default.
     fn validate(&self, warnings: &mut Vec<String>) -> Result<Vec<WeChatApp>, ConfigError> {
-        let bind = self.server.bind;
-        if self.server.workers == 0 || self.server.workers > 1024 {
+        self.server.validate()?;
+        self.storage.validate()?;
+        let apps = self.wechat.validate(self.server.bind, warnings)?;
+        self.jwt.validate()?;
+        self.events.validate(self.storage.backend)?;
+        self.users.validate()?;
+        self.limits.validate()?;
+        self.log.validate()?;
+        self.web_login.validate()?;
+        self.admin.validate()?;
+        Ok(apps)
+    }
+
+    /// `wechat.token_endpoint_bind` must be loopback (it hands out WeChat's access
+    /// token) and comes with a non-empty bearer secret from a file.
+    fn token_endpoint_secret(&self) -> Result<Option<Secret>, ConfigError> {
+        let w = &self.wechat;
+        let Some(addr) = w.token_endpoint_bind else {
+            return Ok(None);
+        };
+        if !addr.ip().is_loopback() {
+            return Err(ConfigError::new(
+                "wechat.token_endpoint_bind",
+                "must be a loopback address (127.0.0.1 or ::1): it hands out WeChat's access token",
+            ));
+        }
+        let Some(path) = &w.token_endpoint_secret_file else {
+            return Err(ConfigError::new(
+                "wechat.token_endpoint_secret_file",
+                "is required when wechat.token_endpoint_bind is set",
+            ));
+        };
+        let secret = read_secret_file("wechat.token_endpoint_secret_file", path)?;
+        if secret.expose().len() < 16 {
+            return Err(ConfigError::new(
+                "wechat.token_endpoint_secret_file",
+                "must hold a secret of at least 16 characters",
+            ));
+        }
+        Ok(Some(secret))
+    }
+}
+
+impl ServerConfig {
+    /// `server.*`.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.workers == 0 || self.workers > 1024 {
             return Err(ConfigError::new(
                 "server.workers",
                 "must be between 1 and 1024",
             ));
         }
-        match (&self.server.tls.cert, &self.server.tls.key) {
+        match (&self.tls.cert, &self.tls.key) {
             (None, None) => {}
             (Some(_), None) => {
                 return Err(ConfigError::new(
@@ -625,46 +614,63 @@ impl Config {
                 }
             }
         }
-        if self.server.request_timeout < Duration::from_millis(100)
-            || self.server.request_timeout > Duration::from_secs(600)
+        if self.request_timeout < Duration::from_millis(100)
+            || self.request_timeout > Duration::from_secs(600)
         {
             return Err(ConfigError::new(
                 "server.request_timeout",
                 "must be between 100ms and 10m",
             ));
         }
-        if self.server.max_connections == 0 || self.server.max_connections > 1_000_000 {
+        if self.max_connections == 0 || self.max_connections > 1_000_000 {
             return Err(ConfigError::new(
                 "server.max_connections",
                 "must be between 1 and 1000000",
             ));
         }
-        if self.server.max_connections_per_ip == 0 || self.server.max_connections_per_ip > 1_000_000
-        {
+        if self.max_connections_per_ip == 0 || self.max_connections_per_ip > 1_000_000 {
             return Err(ConfigError::new(
                 "server.max_connections_per_ip",
                 "must be between 1 and 1000000",
             ));
         }
-        if self.server.max_connection_lifetime < Duration::from_secs(1)
-            || self.server.max_connection_lifetime > Duration::from_secs(24 * 3600)
+        if self.max_connection_lifetime < Duration::from_secs(1)
+            || self.max_connection_lifetime > Duration::from_secs(24 * 3600)
         {
             return Err(ConfigError::new(
                 "server.max_connection_lifetime",
                 "must be between 1s and 24h",
             ));
         }
-        if self.storage.path.as_os_str().is_empty() {
+        Ok(())
+    }
+}
+
+impl StorageConfig {
+    /// `storage.*` (the PostgreSQL keys: [`StorageConfig::resolve_postgres`]).
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.path.as_os_str().is_empty() {
             return Err(ConfigError::new("storage.path", "must not be empty"));
         }
-        if self.storage.cache_capacity.bytes() < 1024 * 1024 {
+        if self.cache_capacity.bytes() < 1024 * 1024 {
             return Err(ConfigError::new(
                 "storage.cache_capacity",
                 "must be at least 1MiB",
             ));
         }
+        Ok(())
+    }
+}
 
-        let w = &self.wechat;
+impl WeChatConfig {
+    /// `wechat.*` and the app secrets: the mini-programs, first = default.
+    /// `bind`: `server.bind` (the mock runs only on loopback).
+    fn validate(
+        &self,
+        bind: SocketAddr,
+        warnings: &mut Vec<String>,
+    ) -> Result<Vec<WeChatApp>, ConfigError> {
+        let w = self;
         if !(w.api_base.starts_with("https://") || w.api_base.starts_with("http://")) {
             return Err(ConfigError::new(
                 "wechat.api_base",
@@ -738,8 +744,14 @@ impl Config {
                 "is required (with wechat.secret or wechat.secret_file) unless wechat.mock = true",
             ));
         }
+        Ok(apps)
+    }
+}
 
-        let j = &self.jwt;
+impl JwtConfig {
+    /// `jwt.*`.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let j = self;
         if !j.algorithm.is_hmac() && j.signing_key_file.is_none() {
             return Err(ConfigError::new(
                 "jwt.signing_key_file",
@@ -811,36 +823,62 @@ impl Config {
                 "must be at least 1s",
             ));
         }
-        if let Some(url) = &self.events.webhook_url {
+        Ok(())
+    }
+}
+
+impl EventsConfig {
+    /// `events.*`; `backend`: `storage.backend`.
+    fn validate(&self, backend: StorageBackend) -> Result<(), ConfigError> {
+        if let Some(url) = &self.webhook_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(ConfigError::new(
                     "events.webhook_url",
                     "must be an http:// or https:// URL",
                 ));
             }
-            if self.storage.backend == StorageBackend::Postgres {
+            if backend == StorageBackend::Postgres {
                 return Err(ConfigError::new(
                     "events.webhook_url",
                     "events are not available with storage.backend = \"postgres\" yet",
                 ));
             }
         }
-        if self.events.timeout < Duration::from_millis(100)
-            || self.events.timeout > Duration::from_secs(60)
-        {
+        if self.timeout < Duration::from_millis(100) || self.timeout > Duration::from_secs(60) {
             return Err(ConfigError::new("events.timeout", "100 ms – 60 s"));
         }
-        if self.users.deletion_delay > MAX_TOKEN_DURATION {
+        Ok(())
+    }
+}
+
+impl UsersConfig {
+    /// `users.*`.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.deletion_delay > MAX_TOKEN_DURATION {
             return Err(ConfigError::new("users.deletion_delay", "at most 10 years"));
         }
-        if !(1..=128).contains(&self.limits.ipv6_prefix) {
+        Ok(())
+    }
+}
+
+impl LimitsConfig {
+    /// `limits.*`.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=128).contains(&self.ipv6_prefix) {
             return Err(ConfigError::new(
                 "limits.ipv6_prefix",
                 "must be between 1 and 128",
             ));
         }
+        Ok(())
+    }
+}
+
+impl LogConfig {
+    /// `log.*`.
+    fn validate(&self) -> Result<(), ConfigError> {
         if !matches!(
-            self.log.level.as_str(),
+            self.level.as_str(),
             "trace" | "debug" | "info" | "warn" | "error"
         ) {
             return Err(ConfigError::new(
@@ -848,41 +886,10 @@ impl Config {
                 "must be one of trace, debug, info, warn, error",
             ));
         }
-        if !matches!(self.log.format.as_str(), "text" | "json") {
+        if !matches!(self.format.as_str(), "text" | "json") {
             return Err(ConfigError::new("log.format", "must be text or json"));
         }
-        self.web_login.validate()?;
-        self.admin.validate()?;
-        Ok(apps)
-    }
-
-    /// `wechat.token_endpoint_bind` must be loopback (it hands out WeChat's access
-    /// token) and comes with a non-empty bearer secret from a file.
-    fn token_endpoint_secret(&self) -> Result<Option<Secret>, ConfigError> {
-        let w = &self.wechat;
-        let Some(addr) = w.token_endpoint_bind else {
-            return Ok(None);
-        };
-        if !addr.ip().is_loopback() {
-            return Err(ConfigError::new(
-                "wechat.token_endpoint_bind",
-                "must be a loopback address (127.0.0.1 or ::1): it hands out WeChat's access token",
-            ));
-        }
-        let Some(path) = &w.token_endpoint_secret_file else {
-            return Err(ConfigError::new(
-                "wechat.token_endpoint_secret_file",
-                "is required when wechat.token_endpoint_bind is set",
-            ));
-        };
-        let secret = read_secret_file("wechat.token_endpoint_secret_file", path)?;
-        if secret.expose().len() < 16 {
-            return Err(ConfigError::new(
-                "wechat.token_endpoint_secret_file",
-                "must hold a secret of at least 16 characters",
-            ));
-        }
-        Ok(Some(secret))
+        Ok(())
     }
 }
 
@@ -945,53 +952,6 @@ impl WebLoginConfig {
     }
 }
 
-/// For `Env::filter` (which sees names with the prefix already taken off): keeps a
-/// `WXAUTH_` variable unless its value is empty. An empty variable means unset, the
-/// way operators blank one and systemd's `Environment=NAME=` writes one; to turn
-/// something off, set the documented value (`metrics.bind = "off"`, for one).
-fn not_empty_in_env() -> impl Fn(&figment::value::UncasedStr) -> bool + Clone + 'static {
-    let blank: Vec<String> = std::env::vars_os()
-        .filter(|(_, value)| value.is_empty())
-        .filter_map(|(name, _)| {
-            let name = name.to_str()?.trim();
-            let prefix = name.get(..ENV_PREFIX.len())?;
-            prefix
-                .eq_ignore_ascii_case(ENV_PREFIX)
-                .then(|| name[ENV_PREFIX.len()..].to_string())
-        })
-        .collect();
-    move |key| !blank.iter().any(|b| b.as_str() == key.as_str())
-}
-
-fn parse_addr(value: &str) -> Result<SocketAddr, String> {
-    value
-        .parse()
-        .map_err(|_| format!("{value:?} is not an address like 127.0.0.1:8000"))
-}
-
-fn de_server_bind<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
-    parse_addr(&String::deserialize(d)?).map_err(serde::de::Error::custom)
-}
-
-/// `""` (in a file) or `"off"` (from the environment, where empty means unset):
-/// no listener. (`metrics.bind` and `wechat.token_endpoint_bind`.)
-fn de_metrics_bind<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
-    match String::deserialize(d)?.as_str() {
-        "" | "off" => Ok(None),
-        text => parse_addr(text).map(Some).map_err(serde::de::Error::custom),
-    }
-}
-
-fn de_ip_addrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpAddr>, D::Error> {
-    Vec::<String>::deserialize(d)?
-        .iter()
-        .map(|text| {
-            text.parse()
-                .map_err(|_| serde::de::Error::custom(format!("{text:?} is not an IP address")))
-        })
-        .collect()
-}
-
 /// `jwt.algorithm`: the JWS algorithms wxauth signs with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SigningAlgorithm {
@@ -1042,219 +1002,5 @@ impl<'de> Deserialize<'de> for SigningAlgorithm {
                     "{text:?} is not one of HS256, HS384, HS512, RS256, ES256, EdDSA"
                 ))
             })
-    }
-}
-
-/// A size in bytes, written `"64MiB"`, `"512KiB"`, `"1GiB"`, `"10MB"`, or a bare number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ByteSize(pub u64);
-
-impl ByteSize {
-    pub fn bytes(self) -> u64 {
-        self.0
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        de_size(d).map(ByteSize)
-    }
-}
-
-fn resolve_app(key: &str, creds: &AppCredentials) -> Result<WeChatApp, ConfigError> {
-    let appid = match creds.appid.as_deref() {
-        Some(a) if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {
-            a.to_string()
-        }
-        Some(_) => {
-            return Err(ConfigError::new(
-                format!("{key}.appid"),
-                "must be letters, digits or _",
-            ))
-        }
-        None => {
-            return Err(ConfigError::new(
-                format!("{key}.appid"),
-                "is required when a secret is set",
-            ))
-        }
-    };
-    let secret = match (&creds.secret, &creds.secret_file) {
-        (Some(_), Some(_)) => {
-            return Err(ConfigError::new(
-                format!("{key}.secret_file"),
-                "set either secret or secret_file, not both",
-            ))
-        }
-        (Some(secret), None) => secret.clone(),
-        (None, Some(path)) => read_secret_file(&format!("{key}.secret_file"), path)?,
-        (None, None) => {
-            return Err(ConfigError::new(
-                format!("{key}.secret"),
-                format!("is required for appid {appid} (or {key}.secret_file)"),
-            ))
-        }
-    };
-    if secret.expose().is_empty() {
-        return Err(ConfigError::new(
-            format!("{key}.secret"),
-            "must not be empty",
-        ));
-    }
-    Ok(WeChatApp { appid, secret })
-}
-
-/// Reads a secret from a file (trailing newline removed). A relative path is looked
-/// up in systemd's `$CREDENTIALS_DIRECTORY` first, which is where `LoadCredential=` puts it.
-pub fn read_secret_file(key: &str, path: &Path) -> Result<Secret, ConfigError> {
-    let path = resolve_credential_path(path);
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))?;
-    Ok(Secret::new(text.trim_end_matches(['\r', '\n'])))
-}
-
-pub fn resolve_credential_path(path: &Path) -> PathBuf {
-    if path.is_relative() {
-        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-            let candidate = Path::new(&dir).join(path);
-            if candidate.exists() {
-                return candidate;
-            }
-        }
-    }
-    path.to_path_buf()
-}
-
-fn from_figment(err: figment::Error) -> ConfigError {
-    let key = if err.path.is_empty() {
-        "config".to_string()
-    } else {
-        err.path.join(".")
-    };
-    let origin = err
-        .metadata
-        .as_ref()
-        .map(|m| match &m.source {
-            Some(src) => format!(" (from {src})"),
-            None => format!(" (from {})", m.name),
-        })
-        .unwrap_or_default();
-    // Parse errors come with a multi-line source excerpt: keep the first line
-    // (where) and the last (what), so the error stays one line.
-    let kind = err.kind.to_string();
-    let lines: Vec<&str> = kind
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
-    let reason = match lines.as_slice() {
-        [] => String::new(),
-        [one] => one.to_string(),
-        [first, .., last] => format!("{first}: {last}"),
-    };
-    ConfigError::new(key, format!("{reason}{origin}"))
-}
-
-/// Every key that the merged sources set but [`Config`] does not know, as a warning
-/// that names the key and where it came from.
-fn unknown_keys(figment: &Figment) -> Vec<String> {
-    let Ok(value) = figment.extract::<figment::value::Value>() else {
-        return Vec::new();
-    };
-    let mut unknown = Vec::new();
-    let _: Result<Config, _> =
-        serde_ignored::deserialize(&value, |path| unknown.push(path.to_string()));
-    unknown
-        .into_iter()
-        .map(|key| {
-            let origin = figment
-                .find_metadata(&key)
-                .map(|m| match &m.source {
-                    Some(src) => format!("from {src}"),
-                    None => format!("from {}", m.name),
-                })
-                .unwrap_or_else(|| "source unknown".into());
-            let hint = if origin.contains("environment") {
-                format!(
-                    " (variable {ENV_PREFIX}{})",
-                    key.to_uppercase().replace('.', "__")
-                )
-            } else {
-                String::new()
-            };
-            format!("unknown config key `{key}` ignored, {origin}{hint}")
-        })
-        .collect()
-}
-
-/// `"5m"`, `"1d"`, `"30s"`, `"250ms"`, or a bare number of seconds.
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Secs(u64),
-        Text(String),
-    }
-    match Raw::deserialize(d)? {
-        Raw::Secs(s) => Ok(Duration::from_secs(s)),
-        Raw::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
-    }
-}
-
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim())
-        .map_err(|_| format!("{text:?} is not a duration like \"30s\", \"5m\" or \"1d\""))
-}
-
-/// `"64MiB"`, `"512KiB"`, `"1GiB"`, `"10MB"`, or a bare number of bytes.
-fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Bytes(u64),
-        Text(String),
-    }
-    match Raw::deserialize(d)? {
-        Raw::Bytes(b) => Ok(b),
-        Raw::Text(t) => parse_size(&t).map_err(serde::de::Error::custom),
-    }
-}
-
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size like \"64MiB\""))?;
-    let factor: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        "KB" | "kB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        _ => return Err(format!("{text:?} is not a size like \"64MiB\"")),
-    };
-    number
-        .checked_mul(factor)
-        .ok_or_else(|| format!("{text:?} is too large"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_and_sizes_parse() {
-        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
-        assert_eq!(parse_duration("1d").unwrap(), Duration::from_secs(86400));
-        assert!(parse_duration("5 parsecs").is_err());
-        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
-        assert_eq!(parse_size("1000").unwrap(), 1000);
-        assert!(parse_size("12 bananas").is_err());
     }
 }
