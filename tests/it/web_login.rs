@@ -160,8 +160,14 @@ fn scan_and_confirm(backend: &Backend) {
     let listed = listed.json()["sessions"].as_array().unwrap().clone();
     let ids: Vec<&str> = listed.iter().map(|s| s["id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), 2, "{listed:?}");
-    assert!(ids.contains(&web_claims["fam"].as_str().unwrap()), "{listed:?}");
-    assert!(ids.contains(&phone_claims["fam"].as_str().unwrap()), "{listed:?}");
+    assert!(
+        ids.contains(&web_claims["fam"].as_str().unwrap()),
+        "{listed:?}"
+    );
+    assert!(
+        ids.contains(&phone_claims["fam"].as_str().unwrap()),
+        "{listed:?}"
+    );
 
     // Durable before it was handed out: a kill -9 and a restart keep the session.
     let mut server = server;
