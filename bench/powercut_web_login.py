@@ -2,10 +2,12 @@
 """Power-cut rounds for web login's sessions, on the powercut harness.
 
     /tmp/powercut-venv/bin/python bench/powercut_web_login.py ROUNDS --minutes 5 \\
-        --wxauth target/release/wxauth --workdir /tmp/powercut-web-login
+        --powercut ../shared/tools/powercut --wxauth target/release/wxauth \\
+        --workdir /tmp/powercut-web-login
 
-Uses the pieces of /work/shared/tools/powercut (powercutfs through harness.Mount,
-loop.Server and loop.Client) with a load of its own. Each round: client threads
+Uses the pieces of the powercut harness in DIR (--powercut, or $POWERCUT_DIR;
+default ../shared/tools/powercut from the project root): powercutfs through
+harness.Mount, and loop.py's Server and Client, with a load of its own. Each round: client threads
 each log a phone user in (the mock), then, per web login, ask for a ticket,
 scan it, confirm it with the phone's access token, and poll for the web tokens;
 half of the collected web sessions are refreshed once. At a random moment
@@ -40,7 +42,10 @@ import sys
 import threading
 import time
 
-POWERCUT = os.environ.get('POWERCUT_DIR', '/work/shared/tools/powercut')
+_pre = argparse.ArgumentParser(add_help=False)
+_pre.add_argument('--powercut', default=os.environ.get('POWERCUT_DIR') or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'tools', 'powercut'))
+POWERCUT = os.path.abspath(_pre.parse_known_args()[0].powercut)
 sys.path.insert(0, POWERCUT)
 from harness import Mount, is_mounted  # noqa: E402
 import loop  # noqa: E402  (its Server and Client; its main() is not run)
@@ -238,6 +243,8 @@ def write_wrapper(path, binary):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('rounds', type=int)
+    ap.add_argument('--powercut', metavar='DIR', default=POWERCUT,
+                    help='the powercut harness (harness.py, powercutfs.py, loop.py)')
     ap.add_argument('--minutes', type=float, default=None)
     ap.add_argument('--threads', type=int, default=4)
     ap.add_argument('--workdir', default='/tmp/powercut-web-login')
