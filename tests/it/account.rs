@@ -4,39 +4,18 @@
 
 use crate::common;
 
+use common::backend::{on_both, Backend};
 use common::mock_wechat::{phone_for, MockWeChat};
 use common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
-
-/// Where the server keeps its data: every test here runs on each.
-enum Backend {
-    Sled,
-    /// A fresh database on the test cluster.
-    Postgres(String),
-}
 
 /// A mock WeChat and a server on `backend` with `users.deletion_delay = delay`.
 fn start(backend: &Backend, delay: &str) -> (MockWeChat, TestServer) {
     let mock = MockWeChat::start();
     let config =
         TestConfig::against(&mock).with_toml(&format!("\n[users]\ndeletion_delay = {delay:?}\n"));
-    let config = match backend {
-        Backend::Sled => config,
-        Backend::Postgres(url) => config
-            .with_env("WXAUTH_STORAGE__BACKEND", "postgres")
-            .with_env("WXAUTH_STORAGE__POSTGRES_URL", url),
-    };
-    (mock, TestServer::start(config))
-}
-
-/// Runs `test` on sled, then on PostgreSQL (skipped, loudly, where the harness
-/// has no cluster and CI is not set).
-fn on_both(name: &str, test: fn(&Backend)) {
-    test(&Backend::Sled);
-    if let Some(pg) = common::postgres::cluster(name) {
-        test(&Backend::Postgres(pg.create_database()));
-    }
+    (mock, TestServer::start(backend.configure(config)))
 }
 
 /// Any method, with an access token and a JSON body.

@@ -1,6 +1,9 @@
 //! Web login through the real binary: a browser's ticket, the mini-program's scan,
 //! confirm and deny, the long poll, and every refusal (docs/API.md, "Web login").
+//! The tests that reach the storage (the confirm's new family, its refresh and log out,
+//! a disabled user) run on each backend, sled and PostgreSQL.
 
+use crate::common::backend::{on_both, Backend};
 use crate::common::*;
 use base64::Engine;
 use serde_json::{json, Value};
@@ -11,8 +14,13 @@ use std::time::Duration;
 const ENABLED: &str = "\n[web_login]\nenabled = true\npage = \"pages/web-login/index\"\nenv_version = \"trial\"\ncheck_path = false\nwidth = 300\n";
 
 fn start(extra: &str) -> (MockWeChat, TestServer) {
+    start_on(&Backend::Sled, extra)
+}
+
+fn start_on(backend: &Backend, extra: &str) -> (MockWeChat, TestServer) {
     let mock = MockWeChat::start();
-    let server = TestServer::start(TestConfig::against(&mock).with_toml(extra));
+    let config = TestConfig::against(&mock).with_toml(extra);
+    let server = TestServer::start(backend.configure(config));
     (mock, server)
 }
 
@@ -61,7 +69,14 @@ fn access_of(login: &Value) -> String {
 
 #[test]
 fn a_scan_and_a_confirm_log_the_browser_in_as_a_new_session_of_the_same_user() {
-    let (mock, server) = start(ENABLED);
+    on_both(
+        "a_scan_and_a_confirm_log_the_browser_in_as_a_new_session_of_the_same_user",
+        scan_and_confirm,
+    );
+}
+
+fn scan_and_confirm(backend: &Backend) {
+    let (mock, server) = start_on(backend, ENABLED);
     let phone_login = login(&server, "ok:alice");
     let user_id = phone_login["user"]["id"].as_u64().unwrap();
     let access = access_of(&phone_login);
@@ -139,6 +154,20 @@ fn a_scan_and_a_confirm_log_the_browser_in_as_a_new_session_of_the_same_user() {
     assert_ne!(web_claims["fam"], phone_claims["fam"]);
     let sessions = json_lines(&server.cli(&["users", "sessions", &user_id.to_string()]));
     assert_eq!(sessions.len(), 2, "{sessions:?}");
+    // ...among the user's sessions as the phone sees them, beside the phone's own.
+    let listed = get(&server.url("/api/weixin/sessions/"), Some(&bearer(&access)));
+    assert_eq!(listed.status, 200, "{}", listed.text);
+    let listed = listed.json()["sessions"].as_array().unwrap().clone();
+    let ids: Vec<&str> = listed.iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 2, "{listed:?}");
+    assert!(
+        ids.contains(&web_claims["fam"].as_str().unwrap()),
+        "{listed:?}"
+    );
+    assert!(
+        ids.contains(&phone_claims["fam"].as_str().unwrap()),
+        "{listed:?}"
+    );
 
     // Durable before it was handed out: a kill -9 and a restart keep the session.
     let mut server = server;
@@ -173,7 +202,14 @@ fn a_scan_and_a_confirm_log_the_browser_in_as_a_new_session_of_the_same_user() {
 
 #[test]
 fn a_deny_settles_the_ticket_and_every_refusal_is_clear() {
-    let (_mock, server) = start(ENABLED);
+    on_both(
+        "a_deny_settles_the_ticket_and_every_refusal_is_clear",
+        deny_and_refusals,
+    );
+}
+
+fn deny_and_refusals(backend: &Backend) {
+    let (_mock, server) = start_on(backend, ENABLED);
     let alice = access_of(&login(&server, "ok:alice2"));
     let bob = access_of(&login(&server, "ok:bob2"));
     let (ticket, secret, _) = ticket(&server);
@@ -254,7 +290,11 @@ fn a_ticket_expires_after_its_ttl_and_a_long_poll_says_so() {
 
 #[test]
 fn a_disabled_user_cannot_confirm() {
-    let (_mock, server) = start(ENABLED);
+    on_both("a_disabled_user_cannot_confirm", disabled_user);
+}
+
+fn disabled_user(backend: &Backend) {
+    let (_mock, server) = start_on(backend, ENABLED);
     let dave = login(&server, "ok:dave");
     let id = dave["user"]["id"].to_string();
     let (ticket, secret, _) = ticket(&server);
@@ -271,7 +311,14 @@ fn a_disabled_user_cannot_confirm() {
 
 #[test]
 fn open_tickets_are_capped_and_a_restart_forgets_them() {
-    let (_mock, mut server) = start(&format!("{ENABLED}max_tickets = 2\n"));
+    on_both(
+        "open_tickets_are_capped_and_a_restart_forgets_them",
+        capped_and_forgotten,
+    );
+}
+
+fn capped_and_forgotten(backend: &Backend) {
+    let (_mock, mut server) = start_on(backend, &format!("{ENABLED}max_tickets = 2\n"));
     let (first, secret, _) = ticket(&server);
     ticket(&server);
     let full = create(&server);

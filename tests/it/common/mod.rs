@@ -2,6 +2,7 @@
 //! server that answers like WeChat does, and a small HTTP client.
 #![allow(dead_code)]
 
+pub mod backend;
 pub mod mock_wechat;
 pub mod postgres;
 pub mod proxy;
