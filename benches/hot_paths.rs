@@ -145,8 +145,12 @@ fn data_path(c: &mut Criterion) {
     let store: Arc<dyn Store> = fx.store.clone();
     let reads = check::Reads {
         model: Arc::new(
-            SledModel::new(store.clone(), GroupCommit::start(store.clone()), users.clone())
-                .expect("model"),
+            SledModel::new(
+                store.clone(),
+                GroupCommit::start(store.clone()),
+                users.clone(),
+            )
+            .expect("model"),
         ),
         store,
         users: users.clone(),

@@ -22,7 +22,8 @@ pub struct Authenticated(pub Arc<User>);
 
 /// At once when the user is cached (the data path's common case: no allocation, no
 /// wait); else the store's read, awaited.
-type Extracted<T> = Either<Ready<Result<T, ApiError>>, LocalBoxFuture<'static, Result<T, ApiError>>>;
+type Extracted<T> =
+    Either<Ready<Result<T, ApiError>>, LocalBoxFuture<'static, Result<T, ApiError>>>;
 
 impl FromRequest for Authenticated {
     type Error = ApiError;

@@ -193,9 +193,7 @@ pub fn check(
         let (claims, user) = user.await?;
         let refresh = match claims.token_type {
             TokenType::Access => None,
-            TokenType::Refresh => {
-                Some(refresh_standing(&reads, &claims, now_ms, grace_ms).await?)
-            }
+            TokenType::Refresh => Some(refresh_standing(&reads, &claims, now_ms, grace_ms).await?),
         };
         Ok(Accepted {
             claims,
@@ -324,19 +322,21 @@ async fn refresh_standing(
         .family(claims.user_id, id)
         .await?
         .ok_or(Refusal::NotIssued)?;
-    Ok(match model::standing(&family, generation, now_ms, grace_ms) {
-        Standing::Current => RefreshStanding::Current { family },
-        Standing::InGrace => RefreshStanding::InGrace { family },
-        Standing::Reused => {
-            return Err(Refusal::Reused {
-                user_id: claims.user_id,
-                family: id,
+    Ok(
+        match model::standing(&family, generation, now_ms, grace_ms) {
+            Standing::Current => RefreshStanding::Current { family },
+            Standing::InGrace => RefreshStanding::InGrace { family },
+            Standing::Reused => {
+                return Err(Refusal::Reused {
+                    user_id: claims.user_id,
+                    family: id,
+                }
+                .into())
             }
-            .into())
-        }
-        Standing::Revoked => return Err(Refusal::FamilyRevoked.into()),
-        Standing::Ahead => return Err(TokenError::Invalid.into()),
-    })
+            Standing::Revoked => return Err(Refusal::FamilyRevoked.into()),
+            Standing::Ahead => return Err(TokenError::Invalid.into()),
+        },
+    )
 }
 
 /// A token rotated out at `rotated_at_ms` may still be presented at `now_ms` when the

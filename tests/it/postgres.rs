@@ -1016,7 +1016,11 @@ fn reads_waiting_on_the_database_block_neither_the_http_worker_nor_the_issuer() 
         .expect("run psql");
     let mut sql = holder.stdin.take().unwrap();
     use std::io::Write;
-    writeln!(sql, "BEGIN; LOCK TABLE wxauth_users IN ACCESS EXCLUSIVE MODE;").unwrap();
+    writeln!(
+        sql,
+        "BEGIN; LOCK TABLE wxauth_users IN ACCESS EXCLUSIVE MODE;"
+    )
+    .unwrap();
     sql.flush().unwrap();
     wait_for(Duration::from_secs(10), "the lock on wxauth_users", || {
         let held = pg.psql(

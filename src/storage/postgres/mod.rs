@@ -835,8 +835,9 @@ async fn read_family(
     user_id: UserId,
     family: FamilyId,
 ) -> Result<Option<FamilyRecord>, StorageError> {
-    let sql =
-        format!("SELECT {FAMILY_COLUMNS} FROM wxauth_families WHERE user_id = $1 AND family_id = $2");
+    let sql = format!(
+        "SELECT {FAMILY_COLUMNS} FROM wxauth_families WHERE user_id = $1 AND family_id = $2"
+    );
     client
         .query_opt(
             &prepared(client, &sql).await?,
@@ -1018,7 +1019,10 @@ impl AuthStore for PgStore {
             let sql = "UPDATE wxauth_families SET revoked_ms = $2 \
                        WHERE user_id = $1 AND revoked_ms IS NULL";
             let revoked = client
-                .execute(&prepared(&client, sql).await?, &[&(user_id as i64), &now_ms])
+                .execute(
+                    &prepared(&client, sql).await?,
+                    &[&(user_id as i64), &now_ms],
+                )
                 .await
                 .map_err(|e| pg_error("revoke a user's families", e))?;
             Ok(revoked as usize)
