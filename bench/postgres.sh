@@ -44,9 +44,10 @@ as_pg "$PGBIN/pg_ctl" -D "$PGDIR/data" -l "$PGDIR/server.log" -w start \
 stop_pg() { as_pg "$PGBIN/pg_ctl" -D "$PGDIR/data" -m fast -w stop >/dev/null 2>&1 || true; }
 trap 'stop_pg; cleanup' EXIT
 PG_PID=$(head -1 "$PGDIR/data/postmaster.pid")
-pg_ticks() { # the cluster's CPU: the postmaster and every process it started
-    local total=0 pid
-    for pid in "$PG_PID" $(pgrep -P "$PG_PID"); do total=$((total + $(cpu_ticks "$pid"))); done
+pg_ticks() { # the cluster's CPU: the postmaster, every process it runs, and those that ended (pgbench's)
+    local total pid
+    total=$(sed 's/^.*) //' "/proc/$PG_PID/stat" | awk '{print $12 + $13 + $14 + $15}')
+    for pid in $(pgrep -P "$PG_PID"); do total=$((total + $(cpu_ticks "$pid"))); done
     echo "$total"
 }
 psql_() { "$PGBIN/psql" -X -q -h 127.0.0.1 -p "$PGPORT" -U postgres "$@"; }
@@ -62,6 +63,11 @@ statements_per() {
         JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = 'wxauth' \
         AND s.query NOT LIKE '%pg_stat_statements%'")
     STMTS[$1]=$(awk -v c="$calls" -v r="$2" 'BEGIN {printf "%.2f", (r > 0 ? c / r : 0)}')
+    (($2 > 0)) || return 0
+    log "$1: statements per request, by statement:"
+    psql_ -d wxauth -A -t -F ' ' -c "SELECT round(calls::numeric / $2, 2), left(regexp_replace(query, '\s+', ' ', 'g'), 90) \
+        FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = 'wxauth' \
+        AND s.query NOT LIKE '%pg_stat_statements%' ORDER BY calls DESC LIMIT 8" >&2
 }
 PGURL="postgres://postgres@127.0.0.1:$PGPORT/wxauth?sslmode=disable"
 
