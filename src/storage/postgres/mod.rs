@@ -13,7 +13,7 @@
 //! live on one dedicated runtime ([`IoRuntime`], two threads, `wxauth-postgres`);
 //! an operation is spawned there and its caller, on whatever runtime, awaits the
 //! task's handle (the token check's reads included: no HTTP worker blocks on the
-//! database). Every statement of an operation is prepared once per connection
+//! database). Every statement on the request path is prepared once per connection
 //! ([`prepared`]) and then executed in one round trip.
 //!
 //! Bounds. At most `storage.postgres_pool_size` connections; the wait for one, the
