@@ -14,7 +14,7 @@
 //! an operation is spawned there and its caller, on whatever runtime, awaits the
 //! task's handle (the token check's reads included: no HTTP worker blocks on the
 //! database). Every statement on the request path is prepared once per connection
-//! ([`prepared`]) and then executed in one round trip.
+//! (`prepared`) and then executed in one round trip.
 //!
 //! Bounds. At most `storage.postgres_pool_size` connections; the wait for one, the
 //! connect, every statement (`statement_timeout`, set per connection) and the whole
