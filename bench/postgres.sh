@@ -39,18 +39,36 @@ PGPORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)
 as_pg "$PGBIN/initdb" -D "$PGDIR/data" -U postgres --auth=trust >"$WORK/initdb.log" 2>&1 ||
     die "initdb failed: $(tail -3 "$WORK/initdb.log")"
 as_pg "$PGBIN/pg_ctl" -D "$PGDIR/data" -l "$PGDIR/server.log" -w start \
-    -o "-p $PGPORT -k $PGDIR -c listen_addresses=127.0.0.1 -c max_connections=200" >/dev/null ||
+    -o "-p $PGPORT -k $PGDIR -c listen_addresses=127.0.0.1 -c max_connections=200 -c shared_preload_libraries=pg_stat_statements" >/dev/null ||
     die "PostgreSQL did not start: $(tail -3 "$PGDIR/server.log")"
 stop_pg() { as_pg "$PGBIN/pg_ctl" -D "$PGDIR/data" -m fast -w stop >/dev/null 2>&1 || true; }
 trap 'stop_pg; cleanup' EXIT
 PG_PID=$(head -1 "$PGDIR/data/postmaster.pid")
-pg_ticks() { # the cluster's CPU: the postmaster and every process it started
-    local total=0 pid
-    for pid in "$PG_PID" $(pgrep -P "$PG_PID"); do total=$((total + $(cpu_ticks "$pid"))); done
+pg_ticks() { # the cluster's CPU: the postmaster, every process it runs, and those that ended (pgbench's)
+    local total pid
+    total=$(sed 's/^.*) //' "/proc/$PG_PID/stat" | awk '{print $12 + $13 + $14 + $15}')
+    for pid in $(pgrep -P "$PG_PID"); do total=$((total + $(cpu_ticks "$pid"))); done
     echo "$total"
 }
 psql_() { "$PGBIN/psql" -X -q -h 127.0.0.1 -p "$PGPORT" -U postgres "$@"; }
 psql_ -c "CREATE DATABASE wxauth" -c "CREATE DATABASE pgbench"
+psql_ -d wxauth -c "CREATE EXTENSION pg_stat_statements"
+# statements_per NAME: the statements wxauth ran (pg_stat_statements, BEGIN and COMMIT
+# included: each one round trip) per request of scenario NAME, since the last reset.
+declare -A STMTS
+stmts_reset() { psql_ -d wxauth -c "SELECT pg_stat_statements_reset()" >/dev/null; }
+statements_per() {
+    local calls
+    calls=$(psql_ -d wxauth -A -t -c "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements s \
+        JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = 'wxauth' \
+        AND s.query NOT LIKE '%pg_stat_statements%'")
+    STMTS[$1]=$(awk -v c="$calls" -v r="$2" 'BEGIN {printf "%.2f", (r > 0 ? c / r : 0)}')
+    (($2 > 0)) || return 0
+    log "$1: statements per request, by statement:"
+    psql_ -d wxauth -A -t -F ' ' -c "SELECT round(calls::numeric / $2, 2), left(regexp_replace(query, '\s+', ' ', 'g'), 90) \
+        FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = 'wxauth' \
+        AND s.query NOT LIKE '%pg_stat_statements%' ORDER BY calls DESC LIMIT 8" >&2
+}
 PGURL="postgres://postgres@127.0.0.1:$PGPORT/wxauth?sslmode=disable"
 
 post_json() { # PORT PATH JSON
@@ -118,6 +136,7 @@ pair() {
     local s0 p0 s1 p1 ra rb
     s0=$(($(cpu_ticks "$A_PID") + $(cpu_ticks "$B_PID")))
     p0=$(pg_ticks)
+    stmts_reset
     # Each node its own tokens (@FILE@) and its own login codes (@TAG@).
     local args_a=("${@//@FILE@/$WORK/tokens_a.txt}") args_b=("${@//@FILE@/$WORK/tokens_b.txt}")
     args_a=("${args_a[@]//@TAG@/a$RANDOM}")
@@ -132,6 +151,11 @@ pair() {
     wait "$rb" || die "wrk failed for $name (node b): $(tail -3 "$outb")"
     s1=$(($(cpu_ticks "$A_PID") + $(cpu_ticks "$B_PID")))
     p1=$(pg_ticks)
+    local nreq=0 l
+    for l in "$outa" "$outb"; do
+        nreq=$((nreq + $(sed -n 's/^WRK_RESULT .*requests=\([0-9]*\).*/\1/p' "$l")))
+    done
+    statements_per "$name" "$nreq"
     local la lb
     la=$(grep -m1 '^WRK_RESULT ' "$outa") || die "no result for $name (a)"
     lb=$(grep -m1 '^WRK_RESULT ' "$outb") || die "no result for $name (b)"
@@ -174,9 +198,13 @@ stop_pid "$B_PID"
 "$PGBIN/pgbench" -i -q -s 10 -h 127.0.0.1 -p "$PGPORT" -U postgres pgbench >"$WORK/pgbench-init.log" 2>&1 ||
     die "pgbench -i failed: $(tail -3 "$WORK/pgbench-init.log")"
 SECS=${DURATION%s}
+P0=$(pg_ticks)
 "$PGBIN/pgbench" -N -c "$CONNS" -j "$THREADS" -T "$SECS" -h 127.0.0.1 -p "$PGPORT" -U postgres pgbench \
     >"$WORK/pgbench.log" 2>&1 || die "pgbench failed: $(tail -3 "$WORK/pgbench.log")"
+P1=$(pg_ticks)
 PGBENCH_TPS=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$WORK/pgbench.log" | head -1)
+PGBENCH_TX=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$WORK/pgbench.log" | head -1)
+PGBENCH_CPU=$(awk -v a="$P0" -v b="$P1" -v hz="$HZ" -v r="${PGBENCH_TX:-0}" 'BEGIN {printf "%.3f", (r > 0 ? (b - a) / hz / r * 1e6 : 0)}')
 log "pgbench -N: $PGBENCH_TPS tps"
 
 # ---- the table
@@ -184,13 +212,13 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}'; 
 echo
 echo "wxauth $COMMIT, $(date -u +%Y-%m-%d), load at start $LOAD_AT_START; $CONNS connections, $DURATION per scenario"
 echo
-echo "| scenario | req/s | p99 | server CPU/req (µs, wxauth) | PostgreSQL CPU/req (µs) | errors |"
-echo "|---|---:|---:|---:|---:|---:|"
+echo "| scenario | req/s | p99 | server CPU/req (µs, wxauth) | PostgreSQL CPU/req (µs) | statements/req | errors |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
 for name in "${ORDER[@]}"; do
-    printf '| %s | %s | %s | %s | %s | %s |\n' "$name" "${RPS[$name]}" "$(ms "${P99[$name]}")" \
-        "$(us1 "${SUS[$name]}")" "${PGCPU[$name]:-}" "${ERRS[$name]}"
+    printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$name" "${RPS[$name]}" "$(ms "${P99[$name]}")" \
+        "$(us1 "${SUS[$name]}")" "${PGCPU[$name]:-}" "${STMTS[$name]:-}" "${ERRS[$name]}"
 done
-echo "| pgbench -N ($CONNS clients, scale 10) | $PGBENCH_TPS tps | | | | |"
+echo "| pgbench -N ($CONNS clients, scale 10) | $PGBENCH_TPS tps | | | $PGBENCH_CPU | 5 | |"
 echo
 echo "- durable logins/s on two nodes ÷ pgbench -N tps: $(ratio "${RPS["2 nodes: login-new (http)"]}" "$PGBENCH_TPS") (target ≥ 0.5)"
 echo "- data on cached users, two nodes ÷ one sled node: $(ratio "${RPS["2 nodes: data"]}" "${RPS["sled: data"]}") (target ≥ 0.8)"

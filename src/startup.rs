@@ -287,6 +287,11 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         issuer,
         keeper,
         keys: keys.clone(),
+        reads: crate::tokens::check::Reads {
+            model: model.clone(),
+            store: reader.clone(),
+            users: users.clone(),
+        },
         reader,
         users,
         commit: commit.clone(),

@@ -1,7 +1,10 @@
 //! The token issuer: the owner of the family operations (`storage::model`).
-//! Rotation, logout, reuse detection and the purge are asked of the store here, one
-//! message at a time: with sled that serializes them (two racing refreshes of one
-//! token cannot both rotate it); with a database, the conditional write decides.
+//! Rotation, logout, reuse detection and the purge are asked of the store here, on
+//! this actor's one thread: with sled that serializes them (two racing refreshes of
+//! one token cannot both rotate it); with a database, the conditional write decides.
+//! A message's answer is a future: the token check's reads (a user missing from the
+//! cache, a family) are awaited in it, so with PostgreSQL the thread never waits for
+//! the database and goes on with the next message meanwhile.
 //! A login's new family is started by the user registry, in the login itself.
 
 use crate::config::JwtConfig;
@@ -12,7 +15,6 @@ use crate::storage::{ReadStore, StorageError};
 use crate::tokens::check::{self, Accept, CheckError, RefreshStanding, Refusal};
 use crate::tokens::{JwtKeys, TokenError};
 use crate::users::cache::UserCache;
-use crate::users::UserId;
 use actix::prelude::*;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,11 +43,12 @@ pub struct TokenIssuer {
     purge_interval: Duration,
     /// A purge is under way (it spans many actor turns); the next waits for it.
     purging: bool,
-    /// The registry's cache of decoded users, read by the token check (an empty
-    /// one, reading the store every time, until [`with_user_cache`](Self::with_user_cache)).
-    users: Arc<UserCache>,
+    /// The token check's reads: users through the registry's cache (an empty one,
+    /// reading the store every time, until [`with_user_cache`](Self::with_user_cache)),
+    /// families from the store, both awaited in the answer's future.
+    reads: check::Reads,
     /// Refreshes per family (`limits.refresh_per_family_per_minute`).
-    family_limit: Option<KeyedLimiter<FamilyId>>,
+    family_limit: Option<Arc<KeyedLimiter<FamilyId>>>,
 }
 
 /// Why refresh or logout did not succeed: the check's refusal, storage, or (refresh)
@@ -79,11 +82,6 @@ impl From<TokenError> for RefreshError {
 
 type Answer<T> = ResponseFuture<Result<T, RefreshError>>;
 
-fn refused<T: 'static>(e: impl Into<RefreshError>) -> Answer<T> {
-    let e = e.into();
-    Box::pin(async move { Err(e) })
-}
-
 fn secs_rounded_up(d: Duration) -> i64 {
     i64::try_from(d.as_secs())
         .unwrap_or(i64::MAX)
@@ -99,8 +97,8 @@ impl TokenIssuer {
         metrics: Arc<Metrics>,
     ) -> Self {
         TokenIssuer {
-            model,
-            reader,
+            model: model.clone(),
+            reader: reader.clone(),
             keys,
             rotate: cfg.rotate_refresh,
             purge_margin: secs_rounded_up(cfg.leeway)
@@ -108,7 +106,11 @@ impl TokenIssuer {
             metrics,
             purge_interval: cfg.purge_interval,
             purging: false,
-            users: Arc::new(UserCache::new(0)),
+            reads: check::Reads {
+                model: model.clone(),
+                store: reader.clone(),
+                users: Arc::new(UserCache::new(0)),
+            },
             family_limit: None,
         }
     }
@@ -116,123 +118,75 @@ impl TokenIssuer {
     /// At most `per_minute` refreshes per family (0: no limit), counted after the
     /// token check and before anything is written.
     pub fn with_family_limit(mut self, per_minute: u32) -> Self {
-        self.family_limit = (per_minute > 0).then(|| KeyedLimiter::new(per_minute));
+        self.family_limit = (per_minute > 0).then(|| Arc::new(KeyedLimiter::new(per_minute)));
         self
-    }
-
-    fn count_family_refresh(&self, family: FamilyId) -> Result<(), RefreshError> {
-        match &self.family_limit {
-            Some(limit) => Ok(limit.check(family)?),
-            None => Ok(()),
-        }
     }
 
     /// Reads users through `users` (the registry's cache).
     pub fn with_user_cache(mut self, users: Arc<UserCache>) -> Self {
-        self.users = users;
+        self.reads.users = users;
         self
     }
 
-    /// A reuse found: logged, counted, and the family revoked (durably) before the
-    /// refusal is answered.
-    fn reused<T: 'static>(&self, user_id: UserId, family: FamilyId, now_ms: i64) -> Answer<T> {
-        tracing::warn!(
-            user_id,
-            family = %family.to_hex(),
-            "refresh token reused after rotation: revoking its family"
-        );
-        self.metrics.reuse_detected();
-        let revoked = self.model.revoke_family(user_id, family, now_ms);
-        Box::pin(async move {
-            revoked.await?;
-            Err(Refusal::Reused { user_id, family }.into())
-        })
+    /// What an answer's future needs from the issuer.
+    fn parts(&self) -> Parts {
+        Parts {
+            model: self.model.clone(),
+            reader: self.reader.clone(),
+            keys: self.keys.clone(),
+            metrics: self.metrics.clone(),
+            family_limit: self.family_limit.clone(),
+        }
     }
 
-    /// The whole check of a refresh token, its family's standing included (read
-    /// here). A reuse is answered by revoking the family.
-    fn check_standing<T: 'static>(
-        &self,
-        token: &str,
-        now_ms: i64,
-    ) -> Result<check::Accepted, Answer<T>> {
-        check::check(
-            &self.keys,
-            self.reader.as_ref(),
-            &self.users,
-            token,
-            Accept::Refresh,
-            now_ms,
-        )
-        .map_err(|e| match e {
-            CheckError::Refused(Refusal::Reused { user_id, family }) => {
-                self.reused(user_id, family, now_ms)
-            }
-            e => refused(e),
-        })
-    }
-
-    /// Refresh: the token and its user are checked here (steps 1 to 9 of the
-    /// check); the family's step is the store's compare-and-swap. A retry inside the
-    /// grace gets a pair for the family's current generation and writes nothing.
+    /// Refresh: the token and its user are checked (steps 1 to 9 of the check; the
+    /// user read from the store on a cache miss, awaited); the family's step is the
+    /// store's compare-and-swap. A retry inside the grace gets a pair for the
+    /// family's current generation and writes nothing. Everything after the token's
+    /// own checks runs in the answer's future, on this actor's thread: the store's
+    /// operations are still called one at a time (sled decides each synchronously
+    /// when it is called).
     fn refresh(&mut self, token: &str) -> Answer<Refreshed> {
         let now_ms = crate::clock::now_ms();
         let now = now_ms.div_euclid(1000);
+        let parts = self.parts();
         if !self.rotate {
-            // No rotation: the token must count as it is (its family read here).
-            let accepted = match self.check_standing(token, now_ms) {
-                Ok(accepted) => accepted,
-                Err(answer) => return answer,
-            };
-            let counted = check::refresh_family(self.reader.as_ref(), &accepted.claims)
-                .map_err(RefreshError::from)
-                .and_then(|(family, _)| self.count_family_refresh(family));
-            if let Err(e) = counted {
-                return refused(e);
-            }
-            let (claims, stamp) = (accepted.claims, accepted.user.token_stamp);
-            let family = claims.fam.as_deref().and_then(FamilyId::from_hex);
-            let access = self
-                .keys
-                .sign_access(claims.user_id, stamp, family, now)
-                .token;
-            self.metrics.tokens_issued(1, 0);
+            // No rotation: the token must count as it is (its family read too).
+            let checked = check::check(&self.keys, &self.reads, token, Accept::Refresh, now_ms);
             return Box::pin(async move {
+                let accepted = match checked.await {
+                    Ok(accepted) => accepted,
+                    Err(e) => return Err(parts.refused(e, now_ms).await),
+                };
+                let (family, _) = check::refresh_family(parts.reader.as_ref(), &accepted.claims)?;
+                parts.count_family_refresh(family)?;
+                let (claims, stamp) = (accepted.claims, accepted.user.token_stamp);
+                let family = claims.fam.as_deref().and_then(FamilyId::from_hex);
+                let access = parts
+                    .keys
+                    .sign_access(claims.user_id, stamp, family, now)
+                    .token;
+                parts.metrics.tokens_issued(1, 0);
                 Ok(Refreshed {
                     access,
                     refresh: None,
                 })
             });
         }
-        let (claims, user) = match check::check_user(
-            &self.keys,
-            self.reader.as_ref(),
-            &self.users,
-            token,
-            Accept::Refresh,
-            now_ms,
-        ) {
-            Ok(checked) => checked,
-            Err(e) => return refused(e),
-        };
-        let (family, presented) = match check::refresh_family(self.reader.as_ref(), &claims) {
-            Ok(found) => found,
-            Err(e) => return refused(e),
-        };
-        if let Err(e) = self.count_family_refresh(family) {
-            return refused(e);
-        }
-        let (user_id, stamp) = (claims.user_id, user.token_stamp);
-        let rotation = self.model.rotate(RotateRequest {
-            user_id,
-            family,
-            presented,
-            now_ms,
-            grace_ms: self.keys.reuse_grace_ms,
-            exp: now.saturating_add(self.keys.refresh_ttl),
-        });
-        let (keys, metrics) = (self.keys.clone(), self.metrics.clone());
+        let checked = check::check_user(&self.keys, &self.reads, token, Accept::Refresh, now_ms);
         Box::pin(async move {
+            let (claims, user) = checked.await?;
+            let (family, presented) = check::refresh_family(parts.reader.as_ref(), &claims)?;
+            parts.count_family_refresh(family)?;
+            let (user_id, stamp) = (claims.user_id, user.token_stamp);
+            let rotation = parts.model.rotate(RotateRequest {
+                user_id,
+                family,
+                presented,
+                now_ms,
+                grace_ms: parts.keys.reuse_grace_ms,
+                exp: now.saturating_add(parts.keys.refresh_ttl),
+            });
             let generation = match rotation.await? {
                 RotateOutcome::Rotated { generation } | RotateOutcome::Retry { generation } => {
                     generation
@@ -243,18 +197,22 @@ impl TokenIssuer {
                         family = %family.to_hex(),
                         "refresh token reused after rotation: revoked its family"
                     );
-                    metrics.reuse_detected();
+                    parts.metrics.reuse_detected();
                     return Err(Refusal::Reused { user_id, family }.into());
                 }
                 RotateOutcome::Revoked => return Err(Refusal::FamilyRevoked.into()),
                 RotateOutcome::Missing => return Err(Refusal::NotIssued.into()),
                 RotateOutcome::Ahead => return Err(TokenError::Invalid.into()),
             };
-            let access = keys.sign_access(user_id, stamp, Some(family), now).token;
-            let refresh = keys
+            let access = parts
+                .keys
+                .sign_access(user_id, stamp, Some(family), now)
+                .token;
+            let refresh = parts
+                .keys
                 .sign_refresh(user_id, stamp, family, generation, now)
                 .token;
-            metrics.tokens_issued(1, 1);
+            parts.metrics.tokens_issued(1, 1);
             Ok(Refreshed {
                 access,
                 refresh: Some(refresh),
@@ -267,16 +225,21 @@ impl TokenIssuer {
     /// 401). A token the check refuses otherwise changes nothing.
     fn blacklist(&mut self, token: &str) -> Answer<()> {
         let now_ms = crate::clock::now_ms();
-        let accepted = match self.check_standing(token, now_ms) {
-            Ok(accepted) => accepted,
-            Err(answer) => return answer,
-        };
-        let (RefreshStanding::Current { family } | RefreshStanding::InGrace { family }) = accepted
-            .refresh
-            .expect("the check reads the standing of every refresh token");
-        let revoked = self.model.revoke_family(family.user_id, family.id, now_ms);
+        let checked = check::check(&self.keys, &self.reads, token, Accept::Refresh, now_ms);
+        let parts = self.parts();
         Box::pin(async move {
-            revoked.await?;
+            let accepted = match checked.await {
+                Ok(accepted) => accepted,
+                Err(e) => return Err(parts.refused(e, now_ms).await),
+            };
+            let (RefreshStanding::Current { family } | RefreshStanding::InGrace { family }) =
+                accepted
+                    .refresh
+                    .expect("the check reads the standing of every refresh token");
+            parts
+                .model
+                .revoke_family(family.user_id, family.id, now_ms)
+                .await?;
             Ok(())
         })
     }
@@ -318,6 +281,43 @@ impl TokenIssuer {
                 }
             }
         }));
+    }
+}
+
+/// The shared handles an answer's future holds.
+struct Parts {
+    model: Arc<dyn AuthStore>,
+    reader: Arc<dyn ReadStore>,
+    keys: Arc<JwtKeys>,
+    metrics: Arc<Metrics>,
+    family_limit: Option<Arc<KeyedLimiter<FamilyId>>>,
+}
+
+impl Parts {
+    /// Refreshes per family, counted after the token check and before any write.
+    fn count_family_refresh(&self, family: FamilyId) -> Result<(), RefreshError> {
+        match &self.family_limit {
+            Some(limit) => Ok(limit.check(family)?),
+            None => Ok(()),
+        }
+    }
+
+    /// The check's refusal as the answer; a reuse it found is logged, counted, and
+    /// its family revoked (durably) before the refusal is answered.
+    async fn refused(&self, e: CheckError, now_ms: i64) -> RefreshError {
+        let CheckError::Refused(Refusal::Reused { user_id, family }) = e else {
+            return e.into();
+        };
+        tracing::warn!(
+            user_id,
+            family = %family.to_hex(),
+            "refresh token reused after rotation: revoking its family"
+        );
+        self.metrics.reuse_detected();
+        if let Err(e) = self.model.revoke_family(user_id, family, now_ms).await {
+            return e.into();
+        }
+        Refusal::Reused { user_id, family }.into()
     }
 }
 

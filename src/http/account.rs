@@ -10,7 +10,6 @@ use crate::actors::wechat::Code2Session;
 use crate::clock::rfc3339;
 use crate::http::error::{ApiError, AuthError};
 use crate::storage::model::{Deletion, FamilyId, ProfileChange};
-use crate::storage::sled_model::user_families;
 use crate::users::export::{export, session_view};
 use actix_web::{web, HttpResponse};
 use serde_json::json;
@@ -25,7 +24,7 @@ pub async fn sessions(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let now = crate::clock::now_unix();
-    let mut families = user_families(state.reader.as_ref(), session.user.id)?;
+    let mut families = state.reads.model.families(session.user.id).await?;
     families.retain(|family| family.is_live(session.user.token_stamp, now));
     families.sort_by_key(|family| family.created_ms);
     let sessions: Vec<_> = families
@@ -74,7 +73,7 @@ pub async fn export_user(
     Authenticated(user): Authenticated,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let families = user_families(state.reader.as_ref(), user.id)?;
+    let families = state.reads.model.families(user.id).await?;
     Ok(HttpResponse::Ok().json(export(&user, &families, crate::clock::now_unix())))
 }
 

@@ -2,7 +2,8 @@
 //!
 //! It asks the one token check ([`crate::tokens::check`]) with the shared, immutable
 //! keys, the shared read handle and the registry's cache of decoded users: no actor,
-//! no queue, and (once the user is cached) no storage read.
+//! no queue, and (once the user is cached) no storage read; on a miss the worker
+//! awaits the store's read instead of blocking on it.
 //! Its refusals match simplejwt 5.5's `JWTAuthentication` for the same input.
 
 use super::AppState;
@@ -12,18 +13,24 @@ use crate::tokens::TokenError;
 use crate::users::User;
 use actix_web::dev::Payload;
 use actix_web::{http::header, web, FromRequest, HttpRequest};
+use futures_util::future::{Either, LocalBoxFuture};
 use std::future::{ready, Ready};
 use std::sync::Arc;
 
 /// The user of a valid access token, enabled and existing.
 pub struct Authenticated(pub Arc<User>);
 
+/// At once when the user is cached (the data path's common case: no allocation, no
+/// wait); else the store's read, awaited.
+type Extracted<T> =
+    Either<Ready<Result<T, ApiError>>, LocalBoxFuture<'static, Result<T, ApiError>>>;
+
 impl FromRequest for Authenticated {
     type Error = ApiError;
-    type Future = Ready<Result<Self, ApiError>>;
+    type Future = Extracted<Self>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        ready(authenticate(req))
+        accept(req, |accepted| Authenticated(accepted.user))
     }
 }
 
@@ -36,40 +43,51 @@ pub struct AuthenticatedSession {
 
 impl FromRequest for AuthenticatedSession {
     type Error = ApiError;
-    type Future = Ready<Result<Self, ApiError>>;
+    type Future = Extracted<Self>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        ready(accept(req).map(|accepted| {
-            AuthenticatedSession {
-                family: accepted
-                    .claims
-                    .fam
-                    .as_deref()
-                    .and_then(crate::storage::model::FamilyId::from_hex),
-                user: accepted.user,
-            }
-        }))
+        accept(req, |accepted| AuthenticatedSession {
+            family: accepted
+                .claims
+                .fam
+                .as_deref()
+                .and_then(crate::storage::model::FamilyId::from_hex),
+            user: accepted.user,
+        })
     }
 }
 
-fn authenticate(req: &HttpRequest) -> Result<Authenticated, ApiError> {
-    accept(req).map(|accepted| Authenticated(accepted.user))
+fn accept<T: 'static>(
+    req: &HttpRequest,
+    shape: impl FnOnce(check::Accepted) -> T + 'static,
+) -> Extracted<T> {
+    let checked = match start_check(req) {
+        Ok(checked) => checked,
+        Err(e) => return Either::Left(ready(Err(e))),
+    };
+    match checked.now() {
+        Ok(answer) => Either::Left(ready(answered(answer).map(shape))),
+        Err(later) => Either::Right(Box::pin(async move { answered(later.await).map(shape) })),
+    }
 }
 
-fn accept(req: &HttpRequest) -> Result<check::Accepted, ApiError> {
+fn start_check(req: &HttpRequest) -> Result<check::Checked<check::Accepted>, ApiError> {
     let state = req
         .app_data::<web::Data<AppState>>()
         .ok_or_else(|| ApiError::Internal("AppState is not registered".into()))?;
     single_authorization(req)?;
     let token = bearer_token(req)?;
-    match check::check(
+    Ok(check::check(
         &state.keys,
-        state.reader.as_ref(),
-        &state.users,
+        &state.reads,
         token,
         Accept::Access,
         crate::clock::now_ms(),
-    ) {
+    ))
+}
+
+fn answered(answer: Result<check::Accepted, CheckError>) -> Result<check::Accepted, ApiError> {
+    match answer {
         Ok(accepted) => Ok(accepted),
         Err(CheckError::Refused(refusal)) => Err(AuthError::from(refusal).into()),
         Err(CheckError::Storage(e)) => Err(e.into()),

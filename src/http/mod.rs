@@ -63,6 +63,9 @@ pub struct AppState {
     pub reader: Arc<dyn ReadStore>,
     /// The user registry's cache of decoded users, for the token check.
     pub users: Arc<crate::users::cache::UserCache>,
+    /// The token check's reads (the users cache, the store's user and family reads,
+    /// awaited, never blocking a worker).
+    pub reads: crate::tokens::check::Reads,
     pub commit: GroupCommit,
     /// Configured appids; the first is the default.
     pub apps: Vec<String>,

@@ -44,12 +44,13 @@ pub async fn verify(state: web::Data<AppState>, fields: Fields) -> Result<HttpRe
     let token = fields.required_str("token")?;
     let accepted = match check::check(
         &state.keys,
-        state.reader.as_ref(),
-        &state.users,
+        &state.reads,
         token,
         Accept::AnyType,
         crate::clock::now_ms(),
-    ) {
+    )
+    .await
+    {
         Ok(accepted) => accepted,
         Err(CheckError::Refused(refusal)) => return Err(ApiError::from_verify_refusal(refusal)),
         Err(CheckError::Storage(e)) => return Err(e.into()),

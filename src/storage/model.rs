@@ -26,9 +26,12 @@
 //!
 //! The sled implementation does its read-check-write **eagerly**, synchronously,
 //! before it returns the future, and is correct only when its callers are
-//! serialized: each operation has ONE owner actor that calls it inside its turn and
-//! hands the future back as its `ResponseFuture` (user operations: `UserRegistry`;
-//! family operations: `TokenIssuer`). A backend that decides in the database (SQL)
+//! serialized: each operation has ONE owner actor that calls it on the actor's own
+//! (single) thread, in its turn or in an answer's future running there (the issuer
+//! awaits the token check's reads first), and hands the future back as its
+//! `ResponseFuture` (user operations: `UserRegistry`; family operations:
+//! `TokenIssuer`). One thread runs one synchronous call at a time, so no two of
+//! them interleave. A backend that decides in the database (SQL)
 //! must not rely on that serialization: the same actors call it, but any number of
 //! processes may run the same operations at once.
 //!

@@ -24,18 +24,23 @@
 //!
 //! Steps 1 to 7 need no storage (the token is parsed once, in `verified_claims`);
 //! 8 and 9 read the user from the registry's users cache, the store only on a miss
-//! (all the data path does); only refresh tokens read their family.
+//! (all the data path does); only refresh tokens read their family. The reads are
+//! futures ([`Reads`]): the check answers at once when it read nothing, and is
+//! awaited otherwise, never blocking its thread on the database.
 
 use super::{Claims, JwtKeys, TokenError, TokenType};
-use crate::storage::model::{self, FamilyId, FamilyRecord, Generation, Standing};
+use crate::storage::model::{self, AuthStore, FamilyId, FamilyRecord, Generation, Standing};
 use crate::storage::{ReadStore, StorageError};
-use crate::users::cache::UserCache;
+use crate::users::cache::{Fetch, UserCache};
 use crate::users::{User, UserId};
 use jsonwebtoken::Algorithm;
 use serde::de::{IgnoredAny, Visitor};
 use serde::{Deserialize, Deserializer};
 use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 /// Which tokens an endpoint takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,26 +116,92 @@ impl From<TokenError> for CheckError {
     }
 }
 
+/// What the check reads, and from where. A user comes from the users cache, or on a
+/// miss from the store's [`AuthStore::user`]; a refresh token's family from the
+/// store's [`AuthStore::family`]. Both are futures the caller awaits: with
+/// PostgreSQL they run on the store's own runtime, so no HTTP worker and no actor
+/// thread waits for the database; with sled they are ready at once. Only a refresh
+/// token from before families (claims without `fam`/`gen`) reads its legacy record
+/// through `store`, synchronously.
+#[derive(Clone)]
+pub struct Reads {
+    pub model: Arc<dyn AuthStore>,
+    pub store: Arc<dyn ReadStore>,
+    pub users: Arc<UserCache>,
+}
+
+/// The check's answer: at once when nothing had to be read (a refusal from the
+/// token alone, or an access token whose user is cached), else a future. Await it
+/// either way; [`Checked::now`] takes an answer that needed no read.
+pub enum Checked<T> {
+    Now(Option<Result<T, CheckError>>),
+    Later(Pin<Box<dyn Future<Output = Result<T, CheckError>> + Send>>),
+}
+
+impl<T> Checked<T> {
+    fn ready(result: Result<T, CheckError>) -> Self {
+        Checked::Now(Some(result))
+    }
+
+    fn later(work: impl Future<Output = Result<T, CheckError>> + Send + 'static) -> Self {
+        Checked::Later(Box::pin(work))
+    }
+
+    /// The answer, when it needed no read; `Err(self)` when it must be awaited.
+    pub fn now(self) -> Result<Result<T, CheckError>, Self> {
+        match self {
+            Checked::Now(Some(result)) => Ok(result),
+            other => Err(other),
+        }
+    }
+}
+
+impl<T: Unpin> Future for Checked<T> {
+    type Output = Result<T, CheckError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Checked::Now(result) => Poll::Ready(result.take().expect("polled after it was ready")),
+            Checked::Later(work) => work.as_mut().poll(cx),
+        }
+    }
+}
+
 /// Is `token` acceptable now (`now_ms`, unix milliseconds) to an endpoint that takes
-/// `accept`, and if not, why not. Reads the user through `users` (the store on a
-/// miss), and a refresh token's family through `store`; writes nothing.
+/// `accept`, and if not, why not. Reads the user through the cache (the store on a
+/// miss), and a refresh token's family from the store; writes nothing.
 pub fn check(
     keys: &JwtKeys,
-    store: &dyn ReadStore,
-    users: &UserCache,
+    reads: &Reads,
     token: &str,
     accept: Accept,
     now_ms: i64,
-) -> Result<Accepted, CheckError> {
-    let (claims, user) = check_user(keys, store, users, token, accept, now_ms)?;
-    let refresh = match claims.token_type {
-        TokenType::Access => None,
-        TokenType::Refresh => Some(refresh_standing(keys, store, &claims, now_ms)?),
+) -> Checked<Accepted> {
+    let grace_ms = keys.reuse_grace_ms;
+    let user = match check_user(keys, reads, token, accept, now_ms).now() {
+        Ok(Err(e)) => return Checked::ready(Err(e)),
+        Ok(Ok((claims, user))) if claims.token_type == TokenType::Access => {
+            return Checked::ready(Ok(Accepted {
+                claims,
+                user,
+                refresh: None,
+            }))
+        }
+        Ok(Ok(checked)) => Checked::ready(Ok(checked)),
+        Err(later) => later,
     };
-    Ok(Accepted {
-        claims,
-        user,
-        refresh,
+    let reads = reads.clone();
+    Checked::later(async move {
+        let (claims, user) = user.await?;
+        let refresh = match claims.token_type {
+            TokenType::Access => None,
+            TokenType::Refresh => Some(refresh_standing(&reads, &claims, now_ms, grace_ms).await?),
+        };
+        Ok(Accepted {
+            claims,
+            user,
+            refresh,
+        })
     })
 }
 
@@ -139,16 +210,27 @@ pub fn check(
 /// (`storage::model::AuthStore::rotate`).
 pub fn check_user(
     keys: &JwtKeys,
-    store: &dyn ReadStore,
-    users: &UserCache,
+    reads: &Reads,
     token: &str,
     accept: Accept,
     now_ms: i64,
-) -> Result<(Claims, Arc<User>), CheckError> {
-    let claims = token_claims(keys, token, accept, now_ms)?;
-    let user = users
-        .load(store, claims.user_id)?
-        .ok_or(Refusal::UserNotFound)?;
+) -> Checked<(Claims, Arc<User>)> {
+    let claims = match token_claims(keys, token, accept, now_ms) {
+        Ok(claims) => claims,
+        Err(e) => return Checked::ready(Err(e.into())),
+    };
+    match reads.users.fetch(reads.model.as_ref(), claims.user_id) {
+        Fetch::Hit(user) => Checked::ready(user_counts(&claims, &user).map(|()| (claims, user))),
+        Fetch::Read(read) => Checked::later(async move {
+            let user = read.await?.ok_or(Refusal::UserNotFound)?;
+            user_counts(&claims, &user)?;
+            Ok((claims, user))
+        }),
+    }
+}
+
+/// Steps 8 and 9 on the user as read.
+fn user_counts(claims: &Claims, user: &User) -> Result<(), CheckError> {
     // An erased account is no account: its record only keeps the id taken.
     if user.erased_at.is_some() {
         return Err(Refusal::UserNotFound.into());
@@ -161,7 +243,7 @@ pub fn check_user(
     if claims.stamp != user.token_stamp || claims.iat < user.tokens_not_before {
         return Err(Refusal::Revoked.into());
     }
-    Ok((claims, user))
+    Ok(())
 }
 
 /// The family and generation a refresh token carries: its claims `fam` and `gen`,
@@ -230,17 +312,20 @@ pub fn token_claims(
 }
 
 /// Step 10, for a refresh token whose claims and user passed.
-fn refresh_standing(
-    keys: &JwtKeys,
-    store: &dyn ReadStore,
+async fn refresh_standing(
+    reads: &Reads,
     claims: &Claims,
     now_ms: i64,
+    grace_ms: i64,
 ) -> Result<RefreshStanding, CheckError> {
-    let (id, generation) = refresh_family(store, claims)?;
-    let family = crate::storage::sled_model::load_family(store, claims.user_id, id)?
+    let (id, generation) = refresh_family(reads.store.as_ref(), claims)?;
+    let family = reads
+        .model
+        .family(claims.user_id, id)
+        .await?
         .ok_or(Refusal::NotIssued)?;
     Ok(
-        match model::standing(&family, generation, now_ms, keys.reuse_grace_ms) {
+        match model::standing(&family, generation, now_ms, grace_ms) {
             Standing::Current => RefreshStanding::Current { family },
             Standing::InGrace => RefreshStanding::InGrace { family },
             Standing::Reused => {

@@ -18,6 +18,7 @@
 //! arbitrary entry (the first in the map's randomly seeded order) when full.
 
 use super::{User, UserId};
+use crate::storage::model::{AuthStore, StoreFuture};
 use crate::storage::{ReadStore, StorageError};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -165,6 +166,36 @@ impl UserCache {
         let user = Arc::new(user);
         self.fill(ticket, &user);
         Ok(Some(user))
+    }
+}
+
+/// What [`UserCache::fetch`] found: the cached user, or the store's read under way.
+pub enum Fetch {
+    Hit(Arc<User>),
+    /// Resolves to the user as the store has it (`None`: no such user), offered to
+    /// the cache under the rule of [`fill`](UserCache::fill).
+    Read(StoreFuture<Option<Arc<User>>>),
+}
+
+impl UserCache {
+    /// The request path's form of [`load`](Self::load): a hit at once, or on a miss
+    /// the store's [`AuthStore::user`] as a future (PostgreSQL: run on the store's
+    /// runtime; the caller awaits it instead of blocking its thread).
+    pub fn fetch(self: &Arc<Self>, model: &dyn AuthStore, id: UserId) -> Fetch {
+        let ticket = match self.lookup(id) {
+            Lookup::Hit(user) => return Fetch::Hit(user),
+            Lookup::Miss(ticket) => ticket,
+        };
+        let read = model.user(id);
+        let cache = self.clone();
+        Fetch::Read(Box::pin(async move {
+            let Some(user) = read.await? else {
+                return Ok(None);
+            };
+            let user = Arc::new(user);
+            cache.fill(ticket, &user);
+            Ok(Some(user))
+        }))
     }
 }
 

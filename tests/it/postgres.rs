@@ -971,3 +971,109 @@ fn a_started_family_records_the_users_stamp_and_a_refused_user_gets_none() {
         StartFamilyResult::Disabled
     ));
 }
+
+/// The reads a token check makes on PostgreSQL (a user missing from the users cache,
+/// a refresh token's user) are awaited, not waited for: with one HTTP worker, while
+/// a data request's user read and a refresh's user read both wait for a lock in the
+/// database, the worker still answers `/healthz` and the issuer still ends another
+/// user's sessions; the two waiting requests are answered once the lock is gone.
+#[test]
+fn reads_waiting_on_the_database_block_neither_the_http_worker_nor_the_issuer() {
+    let Some(pg) =
+        cluster("reads_waiting_on_the_database_block_neither_the_http_worker_nor_the_issuer")
+    else {
+        return;
+    };
+    let url = pg.create_database();
+    let db = PgCluster::database_of(&url).to_string();
+    let mock = MockWeChat::start();
+    let node = TestServer::start(
+        TestConfig::against(&mock)
+            .with_env("WXAUTH_STORAGE__BACKEND", "postgres")
+            .with_env("WXAUTH_STORAGE__POSTGRES_URL", &url)
+            .with_env("WXAUTH_STORAGE__POSTGRES_STATEMENT_TIMEOUT", "30s")
+            .with_env("WXAUTH_STORAGE__POSTGRES_POOL_SIZE", "32")
+            .with_env("WXAUTH_SERVER__WORKERS", "1"),
+    );
+    // A login leaves its user out of the node's cache (the next read fetches it);
+    // a data request puts it in.
+    let cached = crate::common::login(&node, "ok:yara");
+    let cached_access = bearer(cached["access"].as_str().unwrap());
+    assert_eq!(
+        get(&node.url("/api/weixin/data/"), Some(&cached_access)).status,
+        200
+    );
+    let reader = crate::common::login(&node, "ok:zoe");
+    let refresher = crate::common::login(&node, "ok:xena");
+
+    // Hold the users table: every read of it waits.
+    let mut holder = std::process::Command::new(pg.program("psql"))
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &url])
+        .env("PGSSLMODE", "disable")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("run psql");
+    let mut sql = holder.stdin.take().unwrap();
+    use std::io::Write;
+    writeln!(
+        sql,
+        "BEGIN; LOCK TABLE wxauth_users IN ACCESS EXCLUSIVE MODE;"
+    )
+    .unwrap();
+    sql.flush().unwrap();
+    wait_for(Duration::from_secs(10), "the lock on wxauth_users", || {
+        let held = pg.psql(
+            &db,
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+             WHERE c.relname = 'wxauth_users' AND l.mode = 'AccessExclusiveLock' AND l.granted",
+        );
+        (held == "1").then_some(())
+    });
+    let waiting_user_reads = || {
+        pg.psql(
+            &db,
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND query LIKE 'SELECT % FROM wxauth_users WHERE id = $1'",
+        )
+    };
+
+    std::thread::scope(|s| {
+        let data = s.spawn(|| {
+            get(
+                &node.url("/api/weixin/data/"),
+                Some(&bearer(reader["access"].as_str().unwrap())),
+            )
+        });
+        let refreshed = s.spawn(|| {
+            post_json(
+                &node.url("/api/token/refresh/"),
+                &json!({ "refresh": refresher["refresh"] }),
+            )
+        });
+        wait_for(Duration::from_secs(10), "both user reads to wait", || {
+            (waiting_user_reads() == "2").then_some(())
+        });
+        assert_eq!(get(&node.url("/healthz"), None).status, 200);
+        let ended = crate::common::collect(
+            crate::common::agent()
+                .post(node.url("/api/weixin/sessions/logout-all/"))
+                .header("Authorization", &cached_access)
+                .send(""),
+        );
+        assert_eq!(ended.status, 200, "{}", ended.text);
+        assert_eq!(
+            waiting_user_reads(),
+            "2",
+            "both reads were still waiting while the worker and the issuer answered"
+        );
+
+        writeln!(sql, "ROLLBACK;").unwrap();
+        drop(sql);
+        let data = data.join().unwrap();
+        assert_eq!(data.status, 200, "{}", data.text);
+        let refreshed = refreshed.join().unwrap();
+        assert_eq!(refreshed.status, 200, "{}", refreshed.text);
+    });
+    holder.wait().unwrap();
+}

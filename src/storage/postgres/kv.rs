@@ -1,16 +1,18 @@
 //! The key-value view of the schema: [`ReadStore`] and [`Store`] for [`PgStore`],
 //! with the embedded store's keys and values (`users.rs`, `storage/sled_model.rs`).
 //!
-//! It serves what speaks trees rather than operations: the token check's reads on
-//! a users-cache miss, the admin commands' reads, the readiness probe, the access
-//! token keeper's record, and backup and restore, which therefore move data between
+//! It serves what speaks trees rather than operations: the admin commands' reads,
+//! the readiness probe, the access token keeper's record, the metrics' gauges, and
+//! backup and restore, which therefore move data between
 //! the two backends unchanged (a backup is the same file whichever wrote it).
 //! Writes through [`Store::apply`] are blind puts: they are for restore, the probe and
 //! the keeper's own record, never for a rule that several nodes race on (those are
 //! the [`AuthStore`](crate::storage::model::AuthStore) operations).
 //!
-//! Reads block the calling thread on the store's runtime (the token check on a
-//! cache miss, the issuer's read of a family, the admin thread): one round trip.
+//! Reads block the calling thread on the store's runtime for one round trip, so
+//! nothing on an HTTP worker reads through here: the token check awaits the
+//! operations' reads ([`AuthStore::user`](crate::storage::model::AuthStore::user),
+//! [`AuthStore::family`](crate::storage::model::AuthStore::family)) instead.
 
 use super::{family_from_row, pg_error, user_from_row, PgStore, FAMILY_COLUMNS, USER_COLUMNS};
 use crate::storage::model::{family_key, split_family_key};

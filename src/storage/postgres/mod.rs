@@ -12,7 +12,9 @@
 //! with it and could not be used from another. So the pool and every connection
 //! live on one dedicated runtime ([`IoRuntime`], two threads, `wxauth-postgres`);
 //! an operation is spawned there and its caller, on whatever runtime, awaits the
-//! task's handle.
+//! task's handle (the token check's reads included: no HTTP worker blocks on the
+//! database). Every statement on the request path is prepared once per connection
+//! (`prepared`) and then executed in one round trip.
 //!
 //! Bounds. At most `storage.postgres_pool_size` connections; the wait for one, the
 //! connect, every statement (`statement_timeout`, set per connection) and the whole
@@ -37,11 +39,13 @@ use crate::storage::model::{
 use crate::storage::{StorageError, Tree};
 use crate::users::cache::UserCache;
 use crate::users::{PhoneNumber, User, UserId};
-use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{
+    GenericClient, Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod,
+};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio_postgres::Row;
+use tokio_postgres::{Row, Statement};
 
 /// The channel on which a node announces that a user record changed (payload: the
 /// user id), so that every node drops it from its users cache.
@@ -53,6 +57,20 @@ pub(crate) fn pg_error(
     e: impl std::error::Error + Send + Sync + 'static,
 ) -> StorageError {
     StorageError::io(context, e)
+}
+
+/// The connection's prepared statement for `sql`: parsed and planned by the server
+/// once per connection (its first use), then only bound and executed, one round trip
+/// each time. deadpool keeps the cache per connection; every statement on the
+/// request path goes through here.
+pub(crate) async fn prepared<C: GenericClient>(
+    client: &C,
+    sql: &str,
+) -> Result<Statement, StorageError> {
+    client
+        .prepare_cached(sql)
+        .await
+        .map_err(|e| pg_error("cannot prepare a statement", e))
 }
 
 /// The runtime that owns the pool's connections (see the module docs).
@@ -313,7 +331,7 @@ impl PgStore {
         self.run("probe", |shared| async move {
             let client = shared.client().await?;
             client
-                .execute("SELECT 1", &[])
+                .execute(&prepared(&client, "SELECT 1").await?, &[])
                 .await
                 .map_err(|e| pg_error("PostgreSQL did not answer the probe", e))?;
             Ok(())
@@ -466,51 +484,67 @@ async fn login_once(
     let tx = client.transaction().await.map_err(e("begin"))?;
 
     let by_unionid: Option<i64> = match unionid {
-        Some(unionid) => tx
-            .query_opt(
-                "SELECT user_id FROM wxauth_user_unionids WHERE unionid = $1",
-                &[&unionid],
-            )
-            .await
-            .map_err(e("find by unionid"))?
-            .map(|row| row.get(0)),
+        Some(unionid) => {
+            let sql = "SELECT user_id FROM wxauth_user_unionids WHERE unionid = $1";
+            tx.query_opt(&prepared(&tx, sql).await?, &[&unionid])
+                .await
+                .map_err(e("find by unionid"))?
+                .map(|row| row.get(0))
+        }
         None => None,
     };
+    let sql = "SELECT user_id FROM wxauth_user_openids WHERE appid = $1 AND openid = $2";
     let by_openid: Option<i64> = tx
-        .query_opt(
-            "SELECT user_id FROM wxauth_user_openids WHERE appid = $1 AND openid = $2",
-            &[&appid, &openid],
-        )
+        .query_opt(&prepared(&tx, sql).await?, &[&appid, &openid])
         .await
         .map_err(e("find by openid"))?
         .map(|row| row.get(0));
+    let family_id = request.family.0.as_slice();
 
     let mut deletion_cancelled = false;
     let (user, created) = match by_unionid.or(by_openid) {
         Some(id) => {
             // Enabled users only: a disable committed before this statement wins. A
             // deletion mark is cleared (the login cancels it); `was_due` says whether
-            // there was one, read under the row's lock.
+            // there was one, read under the row's lock. The family is inserted by the
+            // same statement, from the updated row (so with its token stamp), and
+            // other nodes are told (on commit) that the user changed: its session key
+            // did. Nothing at all when the update matched no row.
+            let sql = format!(
+                "WITH u AS (\
+                   UPDATE wxauth_users SET last_login_at = $2, session_key = $3, \
+                   unionid = coalesce(unionid, $4), deletion_due = NULL \
+                   FROM (SELECT id AS old_id, deletion_due AS was_due FROM wxauth_users \
+                         WHERE id = $1 FOR UPDATE) old \
+                   WHERE id = old.old_id AND NOT disabled \
+                   RETURNING {USER_COLUMNS}, old.was_due), \
+                 family AS (\
+                   INSERT INTO wxauth_families \
+                   (user_id, family_id, generation, created_ms, rotated_ms, exp, stamp) \
+                   SELECT id, $5::bytea, 1, $6::bigint, $6::bigint, $7::bigint, token_stamp \
+                   FROM u) \
+                 SELECT u.*, pg_notify($8::text, u.id::text) FROM u"
+            );
             let updated = tx
                 .query_opt(
-                    &format!(
-                        "UPDATE wxauth_users SET last_login_at = $2, session_key = $3, \
-                         unionid = coalesce(unionid, $4), deletion_due = NULL \
-                         FROM (SELECT id AS old_id, deletion_due AS was_due FROM wxauth_users \
-                               WHERE id = $1 FOR UPDATE) old \
-                         WHERE id = old.old_id AND NOT disabled \
-                         RETURNING {USER_COLUMNS}, old.was_due"
-                    ),
-                    &[&id, &now, &session.session_key.expose(), &session.unionid],
+                    &prepared(&tx, &sql).await?,
+                    &[
+                        &id,
+                        &now,
+                        &session.session_key.expose(),
+                        &session.unionid,
+                        &family_id,
+                        &request.now_ms,
+                        &request.family_exp,
+                        &USERS_CHANNEL,
+                    ],
                 )
                 .await
                 .map_err(e("update the user"))?;
             let Some(row) = updated else {
+                let sql = "SELECT erased_at IS NOT NULL FROM wxauth_users WHERE id = $1";
                 let disabled = tx
-                    .query_opt(
-                        "SELECT erased_at IS NOT NULL FROM wxauth_users WHERE id = $1",
-                        &[&id],
-                    )
+                    .query_opt(&prepared(&tx, sql).await?, &[&id])
                     .await
                     .map_err(e("read the user"))?;
                 return match disabled {
@@ -528,69 +562,73 @@ async fn login_once(
                 };
             };
             if by_openid != Some(id) {
-                tx.execute(
-                    "INSERT INTO wxauth_user_openids (appid, openid, user_id) VALUES ($1, $2, $3) \
-                     ON CONFLICT (appid, openid) DO UPDATE SET user_id = EXCLUDED.user_id",
-                    &[&appid, &openid, &id],
-                )
-                .await
-                .map_err(e("index the openid"))?;
+                let sql = "INSERT INTO wxauth_user_openids (appid, openid, user_id) \
+                           VALUES ($1, $2, $3) \
+                           ON CONFLICT (appid, openid) DO UPDATE SET user_id = EXCLUDED.user_id";
+                tx.execute(&prepared(&tx, sql).await?, &[&appid, &openid, &id])
+                    .await
+                    .map_err(e("index the openid"))?;
             }
             if let (Some(unionid), None) = (unionid, by_unionid) {
-                tx.execute(
-                    "INSERT INTO wxauth_user_unionids (unionid, user_id) VALUES ($1, $2) \
-                     ON CONFLICT (unionid) DO NOTHING",
-                    &[&unionid, &id],
-                )
-                .await
-                .map_err(e("index the unionid"))?;
+                let sql = "INSERT INTO wxauth_user_unionids (unionid, user_id) VALUES ($1, $2) \
+                           ON CONFLICT (unionid) DO NOTHING";
+                tx.execute(&prepared(&tx, sql).await?, &[&unionid, &id])
+                    .await
+                    .map_err(e("index the unionid"))?;
             }
             deletion_cancelled = row.get::<_, Option<i64>>("was_due").is_some();
             (user_from_row(&row)?, false)
         }
         None => {
+            // The user row, the claim of its (appid, openid) key and the family, one
+            // statement. The unique key decides who created the user: a concurrent
+            // login of the same openid on any node waits here for the other
+            // transaction, and claims nothing (and starts no family) if that one
+            // committed; `claimed` then says to roll back and start over.
+            let sql = format!(
+                "WITH u AS (\
+                   INSERT INTO wxauth_users \
+                   (id, appid, openid, unionid, session_key, created_at, last_login_at) \
+                   VALUES (nextval('wxauth_user_ids'), $1, $2, $3, $4, $5, $5) \
+                   RETURNING {USER_COLUMNS}), \
+                 claim AS (\
+                   INSERT INTO wxauth_user_openids (appid, openid, user_id) \
+                   SELECT appid, openid, id FROM u \
+                   ON CONFLICT (appid, openid) DO NOTHING RETURNING user_id), \
+                 family AS (\
+                   INSERT INTO wxauth_families \
+                   (user_id, family_id, generation, created_ms, rotated_ms, exp, stamp) \
+                   SELECT u.id, $6::bytea, 1, $7::bigint, $7::bigint, $8::bigint, u.token_stamp \
+                   FROM u JOIN claim ON claim.user_id = u.id) \
+                 SELECT u.*, EXISTS (SELECT 1 FROM claim) AS claimed FROM u"
+            );
             let row = tx
                 .query_one(
-                    &format!(
-                        "INSERT INTO wxauth_users \
-                         (id, appid, openid, unionid, session_key, created_at, last_login_at) \
-                         VALUES (nextval('wxauth_user_ids'), $1, $2, $3, $4, $5, $5) \
-                         RETURNING {USER_COLUMNS}"
-                    ),
+                    &prepared(&tx, &sql).await?,
                     &[
                         &appid,
                         &openid,
                         &session.unionid,
                         &session.session_key.expose(),
                         &now,
+                        &family_id,
+                        &request.now_ms,
+                        &request.family_exp,
                     ],
                 )
                 .await
                 .map_err(e("create the user"))?;
-            let user = user_from_row(&row)?;
-            let id = user.id as i64;
-            // The unique keys decide who created the user: a concurrent login of the
-            // same openid (or unionid) on any node waits here for the other
-            // transaction, and inserts nothing if that one committed.
-            let claimed = tx
-                .execute(
-                    "INSERT INTO wxauth_user_openids (appid, openid, user_id) VALUES ($1, $2, $3) \
-                     ON CONFLICT (appid, openid) DO NOTHING",
-                    &[&appid, &openid, &id],
-                )
-                .await
-                .map_err(e("claim the openid"))?;
-            if claimed == 0 {
+            if !row.get::<_, bool>("claimed") {
                 tx.rollback().await.map_err(e("roll back"))?;
                 return Ok(None);
             }
+            let user = user_from_row(&row)?;
+            let id = user.id as i64;
             if let Some(unionid) = unionid {
+                let sql = "INSERT INTO wxauth_user_unionids (unionid, user_id) VALUES ($1, $2) \
+                           ON CONFLICT (unionid) DO NOTHING";
                 let claimed = tx
-                    .execute(
-                        "INSERT INTO wxauth_user_unionids (unionid, user_id) VALUES ($1, $2) \
-                         ON CONFLICT (unionid) DO NOTHING",
-                        &[&unionid, &id],
-                    )
+                    .execute(&prepared(&tx, sql).await?, &[&unionid, &id])
                     .await
                     .map_err(e("claim the unionid"))?;
                 if claimed == 0 {
@@ -611,24 +649,6 @@ async fn login_once(
         revoked_ms: None,
         stamp: user.token_stamp,
     };
-    tx.execute(
-        "INSERT INTO wxauth_families \
-         (user_id, family_id, generation, created_ms, rotated_ms, exp, stamp) \
-         VALUES ($1, $2, 1, $3, $3, $4, $5)",
-        &[
-            &(user.id as i64),
-            &family.id.0.as_slice(),
-            &request.now_ms,
-            &request.family_exp,
-            &(user.token_stamp as i64),
-        ],
-    )
-    .await
-    .map_err(e("start the family"))?;
-    if !created {
-        // Other nodes may cache the user: its session key changed.
-        notify_user(&tx, user.id).await?;
-    }
     tx.commit().await.map_err(e("commit"))?;
     Ok(Some(LoginResult::LoggedIn {
         deletion_cancelled,
@@ -692,9 +712,10 @@ async fn notify_user(
     client: &deadpool_postgres::Transaction<'_>,
     id: UserId,
 ) -> Result<(), StorageError> {
+    let sql = "SELECT pg_notify($1, $2)";
     client
         .execute(
-            "SELECT pg_notify($1, $2)",
+            &prepared(client, sql).await?,
             &[&USERS_CHANNEL, &id.to_string()],
         )
         .await
@@ -720,7 +741,7 @@ async fn update_user(
     let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&id_param];
     params.extend_from_slice(values);
     let row = tx
-        .query_opt(&sql, &params)
+        .query_opt(&prepared(&tx, &sql).await?, &params)
         .await
         .map_err(|e| pg_error("update a user", e))?;
     let Some(row) = row else {
@@ -814,12 +835,12 @@ async fn read_family(
     user_id: UserId,
     family: FamilyId,
 ) -> Result<Option<FamilyRecord>, StorageError> {
+    let sql = format!(
+        "SELECT {FAMILY_COLUMNS} FROM wxauth_families WHERE user_id = $1 AND family_id = $2"
+    );
     client
         .query_opt(
-            &format!(
-                "SELECT {FAMILY_COLUMNS} FROM wxauth_families \
-                 WHERE user_id = $1 AND family_id = $2"
-            ),
+            &prepared(client, &sql).await?,
             &[&(user_id as i64), &family.0.as_slice()],
         )
         .await
@@ -828,6 +849,10 @@ async fn read_family(
         .map(family_from_row)
         .transpose()
 }
+
+/// A logout, or a reuse's revocation: once, whatever the family's generation is now.
+const REVOKE_FAMILY: &str = "UPDATE wxauth_families SET revoked_ms = $3 \
+                             WHERE user_id = $1 AND family_id = $2 AND revoked_ms IS NULL";
 
 /// How many times a rotation re-reads a family that changed under it between its
 /// compare-and-swap and its read (each time another rotation won).
@@ -840,13 +865,14 @@ async fn rotate(shared: Arc<Shared>, r: RotateRequest) -> Result<RotateOutcome, 
         // The compare-and-swap: only the current generation of a live family moves
         // on, and of any number of concurrent rotations of it (on any node) exactly
         // one matches; the others see the new generation.
+        let sql = "UPDATE wxauth_families \
+                   SET generation = generation + 1, rotated_ms = $4, exp = greatest(exp, $5) \
+                   WHERE user_id = $1 AND family_id = $2 AND generation = $3 \
+                   AND revoked_ms IS NULL \
+                   RETURNING generation";
         let rotated = client
             .query_opt(
-                "UPDATE wxauth_families \
-                 SET generation = generation + 1, rotated_ms = $4, exp = greatest(exp, $5) \
-                 WHERE user_id = $1 AND family_id = $2 AND generation = $3 \
-                 AND revoked_ms IS NULL \
-                 RETURNING generation",
+                &prepared(&client, sql).await?,
                 &[&user_id, &family, &(r.presented as i64), &r.now_ms, &r.exp],
             )
             .await
@@ -873,8 +899,7 @@ async fn rotate(shared: Arc<Shared>, r: RotateRequest) -> Result<RotateOutcome, 
                 // the family is now is right (and idempotent across nodes).
                 client
                     .execute(
-                        "UPDATE wxauth_families SET revoked_ms = $3 \
-                         WHERE user_id = $1 AND family_id = $2 AND revoked_ms IS NULL",
+                        &prepared(&client, REVOKE_FAMILY).await?,
                         &[&user_id, &family, &r.now_ms],
                     )
                     .await
@@ -905,11 +930,9 @@ impl AuthStore for PgStore {
     fn user(&self, id: UserId) -> StoreFuture<Option<User>> {
         self.run("read a user", move |shared| async move {
             let client = shared.client().await?;
+            let sql = format!("SELECT {USER_COLUMNS} FROM wxauth_users WHERE id = $1");
             client
-                .query_opt(
-                    &format!("SELECT {USER_COLUMNS} FROM wxauth_users WHERE id = $1"),
-                    &[&(id as i64)],
-                )
+                .query_opt(&prepared(&client, &sql).await?, &[&(id as i64)])
                 .await
                 .map_err(|e| pg_error("read a user", e))?
                 .as_ref()
@@ -993,10 +1016,11 @@ impl AuthStore for PgStore {
     fn revoke_families(&self, user_id: UserId, now_ms: i64) -> StoreFuture<usize> {
         self.run("revoke a user's families", move |shared| async move {
             let client = shared.client().await?;
+            let sql = "UPDATE wxauth_families SET revoked_ms = $2 \
+                       WHERE user_id = $1 AND revoked_ms IS NULL";
             let revoked = client
                 .execute(
-                    "UPDATE wxauth_families SET revoked_ms = $2 \
-                     WHERE user_id = $1 AND revoked_ms IS NULL",
+                    &prepared(&client, sql).await?,
                     &[&(user_id as i64), &now_ms],
                 )
                 .await
@@ -1014,8 +1038,7 @@ impl AuthStore for PgStore {
             let client = shared.client().await?;
             let revoked = client
                 .execute(
-                    "UPDATE wxauth_families SET revoked_ms = $3 \
-                     WHERE user_id = $1 AND family_id = $2 AND revoked_ms IS NULL",
+                    &prepared(&client, REVOKE_FAMILY).await?,
                     &[&(user_id as i64), &family.0.as_slice(), &now_ms],
                 )
                 .await
@@ -1034,14 +1057,12 @@ impl AuthStore for PgStore {
     fn families(&self, user_id: UserId) -> StoreFuture<Vec<FamilyRecord>> {
         self.run("read a user's families", move |shared| async move {
             let client = shared.client().await?;
+            let sql = format!(
+                "SELECT {FAMILY_COLUMNS} FROM wxauth_families \
+                 WHERE user_id = $1 ORDER BY family_id"
+            );
             client
-                .query(
-                    &format!(
-                        "SELECT {FAMILY_COLUMNS} FROM wxauth_families \
-                         WHERE user_id = $1 ORDER BY family_id"
-                    ),
-                    &[&(user_id as i64)],
-                )
+                .query(&prepared(&client, &sql).await?, &[&(user_id as i64)])
                 .await
                 .map_err(|e| pg_error("read a user's families", e))?
                 .iter()
