@@ -20,6 +20,7 @@ mod http;
 mod https_front;
 mod keeper;
 mod keys;
+mod layers;
 mod limits;
 mod login;
 mod miniprogram_npm;
