@@ -17,7 +17,9 @@ pub mod upgrade;
 /// For tests, benches and examples that fill a directory by hand; the binary and
 /// the CLI open storage only through [`open`].
 pub use self::sled::SledStore;
-pub use self::sled_model::{encode_family, load_family, user_families, SledModel};
+pub use self::sled_model::{
+    deletion_mark, encode_family, is_deletion_mark, load_family, user_families, SledModel,
+};
 
 use crate::config::StorageConfig;
 

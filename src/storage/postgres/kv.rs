@@ -270,6 +270,10 @@ async fn apply_op<C: GenericClient>(client: &C, op: &Op) -> Result<(), StorageEr
                     .map_err(e(*tree))?;
             }
         }
+        // The deletion mark is the user row's `deletion_due` here (a restore from
+        // the embedded store carries it in both).
+        Op::Put(Tree::Meta, key, _) | Op::Delete(Tree::Meta, key)
+            if crate::storage::is_deletion_mark(key) => {}
         Op::Put(tree, key, value) => put(client, *tree, key, value).await?,
         Op::Delete(tree, key) => {
             client
