@@ -782,12 +782,6 @@ impl Config {
                     "must be an http:// or https:// URL",
                 ));
             }
-            if self.storage.backend == StorageBackend::Postgres {
-                return Err(ConfigError::new(
-                    "events.webhook_url",
-                    "events are not available with storage.backend = \"postgres\" yet",
-                ));
-            }
         }
         if self.events.timeout < Duration::from_millis(100)
             || self.events.timeout > Duration::from_secs(60)

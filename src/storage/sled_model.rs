@@ -319,12 +319,7 @@ impl SledModel {
                 &mut batch,
                 user.id,
                 crate::events::EventType::Created,
-                serde_json::json!({
-                    "appid": user.appid,
-                    "openid": user.openid,
-                    "unionid": user.unionid,
-                    "created_at": users::rfc3339(user.created_at),
-                }),
+                crate::events::created_data(&user),
             );
         if evented {
             // The event and the user as one atomic batch: never one without the other.
@@ -509,7 +504,7 @@ impl SledModel {
                 &mut batch,
                 id,
                 crate::events::EventType::DeletionScheduled,
-                serde_json::json!({ "deletion_scheduled_at": users::rfc3339(due) }),
+                crate::events::deletion_scheduled_data(due),
             );
             // One atomic batch: the mark, the record and the event together.
             self.apply_with_event(batch, evented)?;
@@ -683,11 +678,7 @@ impl AuthStore for SledModel {
 
     fn set_phone(&self, id: UserId, phone: PhoneNumber) -> StoreFuture<Option<User>> {
         self.update_durably(id, |user| {
-            let data = serde_json::json!({
-                "phone_number": phone.phone_number,
-                "pure_phone_number": phone.pure_phone_number,
-                "country_code": phone.country_code,
-            });
+            let data = crate::events::phone_data(&phone);
             user.phone = Some(Box::new(phone));
             Some((crate::events::EventType::Updated, data))
         })
@@ -698,13 +689,11 @@ impl AuthStore for SledModel {
             return ready(Ok(None));
         }
         self.update_durably(id, |user| {
-            let mut data = serde_json::json!({});
+            let data = crate::events::profile_data(&change);
             if let Some(nickname) = change.nickname {
-                data["nickname"] = serde_json::json!(nickname);
                 user.nickname = Some(nickname);
             }
             if let Some(avatar_url) = change.avatar_url {
-                data["avatar_url"] = serde_json::json!(avatar_url);
                 user.avatar_url = Some(avatar_url);
             }
             Some((crate::events::EventType::Updated, data))
