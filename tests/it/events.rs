@@ -39,6 +39,8 @@ impl Delivery {
 /// (then the port refuses connections).
 struct Receiver {
     stop: Arc<AtomicBool>,
+    /// How long it takes before it answers (ms): a slow receiver.
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -47,14 +49,17 @@ impl Receiver {
         let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind the receiver");
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let thread = {
             let stop = stop.clone();
+            let delay_ms = delay_ms.clone();
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((stream, _)) => {
                             stream.set_nonblocking(false).unwrap();
-                            if let Some(delivery) = serve(stream) {
+                            let delay = Duration::from_millis(delay_ms.load(Ordering::Relaxed));
+                            if let Some(delivery) = serve(stream, delay) {
                                 got.lock().unwrap().push(delivery);
                             }
                         }
@@ -65,8 +70,15 @@ impl Receiver {
         };
         Receiver {
             stop,
+            delay_ms,
             thread: Some(thread),
         }
+    }
+
+    /// From now on, each answer comes `delay` after the request was read.
+    fn slow_down(&self, delay: Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
     }
 }
 
@@ -79,7 +91,7 @@ impl Drop for Receiver {
     }
 }
 
-fn serve(stream: std::net::TcpStream) -> Option<Delivery> {
+fn serve(stream: std::net::TcpStream, delay: Duration) -> Option<Delivery> {
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .ok()?;
@@ -103,6 +115,7 @@ fn serve(stream: std::net::TcpStream) -> Option<Delivery> {
         .and_then(|(_, v)| v.parse().ok())?;
     let mut body = vec![0; length];
     reader.read_exact(&mut body).ok()?;
+    std::thread::sleep(delay);
     let mut stream = stream;
     stream
         .write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
@@ -548,8 +561,10 @@ fn two_nodes_deliver_every_event_once_in_order_per_user_across_a_kill_9_of_one()
             .then_some(())
     });
 
-    // Round 1, receiver up, both nodes running: 8 more profile changes (logins of
-    // known users make no event).
+    // Round 1, receiver up but slow (each delivery takes 300 ms, so the other
+    // node polls while one delivers), both nodes running: 8 more profile changes
+    // (logins of known users make no event).
+    receiver.slow_down(Duration::from_millis(300));
     nodes[0].restart();
     let before = got.lock().unwrap().len();
     change_on_both(&nodes, 1);
