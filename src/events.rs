@@ -447,8 +447,12 @@ pub trait SharedOutbox: Send + Sync {
     fn delivered(&self, seq: u64) -> Result<(), StorageError>;
     /// The attempt failed: `event` (attempts, next attempt, given up) replaces the
     /// stored one and the claim ends, if `holder` still holds it.
-    fn attempt_failed(&self, seq: u64, holder: &str, event: &StoredEvent)
-        -> Result<(), StorageError>;
+    fn attempt_failed(
+        &self,
+        seq: u64,
+        holder: &str,
+        event: &StoredEvent,
+    ) -> Result<(), StorageError>;
     /// Pending events not given up (the metric).
     fn pending_count(&self) -> Result<u64, StorageError>;
 }

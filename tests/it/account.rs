@@ -444,15 +444,21 @@ fn an_erasure_removes_the_openid_keys_of_every_linked_app(backend: &Backend) {
 
     let backup = server.dir.path().join("after-erasure.jsonl");
     let out = server.cli(&["backup", backup.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let erased = hex::encode(id.to_be_bytes());
     let left: Vec<Value> = std::fs::read_to_string(&backup)
         .unwrap()
         .lines()
         .map(|line| serde_json::from_str::<Value>(line).unwrap())
         .filter(|entry| {
-            matches!(entry["tree"].as_str(), Some("users_by_openid" | "users_by_unionid"))
-                && entry["value_hex"] == erased.as_str()
+            matches!(
+                entry["tree"].as_str(),
+                Some("users_by_openid" | "users_by_unionid")
+            ) && entry["value_hex"] == erased.as_str()
         })
         .collect();
     assert_eq!(left, Vec::<Value>::new(), "keys naming the erased user");

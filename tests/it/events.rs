@@ -283,8 +283,8 @@ print(json.dumps({"verified": verified, "tampered_refused": refused}))
 }
 
 #[test]
-fn every_delivery_verifies_with_standardwebhooks_and_a_tampered_body_does_not_on_sled_and_postgres(
-) {
+fn every_delivery_verifies_with_standardwebhooks_and_a_tampered_body_does_not_on_sled_and_postgres()
+{
     on_both(
         "every_delivery_verifies_with_standardwebhooks_and_a_tampered_body_does_not",
         every_delivery_verifies_with_standardwebhooks_and_a_tampered_body_does_not,

@@ -1008,7 +1008,11 @@ fn a_deletion_mark_survives_backup_and_restore_from_sled_to_postgres_and_back() 
         ("WXAUTH_STORAGE__BACKEND", "postgres"),
         ("WXAUTH_STORAGE__POSTGRES_URL", url.as_str()),
     ];
-    cli_with(&sled.config, &to_pg, &["restore", from_sled.to_str().unwrap()]);
+    cli_with(
+        &sled.config,
+        &to_pg,
+        &["restore", from_sled.to_str().unwrap()],
+    );
     let shown = cli_with(&sled.config, &to_pg, &["users", "show", &id.to_string()]);
     let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
     assert!(shown["deletion_scheduled_at"].is_string(), "{shown}");
@@ -1029,9 +1033,11 @@ fn a_deletion_mark_survives_backup_and_restore_from_sled_to_postgres_and_back() 
     let show = |id: u64| -> Value {
         crate::common::json_lines(&sled.cli(&["users", "show", &id.to_string()])).remove(0)
     };
-    wait_for(Duration::from_secs(60), "the sweep to erase the marked user", || {
-        show(id)["erased_at"].as_str().map(str::to_string)
-    });
+    wait_for(
+        Duration::from_secs(60),
+        "the sweep to erase the marked user",
+        || show(id)["erased_at"].as_str().map(str::to_string),
+    );
     assert!(show(id)["openid"].is_null());
     assert_eq!(show(kept)["openid"], "o-pat", "only the marked user");
 

@@ -617,7 +617,14 @@ async fn login_once(
                 }
             }
             let data = crate::events::created_data(&user);
-            outbox::add(shared, &tx, user.id, crate::events::EventType::Created, data).await?;
+            outbox::add(
+                shared,
+                &tx,
+                user.id,
+                crate::events::EventType::Created,
+                data,
+            )
+            .await?;
             (user, true)
         }
     };

@@ -155,10 +155,12 @@ impl SharedOutbox for PgStore {
     }
 
     fn delivered(&self, seq: u64) -> Result<(), StorageError> {
-        self.wait(self.run("delete a delivered event", move |shared| async move {
-            let client = shared.client().await?;
-            delete(&client, seq as i64).await
-        }))
+        self.wait(
+            self.run("delete a delivered event", move |shared| async move {
+                let client = shared.client().await?;
+                delete(&client, seq as i64).await
+            }),
+        )
     }
 
     fn attempt_failed(
@@ -170,19 +172,21 @@ impl SharedOutbox for PgStore {
         let holder = holder.to_string();
         let record = String::from_utf8(event.encode()).expect("JSON is UTF-8");
         let (failed, next) = (event.failed, event.next_attempt_ms);
-        self.wait(self.run("record a failed attempt", move |shared| async move {
-            let client = shared.client().await?;
-            client
-                .execute(
-                    "UPDATE wxauth_outbox SET record = $3, failed = $4, next_attempt_ms = $5, \
+        self.wait(
+            self.run("record a failed attempt", move |shared| async move {
+                let client = shared.client().await?;
+                client
+                    .execute(
+                        "UPDATE wxauth_outbox SET record = $3, failed = $4, next_attempt_ms = $5, \
                      lease_until_ms = 0, lease_holder = NULL \
                      WHERE seq = $1 AND lease_holder = $2",
-                    &[&(seq as i64), &holder, &record, &failed, &next],
-                )
-                .await
-                .map_err(|e| pg_error("record a failed attempt", e))?;
-            Ok(())
-        }))
+                        &[&(seq as i64), &holder, &record, &failed, &next],
+                    )
+                    .await
+                    .map_err(|e| pg_error("record a failed attempt", e))?;
+                Ok(())
+            }),
+        )
     }
 
     fn pending_count(&self) -> Result<u64, StorageError> {
