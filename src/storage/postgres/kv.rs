@@ -448,25 +448,15 @@ async fn page<C: GenericClient>(
                 })
                 .collect()
         }
-        Tree::Meta => {
-            // The kept records and the outbox's events, in one key order.
+        Tree::Meta | Tree::RefreshTokens | Tree::TokenFamilies => {
+            // `meta` shows the outbox's events too, in one key order.
+            let events = match tree {
+                Tree::Meta => super::outbox::AS_META,
+                _ => "",
+            };
             let sql = format!(
                 "SELECT key, value FROM (SELECT key, value FROM wxauth_kv WHERE tree = $1 \
-                 UNION ALL {}) AS entries WHERE key {cmp} $2 ORDER BY key LIMIT $3",
-                super::outbox::AS_META
-            );
-            client
-                .query(&sql, &[&tree.name(), &bound, &PAGE])
-                .await
-                .map_err(e)?
-                .iter()
-                .map(|row| (row.get(0), row.get(1)))
-                .collect()
-        }
-        Tree::RefreshTokens | Tree::TokenFamilies => {
-            let sql = format!(
-                "SELECT key, value FROM wxauth_kv WHERE tree = $1 AND key {cmp} $2 \
-                 ORDER BY key LIMIT $3"
+                 {events}) AS entries WHERE key {cmp} $2 ORDER BY key LIMIT $3"
             );
             client
                 .query(&sql, &[&tree.name(), &bound, &PAGE])

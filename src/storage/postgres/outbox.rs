@@ -108,11 +108,10 @@ pub(super) async fn delete<C: GenericClient>(client: &C, seq: i64) -> Result<(),
     Ok(())
 }
 
-/// The `SELECT` of the key-value view's `meta` entries from the outbox, as
-/// `(key, value)`: appended to the `wxauth_kv` rows of a scan of `meta`.
-pub(super) const AS_META: &str =
-    "SELECT '\\x6f7574626f7800'::bytea || int8send(seq), convert_to(record, 'UTF8') \
-     FROM wxauth_outbox";
+/// The key-value view's `meta` entries from the outbox, as `(key, value)`, joined
+/// to the `wxauth_kv` rows of a scan of `meta`.
+pub(super) const AS_META: &str = "UNION ALL SELECT '\\x6f7574626f7800'::bytea || int8send(seq), \
+     convert_to(record, 'UTF8') FROM wxauth_outbox";
 
 impl SharedOutbox for PgStore {
     /// One statement: the candidates are locked `FOR UPDATE SKIP LOCKED` (another
