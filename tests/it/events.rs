@@ -41,6 +41,8 @@ struct Receiver {
     stop: Arc<AtomicBool>,
     /// How long it takes before it answers (ms): a slow receiver.
     delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// The first attempt of each event whose body holds this text is answered 503.
+    refuse_first: Arc<Mutex<Option<String>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -50,16 +52,25 @@ impl Receiver {
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let refuse_first = Arc::new(Mutex::new(None::<String>));
         let thread = {
             let stop = stop.clone();
             let delay_ms = delay_ms.clone();
+            let refuse_first = refuse_first.clone();
+            let mut refused = std::collections::HashSet::new();
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((stream, _)) => {
                             stream.set_nonblocking(false).unwrap();
                             let delay = Duration::from_millis(delay_ms.load(Ordering::Relaxed));
-                            if let Some(delivery) = serve(stream, delay) {
+                            let refuse = |d: &Delivery| {
+                                let text = refuse_first.lock().unwrap().clone();
+                                text.is_some_and(|t| d.body.contains(&t))
+                                    && refused
+                                        .insert(d.header("webhook-id").unwrap_or("").to_string())
+                            };
+                            if let Some(delivery) = serve(stream, delay, refuse) {
                                 got.lock().unwrap().push(delivery);
                             }
                         }
@@ -71,8 +82,15 @@ impl Receiver {
         Receiver {
             stop,
             delay_ms,
+            refuse_first,
             thread: Some(thread),
         }
+    }
+
+    /// From now on, the first attempt of each event whose body holds `text` gets
+    /// a 503 (and is not counted as delivered).
+    fn refuse_first_attempt_of(&self, text: &str) {
+        *self.refuse_first.lock().unwrap() = Some(text.to_string());
     }
 
     /// From now on, each answer comes `delay` after the request was read.
@@ -91,7 +109,11 @@ impl Drop for Receiver {
     }
 }
 
-fn serve(stream: std::net::TcpStream, delay: Duration) -> Option<Delivery> {
+fn serve(
+    stream: std::net::TcpStream,
+    delay: Duration,
+    mut refuse: impl FnMut(&Delivery) -> bool,
+) -> Option<Delivery> {
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .ok()?;
@@ -116,14 +138,21 @@ fn serve(stream: std::net::TcpStream, delay: Duration) -> Option<Delivery> {
     let mut body = vec![0; length];
     reader.read_exact(&mut body).ok()?;
     std::thread::sleep(delay);
+    let delivery = Delivery {
+        headers,
+        body: String::from_utf8(body).ok()?,
+    };
     let mut stream = stream;
+    if refuse(&delivery) {
+        stream
+            .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            .ok()?;
+        return None;
+    }
     stream
         .write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
         .ok()?;
-    Some(Delivery {
-        headers,
-        body: String::from_utf8(body).ok()?,
-    })
+    Some(delivery)
 }
 
 fn free_port() -> u16 {
@@ -535,17 +564,32 @@ fn two_nodes_deliver_every_event_once_in_order_per_user_across_a_kill_9_of_one()
             }
         }
     };
-    // Round 0, receiver down: 4 users created, 8 profile changes.
+    // Round 0, the receiver a black hole (it accepts and never answers, so each
+    // attempt holds its claim until events.timeout): 4 users created, 8 profile
+    // changes.
+    let black_hole = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    black_hole.set_nonblocking(true).unwrap();
     change_on_both(&nodes, 0);
-    // Let both nodes try (and fail) a few times, then kill one mid-way.
-    wait_for(Duration::from_secs(30), "failed attempts", || {
-        let pending = json_lines(&nodes[1].cli(&["events", "list"]));
-        pending
-            .iter()
-            .any(|e| e["attempts"].as_u64() > Some(0))
-            .then_some(())
+    // Once each node holds an event mid-attempt, one of them is killed: its event
+    // waits for the claim to run out, then the other node sends it.
+    let Backend::Postgres(url) = &backend else {
+        unreachable!()
+    };
+    let db = common::postgres::PgCluster::database_of(url);
+    let mut held = Vec::new();
+    wait_for(Duration::from_secs(30), "both nodes mid-attempt", || {
+        while let Ok((stream, _)) = black_hole.accept() {
+            held.push(stream);
+        }
+        let claimed = pg.psql(
+            db,
+            "SELECT count(*) FROM wxauth_outbox WHERE lease_holder IS NOT NULL \
+             AND lease_until_ms > (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+        );
+        (claimed == "2").then_some(())
     });
     nodes[0].kill9();
+    drop((held, black_hole));
     let got = Arc::new(Mutex::new(Vec::new()));
     let receiver = Receiver::start(port, got.clone());
     let unique = |got: &Arc<Mutex<Vec<Delivery>>>, n: usize| {
@@ -563,8 +607,10 @@ fn two_nodes_deliver_every_event_once_in_order_per_user_across_a_kill_9_of_one()
 
     // Round 1, receiver up but slow (each delivery takes 300 ms, so the other
     // node polls while one delivers), both nodes running: 8 more profile changes
-    // (logins of known users make no event).
+    // (logins of known users make no event). The first attempt of each user's
+    // first change is refused: the user's second change waits for its retry.
     receiver.slow_down(Duration::from_millis(300));
+    receiver.refuse_first_attempt_of("-1-0\"");
     nodes[0].restart();
     let before = got.lock().unwrap().len();
     change_on_both(&nodes, 1);
