@@ -135,7 +135,12 @@ secret_file = \"$WORK/webhook.secret\"
 timeout = \"10s\""
 warm_up
 measure dead
-pending=$("$WXAUTH" --config "$WORK/dead/config.toml" events list 2>/dev/null | wc -l)
+# The CLI needs the server's environment too (its data directory, the mock): it
+# asks the running server over the admin socket in that directory.
+(cd "$WORK/dead" && env WXAUTH_STORAGE__PATH="$WORK/dead/data" WXAUTH_WECHAT__MOCK=true \
+    "$WXAUTH" --config "$WORK/dead/config.toml" events list) >"$WORK/pending.jsonl" 2>"$WORK/pending.err" ||
+    die "wxauth events list failed: $(tail -5 "$WORK/pending.err")"
+pending=$(wc -l <"$WORK/pending.jsonl")
 stop_server
 
 row() {

@@ -18,6 +18,16 @@
 //! `events.retry_for` an event is given up (kept, `failed`, for `wxauth events
 //! list|retry`) and no longer holds the user's later events. A delivery whose answer
 //! was lost is sent again: at least once; receivers dedupe by `webhook-id`.
+//!
+//! **PostgreSQL** ([`SharedOutbox`], `storage/postgres/outbox.rs`): the event is a
+//! row of `wxauth_outbox` inserted in the transaction of its change, after the
+//! change locked the user's row (so a user's events are in commit order). Every
+//! node runs a delivery thread that claims one event at a time with a lease
+//! (`FOR UPDATE SKIP LOCKED`, then the lease column), only a user's oldest pending
+//! event, so no two nodes send one event at once and a user's order holds across
+//! nodes; the same backoff and give-up rule. A node killed mid-delivery leaves its
+//! claim to expire (`events.timeout` + 10 s): another node sends the event again,
+//! with the same `webhook-id`.
 
 use crate::metrics::Metrics;
 use crate::storage::{ReadStore, StorageError, Store, Tree, WriteBatch};
@@ -84,6 +94,51 @@ pub struct StoredEvent {
 }
 
 impl StoredEvent {
+    /// A new event of `user_id` (its `data` gets the `user_id`), due at once.
+    pub fn new(user_id: UserId, kind: EventType, mut data: Value, now_ms: i64) -> Self {
+        data["user_id"] = json!(user_id);
+        StoredEvent {
+            id: format!("msg_{}", crate::ids::random_hex(12)),
+            user_id,
+            kind: kind.as_str().to_string(),
+            timestamp: rfc3339_ms(now_ms),
+            data,
+            created_ms: now_ms,
+            attempts: 0,
+            next_attempt_ms: 0,
+            failed: false,
+            last_error: None,
+        }
+    }
+
+    /// The stored JSON.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an event serializes")
+    }
+
+    /// After a failed attempt at `now` (unix ms): counts it and sets the next
+    /// attempt (1 s, doubling, at most 30 s), or gives the event up once
+    /// `events.retry_for` has passed since it was made. The backoff, or `None`: given up.
+    fn attempt_failed(&mut self, reason: String, now: i64, retry_for: Duration) -> Option<i64> {
+        self.attempts = self.attempts.saturating_add(1);
+        self.last_error = Some(reason);
+        let retry_for = i64::try_from(retry_for.as_millis()).unwrap_or(i64::MAX);
+        if now - self.created_ms >= retry_for {
+            self.failed = true;
+            tracing::warn!(
+                event_id = %self.id,
+                user_id = self.user_id,
+                attempts = self.attempts,
+                "event given up after events.retry_for (wxauth events retry sends it again)"
+            );
+            return None;
+        }
+        let shift = self.attempts.saturating_sub(1).min(16);
+        let backoff = (FIRST_BACKOFF_MS << shift).min(MAX_BACKOFF_MS);
+        self.next_attempt_ms = now + backoff;
+        Some(backoff)
+    }
+
     /// The POSTed body: `{"type", "timestamp", "data": {"user_id", …}}`.
     pub fn body(&self) -> Vec<u8> {
         serde_json::to_vec(&json!({
@@ -163,7 +218,7 @@ pub fn retry_all(store: &dyn Store) -> Result<usize, StorageError> {
 /// The writer's side, held by the storage model.
 pub struct Outbox {
     next_seq: AtomicU64,
-    wake: Mutex<Option<SyncSender<()>>>,
+    wake: Wake,
 }
 
 impl Outbox {
@@ -174,7 +229,7 @@ impl Outbox {
             .map_or(0, |(seq, _)| seq + 1);
         Ok(Arc::new(Outbox {
             next_seq: AtomicU64::new(last),
-            wake: Mutex::new(None),
+            wake: Wake::default(),
         }))
     }
 
@@ -184,36 +239,73 @@ impl Outbox {
         batch: &mut WriteBatch,
         user_id: UserId,
         kind: EventType,
-        mut data: Value,
+        data: Value,
         now_ms: i64,
     ) {
-        data["user_id"] = json!(user_id);
-        let event = StoredEvent {
-            id: format!("msg_{}", crate::ids::random_hex(12)),
-            user_id,
-            kind: kind.as_str().to_string(),
-            timestamp: rfc3339_ms(now_ms),
-            data,
-            created_ms: now_ms,
-            attempts: 0,
-            next_attempt_ms: 0,
-            failed: false,
-            last_error: None,
-        };
+        let event = StoredEvent::new(user_id, kind, data, now_ms);
         let seq = self.next_seq.fetch_add(1, Relaxed);
-        batch.put(
-            Tree::Meta,
-            outbox_key(seq),
-            serde_json::to_vec(&event).expect("an event serializes"),
-        );
+        batch.put(Tree::Meta, outbox_key(seq), event.encode());
     }
 
     /// Tells the delivery thread there is something new (never blocks).
     pub fn wake(&self) {
-        if let Some(wake) = self.wake.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        self.wake.wake();
+    }
+}
+
+/// Wakes a delivery thread (never blocks); does nothing before one started.
+#[derive(Default)]
+pub struct Wake(Mutex<Option<SyncSender<()>>>);
+
+impl Wake {
+    pub fn wake(&self) {
+        if let Some(wake) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             let _ = wake.try_send(());
         }
     }
+
+    /// The receiving end, for the delivery thread (replacing any earlier one).
+    fn channel(&self) -> Receiver<()> {
+        let (wake, woken) = sync_channel(1);
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(wake);
+        woken
+    }
+}
+
+/// The `data` of `user.created`.
+pub fn created_data(user: &crate::users::User) -> Value {
+    json!({
+        "appid": user.appid,
+        "openid": user.openid,
+        "unionid": user.unionid,
+        "created_at": crate::clock::rfc3339(user.created_at),
+    })
+}
+
+/// The `data` of `user.updated` for a new phone number.
+pub fn phone_data(phone: &crate::users::PhoneNumber) -> Value {
+    json!({
+        "phone_number": phone.phone_number,
+        "pure_phone_number": phone.pure_phone_number,
+        "country_code": phone.country_code,
+    })
+}
+
+/// The `data` of `user.updated` for a profile change: the fields given.
+pub fn profile_data(change: &crate::users::ProfileChange) -> Value {
+    let mut data = json!({});
+    if let Some(nickname) = &change.nickname {
+        data["nickname"] = json!(nickname);
+    }
+    if let Some(avatar_url) = &change.avatar_url {
+        data["avatar_url"] = json!(avatar_url);
+    }
+    data
+}
+
+/// The `data` of `user.deletion_scheduled` (`due`: unix seconds).
+pub fn deletion_scheduled_data(due: i64) -> Value {
+    json!({ "deletion_scheduled_at": crate::clock::rfc3339(due) })
 }
 
 fn rfc3339_ms(ms: i64) -> String {
@@ -272,8 +364,7 @@ pub fn start(
     delivery: Delivery,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<()> {
-    let (wake, woken) = sync_channel(1);
-    *outbox.wake.lock().unwrap_or_else(|e| e.into_inner()) = Some(wake);
+    let woken = outbox.wake.channel();
     std::thread::Builder::new()
         .name("wxauth-events".into())
         .spawn(move || run(store.as_ref(), &delivery, &metrics, &woken))?;
@@ -281,13 +372,7 @@ pub fn start(
 }
 
 fn run(store: &dyn Store, delivery: &Delivery, metrics: &Metrics, woken: &Receiver<()>) {
-    let agent = ureq::Agent::new_with_config(
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .timeout_global(Some(delivery.timeout))
-            .build(),
-    );
+    let agent = agent(delivery);
     loop {
         let wait = match round(store, delivery, metrics, &agent) {
             Ok(wait) => wait,
@@ -335,33 +420,110 @@ fn round(
             Err(reason) => {
                 metrics.event_delivery_failed();
                 blocked.insert(event.user_id);
-                event.attempts = event.attempts.saturating_add(1);
-                event.last_error = Some(reason);
-                let retry_for = i64::try_from(delivery.retry_for.as_millis()).unwrap_or(i64::MAX);
-                if now - event.created_ms >= retry_for {
-                    event.failed = true;
-                    tracing::warn!(
-                        event_id = %event.id,
-                        user_id = event.user_id,
-                        attempts = event.attempts,
-                        "event given up after events.retry_for (wxauth events retry sends it again)"
-                    );
-                } else {
-                    let shift = event.attempts.saturating_sub(1).min(16);
-                    let backoff = (FIRST_BACKOFF_MS << shift).min(MAX_BACKOFF_MS);
-                    event.next_attempt_ms = now + backoff;
+                if let Some(backoff) = event.attempt_failed(reason, now, delivery.retry_for) {
                     wait_ms = wait_ms.min(backoff);
                 }
-                batch.put(
-                    Tree::Meta,
-                    outbox_key(seq),
-                    serde_json::to_vec(&event).expect("an event serializes"),
-                );
+                batch.put(Tree::Meta, outbox_key(seq), event.encode());
             }
         }
         store.apply(batch)?;
     }
     Ok(Duration::from_millis(wait_ms.max(10) as u64))
+}
+
+/// An outbox that several nodes deliver from (PostgreSQL): each event is claimed
+/// by one node at a time, for a lease.
+pub trait SharedOutbox: Send + Sync {
+    /// Claims for `holder`, for `lease_ms`, one event that is due at `now_ms`, not
+    /// given up, not claimed by a node whose lease still runs, and the oldest
+    /// pending (not given-up) event of its user. `None`: nothing to send now.
+    fn claim(
+        &self,
+        holder: &str,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> Result<Option<(u64, StoredEvent)>, StorageError>;
+    /// The event was delivered: gone.
+    fn delivered(&self, seq: u64) -> Result<(), StorageError>;
+    /// The attempt failed: `event` (attempts, next attempt, given up) replaces the
+    /// stored one and the claim ends, if `holder` still holds it.
+    fn attempt_failed(
+        &self,
+        seq: u64,
+        holder: &str,
+        event: &StoredEvent,
+    ) -> Result<(), StorageError>;
+    /// Pending events not given up (the metric).
+    fn pending_count(&self) -> Result<u64, StorageError>;
+}
+
+/// How long a claim outlives the longest delivery attempt (`events.timeout`): a
+/// node killed mid-delivery leaves its event to another node after this.
+const LEASE_MARGIN: Duration = Duration::from_secs(10);
+
+/// Starts the delivery thread of this node on a shared outbox; `wake` wakes it
+/// after this node wrote an event (other nodes' events are found by polling,
+/// every second).
+pub fn start_shared(
+    outbox: Arc<dyn SharedOutbox>,
+    wake: &Wake,
+    delivery: Delivery,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<()> {
+    let woken = wake.channel();
+    let holder = format!("{}-{}", std::process::id(), crate::ids::random_hex(8));
+    std::thread::Builder::new()
+        .name("wxauth-events".into())
+        .spawn(move || loop {
+            let wait = match shared_round(outbox.as_ref(), &holder, &delivery, &metrics) {
+                Ok(()) => Duration::from_secs(1),
+                Err(e) => {
+                    tracing::warn!(error = %crate::cause::cause_chain(&e), "event delivery: the outbox could not be read or written");
+                    Duration::from_secs(1)
+                }
+            };
+            if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) = woken.recv_timeout(wait) {
+                std::thread::sleep(wait);
+            }
+        })?;
+    Ok(())
+}
+
+/// Delivers claimed events one at a time until none is due.
+fn shared_round(
+    outbox: &dyn SharedOutbox,
+    holder: &str,
+    delivery: &Delivery,
+    metrics: &Metrics,
+) -> Result<(), StorageError> {
+    let agent = agent(delivery);
+    let lease = i64::try_from((delivery.timeout + LEASE_MARGIN).as_millis()).unwrap_or(i64::MAX);
+    loop {
+        let now = crate::clock::now_ms();
+        let Some((seq, mut event)) = outbox.claim(holder, now, lease)? else {
+            metrics.set_events_pending(outbox.pending_count()?);
+            return Ok(());
+        };
+        // Committed before it was claimable: durable already.
+        match deliver(&agent, delivery, &event) {
+            Ok(()) => outbox.delivered(seq)?,
+            Err(reason) => {
+                metrics.event_delivery_failed();
+                event.attempt_failed(reason, crate::clock::now_ms(), delivery.retry_for);
+                outbox.attempt_failed(seq, holder, &event)?;
+            }
+        }
+    }
+}
+
+fn agent(delivery: &Delivery) -> ureq::Agent {
+    ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .timeout_global(Some(delivery.timeout))
+            .build(),
+    )
 }
 
 /// One POST; `Err`: why it did not count as delivered (no URL, no body in it).

@@ -199,11 +199,18 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     let users = Arc::new(UserCache::new(crate::users::cache::DEFAULT_CAPACITY));
     // PostgreSQL: one object is both the tree view (reads, probe, backup) and the
     // operations; it keeps `users` true across nodes itself.
+    let delivery = cfg.events.delivery()?;
+    // Woken by this node's changes that wrote an event (PostgreSQL).
+    let events_wake = Arc::new(crate::events::Wake::default());
     let postgres = match cfg.storage.backend {
         StorageBackend::Sled => None,
-        StorageBackend::Postgres => Some(Arc::new(
-            PgStore::open(&cfg.storage)?.with_user_cache(users.clone()),
-        )),
+        StorageBackend::Postgres => {
+            let mut pg = PgStore::open(&cfg.storage)?;
+            if delivery.is_some() {
+                pg = pg.with_events(events_wake.clone());
+            }
+            Some(Arc::new(pg.with_user_cache(users.clone())))
+        }
     };
     let store: Arc<dyn Store> = match &postgres {
         Some(pg) => pg.clone(),
@@ -224,10 +231,16 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
     });
     let metrics = Arc::new(Metrics::default());
     let model: Arc<dyn AuthStore> = match postgres {
-        Some(pg) => pg,
+        Some(pg) => {
+            if let Some(delivery) = delivery {
+                crate::events::start_shared(pg.clone(), &events_wake, delivery, metrics.clone())
+                    .map_err(|e| StorageError::io("start the event delivery thread", e))?;
+            }
+            pg
+        }
         None => {
             let model = SledModel::new(store.clone(), commit.clone(), users.clone())?;
-            match cfg.events.delivery()? {
+            match delivery {
                 Some(delivery) => {
                     let outbox = crate::events::Outbox::open(store.as_ref())?;
                     crate::events::start(store.clone(), &outbox, delivery, metrics.clone())

@@ -267,6 +267,13 @@ pub fn first_free_id(store: &dyn ReadStore) -> Result<UserId, StorageError> {
     Ok(counter.max(after_last))
 }
 
+/// A change of a user's profile: each field given replaces the stored one.
+#[derive(Debug, Clone, Default)]
+pub struct ProfileChange {
+    pub nickname: Option<String>,
+    pub avatar_url: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -227,6 +227,17 @@ fn restore_entries(
             _ => return Err(bad(n, "no value")),
         };
         batch_bytes += key.len() + value.len();
+        // A user marked for deletion carries its `meta` mark (a database's backup
+        // has the mark in the user's row only).
+        if tree == Tree::Users {
+            let mark = crate::users::decode(&value)
+                .ok()
+                .as_ref()
+                .and_then(storage::sled_model::deletion_mark);
+            if let Some((mark_key, due)) = mark {
+                batch.put(Tree::Meta, mark_key, due);
+            }
+        }
         batch.put(tree, key, value);
         restored += 1;
         if batch_bytes >= RESTORE_BATCH_BYTES {

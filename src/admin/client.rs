@@ -69,7 +69,12 @@ pub fn run(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), A
 /// meanwhile (`storage::postgres::keys`).
 fn direct_postgres(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), AdminError> {
     use storage::postgres::keys::KEY_FILES;
-    let store = Arc::new(storage::postgres::PgStore::open(&cfg.storage)?);
+    let mut store = storage::postgres::PgStore::open(&cfg.storage)?;
+    // The changes made here are reported too; the nodes deliver them.
+    if cfg.events.webhook_url.is_some() {
+        store = store.with_events(Arc::new(crate::events::Wake::default()));
+    }
+    let store = Arc::new(store);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .map_err(AdminError::from)?;

@@ -540,7 +540,7 @@ impl Config {
         self.storage.validate()?;
         let apps = self.wechat.validate(self.server.bind, warnings)?;
         self.jwt.validate()?;
-        self.events.validate(self.storage.backend)?;
+        self.events.validate()?;
         self.users.validate()?;
         self.limits.validate()?;
         self.log.validate()?;
@@ -829,18 +829,12 @@ impl JwtConfig {
 
 impl EventsConfig {
     /// `events.*`; `backend`: `storage.backend`.
-    fn validate(&self, backend: StorageBackend) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), ConfigError> {
         if let Some(url) = &self.webhook_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(ConfigError::new(
                     "events.webhook_url",
                     "must be an http:// or https:// URL",
-                ));
-            }
-            if backend == StorageBackend::Postgres {
-                return Err(ConfigError::new(
-                    "events.webhook_url",
-                    "events are not available with storage.backend = \"postgres\" yet",
                 ));
             }
         }

@@ -290,12 +290,8 @@ pub fn standing(
     }
 }
 
-/// [`AuthStore::set_profile`]'s change: each field given replaces the stored one.
-#[derive(Debug, Clone, Default)]
-pub struct ProfileChange {
-    pub nickname: Option<String>,
-    pub avatar_url: Option<String>,
-}
+/// [`AuthStore::set_profile`]'s change (a record, so that events describe it too).
+pub use crate::users::ProfileChange;
 
 /// What [`AuthStore::delete_user`] did.
 #[derive(Debug)]

@@ -319,12 +319,7 @@ impl SledModel {
                 &mut batch,
                 user.id,
                 crate::events::EventType::Created,
-                serde_json::json!({
-                    "appid": user.appid,
-                    "openid": user.openid,
-                    "unionid": user.unionid,
-                    "created_at": crate::clock::rfc3339(user.created_at),
-                }),
+                crate::events::created_data(&user),
             );
         if evented {
             // The event and the user as one atomic batch: never one without the other.
@@ -509,16 +504,15 @@ impl SledModel {
                 &mut batch,
                 id,
                 crate::events::EventType::DeletionScheduled,
-                serde_json::json!({ "deletion_scheduled_at": crate::clock::rfc3339(due) }),
+                crate::events::deletion_scheduled_data(due),
             );
             // One atomic batch: the mark, the record and the event together.
             self.apply_with_event(batch, evented)?;
             self.users.put(user.clone());
             return Ok((Some(Deletion::Scheduled { user, due }), true));
         }
-        let openid_key = users::openid_key(&user.appid, &user.openid);
-        if users::lookup(store, Tree::UsersByOpenid, &openid_key)? == Some(id) {
-            batch.delete(Tree::UsersByOpenid, openid_key);
+        for key in openid_keys_of(store, &user)? {
+            batch.delete(Tree::UsersByOpenid, key);
         }
         if let Some(unionid) = &user.unionid {
             if users::lookup(store, Tree::UsersByUnionid, unionid.as_bytes())? == Some(id) {
@@ -597,12 +591,47 @@ impl SledModel {
     }
 }
 
+/// Every `users_by_openid` key that points at `user`: its own app's and, for a user
+/// with a unionid (whom `wechat.link_by_unionid` may have found from other apps),
+/// every other app's. Those keys name no user in their value only, so they are
+/// found by a scan of the index (an erasure is rare; one scan per erasure).
+fn openid_keys_of(store: &dyn ReadStore, user: &User) -> Result<Vec<Vec<u8>>, StorageError> {
+    let own = users::openid_key(&user.appid, &user.openid);
+    if user.unionid.is_none() {
+        let points_here = users::lookup(store, Tree::UsersByOpenid, &own)? == Some(user.id);
+        return Ok(if points_here { vec![own] } else { Vec::new() });
+    }
+    let id = users::id_key(user.id);
+    let mut keys = Vec::new();
+    store.for_each(Tree::UsersByOpenid, &mut |key, value| {
+        if value == id {
+            keys.push(key.to_vec());
+        }
+        ControlFlow::Continue(())
+    })?;
+    Ok(keys)
+}
+
 /// `meta` keys marking accounts for deletion: the prefix, then the user id (8
 /// bytes big-endian); the value is the due unix second (8 bytes big-endian).
 const DELETION_PREFIX: &[u8] = b"deletion_due\0";
 
 fn deletion_key(id: UserId) -> Vec<u8> {
     [DELETION_PREFIX, &id.to_be_bytes()].concat()
+}
+
+/// Whether `key` of `meta` is a deletion mark (a database keeps the mark in its
+/// user row only).
+pub fn is_deletion_mark(key: &[u8]) -> bool {
+    key.starts_with(DELETION_PREFIX)
+}
+
+/// The `meta` mark (key, value) of a user record marked for deletion and not yet
+/// erased: a restore writes it with the record, so that the sweep finds the user
+/// whichever backend the backup came from.
+pub fn deletion_mark(user: &User) -> Option<(Vec<u8>, Vec<u8>)> {
+    let due = user.deletion_due.filter(|_| user.erased_at.is_none())?;
+    Some((deletion_key(user.id), due.to_be_bytes().to_vec()))
 }
 
 /// The purge's trees, in order; a cursor is the tree's index then the key.
@@ -649,11 +678,7 @@ impl AuthStore for SledModel {
 
     fn set_phone(&self, id: UserId, phone: PhoneNumber) -> StoreFuture<Option<User>> {
         self.update_durably(id, |user| {
-            let data = serde_json::json!({
-                "phone_number": phone.phone_number,
-                "pure_phone_number": phone.pure_phone_number,
-                "country_code": phone.country_code,
-            });
+            let data = crate::events::phone_data(&phone);
             user.phone = Some(Box::new(phone));
             Some((crate::events::EventType::Updated, data))
         })
@@ -664,13 +689,11 @@ impl AuthStore for SledModel {
             return ready(Ok(None));
         }
         self.update_durably(id, |user| {
-            let mut data = serde_json::json!({});
+            let data = crate::events::profile_data(&change);
             if let Some(nickname) = change.nickname {
-                data["nickname"] = serde_json::json!(nickname);
                 user.nickname = Some(nickname);
             }
             if let Some(avatar_url) = change.avatar_url {
-                data["avatar_url"] = serde_json::json!(avatar_url);
                 user.avatar_url = Some(avatar_url);
             }
             Some((crate::events::EventType::Updated, data))

@@ -383,3 +383,78 @@ fn a_due_deletion_is_erased_by_the_sweep_even_across_a_kill_9_on_sled_and_postgr
         a_due_deletion_is_erased_by_the_sweep_even_across_a_kill_9,
     );
 }
+
+/// A user `wechat.link_by_unionid` found from a second app has an openid key of
+/// each app: the erasure removes every one (none is left naming the erased id in
+/// a backup), and each app's next login of the WeChat user creates a new user.
+fn an_erasure_removes_the_openid_keys_of_every_linked_app(backend: &Backend) {
+    let mock = MockWeChat::start();
+    let config = TestConfig::against(&mock)
+        .with_env("WXAUTH_WECHAT__LINK_BY_UNIONID", "true")
+        .with_toml(
+            "\n[users]\ndeletion_delay = \"0s\"\n[[wechat.apps]]\nappid = \"wxsecondapp02\"\nsecret = \"second-secret\"\n",
+        );
+    let config = match backend {
+        Backend::Sled => config,
+        Backend::Postgres(url) => config
+            .with_env("WXAUTH_STORAGE__BACKEND", "postgres")
+            .with_env("WXAUTH_STORAGE__POSTGRES_URL", url),
+    };
+    let server = TestServer::start(config);
+    let first = login(&server, "union:nan.U77");
+    let id = first["user"]["id"].as_u64().unwrap();
+    let second = post_json(
+        &server.url("/api/weixin/login/"),
+        &json!({ "code": "union:nan-b.U77", "appid": "wxsecondapp02" }),
+    );
+    assert_eq!(second.status, 200, "{}", second.text);
+    assert_eq!(second.json()["user"]["id"], id, "one user over both apps");
+
+    let (access, _) = tokens(&first);
+    let deleted = call(
+        &server,
+        "DELETE",
+        "/api/weixin/user/",
+        &access,
+        Some(json!({"code": "ok:nan.2"})),
+    );
+    assert_eq!(deleted.status, 200, "{}", deleted.text);
+    assert_erased(&show(&server, id));
+
+    let backup = server.dir.path().join("after-erasure.jsonl");
+    let out = server.cli(&["backup", backup.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let erased = hex::encode(id.to_be_bytes());
+    let left: Vec<Value> = std::fs::read_to_string(&backup)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        .filter(|entry| {
+            matches!(
+                entry["tree"].as_str(),
+                Some("users_by_openid" | "users_by_unionid")
+            ) && entry["value_hex"] == erased.as_str()
+        })
+        .collect();
+    assert_eq!(left, Vec::<Value>::new(), "keys naming the erased user");
+
+    let again = post_json(
+        &server.url("/api/weixin/login/"),
+        &json!({ "code": "ok:nan-b.2", "appid": "wxsecondapp02" }),
+    );
+    assert_eq!(again.status, 200, "{}", again.text);
+    assert_eq!(again.json()["user"]["created"], true);
+    assert_ne!(again.json()["user"]["id"], id);
+}
+
+#[test]
+fn an_erasure_removes_the_openid_keys_of_every_linked_app_on_sled_and_postgres() {
+    on_both(
+        "an_erasure_removes_the_openid_keys_of_every_linked_app",
+        an_erasure_removes_the_openid_keys_of_every_linked_app,
+    );
+}

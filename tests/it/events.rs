@@ -39,6 +39,10 @@ impl Delivery {
 /// (then the port refuses connections).
 struct Receiver {
     stop: Arc<AtomicBool>,
+    /// How long it takes before it answers (ms): a slow receiver.
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// The first attempt of each event whose body holds this text is answered 503.
+    refuse_first: Arc<Mutex<Option<String>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -47,14 +51,26 @@ impl Receiver {
         let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind the receiver");
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let refuse_first = Arc::new(Mutex::new(None::<String>));
         let thread = {
             let stop = stop.clone();
+            let delay_ms = delay_ms.clone();
+            let refuse_first = refuse_first.clone();
+            let mut refused = std::collections::HashSet::new();
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((stream, _)) => {
                             stream.set_nonblocking(false).unwrap();
-                            if let Some(delivery) = serve(stream) {
+                            let delay = Duration::from_millis(delay_ms.load(Ordering::Relaxed));
+                            let refuse = |d: &Delivery| {
+                                let text = refuse_first.lock().unwrap().clone();
+                                text.is_some_and(|t| d.body.contains(&t))
+                                    && refused
+                                        .insert(d.header("webhook-id").unwrap_or("").to_string())
+                            };
+                            if let Some(delivery) = serve(stream, delay, refuse) {
                                 got.lock().unwrap().push(delivery);
                             }
                         }
@@ -65,8 +81,22 @@ impl Receiver {
         };
         Receiver {
             stop,
+            delay_ms,
+            refuse_first,
             thread: Some(thread),
         }
+    }
+
+    /// From now on, the first attempt of each event whose body holds `text` gets
+    /// a 503 (and is not counted as delivered).
+    fn refuse_first_attempt_of(&self, text: &str) {
+        *self.refuse_first.lock().unwrap() = Some(text.to_string());
+    }
+
+    /// From now on, each answer comes `delay` after the request was read.
+    fn slow_down(&self, delay: Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
     }
 }
 
@@ -79,7 +109,11 @@ impl Drop for Receiver {
     }
 }
 
-fn serve(stream: std::net::TcpStream) -> Option<Delivery> {
+fn serve(
+    stream: std::net::TcpStream,
+    delay: Duration,
+    mut refuse: impl FnMut(&Delivery) -> bool,
+) -> Option<Delivery> {
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .ok()?;
@@ -103,14 +137,22 @@ fn serve(stream: std::net::TcpStream) -> Option<Delivery> {
         .and_then(|(_, v)| v.parse().ok())?;
     let mut body = vec![0; length];
     reader.read_exact(&mut body).ok()?;
+    std::thread::sleep(delay);
+    let delivery = Delivery {
+        headers,
+        body: String::from_utf8(body).ok()?,
+    };
     let mut stream = stream;
+    if refuse(&delivery) {
+        stream
+            .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            .ok()?;
+        return None;
+    }
     stream
         .write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
         .ok()?;
-    Some(Delivery {
-        headers,
-        body: String::from_utf8(body).ok()?,
-    })
+    Some(delivery)
 }
 
 fn free_port() -> u16 {
@@ -123,14 +165,49 @@ fn free_port() -> u16 {
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSwZm9yIHdpcmVzIHRlc3Rz";
 
-fn server_with_events(mock: &common::mock_wechat::MockWeChat, port: u16) -> TestServer {
+/// Where the server keeps its data: the event tests run on each.
+enum Backend {
+    Sled,
+    /// A database on the test cluster (URL).
+    Postgres(String),
+}
+
+/// Runs `test` on sled, then on PostgreSQL (skipped, loudly, where the harness
+/// has no cluster and CI is not set).
+fn on_both(name: &str, test: fn(&Backend)) {
+    test(&Backend::Sled);
+    if let Some(pg) = common::postgres::cluster(name) {
+        test(&Backend::Postgres(pg.create_database()));
+    }
+}
+
+/// A server on `backend` whose events go to 127.0.0.1:`port` (`events.timeout` 2 s).
+fn events_config(
+    mock: &common::mock_wechat::MockWeChat,
+    port: u16,
+    backend: &Backend,
+) -> TestConfig {
     let secret = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(secret.path(), format!("{SECRET}\n")).unwrap();
     let (_, path) = secret.keep().unwrap();
-    TestServer::start(TestConfig::against(mock).with_toml(&format!(
+    let config = TestConfig::against(mock).with_toml(&format!(
         "\n[events]\nwebhook_url = \"http://127.0.0.1:{port}/hooks\"\nsecret_file = {:?}\ntimeout = \"2s\"\n",
         path.display().to_string()
-    )))
+    ));
+    match backend {
+        Backend::Sled => config,
+        Backend::Postgres(url) => config
+            .with_env("WXAUTH_STORAGE__BACKEND", "postgres")
+            .with_env("WXAUTH_STORAGE__POSTGRES_URL", url),
+    }
+}
+
+fn server_with_events(
+    mock: &common::mock_wechat::MockWeChat,
+    port: u16,
+    backend: &Backend,
+) -> TestServer {
+    TestServer::start(events_config(mock, port, backend))
 }
 
 fn call(server: &TestServer, method: &str, path: &str, access: &str, body: Value) -> Reply {
@@ -182,14 +259,74 @@ fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
+/// Checks every delivery's signature with the `standardwebhooks` package, and that
+/// each with its body tampered with is refused. `false`: skipped (no package, not CI).
+fn verify_with_standardwebhooks(test: &str, dir: &Path, deliveries: &[Delivery]) -> bool {
+    let Some(python) = webhooks_python() else {
+        assert!(
+            !in_ci(),
+            "{test}: no standardwebhooks (pip): .ci/run must install it"
+        );
+        eprintln!("\n!!!!!!!! SKIPPED the signature check of {test}: no python3 venv with standardwebhooks !!!!!!!!\n");
+        return false;
+    };
+    let file = dir.join("deliveries.json");
+    let records: Vec<Value> = deliveries
+        .iter()
+        .map(|d| {
+            json!({
+                "body": d.body,
+                "headers": d.headers.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            })
+        })
+        .collect();
+    std::fs::write(&file, serde_json::to_string(&records).unwrap()).unwrap();
+    let script = r#"
+import json, sys
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+hook = Webhook(sys.argv[1])
+verified = refused = 0
+for d in json.load(open(sys.argv[2])):
+    hook.verify(d["body"], d["headers"])
+    verified += 1
+    try:
+        hook.verify(d["body"].replace("user.", "user.x", 1), d["headers"])
+    except WebhookVerificationError:
+        refused += 1
+print(json.dumps({"verified": verified, "tampered_refused": refused}))
+"#;
+    let out = Command::new(python)
+        .args(["-c", script, SECRET])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let n = deliveries.len();
+    assert_eq!(result, json!({"verified": n, "tampered_refused": n}));
+    true
+}
+
 #[test]
-fn every_delivery_verifies_with_standardwebhooks_and_a_tampered_body_does_not() {
+fn every_delivery_verifies_with_standardwebhooks_and_a_tampered_body_does_not_on_sled_and_postgres()
+{
+    on_both(
+        "every_delivery_verifies_with_standardwebhooks_and_a_tampered_body_does_not",
+        every_delivery_verifies_with_standardwebhooks_and_a_tampered_body_does_not,
+    );
+}
+
+fn every_delivery_verifies_with_standardwebhooks_and_a_tampered_body_does_not(backend: &Backend) {
     let test = "every_delivery_verifies_with_standardwebhooks_and_a_tampered_body_does_not";
     let mock = common::mock_wechat::MockWeChat::start();
     let port = free_port();
     let got = Arc::new(Mutex::new(Vec::new()));
     let _receiver = Receiver::start(port, got.clone());
-    let server = server_with_events(&mock, port);
+    let server = server_with_events(&mock, port, backend);
 
     let body = login(&server, "ok:ivy.1");
     let access = body["access"].as_str().unwrap().to_string();
@@ -250,59 +387,25 @@ fn every_delivery_verifies_with_standardwebhooks_and_a_tampered_body_does_not() 
             .then_some(())
     });
 
-    let Some(python) = webhooks_python() else {
-        assert!(
-            !in_ci(),
-            "{test}: no standardwebhooks (pip): .ci/run must install it"
-        );
-        eprintln!("\n!!!!!!!! SKIPPED the signature check of {test}: no python3 venv with standardwebhooks !!!!!!!!\n");
-        return;
-    };
-    let file = server.dir.path().join("deliveries.json");
-    let records: Vec<Value> = deliveries
-        .iter()
-        .map(|d| {
-            json!({
-                "body": d.body,
-                "headers": d.headers.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
-            })
-        })
-        .collect();
-    std::fs::write(&file, serde_json::to_string(&records).unwrap()).unwrap();
-    let script = r#"
-import json, sys
-from standardwebhooks.webhooks import Webhook, WebhookVerificationError
-hook = Webhook(sys.argv[1])
-verified = refused = 0
-for d in json.load(open(sys.argv[2])):
-    hook.verify(d["body"], d["headers"])
-    verified += 1
-    try:
-        hook.verify(d["body"].replace("user.", "user.x", 1), d["headers"])
-    except WebhookVerificationError:
-        refused += 1
-print(json.dumps({"verified": verified, "tampered_refused": refused}))
-"#;
-    let out = Command::new(python)
-        .args(["-c", script, SECRET])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(result, json!({"verified": 5, "tampered_refused": 5}));
+    verify_with_standardwebhooks(test, server.dir.path(), &deliveries);
 }
 
 #[test]
-fn a_receiver_down_for_30_s_gets_every_event_once_in_order_per_user_across_a_kill_9() {
+fn a_receiver_down_for_30_s_gets_every_event_once_in_order_per_user_across_a_kill_9_on_sled_and_postgres(
+) {
+    on_both(
+        "a_receiver_down_for_30_s_gets_every_event_once_in_order_per_user_across_a_kill_9",
+        a_receiver_down_for_30_s_gets_every_event_once_in_order_per_user_across_a_kill_9,
+    );
+}
+
+fn a_receiver_down_for_30_s_gets_every_event_once_in_order_per_user_across_a_kill_9(
+    backend: &Backend,
+) {
     let mock = common::mock_wechat::MockWeChat::start();
     let port = free_port();
     let down_since = Instant::now();
-    let mut server = server_with_events(&mock, port);
+    let mut server = server_with_events(&mock, port, backend);
 
     let mut users = Vec::new();
     for name in ["jay", "kim", "lee"] {
@@ -385,8 +488,22 @@ fn a_receiver_down_for_30_s_gets_every_event_once_in_order_per_user_across_a_kil
 }
 
 #[test]
-fn with_no_webhook_url_no_event_is_stored() {
-    let (_mock, server) = start_with_mock();
+fn with_no_webhook_url_no_event_is_stored_on_sled_and_postgres() {
+    on_both(
+        "with_no_webhook_url_no_event_is_stored",
+        with_no_webhook_url_no_event_is_stored,
+    );
+}
+
+fn with_no_webhook_url_no_event_is_stored(backend: &Backend) {
+    let mock = common::mock_wechat::MockWeChat::start();
+    let config = TestConfig::against(&mock);
+    let server = TestServer::start(match backend {
+        Backend::Sled => config,
+        Backend::Postgres(url) => config
+            .with_env("WXAUTH_STORAGE__BACKEND", "postgres")
+            .with_env("WXAUTH_STORAGE__POSTGRES_URL", url),
+    });
     let body = login(&server, "ok:max");
     let access = body["access"].as_str().unwrap();
     call(
@@ -399,14 +516,149 @@ fn with_no_webhook_url_no_event_is_stored() {
     assert!(json_lines(&server.cli(&["events", "list"])).is_empty());
 }
 
+/// The deliveries with distinct `webhook-id`s, in the order each id first arrived.
+fn first_of_each_id(deliveries: &[Delivery]) -> Vec<Delivery> {
+    let mut seen = std::collections::HashSet::new();
+    deliveries
+        .iter()
+        .filter(|d| seen.insert(d.header("webhook-id").unwrap().to_string()))
+        .cloned()
+        .collect()
+}
+
+/// Two nodes on one database and one receiver. The receiver is down while both
+/// nodes make changes (a user's changes alternate between the nodes) and one node
+/// is killed with SIGKILL; the other delivers every event once the receiver is
+/// back, each event under one id (a retry keeps it), in order per user. Then both
+/// nodes deliver side by side: each event exactly once. Every delivery verifies
+/// with the `standardwebhooks` package.
 #[test]
-fn events_with_postgres_are_refused_at_start_naming_the_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let toml = format!(
-        "{VALID_CONFIG}\n[storage]\nbackend = \"postgres\"\npostgres_url = \"postgres://u@127.0.0.1:1/db\"\n[events]\nwebhook_url = \"http://127.0.0.1:1/\"\nsecret_file = \"s\"\n"
+fn two_nodes_deliver_every_event_once_in_order_per_user_across_a_kill_9_of_one() {
+    let test = "two_nodes_deliver_every_event_once_in_order_per_user_across_a_kill_9_of_one";
+    let Some(pg) = common::postgres::cluster(test) else {
+        return;
+    };
+    let backend = Backend::Postgres(pg.create_database());
+    let mock = common::mock_wechat::MockWeChat::start();
+    let port = free_port();
+    let mut nodes = [
+        server_with_events(&mock, port, &backend),
+        server_with_events(&mock, port, &backend),
+    ];
+    let names = ["ana", "ben", "cal", "dee"];
+    let change_on_both = |nodes: &[TestServer; 2], round: usize| {
+        for (i, name) in names.iter().enumerate() {
+            let node = &nodes[(i + round) % 2];
+            let body = login(node, &format!("ok:{name}.{round}"));
+            let access = body["access"].as_str().unwrap().to_string();
+            for n in 0..2 {
+                let node = &nodes[(i + round + n) % 2];
+                let reply = call(
+                    node,
+                    "PATCH",
+                    "/api/weixin/user/",
+                    &access,
+                    json!({"nickname": format!("{name}-{round}-{n}")}),
+                );
+                assert_eq!(reply.status, 200, "{}", reply.text);
+            }
+        }
+    };
+    // Round 0, the receiver a black hole (it accepts and never answers, so each
+    // attempt holds its claim until events.timeout): 4 users created, 8 profile
+    // changes.
+    let black_hole = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    black_hole.set_nonblocking(true).unwrap();
+    change_on_both(&nodes, 0);
+    // Once each node holds an event mid-attempt, one of them is killed: its event
+    // waits for the claim to run out, then the other node sends it.
+    let Backend::Postgres(url) = &backend else {
+        unreachable!()
+    };
+    let db = common::postgres::PgCluster::database_of(url);
+    let mut held = Vec::new();
+    wait_for(Duration::from_secs(30), "both nodes mid-attempt", || {
+        while let Ok((stream, _)) = black_hole.accept() {
+            held.push(stream);
+        }
+        let claimed = pg.psql(
+            db,
+            "SELECT count(*) FROM wxauth_outbox WHERE lease_holder IS NOT NULL \
+             AND lease_until_ms > (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+        );
+        (claimed == "2").then_some(())
+    });
+    nodes[0].kill9();
+    drop((held, black_hole));
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let receiver = Receiver::start(port, got.clone());
+    let unique = |got: &Arc<Mutex<Vec<Delivery>>>, n: usize| {
+        wait_for(Duration::from_secs(120), "every event delivered", || {
+            let got = got.lock().unwrap();
+            (first_of_each_id(&got).len() >= n).then(|| got.clone())
+        })
+    };
+    let after_kill = unique(&got, 12);
+    wait_for(Duration::from_secs(30), "an empty outbox", || {
+        json_lines(&nodes[1].cli(&["events", "list"]))
+            .is_empty()
+            .then_some(())
+    });
+
+    // Round 1, receiver up but slow (each delivery takes 300 ms, so the other
+    // node polls while one delivers), both nodes running: 8 more profile changes
+    // (logins of known users make no event). The first attempt of each user's
+    // first change is refused: the user's second change waits for its retry.
+    receiver.slow_down(Duration::from_millis(300));
+    receiver.refuse_first_attempt_of("-1-0\"");
+    nodes[0].restart();
+    let before = got.lock().unwrap().len();
+    change_on_both(&nodes, 1);
+    let all = unique(&got, 20);
+    wait_for(Duration::from_secs(30), "an empty outbox", || {
+        json_lines(&nodes[0].cli(&["events", "list"]))
+            .is_empty()
+            .then_some(())
+    });
+    drop(receiver);
+    let all = {
+        let got = got.lock().unwrap();
+        assert!(got.len() >= all.len());
+        got.clone()
+    };
+    let side_by_side = &all[before..];
+    assert_eq!(
+        first_of_each_id(side_by_side).len(),
+        side_by_side.len(),
+        "with no crash, each event is delivered once, by one node"
     );
-    let out = run_with_config(dir.path(), &toml, &[], &["check-config"]);
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("events.webhook_url"), "{stderr}");
+    assert!(after_kill.len() >= 12);
+
+    // One id per event: no event content arrived under two ids.
+    let unique_events = first_of_each_id(&all);
+    assert_eq!(unique_events.len(), 20, "4 created and 16 updated");
+    let contents: std::collections::HashSet<String> =
+        unique_events.iter().map(|d| d.body.clone()).collect();
+    assert_eq!(contents.len(), 20, "an event sent under two ids");
+    // In order per user.
+    for name in names {
+        let shown: Vec<Value> = unique_events
+            .iter()
+            .map(Delivery::json)
+            .filter(|e| {
+                e["data"]["openid"] == format!("o-{name}")
+                    || e["data"]["nickname"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with(&format!("{name}-")))
+            })
+            .map(|e| e["data"]["nickname"].clone())
+            .collect();
+        let expected: Vec<Value> = std::iter::once(Value::Null)
+            .chain(
+                (0..2).flat_map(|round| (0..2).map(move |n| json!(format!("{name}-{round}-{n}")))),
+            )
+            .collect();
+        assert_eq!(shown, expected, "{name}");
+    }
+    verify_with_standardwebhooks(test, nodes[1].dir.path(), &all);
 }

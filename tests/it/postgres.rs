@@ -1077,3 +1077,96 @@ fn reads_waiting_on_the_database_block_neither_the_http_worker_nor_the_issuer() 
     });
     holder.wait().unwrap();
 }
+
+/// A user marked for deletion stays marked across a backup of each backend restored
+/// into the other: the restored store's sweep erases the user when the mark is due.
+#[test]
+fn a_deletion_mark_survives_backup_and_restore_from_sled_to_postgres_and_back() {
+    let test = "a_deletion_mark_survives_backup_and_restore_from_sled_to_postgres_and_back";
+    let Some(pg) = cluster(test) else {
+        return;
+    };
+    let mock = MockWeChat::start();
+    let mut sled = TestServer::start(
+        TestConfig::against(&mock).with_toml("\n[users]\ndeletion_delay = \"4s\"\n"),
+    );
+    let marked = crate::common::login(&sled, "ok:ola.1");
+    let id = marked["user"]["id"].as_u64().unwrap();
+    let kept = crate::common::login(&sled, "ok:pat")["user"]["id"]
+        .as_u64()
+        .unwrap();
+    let req = ureq::http::Request::builder()
+        .method("DELETE")
+        .uri(sled.url("/api/weixin/user/"))
+        .header("Authorization", bearer(marked["access"].as_str().unwrap()))
+        .header("Content-Type", "application/json")
+        .body(json!({"code": "ok:ola.2"}).to_string())
+        .unwrap();
+    let scheduled = crate::common::collect(crate::common::agent().run(req));
+    assert_eq!(scheduled.status, 202, "{}", scheduled.text);
+    let from_sled = sled.dir.path().join("marked-from-sled.jsonl");
+    cli_with(&sled.config, &[], &["backup", from_sled.to_str().unwrap()]);
+    sled.terminate();
+
+    // Into PostgreSQL and straight back out, with no node running there.
+    let url = pg.create_database();
+    let to_pg = [
+        ("WXAUTH_STORAGE__BACKEND", "postgres"),
+        ("WXAUTH_STORAGE__POSTGRES_URL", url.as_str()),
+    ];
+    cli_with(
+        &sled.config,
+        &to_pg,
+        &["restore", from_sled.to_str().unwrap()],
+    );
+    let shown = cli_with(&sled.config, &to_pg, &["users", "show", &id.to_string()]);
+    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert!(shown["deletion_scheduled_at"].is_string(), "{shown}");
+    assert!(shown["erased_at"].is_null(), "{shown}");
+    let db = PgCluster::database_of(&url);
+    assert_eq!(
+        pg.psql(db, "SELECT count(*) FROM wxauth_kv WHERE tree = 'meta' AND key >= 'deletion_due'::bytea AND key < 'deletion_duf'::bytea"),
+        "0",
+        "the mark lives in the user's row"
+    );
+    let from_pg = sled.dir.path().join("marked-from-postgres.jsonl");
+    cli_with(&sled.config, &to_pg, &["backup", from_pg.to_str().unwrap()]);
+
+    // Into a new sled directory: its sweep finds the mark and erases the user.
+    std::fs::remove_dir_all(sled.data_dir()).unwrap();
+    cli_with(&sled.config, &[], &["restore", from_pg.to_str().unwrap()]);
+    sled.restart();
+    let show = |id: u64| -> Value {
+        crate::common::json_lines(&sled.cli(&["users", "show", &id.to_string()])).remove(0)
+    };
+    wait_for(
+        Duration::from_secs(60),
+        "the sweep to erase the marked user",
+        || show(id)["erased_at"].as_str().map(str::to_string),
+    );
+    assert!(show(id)["openid"].is_null());
+    assert_eq!(show(kept)["openid"], "o-pat", "only the marked user");
+
+    // And the sled backup's mark reaches a database's sweep too.
+    sled.terminate();
+    let url = pg.create_database();
+    cli_with(
+        &sled.config,
+        &[
+            ("WXAUTH_STORAGE__BACKEND", "postgres"),
+            ("WXAUTH_STORAGE__POSTGRES_URL", url.as_str()),
+        ],
+        &["restore", from_sled.to_str().unwrap()],
+    );
+    let node = node_with_database_keys(&mock, &url);
+    wait_for(
+        Duration::from_secs(60),
+        "the database's sweep to erase the marked user",
+        || {
+            crate::common::json_lines(&node.cli(&["users", "show", &id.to_string()])).remove(0)
+                ["erased_at"]
+                .as_str()
+                .map(str::to_string)
+        },
+    );
+}

@@ -108,6 +108,17 @@ pub(super) async fn get<C: GenericClient>(
                 None => None,
             }
         }
+        Tree::Meta if super::outbox::seq_of(key).is_some() => {
+            let seq = super::outbox::seq_of(key);
+            client
+                .query_opt(
+                    "SELECT convert_to(record, 'UTF8') FROM wxauth_outbox WHERE seq = $1",
+                    &[&seq],
+                )
+                .await
+                .map_err(e)?
+                .map(|row| row.get(0))
+        }
         Tree::Meta | Tree::RefreshTokens | Tree::TokenFamilies => client
             .query_opt(
                 "SELECT value FROM wxauth_kv WHERE tree = $1 AND key = $2",
@@ -274,6 +285,19 @@ async fn apply_op<C: GenericClient>(client: &C, op: &Op) -> Result<(), StorageEr
                     .map_err(e(*tree))?;
             }
         }
+        // The deletion mark is the user row's `deletion_due` here (a restore from
+        // the embedded store carries it in both).
+        Op::Put(Tree::Meta, key, _) | Op::Delete(Tree::Meta, key)
+            if crate::storage::sled_model::is_deletion_mark(key) => {}
+        // The events of the outbox are rows of their own table.
+        Op::Put(Tree::Meta, key, value) if super::outbox::seq_of(key).is_some() => {
+            let seq = super::outbox::seq_of(key).expect("checked");
+            super::outbox::put(client, seq, value).await?;
+        }
+        Op::Delete(Tree::Meta, key) if super::outbox::seq_of(key).is_some() => {
+            let seq = super::outbox::seq_of(key).expect("checked");
+            super::outbox::delete(client, seq).await?;
+        }
         Op::Put(tree, key, value) => put(client, *tree, key, value).await?,
         Op::Delete(tree, key) => {
             client
@@ -429,9 +453,14 @@ async fn page<C: GenericClient>(
                 .collect()
         }
         Tree::Meta | Tree::RefreshTokens | Tree::TokenFamilies => {
+            // `meta` shows the outbox's events too, in one key order.
+            let events = match tree {
+                Tree::Meta => super::outbox::AS_META,
+                _ => "",
+            };
             let sql = format!(
-                "SELECT key, value FROM wxauth_kv WHERE tree = $1 AND key {cmp} $2 \
-                 ORDER BY key LIMIT $3"
+                "SELECT key, value FROM (SELECT key, value FROM wxauth_kv WHERE tree = $1 \
+                 {events}) AS entries WHERE key {cmp} $2 ORDER BY key LIMIT $3"
             );
             client
                 .query(&sql, &[&tree.name(), &bound, &PAGE])

@@ -28,6 +28,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "the user's profile and deletion",
         sql: include_str!("migrations/0002_account.sql"),
     },
+    Migration {
+        version: 3,
+        name: "the outbox of events",
+        sql: include_str!("migrations/0003_outbox.sql"),
+    },
 ];
 
 /// The schema version this binary writes.

@@ -26,6 +26,7 @@ pub mod keys;
 mod kv;
 mod listen;
 mod migrate;
+mod outbox;
 
 pub use migrate::{latest as latest_schema, Migrated};
 
@@ -147,6 +148,9 @@ struct Shared {
     /// This node's users cache ([`PgStore::with_user_cache`]): a user row this node
     /// changed is dropped from it once committed (the next read fetches it).
     users: Option<Arc<UserCache>>,
+    /// `events.webhook_url` set ([`PgStore::with_events`]): every user change adds
+    /// its event to its own transaction, then wakes this node's delivery thread.
+    events: Option<Arc<crate::events::Wake>>,
 }
 
 impl Shared {
@@ -258,6 +262,7 @@ impl PgStore {
                 pool,
                 timeout,
                 users: None,
+                events: None,
             }),
             io,
             client_config,
@@ -317,6 +322,15 @@ impl PgStore {
         self
     }
 
+    /// Writes an event for every user change into the change's own transaction
+    /// (`events.webhook_url` set); `wake` is woken after each commit that wrote one.
+    /// Call once, before the store is shared.
+    pub fn with_events(mut self, wake: Arc<crate::events::Wake>) -> Self {
+        let shared = Arc::get_mut(&mut self.shared).expect("with_events before sharing");
+        shared.events = Some(wake);
+        self
+    }
+
     fn io_handle(&self) -> &tokio::runtime::Handle {
         &self.io.handle
     }
@@ -362,7 +376,7 @@ impl PgStore {
             client
                 .batch_execute(
                     "TRUNCATE wxauth_user_openids, wxauth_user_unionids, wxauth_families, \
-                     wxauth_kv, wxauth_users",
+                     wxauth_kv, wxauth_users, wxauth_outbox",
                 )
                 .await
                 .map_err(|e| pg_error("empty the database", e))
@@ -454,9 +468,12 @@ const LOGIN_ATTEMPTS: usize = 4;
 async fn login(shared: Arc<Shared>, request: LoginRequest) -> Result<LoginResult, StorageError> {
     let mut client = shared.client().await?;
     for _ in 0..LOGIN_ATTEMPTS {
-        if let Some(result) = login_once(&mut client, &request).await? {
-            if let LoginResult::LoggedIn { user, .. } = &result {
+        if let Some(result) = login_once(&shared, &mut client, &request).await? {
+            if let LoginResult::LoggedIn { user, created, .. } = &result {
                 shared.forget_user(user.id);
+                if *created {
+                    outbox::added(&shared);
+                }
             }
             return Ok(result);
         }
@@ -469,6 +486,7 @@ async fn login(shared: Arc<Shared>, request: LoginRequest) -> Result<LoginResult
 /// One attempt; `None`: another transaction claimed the key this one wanted first
 /// (this one rolled back; the next attempt finds the winner's user).
 async fn login_once(
+    shared: &Shared,
     client: &mut deadpool_postgres::Client,
     request: &LoginRequest,
 ) -> Result<Option<LoginResult>, StorageError> {
@@ -636,6 +654,15 @@ async fn login_once(
                     return Ok(None);
                 }
             }
+            let data = crate::events::created_data(&user);
+            outbox::add(
+                shared,
+                &tx,
+                user.id,
+                crate::events::EventType::Created,
+                data,
+            )
+            .await?;
             (user, true)
         }
     };
@@ -730,6 +757,7 @@ async fn update_user(
     id: UserId,
     set: &'static str,
     values: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    event: Option<(crate::events::EventType, serde_json::Value)>,
 ) -> Result<Option<User>, StorageError> {
     let mut client = shared.client().await?;
     let tx = client
@@ -749,10 +777,17 @@ async fn update_user(
     };
     let user = user_from_row(&row)?;
     notify_user(&tx, id).await?;
+    let evented = event.is_some();
+    if let Some((kind, data)) = event {
+        outbox::add(&shared, &tx, id, kind, data).await?;
+    }
     tx.commit()
         .await
         .map_err(|e| pg_error("update a user: commit", e))?;
     shared.forget_user(id);
+    if evented {
+        outbox::added(&shared);
+    }
     Ok(Some(user))
 }
 
@@ -796,8 +831,12 @@ async fn delete_user(
             .map_err(e("mark the user"))?;
         let user = user_from_row(&row)?;
         notify_user(&tx, id).await?;
+        let data = crate::events::deletion_scheduled_data(due);
+        let kind = crate::events::EventType::DeletionScheduled;
+        outbox::add(&shared, &tx, id, kind, data).await?;
         tx.commit().await.map_err(e("commit"))?;
         shared.forget_user(id);
+        outbox::added(&shared);
         return Ok(Some(Deletion::Scheduled { user, due }));
     }
     // Every key that points at the user (any app's openid, the unionid), every
@@ -825,8 +864,11 @@ async fn delete_user(
         .map_err(e("erase the user"))?;
     let user = user_from_row(&row)?;
     notify_user(&tx, id).await?;
+    let (kind, data) = (crate::events::EventType::Deleted, serde_json::json!({}));
+    outbox::add(&shared, &tx, id, kind, data).await?;
     tx.commit().await.map_err(e("commit"))?;
     shared.forget_user(id);
+    outbox::added(&shared);
     Ok(Some(Deletion::Erased { user }))
 }
 
@@ -943,26 +985,40 @@ impl AuthStore for PgStore {
 
     fn set_disabled(&self, id: UserId, disabled: bool) -> StoreFuture<Option<User>> {
         self.run("disable a user", move |shared| async move {
-            update_user(shared, id, "disabled = $2", &[&disabled]).await
+            let kind = if disabled {
+                crate::events::EventType::Disabled
+            } else {
+                crate::events::EventType::Enabled
+            };
+            let event = Some((kind, serde_json::json!({})));
+            update_user(shared, id, "disabled = $2", &[&disabled], event).await
         })
     }
 
     fn revoke_tokens(&self, id: UserId) -> StoreFuture<Option<User>> {
         self.run("revoke a user's tokens", move |shared| async move {
-            update_user(shared, id, "token_stamp = token_stamp + 1", &[]).await
+            update_user(shared, id, "token_stamp = token_stamp + 1", &[], None).await
         })
     }
 
     fn set_phone(&self, id: UserId, phone: PhoneNumber) -> StoreFuture<Option<User>> {
         self.run("set a phone number", move |shared| async move {
             let text = serde_json::to_string(&phone).expect("a phone number serializes");
-            update_user(shared, id, "phone = $2", &[&text]).await
+            let event = Some((
+                crate::events::EventType::Updated,
+                crate::events::phone_data(&phone),
+            ));
+            update_user(shared, id, "phone = $2", &[&text], event).await
         })
     }
 
     /// One `UPDATE`; a field not given keeps its value (`coalesce`).
     fn set_profile(&self, id: UserId, change: ProfileChange) -> StoreFuture<Option<User>> {
         self.run("set a profile", move |shared| async move {
+            let event = Some((
+                crate::events::EventType::Updated,
+                crate::events::profile_data(&change),
+            ));
             let ProfileChange {
                 nickname,
                 avatar_url,
@@ -972,6 +1028,7 @@ impl AuthStore for PgStore {
                 id,
                 "nickname = coalesce($2, nickname), avatar_url = coalesce($3, avatar_url)",
                 &[&nickname, &avatar_url],
+                event,
             )
             .await
         })
