@@ -86,8 +86,8 @@ async fn listen(
         tokio::select! {
             _ = &mut driver => break,
             () = tokio::time::sleep(HEARTBEAT) => {
-                // Notifications committed before this query are delivered before its
-                // answer: an answer proves the channel is whole up to here.
+                // An answer shows that the connection still carries notifications;
+                // none within the timeout, and it is treated as lost.
                 let answered = tokio::time::timeout(HEARTBEAT_TIMEOUT, client.simple_query("")).await;
                 if !matches!(answered, Ok(Ok(_))) {
                     tracing::debug!("the PostgreSQL notification connection did not answer its heartbeat");
