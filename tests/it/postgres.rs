@@ -743,6 +743,15 @@ struct OutageLoad {
     chains: Vec<(String, bool)>,
 }
 
+/// Sets its flag when dropped, a panic's unwinding included.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// One client of the outage test on `node` until `stop`: logs in, then refreshes
 /// its token over and over (a 503 is tried again with the same token; every 16
 /// rotations, a new login).
@@ -859,6 +868,8 @@ fn stopping_the_database_for_5_s_under_load_gives_503s_loses_nothing_and_cached_
 
     let stop = std::sync::atomic::AtomicBool::new(false);
     let loads: Vec<OutageLoad> = std::thread::scope(|s| {
+        // A failed assertion below stops the clients too (the scope waits for them).
+        let _stop_clients = StopOnDrop(&stop);
         let clients: Vec<_> = (0..6)
             .map(|c| {
                 let (node, stop) = (&nodes[c % 2], &stop);
@@ -913,7 +924,10 @@ fn stopping_the_database_for_5_s_under_load_gives_503s_loses_nothing_and_cached_
                 "the data path still answers from the cache 30 s into the outage"
             );
         }
-        assert!(served_within_bound > 0, "no data request answered within the bound");
+        assert!(
+            served_within_bound > 0,
+            "no data request answered within the bound"
+        );
         for node in &nodes {
             wait_for(Duration::from_secs(5), "/readyz to turn unready", || {
                 (get(&node.url("/readyz"), None).status == 503).then_some(())
@@ -944,10 +958,14 @@ fn stopping_the_database_for_5_s_under_load_gives_503s_loses_nothing_and_cached_
                 },
             );
             for access in &cached {
-                wait_for(Duration::from_secs(5), "cached users to be served again", || {
-                    (get(&node.url("/api/weixin/data/"), Some(access)).status == 200)
-                        .then_some(())
-                });
+                wait_for(
+                    Duration::from_secs(5),
+                    "cached users to be served again",
+                    || {
+                        (get(&node.url("/api/weixin/data/"), Some(access)).status == 200)
+                            .then_some(())
+                    },
+                );
             }
         }
         // More answers after the return, then the load stops.
@@ -968,11 +986,18 @@ fn stopping_the_database_for_5_s_under_load_gives_503s_loses_nothing_and_cached_
         load.answered += l.answered;
         load.chains.extend(l.chains);
     }
-    assert!(load.unexpected.is_empty(), "only 200, 503 and 429: {:?}", load.unexpected);
+    assert!(
+        load.unexpected.is_empty(),
+        "only 200, 503 and 429: {:?}",
+        load.unexpected
+    );
     assert!(!load.refused.is_empty(), "503s while the database was down");
     for reply in &load.refused {
         reply.assert_error(503, "service_unavailable");
-        assert!(reply.header("retry-after").is_some(), "Retry-After on a 503");
+        assert!(
+            reply.header("retry-after").is_some(),
+            "Retry-After on a 503"
+        );
     }
     // Every login answered 200 is in the database, with its session.
     let ids: Vec<String> = load.logged_in.iter().map(u64::to_string).collect();
@@ -985,7 +1010,11 @@ fn stopping_the_database_for_5_s_under_load_gives_503s_loses_nothing_and_cached_
             ids.join(",")
         ),
     );
-    assert_eq!(found, load.logged_in.len().to_string(), "every answered login is there");
+    assert_eq!(
+        found,
+        load.logged_in.len().to_string(),
+        "every answered login is there"
+    );
     // Every rotation answered 200 holds: each chain's last token works (and so did
     // each one before it, which the next rotation presented), and once it is
     // rotated out it is refused.
@@ -995,9 +1024,19 @@ fn stopping_the_database_for_5_s_under_load_gives_503s_loses_nothing_and_cached_
             continue;
         }
         let node = &nodes[i % 2];
-        let reply = post_json(&node.url("/api/token/refresh/"), &json!({ "refresh": token }));
-        assert_eq!(reply.status, 200, "the last rotation answered holds: {}", reply.text);
-        let again = post_json(&node.url("/api/token/refresh/"), &json!({ "refresh": token }));
+        let reply = post_json(
+            &node.url("/api/token/refresh/"),
+            &json!({ "refresh": token }),
+        );
+        assert_eq!(
+            reply.status, 200,
+            "the last rotation answered holds: {}",
+            reply.text
+        );
+        let again = post_json(
+            &node.url("/api/token/refresh/"),
+            &json!({ "refresh": token }),
+        );
         again.assert_error(401, "token_not_valid");
         checked += 1;
     }
