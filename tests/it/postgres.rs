@@ -743,6 +743,19 @@ struct OutageLoad {
     chains: Vec<(String, bool)>,
 }
 
+/// How many of the users `ids` are in the database at `url` with a session.
+fn users_with_a_session(pg: &PgCluster, url: &str, ids: &[u64]) -> String {
+    let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
+    pg.psql(
+        PgCluster::database_of(url),
+        &format!(
+            "SELECT count(DISTINCT u.id) FROM wxauth_users u JOIN wxauth_families f \
+             ON f.user_id = u.id WHERE u.id IN ({})",
+            ids.join(",")
+        ),
+    )
+}
+
 /// Sets its flag when dropped, a panic's unwinding included.
 struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
 
@@ -1000,18 +1013,8 @@ fn stopping_the_database_for_5_s_under_load_gives_503s_loses_nothing_and_cached_
         );
     }
     // Every login answered 200 is in the database, with its session.
-    let ids: Vec<String> = load.logged_in.iter().map(u64::to_string).collect();
-    let db = PgCluster::database_of(&url);
-    let found = pg.psql(
-        db,
-        &format!(
-            "SELECT count(DISTINCT u.id) FROM wxauth_users u JOIN wxauth_families f \
-             ON f.user_id = u.id WHERE u.id IN ({})",
-            ids.join(",")
-        ),
-    );
     assert_eq!(
-        found,
+        users_with_a_session(&pg, &url, &load.logged_in),
         load.logged_in.len().to_string(),
         "every answered login is there"
     );
@@ -1122,18 +1125,8 @@ fn kill_9_of_one_node_under_login_load_loses_no_answered_login_and_the_other_ser
         assert!(survivor_logins.join().unwrap() > 20);
     });
     let answered = answered.into_inner().unwrap();
-    let ids: Vec<String> = answered.iter().map(u64::to_string).collect();
-    let db = PgCluster::database_of(&url);
-    let found = pg.psql(
-        db,
-        &format!(
-            "SELECT count(DISTINCT u.id) FROM wxauth_users u JOIN wxauth_families f \
-             ON f.user_id = u.id WHERE u.id IN ({})",
-            ids.join(",")
-        ),
-    );
     assert_eq!(
-        found,
+        users_with_a_session(pg, &url, &answered),
         answered.len().to_string(),
         "every login the killed node answered is in the database, with its session"
     );
