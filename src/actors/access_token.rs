@@ -84,6 +84,11 @@ pub struct TokenStatus {
     pub forced_refreshes_last_24h: usize,
 }
 
+/// The lease that decides which process fetches an app's token.
+fn lease_name(appid: &str) -> String {
+    format!("access_token:{appid}")
+}
+
 fn now_ms() -> i64 {
     crate::clock::now_ms()
 }
@@ -387,7 +392,8 @@ impl Keeper {
             slot.record = Some(record.clone());
             return Ok(record);
         }
-        match self.fetch(appid, false, until).await {
+        let fetched = self.fetch(appid, false, until).await;
+        let answer = match fetched {
             Ok((token, expires_in)) => {
                 let forced_ms = slot
                     .record
@@ -403,7 +409,9 @@ impl Keeper {
                 slot.last_failure = Some((Instant::now(), e.clone()));
                 self.old_token_or(&slot, e)
             }
-        }
+        };
+        self.release_lease(appid).await;
+        answer
     }
 
     /// The stored token when it does not need a refresh, else `None` once this
@@ -413,28 +421,58 @@ impl Keeper {
     /// keeper's deadline; after a lease lapses, one of them takes it over).
     async fn fetched_elsewhere(&self, appid: &str) -> Result<Option<TokenRecord>, WxApiError> {
         let started = Instant::now();
-        let lease = format!("access_token:{appid}");
+        let mut leased = false;
         loop {
             let stored = load_record(self.store.as_ref(), appid).map_err(WxApiError::from)?;
             let now = now_ms();
             if let Some(record) = stored {
                 let refresh_at = record.expires_at_ms - self.refresh_ahead.as_millis() as i64;
                 if now < refresh_at {
+                    if leased {
+                        self.release_lease(appid).await;
+                    }
                     return Ok(Some(record));
                 }
             }
-            let taken = self
-                .leases
-                .take_lease(&lease, &self.holder, now, now.saturating_add(self.lease_ms))
-                .await
-                .map_err(WxApiError::from)?;
-            if taken {
+            // Read again once the lease is ours: its last holder may have stored a
+            // token between the read above and the lease.
+            if leased {
                 return Ok(None);
             }
-            if started.elapsed() >= self.deadline {
-                return Err(WxApiError::WeChat(WeChatError::Busy));
+            leased = self.take_lease(appid).await?;
+            if !leased {
+                if started.elapsed() >= self.deadline {
+                    return Err(WxApiError::WeChat(WeChatError::Busy));
+                }
+                tokio::time::sleep(LEASE_POLL).await;
             }
-            tokio::time::sleep(LEASE_POLL).await;
+        }
+    }
+
+    /// The app's lease (`access_token:<appid>`), for one fetch.
+    async fn take_lease(&self, appid: &str) -> Result<bool, WxApiError> {
+        let now = now_ms();
+        self.leases
+            .take_lease(
+                &lease_name(appid),
+                &self.holder,
+                now,
+                now.saturating_add(self.lease_ms),
+            )
+            .await
+            .map_err(WxApiError::from)
+    }
+
+    /// Ends this process's lease now (its fetch is stored, or failed), so that
+    /// another process need not wait for it to lapse; a no-op if another holds it.
+    async fn release_lease(&self, appid: &str) {
+        let now = now_ms();
+        if let Err(e) = self
+            .leases
+            .take_lease(&lease_name(appid), &self.holder, now, now)
+            .await
+        {
+            tracing::debug!(appid, error = %e, "cannot release the access token lease; it lapses");
         }
     }
 
@@ -452,6 +490,13 @@ impl Keeper {
     /// One forced refresh after WeChat refused `rejected`, if the guard allows it.
     /// A token other than `rejected` already in hand (someone else refreshed) is
     /// returned as it is.
+    ///
+    /// Across processes on one store (PostgreSQL nodes) the refresh is conditional:
+    /// it is made only by the holder of the app's lease, and only if the stored token
+    /// is still `rejected` once the lease is held; the others wait for the token it
+    /// stores (at most the keeper's deadline). So of any number of nodes refused at
+    /// once, one forces; and the guard's count, kept in the stored record, is the
+    /// one every node reads.
     async fn force(
         &self,
         appid: &str,
@@ -460,17 +505,45 @@ impl Keeper {
     ) -> Result<TokenRecord, WxApiError> {
         let slot = self.slot(appid)?;
         let mut slot = slot.lock().await;
-        // Another process on the same store (a PostgreSQL node) may have replaced it.
-        if let Ok(Some(stored)) = load_record(self.store.as_ref(), appid) {
-            if stored.access_token != rejected {
+        let mut leased = false;
+        loop {
+            // Another process on the same store (a PostgreSQL node) may have replaced it.
+            if let Ok(Some(stored)) = load_record(self.store.as_ref(), appid) {
                 slot.record = Some(stored);
             }
-        }
-        if let Some(record) = &slot.record {
-            if record.access_token != rejected && now_ms() < record.expires_at_ms {
-                return Ok(record.clone());
+            if let Some(record) = &slot.record {
+                if record.access_token != rejected && now_ms() < record.expires_at_ms {
+                    let record = record.clone();
+                    if leased {
+                        self.release_lease(appid).await;
+                    }
+                    return Ok(record);
+                }
+            }
+            if leased {
+                break;
+            }
+            leased = self.take_lease(appid).await?;
+            if !leased {
+                if Instant::now() >= until {
+                    return Err(WxApiError::WeChat(WeChatError::Busy));
+                }
+                tokio::time::sleep(LEASE_POLL).await;
             }
         }
+        let forced = self.force_holding_lease(appid, &mut slot, until).await;
+        self.release_lease(appid).await;
+        forced
+    }
+
+    /// [`force`](Self::force)'s refresh itself, under the lease: the guard, the
+    /// count stored first, the forced fetch.
+    async fn force_holding_lease(
+        &self,
+        appid: &str,
+        slot: &mut Slot,
+        until: Instant,
+    ) -> Result<TokenRecord, WxApiError> {
         let now = now_ms();
         let mut forced_ms: Vec<i64> = slot
             .record
@@ -506,9 +579,7 @@ impl Keeper {
             self.store_record(appid, &record).await;
         }
         let (token, expires_in) = self.fetch(appid, true, until).await?;
-        Ok(self
-            .keep(appid, &mut slot, token, expires_in, forced_ms)
-            .await)
+        Ok(self.keep(appid, slot, token, expires_in, forced_ms).await)
     }
 
     /// Caches and stores a fetched token; returns its record.

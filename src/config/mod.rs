@@ -103,6 +103,10 @@ pub struct StorageConfig {
     /// Every statement, and the wait for a pooled connection, is cut off after this.
     #[serde(deserialize_with = "de_duration")]
     pub postgres_statement_timeout: Duration,
+    /// How long cached users are still served once the node's notification
+    /// connection is lost (docs/SCALING.md, "When the database does not answer").
+    #[serde(deserialize_with = "de_duration")]
+    pub postgres_stale_for: Duration,
     /// `postgres_url` or `postgres_url_file`, parsed: set by [`Config::load`] and
     /// [`Config::load_for_admin`] when `backend` is `postgres`, never read from a file.
     #[serde(skip)]
@@ -119,6 +123,7 @@ impl Default for StorageConfig {
             postgres_url_file: None,
             postgres_pool_size: 16,
             postgres_statement_timeout: Duration::from_secs(5),
+            postgres_stale_for: Duration::from_secs(5),
             postgres: None,
         }
     }
@@ -162,6 +167,12 @@ impl StorageConfig {
             return Err(ConfigError::new(
                 "storage.postgres_statement_timeout",
                 "must be between 100ms and 60s",
+            ));
+        }
+        if self.postgres_stale_for > Duration::from_secs(60) {
+            return Err(ConfigError::new(
+                "storage.postgres_stale_for",
+                "must be between 0s and 60s",
             ));
         }
         let (key, url) = match (&self.postgres_url, &self.postgres_url_file) {

@@ -153,6 +153,7 @@ impl ApiError {
             ApiError::Token(_) => "token_not_valid",
             ApiError::NoActiveAccount => "no_active_account",
             ApiError::Storage(StorageError::Corrupt { .. }) => "internal_error",
+            ApiError::Storage(StorageError::Database { .. }) => "service_unavailable",
             ApiError::Storage(_) => "storage_unavailable",
             ApiError::Internal(_) => "internal_error",
             ApiError::Unavailable(_) => "service_unavailable",

@@ -82,6 +82,16 @@ pub enum StorageError {
     },
     #[error("corrupt record in tree {tree}: {reason}")]
     Corrupt { tree: &'static str, reason: String },
+    /// The shared database (`storage.backend = "postgres"`) did not answer, refused
+    /// the connection, or cut the statement off (`storage.postgres_statement_timeout`):
+    /// the node is fine and a retry may succeed (503 `service_unavailable`), unlike a
+    /// local store that cannot write ([`Io`](Self::Io), 503 `storage_unavailable`).
+    #[error("the database did not answer: {context}")]
+    Database {
+        context: String,
+        #[source]
+        source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+    },
     /// The data directory's `format_version` is newer than this binary knows.
     #[error(
         "the data directory was written by a newer wxauth (storage format {found}; this \
@@ -105,6 +115,25 @@ impl StorageError {
     /// A failure with nothing underneath (shutting down, a reopen under way).
     pub fn unavailable(context: impl Into<String>) -> Self {
         StorageError::Io {
+            context: context.into(),
+            source: None,
+        }
+    }
+
+    /// The shared database failed an operation, with its error underneath.
+    pub fn database(
+        context: impl Into<String>,
+        cause: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        StorageError::Database {
+            context: context.into(),
+            source: Some(Arc::new(cause)),
+        }
+    }
+
+    /// The shared database did not answer in time (nothing underneath).
+    pub fn database_timeout(context: impl Into<String>) -> Self {
+        StorageError::Database {
             context: context.into(),
             source: None,
         }

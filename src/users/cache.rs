@@ -16,12 +16,21 @@
 //!
 //! Bounded: at most `capacity` entries, in [`SHARDS`] shards that each evict an
 //! arbitrary entry (the first in the map's randomly seeded order) when full.
+//!
+//! Trusted for a while. With a store shared by several nodes, this node learns of
+//! the others' changes over a channel (`storage::postgres::listen`); when that
+//! channel is lost, the entries are served at most a bound longer
+//! ([`distrust_after`](UserCache::distrust_after)), then every lookup misses (and
+//! reads the store) until the channel is back, the cache emptied and
+//! [`trust`](UserCache::trust)ed again.
 
 use super::{User, UserId};
 use crate::storage::model::{AuthStore, StoreFuture};
 use crate::storage::{ReadStore, StorageError};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
 
 /// Entries kept by default. About 350 bytes each (the `User`, its strings, its map
 /// slot), so about 6 MiB: the users active right now, not the whole user base.
@@ -34,7 +43,14 @@ const SHARDS: usize = 64;
 pub struct UserCache {
     shards: Box<[RwLock<Shard>]>,
     per_shard: usize,
+    /// Entries are served until this many milliseconds after `epoch`; [`ALWAYS`]: no
+    /// end (the channel is up, or there is none).
+    trusted_until_ms: AtomicU64,
+    epoch: Instant,
 }
+
+/// `trusted_until_ms` when the entries are trusted with no end.
+const ALWAYS: u64 = u64::MAX;
 
 #[derive(Default)]
 struct Shard {
@@ -65,7 +81,38 @@ impl UserCache {
         UserCache {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             per_shard: capacity.div_ceil(SHARDS),
+            trusted_until_ms: AtomicU64::new(ALWAYS),
+            epoch: Instant::now(),
         }
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(ALWAYS - 1)
+    }
+
+    /// Whether entries may be served now: one atomic load while trusted.
+    fn trusted(&self) -> bool {
+        let until = self.trusted_until_ms.load(Ordering::Acquire);
+        until == ALWAYS || self.elapsed_ms() < until
+    }
+
+    /// The channel that reports other nodes' changes is lost: entries are served for
+    /// `bound` more at most, then every lookup misses and nothing is kept, until
+    /// [`trust`](Self::trust). A second call before `trust` keeps the first end (a
+    /// channel that keeps failing never extends it). `true` when this call set it.
+    pub fn distrust_after(&self, bound: Duration) -> bool {
+        let bound_ms = u64::try_from(bound.as_millis()).unwrap_or(ALWAYS - 1);
+        let until = self.elapsed_ms().saturating_add(bound_ms).min(ALWAYS - 1);
+        self.trusted_until_ms
+            .compare_exchange(ALWAYS, until, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// The channel is back: empties the cache (what it holds may predate a change
+    /// nobody reported) and serves from it again.
+    pub fn trust(&self) {
+        self.clear();
+        self.trusted_until_ms.store(ALWAYS, Ordering::Release);
     }
 
     /// The most entries this cache holds.
@@ -90,8 +137,8 @@ impl UserCache {
     pub fn lookup(&self, id: UserId) -> Lookup {
         let shard = read(self.shard(id));
         match shard.users.get(&id) {
-            Some(user) => Lookup::Hit(user.clone()),
-            None => Lookup::Miss(Ticket {
+            Some(user) if self.trusted() => Lookup::Hit(user.clone()),
+            _ => Lookup::Miss(Ticket {
                 id,
                 generation: shard.generation,
             }),
@@ -104,7 +151,10 @@ impl UserCache {
     pub fn fill(&self, ticket: Ticket, user: &Arc<User>) {
         debug_assert_eq!(ticket.id, user.id);
         let mut shard = write(self.shard(ticket.id));
-        if shard.generation == ticket.generation && !shard.users.contains_key(&ticket.id) {
+        if shard.generation == ticket.generation
+            && !shard.users.contains_key(&ticket.id)
+            && self.trusted()
+        {
             self.insert(&mut shard, ticket.id, user.clone());
         }
     }
@@ -312,6 +362,31 @@ mod tests {
         // Read from the store as it was before it reopened: not kept.
         cache.fill(t, &Arc::new(user(7, 0)));
         assert_eq!(stamp_of(&cache, 7), None);
+    }
+
+    #[test]
+    fn a_lost_channel_serves_entries_for_the_bound_then_none_until_trusted_again() {
+        let cache = UserCache::new(DEFAULT_CAPACITY);
+        cache.put(user(1, 0));
+        assert!(cache.distrust_after(Duration::from_secs(3600)));
+        assert!(!cache.distrust_after(Duration::ZERO), "the first end stays");
+        assert_eq!(stamp_of(&cache, 1), Some(0), "within the bound");
+        let t = ticket(&cache, 2);
+        cache.fill(t, &Arc::new(user(2, 0)));
+        assert_eq!(stamp_of(&cache, 2), Some(0), "a fresh read is kept");
+
+        let cache = UserCache::new(DEFAULT_CAPACITY);
+        cache.put(user(1, 0));
+        assert!(cache.distrust_after(Duration::ZERO));
+        assert_eq!(stamp_of(&cache, 1), None, "past the bound: a miss");
+        let t = ticket(&cache, 2);
+        cache.fill(t, &Arc::new(user(2, 0)));
+        assert_eq!(stamp_of(&cache, 2), None, "and nothing is kept");
+        cache.trust();
+        assert!(cache.is_empty(), "emptied when trusted again");
+        let t = ticket(&cache, 1);
+        cache.fill(t, &Arc::new(user(1, 1)));
+        assert_eq!(stamp_of(&cache, 1), Some(1));
     }
 
     #[test]

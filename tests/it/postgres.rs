@@ -727,58 +727,336 @@ fn backup_and_restore_move_a_team_from_sled_to_postgres_and_back_with_tokens_val
     assert_eq!(data.status, 200, "a user made on PostgreSQL: {}", data.text);
 }
 
+/// What the load of the outage test saw: every answer, and what must hold after.
+#[derive(Default)]
+struct OutageLoad {
+    /// Answers other than 200, 503 and 429 (must stay empty), as `what: status body`.
+    unexpected: Vec<String>,
+    /// Ids of the users whose login was answered 200.
+    logged_in: Vec<u64>,
+    /// 503s of logins and refreshes (each must be `service_unavailable` with
+    /// `Retry-After`), and the 200s.
+    refused: Vec<Reply>,
+    answered: usize,
+    /// Each chain's last refresh token answered 200, and whether a 503 of a request
+    /// presenting it left unknown whether its rotation committed.
+    chains: Vec<(String, bool)>,
+}
+
+/// How many of the users `ids` are in the database at `url` with a session.
+fn users_with_a_session(pg: &PgCluster, url: &str, ids: &[u64]) -> String {
+    let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
+    pg.psql(
+        PgCluster::database_of(url),
+        &format!(
+            "SELECT count(DISTINCT u.id) FROM wxauth_users u JOIN wxauth_families f \
+             ON f.user_id = u.id WHERE u.id IN ({})",
+            ids.join(",")
+        ),
+    )
+}
+
+/// Sets its flag when dropped, a panic's unwinding included.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// One client of the outage test on `node` until `stop`: logs in, then refreshes
+/// its token over and over (a 503 is tried again with the same token; every 16
+/// rotations, a new login).
+fn outage_client(
+    node: &TestServer,
+    client: usize,
+    stop: &std::sync::atomic::AtomicBool,
+) -> OutageLoad {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut seen = OutageLoad::default();
+    let mut n = 0;
+    while !stop.load(SeqCst) {
+        n += 1;
+        let login = post_json(
+            &node.url("/api/weixin/login/"),
+            &json!({ "code": format!("ok:load{client}x{n}.c") }),
+        );
+        seen.note("login", &login);
+        if login.status != 200 {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        let body = login.json();
+        seen.logged_in.push(body["user"]["id"].as_u64().unwrap());
+        let mut token = body["refresh"].as_str().unwrap().to_string();
+        let mut unknown = false;
+        let mut rotations = 0;
+        while rotations < 16 && !stop.load(SeqCst) {
+            let reply = post_json(
+                &node.url("/api/token/refresh/"),
+                &json!({ "refresh": token }),
+            );
+            match reply.status {
+                200 => {
+                    seen.note("refresh", &reply);
+                    token = reply.json()["refresh"].as_str().unwrap().to_string();
+                    unknown = false;
+                    rotations += 1;
+                }
+                503 => {
+                    seen.note("refresh", &reply);
+                    unknown = true;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                // The answer was lost, perhaps after the commit: with no grace the
+                // same token is then a reuse (the rule, not a loss). The chain ends.
+                401 if unknown => break,
+                _ => {
+                    seen.note("refresh", &reply);
+                    break;
+                }
+            }
+        }
+        seen.chains.push((token, unknown));
+    }
+    seen
+}
+
+impl OutageLoad {
+    fn note(&mut self, what: &str, reply: &Reply) {
+        match reply.status {
+            200 => self.answered += 1,
+            503 => self.refused.push(Reply {
+                status: reply.status,
+                headers: reply.headers.clone(),
+                text: reply.text.clone(),
+            }),
+            429 => {}
+            _ => self
+                .unexpected
+                .push(format!("{what}: {} {}", reply.status, reply.text)),
+        }
+    }
+}
+
 #[test]
-fn while_the_database_is_down_requests_get_503_never_500_and_service_returns_when_it_does() {
+fn stopping_the_database_for_5_s_under_load_gives_503s_loses_nothing_and_cached_users_are_served_within_the_bound(
+) {
     let Some(pg) = crate::common::postgres::private_cluster(
-        "while_the_database_is_down_requests_get_503_never_500_and_service_returns_when_it_does",
+        "stopping_the_database_for_5_s_under_load_gives_503s_loses_nothing_and_cached_users_are_served_within_the_bound",
     ) else {
         return;
     };
+    // Cached users are served for 2 s after a node loses its notification
+    // connection (storage.postgres_stale_for), shorter than the outage, so that both
+    // sides of the bound are seen.
+    let bound = Duration::from_secs(2);
     let url = pg.create_database();
     let mock = MockWeChat::start();
-    let node = node_with_database_keys(&mock, &url);
-    let login = crate::common::login(&node, "ok:dan.0");
-    let refresh_token = login["refresh"].as_str().unwrap().to_string();
-    assert_eq!(get(&node.url("/readyz"), None).status, 200);
+    let start_node = || {
+        TestServer::start(
+            TestConfig::against(&mock)
+                .with_env("WXAUTH_STORAGE__BACKEND", "postgres")
+                .with_env("WXAUTH_STORAGE__POSTGRES_URL", &url)
+                .with_env("WXAUTH_STORAGE__POSTGRES_STALE_FOR", "2s")
+                .with_env("WXAUTH_JWT__REUSE_GRACE", "0s"),
+        )
+    };
+    let nodes = [start_node(), start_node()];
+    // Users cached on both nodes before the outage.
+    let cached: Vec<String> = (0..4)
+        .map(|i| {
+            let login = crate::common::login(&nodes[i % 2], &format!("ok:cached{i}.c"));
+            bearer(login["access"].as_str().unwrap())
+        })
+        .collect();
+    for node in &nodes {
+        for access in &cached {
+            let data = get(&node.url("/api/weixin/data/"), Some(access));
+            assert_eq!(data.status, 200, "{}", data.text);
+        }
+        assert_eq!(get(&node.url("/readyz"), None).status, 200);
+    }
 
-    pg.stop_server();
-    wait_for(Duration::from_secs(5), "/readyz to turn unready", || {
-        (get(&node.url("/readyz"), None).status == 503).then_some(())
-    });
-    let down = post_json(
-        &node.url("/api/weixin/login/"),
-        &json!({ "code": "ok:dan.1" }),
-    );
-    down.assert_error(503, "storage_unavailable");
-    assert!(down.header("retry-after").is_some(), "Retry-After on a 503");
-    let down = post_json(
-        &node.url("/api/token/refresh/"),
-        &json!({ "refresh": refresh_token }),
-    );
-    assert_eq!(down.status, 503, "{}", down.text);
-    assert!(down.header("retry-after").is_some());
-    let data = get(
-        &node.url("/api/weixin/data/"),
-        Some(&bearer(login["access"].as_str().unwrap())),
-    );
-    assert_ne!(data.status, 500, "{}", data.text);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let loads: Vec<OutageLoad> = std::thread::scope(|s| {
+        // A failed assertion below stops the clients too (the scope waits for them).
+        let _stop_clients = StopOnDrop(&stop);
+        let clients: Vec<_> = (0..6)
+            .map(|c| {
+                let (node, stop) = (&nodes[c % 2], &stop);
+                s.spawn(move || outage_client(node, c, stop))
+            })
+            .collect();
+        wait_for(Duration::from_secs(30), "the load to get going", || {
+            (mock.requests() >= 20).then_some(())
+        });
 
-    pg.start_server();
-    let back = std::time::Instant::now();
-    let again = wait_for(Duration::from_secs(5), "logins to work again", || {
-        let reply = post_json(
-            &node.url("/api/weixin/login/"),
-            &json!({ "code": format!("ok:dan.{}", back.elapsed().as_nanos()) }),
+        // Cached now (a reconnect of a node's channel under load empties its cache).
+        for node in &nodes {
+            for access in &cached {
+                let data = get(&node.url("/api/weixin/data/"), Some(access));
+                assert_eq!(data.status, 200, "{}", data.text);
+            }
+        }
+        let stopping = std::time::Instant::now();
+        pg.stop_server();
+        let stopped = std::time::Instant::now();
+        // Within the bound, the cached users' data requests are answered from the
+        // cache: a request answered before `stopping + bound` was checked before the
+        // node's bound ended (it starts when the node notices, after `stopping`).
+        let mut served_within_bound = 0;
+        let mut past_bound = None;
+        while past_bound.is_none() {
+            for node in &nodes {
+                for access in &cached {
+                    let sent = std::time::Instant::now();
+                    let data = get(&node.url("/api/weixin/data/"), Some(access));
+                    let received = std::time::Instant::now();
+                    assert!(
+                        data.status == 200 || data.status == 503,
+                        "data path while down: {} {}",
+                        data.status,
+                        data.text
+                    );
+                    if received < stopping + bound {
+                        assert_eq!(data.status, 200, "within the bound: {}", data.text);
+                        served_within_bound += 1;
+                    }
+                    if data.status == 503 {
+                        data.assert_error(503, "service_unavailable");
+                        assert!(data.header("retry-after").is_some());
+                        // Past the bound a cached user is read from the database.
+                        past_bound = Some(sent - stopped);
+                    }
+                }
+            }
+            assert!(
+                stopped.elapsed() < Duration::from_secs(30),
+                "the data path still answers from the cache 30 s into the outage"
+            );
+        }
+        assert!(
+            served_within_bound > 0,
+            "no data request answered within the bound"
         );
-        assert_ne!(reply.status, 500, "{}", reply.text);
-        (reply.status == 200).then_some(reply)
+        for node in &nodes {
+            wait_for(Duration::from_secs(5), "/readyz to turn unready", || {
+                (get(&node.url("/readyz"), None).status == 503).then_some(())
+            });
+        }
+        // Down for 5 s in all.
+        while stopped.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        pg.start_server();
+        let back = std::time::Instant::now();
+        for (i, node) in nodes.iter().enumerate() {
+            wait_for(
+                Duration::from_secs(5),
+                "logins to work again within 5 s of the database's return",
+                || {
+                    let reply = post_json(
+                        &node.url("/api/weixin/login/"),
+                        &json!({ "code": format!("ok:back{i}x{}.c", back.elapsed().as_nanos()) }),
+                    );
+                    assert!(
+                        reply.status == 200 || reply.status == 503,
+                        "{} {}",
+                        reply.status,
+                        reply.text
+                    );
+                    (reply.status == 200).then_some(())
+                },
+            );
+            for access in &cached {
+                wait_for(
+                    Duration::from_secs(5),
+                    "cached users to be served again",
+                    || {
+                        (get(&node.url("/api/weixin/data/"), Some(access)).status == 200)
+                            .then_some(())
+                    },
+                );
+            }
+        }
+        // More answers after the return, then the load stops.
+        let after = mock.requests();
+        wait_for(Duration::from_secs(30), "the load to go on", || {
+            (mock.requests() >= after + 20).then_some(())
+        });
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        eprintln!("cached users served past the bound from {past_bound:?} after the stop");
+        clients.into_iter().map(|c| c.join().unwrap()).collect()
     });
-    assert_eq!(again.json()["user"]["id"], login["user"]["id"]);
-    refresh(&node, &refresh_token);
-    // /readyz shares one probe a second: the verdict from the outage may stand that long.
-    wait_for(Duration::from_secs(5), "/readyz to be 200 again", || {
-        (get(&node.url("/readyz"), None).status == 200).then_some(())
-    });
+
+    let mut load = OutageLoad::default();
+    for l in loads {
+        load.unexpected.extend(l.unexpected);
+        load.logged_in.extend(l.logged_in);
+        load.refused.extend(l.refused);
+        load.answered += l.answered;
+        load.chains.extend(l.chains);
+    }
+    assert!(
+        load.unexpected.is_empty(),
+        "only 200, 503 and 429: {:?}",
+        load.unexpected
+    );
+    assert!(!load.refused.is_empty(), "503s while the database was down");
+    for reply in &load.refused {
+        reply.assert_error(503, "service_unavailable");
+        assert!(
+            reply.header("retry-after").is_some(),
+            "Retry-After on a 503"
+        );
+    }
+    // Every login answered 200 is in the database, with its session.
+    assert_eq!(
+        users_with_a_session(&pg, &url, &load.logged_in),
+        load.logged_in.len().to_string(),
+        "every answered login is there"
+    );
+    // Every rotation answered 200 holds: each chain's last token works (and so did
+    // each one before it, which the next rotation presented), and once it is
+    // rotated out it is refused.
+    let mut checked = 0;
+    for (i, (token, unknown)) in load.chains.iter().enumerate() {
+        if *unknown {
+            continue;
+        }
+        let node = &nodes[i % 2];
+        let reply = post_json(
+            &node.url("/api/token/refresh/"),
+            &json!({ "refresh": token }),
+        );
+        assert_eq!(
+            reply.status, 200,
+            "the last rotation answered holds: {}",
+            reply.text
+        );
+        let again = post_json(
+            &node.url("/api/token/refresh/"),
+            &json!({ "refresh": token }),
+        );
+        again.assert_error(401, "token_not_valid");
+        checked += 1;
+    }
+    assert!(checked > 0);
+    eprintln!(
+        "outage under load: {} answered, {} 503s, {} logins checked in the database, {} chains checked",
+        load.answered,
+        load.refused.len(),
+        load.logged_in.len(),
+        checked
+    );
+    for node in &nodes {
+        // /readyz shares one probe a second: the verdict from the outage may stand that long.
+        wait_for(Duration::from_secs(5), "/readyz to be 200 again", || {
+            (get(&node.url("/readyz"), None).status == 200).then_some(())
+        });
+    }
 }
 
 #[test]
@@ -847,18 +1125,8 @@ fn kill_9_of_one_node_under_login_load_loses_no_answered_login_and_the_other_ser
         assert!(survivor_logins.join().unwrap() > 20);
     });
     let answered = answered.into_inner().unwrap();
-    let ids: Vec<String> = answered.iter().map(u64::to_string).collect();
-    let db = PgCluster::database_of(&url);
-    let found = pg.psql(
-        db,
-        &format!(
-            "SELECT count(DISTINCT u.id) FROM wxauth_users u JOIN wxauth_families f \
-             ON f.user_id = u.id WHERE u.id IN ({})",
-            ids.join(",")
-        ),
-    );
     assert_eq!(
-        found,
+        users_with_a_session(pg, &url, &answered),
         answered.len().to_string(),
         "every login the killed node answered is in the database, with its session"
     );
@@ -908,6 +1176,49 @@ fn fifty_concurrent_phone_requests_over_two_cold_nodes_make_one_stable_token_cal
         mock.token_fetches(),
         (1, 0),
         "one stable_token call for both nodes"
+    );
+}
+
+#[test]
+fn a_token_wechat_refuses_on_two_nodes_at_once_is_force_refreshed_once() {
+    let Some(pg) = cluster("a_token_wechat_refuses_on_two_nodes_at_once_is_force_refreshed_once")
+    else {
+        return;
+    };
+    let url = pg.create_database();
+    let mock = MockWeChat::start();
+    let nodes = [
+        node_with_database_keys(&mock, &url),
+        node_with_database_keys(&mock, &url),
+    ];
+    let login = crate::common::login(&nodes[0], "ok:quin.0");
+    let access = login["access"].as_str().unwrap().to_string();
+    // Both nodes hold the stored token.
+    for (i, node) in nodes.iter().enumerate() {
+        let reply = crate::common::phone(node, &access, &format!("ok:quin.{i}"));
+        assert_eq!(reply.status, 200, "{}", reply.text);
+    }
+    assert_eq!(mock.token_fetches(), (1, 0));
+    // WeChat stops taking it (as if another holder had rotated it); a slow forced
+    // fetch, so that every request meets the refusal while it is under way.
+    mock.revoke_tokens();
+    mock.set_token_delay(300);
+    let replies: Vec<Reply> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..20)
+            .map(|i| {
+                let (node, access) = (&nodes[i % 2], &access);
+                s.spawn(move || crate::common::phone(node, access, &format!("ok:quin.{i}")))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for reply in &replies {
+        assert_eq!(reply.status, 200, "{}", reply.text);
+    }
+    assert_eq!(
+        mock.token_fetches(),
+        (2, 1),
+        "one forced stable_token call for both nodes"
     );
 }
 

@@ -57,7 +57,7 @@ pub(crate) fn pg_error(
     context: impl Into<String>,
     e: impl std::error::Error + Send + Sync + 'static,
 ) -> StorageError {
-    StorageError::io(context, e)
+    StorageError::database(context, e)
 }
 
 /// The connection's prepared statement for `sql`: parsed and planned by the server
@@ -102,7 +102,7 @@ impl IoRuntime {
         let task = self.handle.spawn(work);
         Box::pin(async move {
             task.await.unwrap_or_else(|e| {
-                Err(StorageError::unavailable(format!(
+                Err(StorageError::database_timeout(format!(
                     "a PostgreSQL operation did not finish: {e}"
                 )))
             })
@@ -178,6 +178,9 @@ pub struct PgStore {
     /// What the notification listener connects with.
     client_config: tokio_postgres::Config,
     tls: tokio_postgres_rustls::MakeRustlsConnect,
+    /// `storage.postgres_stale_for`: how long cached users are served once the
+    /// notification connection is lost.
+    stale_for: Duration,
 }
 
 impl PgStore {
@@ -194,11 +197,12 @@ impl PgStore {
                 StorageError::io(format!("cannot create {}", config.path.display()), e)
             })?;
         }
-        let store = Self::connect(
+        let mut store = Self::connect(
             url,
             config.postgres_pool_size,
             config.postgres_statement_timeout,
         )?;
+        store.stale_for = config.postgres_stale_for;
         let shared = store.shared.clone();
         let migrated = store.io.block_on(async move {
             let mut client = shared.client().await?;
@@ -267,6 +271,7 @@ impl PgStore {
             io,
             client_config,
             tls,
+            stale_for: Duration::ZERO,
         })
     }
 
@@ -299,7 +304,7 @@ impl PgStore {
             let timeout = shared.timeout.saturating_mul(rounds);
             match tokio::time::timeout(timeout, work(shared)).await {
                 Ok(result) => result,
-                Err(_) => Err(StorageError::unavailable(format!(
+                Err(_) => Err(StorageError::database_timeout(format!(
                     "PostgreSQL did not answer within {}ms ({operation})",
                     timeout.as_millis()
                 ))),
@@ -309,7 +314,8 @@ impl PgStore {
 
     /// Keeps `users` (the token check's cache) true across nodes: this node's user
     /// writes drop their user from it, and a listener drops the users other nodes
-    /// announce (see `listen`). Call once, before the store is shared.
+    /// announce, and bounds how long it is served when that channel is lost (see
+    /// `listen`). Call once, before the store is shared.
     pub fn with_user_cache(mut self, users: Arc<UserCache>) -> Self {
         let shared = Arc::get_mut(&mut self.shared).expect("with_user_cache before sharing");
         shared.users = Some(users.clone());
@@ -318,6 +324,7 @@ impl PgStore {
             self.client_config.clone(),
             self.tls.clone(),
             users,
+            self.stale_for,
         );
         self
     }
@@ -478,7 +485,7 @@ async fn login(shared: Arc<Shared>, request: LoginRequest) -> Result<LoginResult
             return Ok(result);
         }
     }
-    Err(StorageError::unavailable(
+    Err(StorageError::database_timeout(
         "a login lost the race for its user's key too many times",
     ))
 }
@@ -953,7 +960,7 @@ async fn rotate(shared: Arc<Shared>, r: RotateRequest) -> Result<RotateOutcome, 
             Standing::Current => continue,
         }
     }
-    Err(StorageError::unavailable(
+    Err(StorageError::database_timeout(
         "a rotation kept losing to concurrent changes of its family",
     ))
 }
