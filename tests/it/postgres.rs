@@ -533,6 +533,13 @@ fn node_with_database_keys(mock: &MockWeChat, url: &str) -> TestServer {
     )
 }
 
+fn two_nodes_with_database_keys(mock: &MockWeChat, url: &str) -> [TestServer; 2] {
+    [
+        node_with_database_keys(mock, url),
+        node_with_database_keys(mock, url),
+    ]
+}
+
 fn kid_of(token: &str) -> String {
     crate::common::jwt_parts(token).0["kid"]
         .as_str()
@@ -549,10 +556,7 @@ fn nodes_share_the_generated_key_and_keys_rotate_and_retire_reach_every_node() {
     };
     let url = pg.create_database();
     let mock = MockWeChat::start();
-    let nodes = [
-        node_with_database_keys(&mock, &url),
-        node_with_database_keys(&mock, &url),
-    ];
+    let nodes = two_nodes_with_database_keys(&mock, &url);
     let first = crate::common::login(&nodes[0], "ok:kim.0");
     let old_access = first["access"].as_str().unwrap().to_string();
     let old_kid = kid_of(&old_access);
@@ -684,10 +688,7 @@ fn backup_and_restore_move_a_team_from_sled_to_postgres_and_back_with_tokens_val
         ("WXAUTH_STORAGE__POSTGRES_URL", url.as_str()),
     ];
     cli_with(&sled.config, &to_pg, &["restore", backup.to_str().unwrap()]);
-    let nodes = [
-        node_with_database_keys(&mock, &url),
-        node_with_database_keys(&mock, &url),
-    ];
+    let nodes = two_nodes_with_database_keys(&mock, &url);
     for node in &nodes {
         let data = get(&node.url("/api/weixin/data/"), Some(&access));
         assert_eq!(
@@ -1143,10 +1144,7 @@ fn fifty_concurrent_phone_requests_over_two_cold_nodes_make_one_stable_token_cal
     let mock = MockWeChat::start();
     // A slow fetch, so that every request arrives while the first is under way.
     mock.set_token_delay(300);
-    let nodes = [
-        node_with_database_keys(&mock, &url),
-        node_with_database_keys(&mock, &url),
-    ];
+    let nodes = two_nodes_with_database_keys(&mock, &url);
     let access = bearer(
         crate::common::login(&nodes[0], "ok:pat.0")["access"]
             .as_str()
@@ -1187,10 +1185,7 @@ fn a_token_wechat_refuses_on_two_nodes_at_once_is_force_refreshed_once() {
     };
     let url = pg.create_database();
     let mock = MockWeChat::start();
-    let nodes = [
-        node_with_database_keys(&mock, &url),
-        node_with_database_keys(&mock, &url),
-    ];
+    let nodes = two_nodes_with_database_keys(&mock, &url);
     let login = crate::common::login(&nodes[0], "ok:quin.0");
     let access = login["access"].as_str().unwrap().to_string();
     // Both nodes hold the stored token.
