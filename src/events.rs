@@ -17,7 +17,9 @@
 //! later events wait behind it (order per user); other users' events go on. After
 //! `events.retry_for` an event is given up (kept, `failed`, for `wxauth events
 //! list|retry`) and no longer holds the user's later events. A delivery whose answer
-//! was lost is sent again: at least once; receivers dedupe by `webhook-id`.
+//! was lost is sent again: at least once; receivers dedupe by `webhook-id`. Once
+//! written, a record has one writer, this thread: `wxauth events retry` on a running
+//! node is a message to it ([`DeliveryThread::retry`]), run between two deliveries.
 //!
 //! **PostgreSQL** ([`SharedOutbox`], `storage/postgres/outbox.rs`): the event is a
 //! row of `wxauth_outbox` inserted in the transaction of its change, after the
@@ -27,7 +29,9 @@
 //! event, so no two nodes send one event at once and a user's order holds across
 //! nodes; the same backoff and give-up rule. A node killed mid-delivery leaves its
 //! claim to expire (`events.timeout` + 10 s): another node sends the event again,
-//! with the same `webhook-id`.
+//! with the same `webhook-id`. `wxauth events retry` is one conditional `UPDATE`
+//! ([`SharedOutbox::retry_all`]): it changes only rows still there, so an event a
+//! node delivered meanwhile is not brought back.
 
 use crate::metrics::Metrics;
 use crate::storage::{ReadStore, StorageError, Store, Tree, WriteBatch};
@@ -193,7 +197,10 @@ pub fn pending(
     Ok(found)
 }
 
-/// `wxauth events retry`: every waiting or given-up event is due now. The count.
+/// `wxauth events retry` on the embedded store: every waiting or given-up event is
+/// due now. The count. Run by the delivery thread itself ([`Outbox::retry`]), or
+/// by the CLI when no server holds the data directory: never beside that thread
+/// ([`DeliveryThread::retry`] asks it).
 pub fn retry_all(store: &dyn Store) -> Result<usize, StorageError> {
     let mut batch = WriteBatch::default();
     let mut count = 0;
@@ -253,19 +260,58 @@ impl Outbox {
     }
 }
 
+/// A running node's line to its delivery thread, for `wxauth events retry`.
+#[derive(Clone)]
+pub struct DeliveryThread {
+    outbox: Arc<Outbox>,
+    /// The attempt under way (`events.timeout`) and then some.
+    answer_within: Duration,
+}
+
+impl DeliveryThread {
+    /// The thread, the records' one writer, makes every waiting or given-up event
+    /// due, between two deliveries. The count.
+    pub fn retry(&self) -> Result<usize, StorageError> {
+        let unavailable = || StorageError::unavailable("the event delivery thread is not running");
+        let sender = self
+            .outbox
+            .wake
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(unavailable)?;
+        let (reply, answer) = sync_channel(1);
+        sender
+            .send(Signal::Retry(reply))
+            .map_err(|_| unavailable())?;
+        answer.recv_timeout(self.answer_within).map_err(|_| {
+            StorageError::unavailable("the event delivery thread did not answer in time")
+        })?
+    }
+}
+
+/// What a delivery thread is told between two rounds.
+enum Signal {
+    /// Something new is in the outbox.
+    Wake,
+    /// Make every waiting or given-up event due now; answer with the count.
+    Retry(SyncSender<Result<usize, StorageError>>),
+}
+
 /// Wakes a delivery thread (never blocks); does nothing before one started.
 #[derive(Default)]
-pub struct Wake(Mutex<Option<SyncSender<()>>>);
+pub struct Wake(Mutex<Option<SyncSender<Signal>>>);
 
 impl Wake {
     pub fn wake(&self) {
         if let Some(wake) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            let _ = wake.try_send(());
+            let _ = wake.try_send(Signal::Wake);
         }
     }
 
     /// The receiving end, for the delivery thread (replacing any earlier one).
-    fn channel(&self) -> Receiver<()> {
+    fn channel(&self) -> Receiver<Signal> {
         let (wake, woken) = sync_channel(1);
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(wake);
         woken
@@ -360,29 +406,37 @@ pub struct Delivery {
 /// means that event is sent again after the restart).
 pub fn start(
     store: Arc<dyn Store>,
-    outbox: &Outbox,
+    outbox: &Arc<Outbox>,
     delivery: Delivery,
     metrics: Arc<Metrics>,
-) -> std::io::Result<()> {
+) -> std::io::Result<DeliveryThread> {
     let woken = outbox.wake.channel();
+    let thread = DeliveryThread {
+        outbox: outbox.clone(),
+        answer_within: delivery.timeout + LEASE_MARGIN,
+    };
     std::thread::Builder::new()
         .name("wxauth-events".into())
         .spawn(move || run(store.as_ref(), &delivery, &metrics, &woken))?;
-    Ok(())
+    Ok(thread)
 }
 
-fn run(store: &dyn Store, delivery: &Delivery, metrics: &Metrics, woken: &Receiver<()>) {
+fn run(store: &dyn Store, delivery: &Delivery, metrics: &Metrics, woken: &Receiver<Signal>) {
     let agent = agent(delivery);
     loop {
-        let wait = match round(store, delivery, metrics, &agent) {
+        let wait = match round(store, delivery, metrics, &agent, woken) {
             Ok(wait) => wait,
             Err(e) => {
                 tracing::warn!(error = %e, "event delivery: the outbox could not be read or written");
                 Duration::from_secs(1)
             }
         };
-        if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) = woken.recv_timeout(wait) {
-            std::thread::sleep(wait);
+        match woken.recv_timeout(wait) {
+            Ok(Signal::Retry(reply)) => {
+                let _ = reply.send(retry_all(store));
+            }
+            Ok(Signal::Wake) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(wait),
         }
     }
 }
@@ -393,12 +447,14 @@ fn round(
     delivery: &Delivery,
     metrics: &Metrics,
     agent: &ureq::Agent,
+    woken: &Receiver<Signal>,
 ) -> Result<Duration, StorageError> {
     let events = pending(store, ROUND)?;
     metrics.set_events_pending(events.iter().filter(|(_, e)| !e.failed).count() as u64);
     let mut blocked = HashSet::new();
     let mut wait_ms = 1_000;
     let mut flushed = false;
+    let mut woken_meanwhile = false;
     for (seq, mut event) in events {
         let now = crate::clock::now_ms();
         if event.failed || blocked.contains(&event.user_id) {
@@ -427,6 +483,20 @@ fn round(
             }
         }
         store.apply(batch)?;
+        // A retry asked for now is answered after this one delivery, not the
+        // round; the round's records are stale after it, so a new round reads them.
+        match woken.try_recv() {
+            Ok(Signal::Retry(reply)) => {
+                let _ = reply.send(retry_all(store));
+                return Ok(Duration::ZERO);
+            }
+            // Taken off the channel: this round's end starts the next at once.
+            Ok(Signal::Wake) => woken_meanwhile = true,
+            Err(_) => {}
+        }
+    }
+    if woken_meanwhile {
+        return Ok(Duration::ZERO);
     }
     Ok(Duration::from_millis(wait_ms.max(10) as u64))
 }
@@ -455,6 +525,9 @@ pub trait SharedOutbox: Send + Sync {
     ) -> Result<(), StorageError>;
     /// Pending events not given up (the metric).
     fn pending_count(&self) -> Result<u64, StorageError>;
+    /// `wxauth events retry`: every waiting or given-up event still there is due
+    /// now (one that a node delivers meanwhile stays delivered). The count.
+    fn retry_all(&self) -> Result<usize, StorageError>;
 }
 
 /// How long a claim outlives the longest delivery attempt (`events.timeout`): a
@@ -482,8 +555,12 @@ pub fn start_shared(
                     Duration::from_secs(1)
                 }
             };
-            if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) = woken.recv_timeout(wait) {
-                std::thread::sleep(wait);
+            match woken.recv_timeout(wait) {
+                Ok(Signal::Retry(reply)) => {
+                    let _ = reply.send(outbox.retry_all());
+                }
+                Ok(Signal::Wake) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(wait),
             }
         })?;
     Ok(())

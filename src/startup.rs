@@ -230,6 +230,8 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         move || users.clear()
     });
     let metrics = Arc::new(Metrics::default());
+    // The embedded store's delivery thread, for `wxauth events retry`.
+    let mut delivery_thread = None;
     let model: Arc<dyn AuthStore> = match postgres {
         Some(pg) => {
             if let Some(delivery) = delivery {
@@ -243,8 +245,10 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
             match delivery {
                 Some(delivery) => {
                     let outbox = crate::events::Outbox::open(store.as_ref())?;
-                    crate::events::start(store.clone(), &outbox, delivery, metrics.clone())
-                        .map_err(|e| StorageError::io("start the event delivery thread", e))?;
+                    delivery_thread = Some(
+                        crate::events::start(store.clone(), &outbox, delivery, metrics.clone())
+                            .map_err(|e| StorageError::io("start the event delivery thread", e))?,
+                    );
                     Arc::new(model.with_events(outbox))
                 }
                 None => Arc::new(model),
@@ -290,6 +294,7 @@ pub async fn run(loaded: Loaded) -> Result<(), StartError> {
         commit: commit.clone(),
         runtime: tokio::runtime::Handle::current(),
         keys: keys.clone(),
+        delivery_thread,
         io_timeout: cfg.admin.io_timeout,
     })?);
 

@@ -53,6 +53,7 @@ pub fn run(request: &Request, cfg: &Config, out: &mut dyn Write) -> Result<(), A
         runtime,
         jwt: Box::new(cfg.jwt.clone()),
         deletion_delay: cfg.users.deletion_delay,
+        shared_outbox: None,
     };
     let result = execute(request, store.as_ref(), data_dir, &mut writes, out);
     commit.shutdown();
@@ -83,6 +84,7 @@ fn direct_postgres(request: &Request, cfg: &Config, out: &mut dyn Write) -> Resu
         runtime,
         jwt: Box::new(cfg.jwt.clone()),
         deletion_delay: cfg.users.deletion_delay,
+        shared_outbox: Some(store.clone()),
     };
     let key_dir = std::env::temp_dir().join(format!("wxauth-keys-{}", crate::ids::random_hex(8)));
     let result = (|| {

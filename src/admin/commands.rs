@@ -46,6 +46,8 @@ pub enum WriteTarget {
         commit: GroupCommit,
         runtime: tokio::runtime::Handle,
         keys: Arc<JwtKeys>,
+        /// The event records' writer once written (embedded store, events on).
+        delivery_thread: Option<crate::events::DeliveryThread>,
     },
     /// Straight into the data directory (no server holds it), durable at once.
     Direct {
@@ -56,6 +58,8 @@ pub enum WriteTarget {
         jwt: Box<JwtConfig>,
         /// `users.deletion_delay`.
         deletion_delay: std::time::Duration,
+        /// PostgreSQL's outbox, which every node delivers from while this runs.
+        shared_outbox: Option<Arc<dyn crate::events::SharedOutbox>>,
     },
 }
 
@@ -172,6 +176,24 @@ impl WriteTarget {
             }
         }
     }
+
+    /// `wxauth events retry`, by whoever writes the event records: a running
+    /// node's delivery thread, PostgreSQL's conditional statement, or (no server,
+    /// or events off) this process. The count.
+    fn retry_events(&mut self, store: &dyn Store) -> Result<usize, AdminError> {
+        let retried = match self {
+            WriteTarget::Server {
+                delivery_thread: Some(thread),
+                ..
+            } => thread.retry(),
+            WriteTarget::Direct {
+                shared_outbox: Some(outbox),
+                ..
+            } => outbox.retry_all(),
+            _ => crate::events::retry_all(store),
+        };
+        Ok(retried?)
+    }
 }
 
 /// The operator's view of one family (a login's session) of `user`.
@@ -260,7 +282,7 @@ pub fn execute(
             Ok(())
         }
         Request::EventsRetry => {
-            let count = crate::events::retry_all(store)?;
+            let count = writes.retry_events(store)?;
             Ok(write_line(out, &json!({ "events_due_now": count }))?)
         }
         Request::UsersShow { id } => {

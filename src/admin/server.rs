@@ -28,6 +28,8 @@ pub struct ServerContext {
     pub commit: GroupCommit,
     pub runtime: tokio::runtime::Handle,
     pub keys: Arc<crate::tokens::JwtKeys>,
+    /// The embedded store's event delivery thread, when events are on.
+    pub delivery_thread: Option<crate::events::DeliveryThread>,
     /// How long the server waits for a client to send its request, or to take the
     /// next part of the output (`admin.io_timeout`; a stalled backup reader is
     /// dropped after this).
@@ -91,6 +93,7 @@ fn serve_connection(stream: UnixStream, ctx: &ServerContext) {
                 commit: ctx.commit.clone(),
                 runtime: ctx.runtime.clone(),
                 keys: ctx.keys.clone(),
+                delivery_thread: ctx.delivery_thread.clone(),
             };
             execute(
                 &request,

@@ -488,6 +488,52 @@ fn a_receiver_down_for_30_s_gets_every_event_once_in_order_per_user_across_a_kil
 }
 
 #[test]
+fn a_given_up_event_is_sent_again_by_events_retry_and_a_delivered_one_is_not_on_sled_and_postgres()
+{
+    on_both(
+        "a_given_up_event_is_sent_again_by_events_retry",
+        a_given_up_event_is_sent_again_by_events_retry,
+    );
+}
+
+fn a_given_up_event_is_sent_again_by_events_retry(backend: &Backend) {
+    let mock = common::mock_wechat::MockWeChat::start();
+    let port = free_port();
+    // No receiver yet, and no retrying: the first failed attempt gives the event up.
+    let server = TestServer::start(
+        events_config(&mock, port, backend).with_env("WXAUTH_EVENTS__RETRY_FOR", "0s"),
+    );
+    let user = login(&server, "ok:ned")["user"]["id"].clone();
+    let given_up = wait_for(Duration::from_secs(30), "the event given up", || {
+        let pending = json_lines(&server.cli(&["events", "list"]));
+        (pending.len() == 1 && pending[0]["failed"] == true).then(|| pending[0].clone())
+    });
+    assert_eq!(given_up["type"], "user.created");
+    assert_eq!(given_up["user_id"], user);
+
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let _receiver = Receiver::start(port, got.clone());
+    let retried = json_lines(&server.cli(&["events", "retry"]));
+    assert_eq!(retried, [json!({"events_due_now": 1})]);
+    let delivery = wait_for(
+        Duration::from_secs(30),
+        "the retried event delivered",
+        || got.lock().unwrap().first().cloned(),
+    );
+    assert_eq!(delivery.header("webhook-id"), given_up["id"].as_str());
+    assert_eq!(delivery.json()["data"]["user_id"], user);
+    wait_for(Duration::from_secs(30), "an empty outbox", || {
+        json_lines(&server.cli(&["events", "list"]))
+            .is_empty()
+            .then_some(())
+    });
+    // Delivered stays delivered: a second retry finds nothing to send.
+    let retried = json_lines(&server.cli(&["events", "retry"]));
+    assert_eq!(retried, [json!({"events_due_now": 0})]);
+    assert_eq!(got.lock().unwrap().len(), 1, "sent once after the retry");
+}
+
+#[test]
 fn with_no_webhook_url_no_event_is_stored_on_sled_and_postgres() {
     on_both(
         "with_no_webhook_url_no_event_is_stored",

@@ -188,6 +188,26 @@ impl SharedOutbox for PgStore {
         )
     }
 
+    /// One statement on the rows still there: an event a node delivered (deleted)
+    /// meanwhile is not written back. A node's attempt under way may record its
+    /// failure after it, the event then waits for its next attempt as before.
+    fn retry_all(&self) -> Result<usize, StorageError> {
+        self.wait(self.run("make the events due", |shared| async move {
+            let client = shared.client().await?;
+            let changed = client
+                .execute(
+                    "UPDATE wxauth_outbox SET failed = false, next_attempt_ms = 0, \
+                     record = jsonb_set(jsonb_set(record::jsonb, '{failed}', 'false'), \
+                     '{next_attempt_ms}', '0')::text \
+                     WHERE failed OR next_attempt_ms > 0",
+                    &[],
+                )
+                .await
+                .map_err(|e| pg_error("make the events due", e))?;
+            Ok(usize::try_from(changed).unwrap_or(usize::MAX))
+        }))
+    }
+
     fn pending_count(&self) -> Result<u64, StorageError> {
         self.wait(self.run("count pending events", |shared| async move {
             let client = shared.client().await?;
