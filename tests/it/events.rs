@@ -43,6 +43,8 @@ struct Receiver {
     delay_ms: Arc<std::sync::atomic::AtomicU64>,
     /// The first attempt of each event whose body holds this text is answered 503.
     refuse_first: Arc<Mutex<Option<String>>>,
+    /// Connections accepted: a POST under way before its answer.
+    arrived: Arc<std::sync::atomic::AtomicUsize>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -53,7 +55,9 @@ impl Receiver {
         let stop = Arc::new(AtomicBool::new(false));
         let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let refuse_first = Arc::new(Mutex::new(None::<String>));
+        let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let thread = {
+            let arrived = arrived.clone();
             let stop = stop.clone();
             let delay_ms = delay_ms.clone();
             let refuse_first = refuse_first.clone();
@@ -62,6 +66,7 @@ impl Receiver {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((stream, _)) => {
+                            arrived.fetch_add(1, Ordering::Relaxed);
                             stream.set_nonblocking(false).unwrap();
                             let delay = Duration::from_millis(delay_ms.load(Ordering::Relaxed));
                             let refuse = |d: &Delivery| {
@@ -83,6 +88,7 @@ impl Receiver {
             stop,
             delay_ms,
             refuse_first,
+            arrived,
             thread: Some(thread),
         }
     }
@@ -91,6 +97,11 @@ impl Receiver {
     /// a 503 (and is not counted as delivered).
     fn refuse_first_attempt_of(&self, text: &str) {
         *self.refuse_first.lock().unwrap() = Some(text.to_string());
+    }
+
+    /// How many POSTs have arrived, answered or not.
+    fn arrived(&self) -> usize {
+        self.arrived.load(Ordering::Relaxed)
     }
 
     /// From now on, each answer comes `delay` after the request was read.
@@ -531,6 +542,40 @@ fn a_given_up_event_is_sent_again_by_events_retry(backend: &Backend) {
     let retried = json_lines(&server.cli(&["events", "retry"]));
     assert_eq!(retried, [json!({"events_due_now": 0})]);
     assert_eq!(got.lock().unwrap().len(), 1, "sent once after the retry");
+}
+
+/// The embedded store's records have one writer once written: a retry asked for
+/// while the delivery thread is sending is answered by that thread after the send,
+/// and never rewrites the event being sent.
+#[test]
+fn a_retry_during_a_delivery_waits_for_it_and_leaves_the_event_alone_on_sled() {
+    let mock = common::mock_wechat::MockWeChat::start();
+    let port = free_port();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let receiver = Receiver::start(port, got.clone());
+    receiver.refuse_first_attempt_of("user.created");
+    // Within the delivery's deadline (`events.timeout`, 2 s here).
+    receiver.slow_down(Duration::from_millis(1500));
+    let server = server_with_events(&mock, port, &Backend::Sled);
+    login(&server, "ok:ora");
+    // The first attempt is refused (the event then waits for its next attempt,
+    // `next_attempt_at` set); the second is under way, answered 1.5 s after it arrived.
+    wait_for(
+        Duration::from_secs(30),
+        "the second attempt under way",
+        || (receiver.arrived() >= 2).then_some(()),
+    );
+    let retried = json_lines(&server.cli(&["events", "retry"]));
+    assert!(
+        got.lock().unwrap().len() == 1,
+        "the retry is answered after the delivery under way"
+    );
+    assert_eq!(
+        retried,
+        [json!({"events_due_now": 0})],
+        "nothing left to retry"
+    );
+    assert!(json_lines(&server.cli(&["events", "list"])).is_empty());
 }
 
 #[test]
